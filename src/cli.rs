@@ -1,0 +1,170 @@
+//! Every command-line definition, in one place. Option groups shared by
+//! several commands (model, device, sampling) are flattened into each.
+
+use crate::engine::SamplerConfig;
+use crate::loader::{DTypeChoice, GenerationConfig};
+use anyhow::Result;
+use candle_core::DType;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "starling",
+    version,
+    about = "Run Starling and other Mistral/Llama-style chat models locally"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Answer one prompt (argument, stdin, or both), streaming the answer.
+    Run(RunArgs),
+    /// Print the token ids of text, or of a conversation as the model sees it.
+    Tokenize(TokenizeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// The model directory (config.json, safetensors weights, tokenizer).
+    #[arg(long, short = 'm')]
+    pub model: PathBuf,
+    /// Chat template: auto (the model's chat_template, else a built-in), openchat,
+    /// openchat-code, vicuna, llama2, raw.
+    #[arg(long, default_value = "auto")]
+    pub template: String,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DTypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+#[derive(Debug, Args)]
+pub struct DeviceArgs {
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute dtype. Default: the checkpoint's own on CUDA; f32 on CPU (f16 for f16 checkpoints).
+    #[arg(long, value_enum)]
+    pub dtype: Option<DTypeArg>,
+}
+
+impl DeviceArgs {
+    pub fn dtype(&self) -> DTypeChoice {
+        match self.dtype {
+            None => DTypeChoice::Auto,
+            Some(DTypeArg::F32) => DTypeChoice::Fixed(DType::F32),
+            Some(DTypeArg::F16) => DTypeChoice::Fixed(DType::F16),
+            Some(DTypeArg::Bf16) => DTypeChoice::Fixed(DType::BF16),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct SamplingArgs {
+    /// Most tokens to generate.
+    #[arg(long = "max-tokens", short = 'n', default_value_t = 512)]
+    pub max_tokens: usize,
+    /// 0 = greedy. Default: generation_config.json's, else 0.8.
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// Keep the k most likely tokens (0 = off). Default 40.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Keep the most likely tokens up to this probability mass (1 = off). Default 0.95.
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// Drop tokens less likely than min_p × the most likely one (0 = off). Default 0.05.
+    #[arg(long)]
+    pub min_p: Option<f64>,
+    /// Penalise recently seen tokens (1 = off). Default 1.0.
+    #[arg(long)]
+    pub repeat_penalty: Option<f32>,
+    /// How many recent tokens the penalty looks at.
+    #[arg(long, default_value_t = 64)]
+    pub repeat_last_n: usize,
+    /// Random seed; the same seed gives the same answer. Default: random.
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    /// Command line over generation_config.json over starling's defaults.
+    pub fn resolve(&self, generation: &GenerationConfig) -> Result<SamplerConfig> {
+        let defaults = SamplerConfig::default();
+        let config = SamplerConfig {
+            temperature: self
+                .temperature
+                .or(generation.temperature)
+                .unwrap_or(defaults.temperature),
+            top_k: self.top_k.or(generation.top_k).unwrap_or(defaults.top_k),
+            top_p: self.top_p.or(generation.top_p).unwrap_or(defaults.top_p),
+            min_p: self.min_p.unwrap_or(defaults.min_p),
+            repeat_penalty: self
+                .repeat_penalty
+                .or(generation.repetition_penalty)
+                .unwrap_or(defaults.repeat_penalty),
+            repeat_last_n: self.repeat_last_n,
+            seed: self.seed.unwrap_or_else(random_seed),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+fn random_seed() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    (nanos as u64) ^ (u64::from(std::process::id()) << 32)
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// The prompt. With stdin too, the prompt comes first, then a blank line, then stdin.
+    pub prompt: Option<String>,
+    /// A conversation as JSON [{"role", "content"}]; the answer continues it.
+    #[arg(long, value_name = "FILE", conflicts_with = "each_line")]
+    pub messages: Option<PathBuf>,
+    /// A system message.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Stop when this text appears (not printed). Repeatable.
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Answer each line of stdin as a separate prompt.
+    #[arg(long)]
+    pub each_line: bool,
+    /// Print one JSON object per answer instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+    /// Print timings on stderr (logfmt).
+    #[arg(long, short = 'v')]
+    pub verbose: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenizeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A conversation as JSON [{"role", "content"}], tokenized as the model would see it.
+    #[arg(long, value_name = "FILE")]
+    pub messages: Option<PathBuf>,
+    /// Text to tokenize (after `--`); BOS is prepended as the tokenizer does.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub text: Vec<String>,
+}

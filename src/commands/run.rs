@@ -1,0 +1,137 @@
+//! `starling run`: answer a prompt (argument, stdin, both, each stdin line,
+//! or a whole conversation), streaming text or printing JSON.
+
+use super::input;
+use crate::cli::RunArgs;
+use crate::engine::{Request, Sampler, Session, Stats, generate};
+use crate::loader;
+use crate::template::Message;
+use anyhow::{Result, bail};
+use std::io::Write;
+
+pub fn run(args: &RunArgs) -> Result<()> {
+    let files = crate::source::local_dir(&args.model.model)?;
+    let conversations = conversations(args)?;
+    let device = loader::device(&args.device.device)?;
+    let loaded = loader::load(&files, &args.model.template, args.device.dtype(), &device)?;
+    let sampling = args.sampling.resolve(&loaded.text.generation)?;
+    let text = &loaded.text;
+    let mut session = Session::new(loaded.model);
+
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for messages in &conversations {
+        let prompt = text.template.encode(&text.tokenizer, messages)?;
+        // Each prompt starts from the seed, so an answer never depends on the lines before it.
+        let mut sampler = Sampler::new(sampling.clone());
+        let request = Request {
+            prompt: &prompt,
+            max_tokens: args.sampling.max_tokens,
+            stop_ids: &text.stop_ids,
+            stop_texts: &args.stop,
+            interrupt: None,
+        };
+        let outcome = if args.json {
+            generate(
+                &mut session,
+                &text.tokenizer,
+                &mut sampler,
+                &request,
+                &mut |_| Ok(()),
+            )?
+        } else {
+            let outcome = generate(
+                &mut session,
+                &text.tokenizer,
+                &mut sampler,
+                &request,
+                &mut |piece| {
+                    out.write_all(piece.as_bytes())?;
+                    out.flush()?;
+                    Ok(())
+                },
+            )?;
+            writeln!(out)?;
+            outcome
+        };
+        if args.json {
+            let line = serde_json::json!({
+                "prompt": messages.last().map(|m| m.content.as_str()).unwrap_or_default(),
+                "response": outcome.text,
+                "stop_reason": outcome.stop.as_str(),
+                "prompt_tokens": outcome.stats.prompt_tokens,
+                "gen_tokens": outcome.stats.gen_tokens,
+            });
+            writeln!(out, "{line}")?;
+            out.flush()?;
+        }
+        if args.verbose {
+            eprintln!("{}", logfmt(loaded.load_s, &outcome.stats));
+        }
+    }
+    Ok(())
+}
+
+/// Stats as one logfmt line.
+pub fn logfmt(load_s: f64, s: &Stats) -> String {
+    format!(
+        "load_s={load_s:.3} prompt_tokens={} cached_tokens={} new_tokens={} prompt_tps={:.2} gen_tokens={} gen_tps={:.2} ttft_s={:.3}",
+        s.prompt_tokens,
+        s.cached_tokens,
+        s.new_tokens,
+        s.prompt_tps(),
+        s.gen_tokens,
+        s.gen_tps(),
+        s.ttft_s
+    )
+}
+
+/// The conversations to answer, from the argument, stdin and files.
+fn conversations(args: &RunArgs) -> Result<Vec<Vec<Message>>> {
+    let system = args.system.as_deref();
+    if let Some(path) = &args.messages {
+        if args.prompt.is_some() {
+            bail!("give either a prompt or --messages, not both");
+        }
+        let messages = input::with_system(input::read_messages(path)?, system);
+        match messages.last() {
+            Some(m) if m.role == "user" => {}
+            _ => bail!("{}: the last message must be from the user", path.display()),
+        }
+        return Ok(vec![messages]);
+    }
+    let single = |user: String| input::with_system(vec![Message::new("user", user)], system);
+    let stdin = input::piped_stdin()?;
+    if args.each_line {
+        let Some(stdin) = stdin else {
+            bail!("--each-line reads prompts from stdin, but nothing is piped in");
+        };
+        let prefix = args
+            .prompt
+            .as_deref()
+            .map(|p| format!("{p}\n\n"))
+            .unwrap_or_default();
+        let lines: Vec<Vec<Message>> = stdin
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| single(format!("{prefix}{l}")))
+            .collect();
+        if lines.is_empty() {
+            bail!("--each-line: stdin holds no prompts");
+        }
+        return Ok(lines);
+    }
+    let stdin = stdin
+        .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+        .filter(|s| !s.is_empty());
+    let prompt = match (args.prompt.clone(), stdin) {
+        (Some(p), Some(s)) => format!("{p}\n\n{s}"),
+        (Some(p), None) => p,
+        (None, Some(s)) => s,
+        (None, None) => bail!("no prompt: give one as an argument, pipe one in, or use --messages"),
+    };
+    if prompt.trim().is_empty() {
+        bail!("the prompt is empty");
+    }
+    Ok(vec![single(prompt)])
+}

@@ -1,0 +1,167 @@
+//! The generation loop every front end shares: prefill (reusing the cached
+//! prefix), then sample → stream → feed, one token at a time, until an end
+//! token, a stop text, the token budget, the context, or an interrupt.
+
+use super::detokenizer::StreamDecoder;
+use super::sampler::Sampler;
+use super::session::Session;
+use super::stop::{Matched, StopMatcher};
+use crate::tokenizer::TextTokenizer;
+use anyhow::Result;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+pub struct Request<'a> {
+    pub prompt: &'a [u32],
+    pub max_tokens: usize,
+    /// Ids that end the answer (EOS, `<|end_of_turn|>`); never printed.
+    pub stop_ids: &'a [u32],
+    pub stop_texts: &'a [String],
+    /// Set from another thread (Ctrl-C) to end the answer early.
+    pub interrupt: Option<&'a AtomicBool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    EndToken,
+    StopText,
+    MaxTokens,
+    ContextFull,
+    Interrupted,
+}
+
+impl StopReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::EndToken => "eos",
+            Self::StopText => "stop",
+            Self::MaxTokens => "length",
+            Self::ContextFull => "context",
+            Self::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// Figures for `--verbose` and `/stats`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Stats {
+    pub prompt_tokens: usize,
+    pub cached_tokens: usize,
+    pub new_tokens: usize,
+    pub prompt_s: f64,
+    pub gen_tokens: usize,
+    pub gen_s: f64,
+    pub ttft_s: f64,
+}
+
+impl Stats {
+    pub fn prompt_tps(&self) -> f64 {
+        rate(self.new_tokens, self.prompt_s)
+    }
+    pub fn gen_tps(&self) -> f64 {
+        rate(self.gen_tokens, self.gen_s)
+    }
+}
+
+fn rate(n: usize, s: f64) -> f64 {
+    if s > 0.0 { n as f64 / s } else { 0.0 }
+}
+
+pub struct Outcome {
+    pub text: String,
+    pub ids: Vec<u32>,
+    pub stop: StopReason,
+    pub stats: Stats,
+}
+
+/// Generates an answer to `req.prompt`, calling `on_text` with each piece of
+/// text as soon as it is final.
+pub fn generate(
+    session: &mut Session,
+    tokenizer: &TextTokenizer,
+    sampler: &mut Sampler,
+    req: &Request<'_>,
+    on_text: &mut dyn FnMut(&str) -> Result<()>,
+) -> Result<Outcome> {
+    let start = Instant::now();
+    let (mut logits, prefill) = session.prefill(req.prompt)?;
+    let prompt_s = start.elapsed().as_secs_f64();
+    let gen_start = Instant::now();
+    let mut ttft_s = 0.0;
+
+    let mut decoder = StreamDecoder::new(tokenizer);
+    let mut stops = StopMatcher::new(req.stop_texts);
+    let mut text = String::new();
+    let mut emit = |piece: &str, text: &mut String| -> Result<()> {
+        if !piece.is_empty() {
+            text.push_str(piece);
+            on_text(piece)?;
+        }
+        Ok(())
+    };
+    let mut stop = StopReason::MaxTokens;
+    let mut generated = 0;
+    while generated < req.max_tokens {
+        if req.interrupt.is_some_and(|f| f.load(Ordering::Relaxed)) {
+            stop = StopReason::Interrupted;
+            break;
+        }
+        let token = sampler.sample(&logits, session.fed())?;
+        if generated == 0 {
+            ttft_s = start.elapsed().as_secs_f64();
+        }
+        if req.stop_ids.contains(&token) {
+            stop = StopReason::EndToken;
+            break;
+        }
+        generated += 1;
+        if let Some(piece) = decoder.push(token)? {
+            match stops.push(&piece) {
+                Matched::Continue(t) => emit(&t, &mut text)?,
+                Matched::Stop(t) => {
+                    emit(&t, &mut text)?;
+                    stop = StopReason::StopText;
+                    break;
+                }
+            }
+        }
+        if generated == req.max_tokens {
+            break;
+        }
+        if session.fed().len() + 1 > session.max_len() {
+            stop = StopReason::ContextFull;
+            break;
+        }
+        logits = session.step(token)?;
+    }
+    if stop != StopReason::StopText {
+        if let Some(rest) = decoder.finish()? {
+            match stops.push(&rest) {
+                Matched::Continue(t) => emit(&t, &mut text)?,
+                Matched::Stop(t) => {
+                    emit(&t, &mut text)?;
+                    stop = StopReason::StopText;
+                }
+            }
+        }
+        if stop != StopReason::StopText {
+            let held = stops.finish();
+            emit(&held, &mut text)?;
+        }
+    }
+    let stats = Stats {
+        prompt_tokens: req.prompt.len(),
+        cached_tokens: prefill.cached,
+        new_tokens: prefill.new,
+        prompt_s,
+        gen_tokens: generated,
+        gen_s: gen_start.elapsed().as_secs_f64(),
+        ttft_s,
+    };
+    Ok(Outcome {
+        text,
+        ids: decoder.ids().to_vec(),
+        stop,
+        stats,
+    })
+}

@@ -1,0 +1,15 @@
+//! Everything after the model is loaded: the session that owns the cache,
+//! the sampler, the streaming detokenizer, stop texts, and the loop that
+//! ties them together. The CLI, the REPL and any future server are clients
+//! of this API; none of them reaches into the model.
+
+pub mod detokenizer;
+pub mod generate;
+pub mod sampler;
+pub mod session;
+pub mod stop;
+
+pub use detokenizer::StreamDecoder;
+pub use generate::{Outcome, Request, Stats, StopReason, generate};
+pub use sampler::{Sampler, SamplerConfig};
+pub use session::{Prefill, Session};

@@ -1,0 +1,269 @@
+//! Picks the next token from logits.
+//!
+//! Order (as llama.cpp's default chain): repeat penalty over the last
+//! `repeat_last_n` ids → greedy if temperature is 0 → top-k → top-p →
+//! min-p (the last two on the untempered distribution) → temperature →
+//! draw. candle-transformers' LogitsProcessor has no min-p or repeat
+//! penalty, tempers before truncating, and allocates and sorts the whole
+//! vocabulary every token; this keeps its buffers between tokens.
+
+use anyhow::{Result, bail};
+use candle_core::{DType, Device, Storage, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplerConfig {
+    /// 0 means greedy.
+    pub temperature: f64,
+    /// 0 means off.
+    pub top_k: usize,
+    /// 1.0 means off.
+    pub top_p: f64,
+    /// 0.0 means off.
+    pub min_p: f64,
+    /// 1.0 means off.
+    pub repeat_penalty: f32,
+    pub repeat_last_n: usize,
+    pub seed: u64,
+}
+
+impl Default for SamplerConfig {
+    fn default() -> Self {
+        Self {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: 0,
+        }
+    }
+}
+
+impl SamplerConfig {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            bail!("temperature must be a finite number >= 0");
+        }
+        if !(0.0..=1.0).contains(&self.top_p) || self.top_p == 0.0 {
+            bail!("top_p must be in (0, 1]");
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            bail!("min_p must be in [0, 1]");
+        }
+        if !(self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite()) {
+            bail!("repeat_penalty must be a positive number");
+        }
+        Ok(())
+    }
+}
+
+pub struct Sampler {
+    config: SamplerConfig,
+    rng: StdRng,
+    logits: Vec<f32>,
+    candidates: Vec<(f32, u32)>,
+    recent: Vec<u32>,
+}
+
+impl Sampler {
+    pub fn new(config: SamplerConfig) -> Self {
+        let rng = StdRng::seed_from_u64(config.seed);
+        Self {
+            config,
+            rng,
+            logits: Vec::new(),
+            candidates: Vec::new(),
+            recent: Vec::new(),
+        }
+    }
+
+    pub fn config(&self) -> &SamplerConfig {
+        &self.config
+    }
+
+    /// Next token given `logits` (`[vocab]`) and the ids so far (for the penalty).
+    pub fn sample(&mut self, logits: &Tensor, history: &[u32]) -> Result<u32> {
+        copy_logits(logits, &mut self.logits)?;
+        self.apply_repeat_penalty(history);
+        if self.config.temperature == 0.0 {
+            return Ok(argmax(&self.logits));
+        }
+        self.candidates.clear();
+        self.candidates
+            .extend(self.logits.iter().enumerate().map(|(i, &l)| (l, i as u32)));
+        let by_logit_desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0);
+        let k = self.config.top_k;
+        if k > 0 && k < self.candidates.len() {
+            self.candidates.select_nth_unstable_by(k - 1, by_logit_desc);
+            self.candidates.truncate(k);
+        }
+        self.candidates.sort_unstable_by(by_logit_desc);
+
+        // Untempered probabilities for top-p and min-p.
+        let max = self.candidates[0].0;
+        let total: f32 = self.candidates.iter().map(|c| (c.0 - max).exp()).sum();
+        if self.config.top_p < 1.0 {
+            let mut cumulative = 0.0;
+            let mut keep = self.candidates.len();
+            for (i, c) in self.candidates.iter().enumerate() {
+                cumulative += (c.0 - max).exp() / total;
+                if cumulative >= self.config.top_p as f32 {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            self.candidates.truncate(keep);
+        }
+        if self.config.min_p > 0.0 {
+            // p_i >= min_p * p_max  ⇔  logit_i - max >= ln(min_p)
+            let floor = (self.config.min_p as f32).ln();
+            let keep = self
+                .candidates
+                .iter()
+                .take_while(|c| c.0 - max >= floor)
+                .count()
+                .max(1);
+            self.candidates.truncate(keep);
+        }
+
+        let t = self.config.temperature as f32;
+        let weights_total: f32 = self
+            .candidates
+            .iter()
+            .map(|c| ((c.0 - max) / t).exp())
+            .sum();
+        let mut draw = self.rng.random::<f32>() * weights_total;
+        for c in &self.candidates {
+            draw -= ((c.0 - max) / t).exp();
+            if draw <= 0.0 {
+                return Ok(c.1);
+            }
+        }
+        Ok(self.candidates.last().expect("at least one candidate").1)
+    }
+
+    fn apply_repeat_penalty(&mut self, history: &[u32]) {
+        let penalty = self.config.repeat_penalty;
+        if penalty == 1.0 || self.config.repeat_last_n == 0 {
+            return;
+        }
+        let start = history.len().saturating_sub(self.config.repeat_last_n);
+        self.recent.clear();
+        self.recent.extend_from_slice(&history[start..]);
+        self.recent.sort_unstable();
+        self.recent.dedup();
+        for &id in &self.recent {
+            if let Some(l) = self.logits.get_mut(id as usize) {
+                *l = if *l < 0.0 { *l * penalty } else { *l / penalty };
+            }
+        }
+    }
+}
+
+/// First index of the largest value (as torch.argmax).
+pub fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in values.iter().enumerate() {
+        if v > values[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Copies a `[vocab]` f32 tensor into `out`, reusing its allocation on CPU.
+fn copy_logits(logits: &Tensor, out: &mut Vec<f32>) -> Result<()> {
+    let logits = logits.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+    let (storage, layout) = logits.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        bail!("logits did not reach the CPU")
+    };
+    let data = cpu.as_slice::<f32>()?;
+    let n = layout.shape().elem_count();
+    match layout.contiguous_offsets() {
+        Some((start, end)) => {
+            out.clear();
+            out.extend_from_slice(&data[start..end]);
+        }
+        None => {
+            drop(storage);
+            *out = logits.flatten_all()?.to_vec1::<f32>()?;
+        }
+    }
+    debug_assert_eq!(out.len(), n);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensor(v: &[f32]) -> Tensor {
+        Tensor::from_slice(v, v.len(), &Device::Cpu).unwrap()
+    }
+
+    fn config(temperature: f64) -> SamplerConfig {
+        SamplerConfig {
+            temperature,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: 7,
+        }
+    }
+
+    #[test]
+    fn greedy_takes_the_first_maximum() {
+        let mut s = Sampler::new(config(0.0));
+        assert_eq!(s.sample(&tensor(&[1.0, 3.0, 3.0, 2.0]), &[]).unwrap(), 1);
+    }
+
+    #[test]
+    fn repeat_penalty_can_change_the_greedy_choice() {
+        let mut s = Sampler::new(SamplerConfig {
+            repeat_penalty: 2.0,
+            ..config(0.0)
+        });
+        // 3.0/2 = 1.5 < 2.0, so a recently seen id 1 loses to id 3.
+        assert_eq!(s.sample(&tensor(&[1.0, 3.0, -1.0, 2.0]), &[1]).unwrap(), 3);
+    }
+
+    #[test]
+    fn top_k_and_min_p_restrict_the_draw() {
+        let logits = tensor(&[5.0, 4.9, 0.0, -3.0, 4.8]);
+        let mut top1 = Sampler::new(SamplerConfig {
+            top_k: 1,
+            ..config(1.0)
+        });
+        let mut min_p = Sampler::new(SamplerConfig {
+            min_p: 0.5,
+            ..config(5.0)
+        });
+        for _ in 0..200 {
+            assert_eq!(top1.sample(&logits, &[]).unwrap(), 0);
+            let t = min_p.sample(&logits, &[]).unwrap();
+            assert!([0, 1, 4].contains(&t), "min_p let {t} through");
+        }
+    }
+
+    #[test]
+    fn the_same_seed_draws_the_same_tokens() {
+        let logits = tensor(&[1.0, 1.1, 0.9, 1.05, 0.95, 1.02]);
+        let draw = |seed| {
+            let mut s = Sampler::new(SamplerConfig {
+                seed,
+                ..config(1.0)
+            });
+            (0..50)
+                .map(|_| s.sample(&logits, &[]).unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draw(1), draw(1));
+        assert_ne!(draw(1), draw(2));
+    }
+}

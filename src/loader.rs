@@ -1,0 +1,193 @@
+//! Model files → everything a run needs: tokenizer, chat template, the
+//! ids that end an answer, generation defaults, and the model itself.
+//! Built once at the edge; front ends only read it.
+
+use crate::model::{Config, Model};
+use crate::source::ModelFiles;
+use crate::template::{JinjaTemplate, Template};
+use crate::tokenizer::{TextTokenizer, TokenizerConfig};
+use crate::weights::Weights;
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device};
+use serde::Deserialize;
+use std::path::Path;
+
+/// `--dtype` as given on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DTypeChoice {
+    Auto,
+    Fixed(DType),
+}
+
+/// The optional defaults of `generation_config.json`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct GenerationConfig {
+    #[serde(default)]
+    pub eos_token_id: Option<crate::model::config::TokenIds>,
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    #[serde(default)]
+    pub top_k: Option<usize>,
+    #[serde(default)]
+    pub repetition_penalty: Option<f32>,
+}
+
+/// Tokenizer, template and stop ids: everything but the weights. `tokenize`
+/// needs only this, so it never maps the weights.
+pub struct Text {
+    pub tokenizer: TextTokenizer,
+    pub template: Template,
+    pub stop_ids: Vec<u32>,
+    pub generation: GenerationConfig,
+    pub config: Config,
+}
+
+pub struct Loaded {
+    pub text: Text,
+    pub model: Model,
+    pub load_s: f64,
+}
+
+pub fn device(spec: &str) -> Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Device::new_cuda(0).context("opening CUDA device 0"),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => Device::new_cuda(n).with_context(|| format!("opening CUDA device {n}")),
+            _ => bail!("unknown device {other:?} (cpu, cuda or cuda:N)"),
+        },
+    }
+}
+
+pub fn load_text(files: &ModelFiles, template: &str) -> Result<Text> {
+    let config = Config::from_file(&files.config)?;
+    let tok_config = match &files.tokenizer.tokenizer_config {
+        Some(p) => Some(TokenizerConfig::from_file(p)?),
+        None => None,
+    };
+    let tokenizer = TextTokenizer::load(&files.tokenizer, tok_config.as_ref())?;
+    let generation = match &files.generation_config {
+        Some(p) => read_json::<GenerationConfig>(p)?,
+        None => GenerationConfig::default(),
+    };
+    let template = choose_template(template, &tokenizer, tok_config.as_ref())?;
+
+    let mut stop_ids: Vec<u32> = Vec::new();
+    for token in template.stop_tokens() {
+        if let Some(id) = tokenizer.token_id(&token) {
+            stop_ids.push(id);
+        }
+    }
+    for ids in [
+        generation.eos_token_id.as_ref(),
+        config.eos_token_id.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        stop_ids.extend(ids.to_vec());
+    }
+    if stop_ids.is_empty()
+        && let Some(id) = tokenizer.token_id("</s>")
+    {
+        stop_ids.push(id);
+    }
+    stop_ids.sort_unstable();
+    stop_ids.dedup();
+    Ok(Text {
+        tokenizer,
+        template,
+        stop_ids,
+        generation,
+        config,
+    })
+}
+
+/// `auto` is the model's own chat_template when it has one; otherwise
+/// OpenChat when the vocabulary has `<|end_of_turn|>`, else Vicuna v1.1
+/// (declare-lab/starling-7B ships no template).
+fn choose_template(
+    name: &str,
+    tokenizer: &TextTokenizer,
+    config: Option<&TokenizerConfig>,
+) -> Result<Template> {
+    if name != "auto" {
+        return Template::builtin(name);
+    }
+    if let Some(config) = config
+        && let Some(source) = config
+            .chat_template
+            .as_ref()
+            .and_then(|t| t.default_template())
+    {
+        let specials = tokenizer
+            .special_tokens()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        let bos = config.bos_token.as_ref().map(|t| t.content().to_string());
+        let eos = config.eos_token.as_ref().map(|t| t.content().to_string());
+        return Ok(Template::Jinja(JinjaTemplate::new(
+            source, bos, eos, specials,
+        )?));
+    }
+    if tokenizer.token_id("<|end_of_turn|>").is_some() {
+        Ok(Template::OpenChat)
+    } else {
+        Ok(Template::Vicuna)
+    }
+}
+
+/// Without `--dtype`: the checkpoint's own dtype on CUDA; on CPU f16
+/// checkpoints stay f16 and everything else runs in f32, because candle's
+/// CPU matmul has no bf16 kernel.
+pub fn resolve_dtype(choice: DTypeChoice, stored: Option<DType>, device: &Device) -> Result<DType> {
+    let dtype = match choice {
+        DTypeChoice::Fixed(d) => d,
+        DTypeChoice::Auto => match (device.is_cpu(), stored) {
+            (false, Some(d @ (DType::F32 | DType::F16 | DType::BF16))) => d,
+            (true, Some(DType::F16)) => DType::F16,
+            _ => DType::F32,
+        },
+    };
+    if device.is_cpu() && dtype == DType::BF16 {
+        bail!(
+            "--dtype bf16 is not supported on the CPU yet (candle has no CPU bf16 matmul): use f32 or f16"
+        );
+    }
+    Ok(dtype)
+}
+
+pub fn load(
+    files: &ModelFiles,
+    template: &str,
+    dtype: DTypeChoice,
+    device: &Device,
+) -> Result<Loaded> {
+    let start = std::time::Instant::now();
+    let text = load_text(files, template)?;
+    let weights = Weights::open(&files.weights)?;
+    let dtype = resolve_dtype(dtype, weights.stored_dtype(), device)?;
+    let model = Model::load(&text.config, &weights, dtype, device)
+        .with_context(|| format!("loading the model from {}", files.dir.display()))?;
+    let vocab = text.tokenizer.vocab_size();
+    if vocab > text.config.vocab_size {
+        bail!(
+            "the tokenizer has {vocab} tokens but the model only {} (config.json vocab_size)",
+            text.config.vocab_size
+        );
+    }
+    Ok(Loaded {
+        text,
+        model,
+        load_s: start.elapsed().as_secs_f64(),
+    })
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}

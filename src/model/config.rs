@@ -1,0 +1,219 @@
+//! `config.json` of a Mistral or Llama checkpoint, checked once at the edge so
+//! the decoder can trust every dimension it is given.
+
+use anyhow::{Context, Result, bail, ensure};
+use serde::Deserialize;
+use std::path::Path;
+
+/// The fields of a Hugging Face `config.json` that the decoder needs.
+/// Unknown fields are ignored; missing optional ones take transformers' defaults.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    #[serde(default)]
+    pub model_type: Option<String>,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_rms_norm_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    #[serde(default = "default_max_position_embeddings")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub hidden_act: Option<String>,
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<TokenIds>,
+    /// The checkpoint's own dtype ("float32", "bfloat16", "float16"); newer
+    /// transformers write `dtype`, older ones `torch_dtype`.
+    #[serde(default, alias = "torch_dtype")]
+    pub dtype: Option<String>,
+}
+
+/// `eos_token_id` is an integer in some configs and a list in others.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            TokenIds::One(id) => vec![*id],
+            TokenIds::Many(ids) => ids.clone(),
+        }
+    }
+}
+
+fn default_rms_norm_eps() -> f64 {
+    1e-6
+}
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+fn default_max_position_embeddings() -> usize {
+    2048
+}
+
+/// Which decoder family the checkpoint belongs to. Mistral is Llama plus a
+/// sliding attention window; Llama configs never carry a window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Mistral,
+    Llama,
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Self::from_json(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    pub fn from_json(text: &str) -> Result<Self> {
+        let config: Config = serde_json::from_str(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn family(&self) -> Result<Family> {
+        let arch = |name: &str| self.architectures.iter().any(|a| a == name);
+        if arch("MistralForCausalLM") || self.model_type.as_deref() == Some("mistral") {
+            Ok(Family::Mistral)
+        } else if arch("LlamaForCausalLM") || self.model_type.as_deref() == Some("llama") {
+            Ok(Family::Llama)
+        } else {
+            bail!(
+                "unsupported architecture {:?} (model_type {:?}): starling runs MistralForCausalLM and LlamaForCausalLM",
+                self.architectures,
+                self.model_type
+            )
+        }
+    }
+
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// The attention window, only for Mistral (transformers' Llama has none).
+    pub fn window(&self) -> Option<usize> {
+        match self.family() {
+            Ok(Family::Mistral) => self.sliding_window,
+            _ => None,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        self.family()?;
+        ensure!(
+            self.num_attention_heads > 0 && self.num_hidden_layers > 0 && self.hidden_size > 0,
+            "num_attention_heads, num_hidden_layers and hidden_size must be positive"
+        );
+        ensure!(
+            self.num_kv_heads() > 0 && self.num_attention_heads % self.num_kv_heads() == 0,
+            "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
+            self.num_attention_heads,
+            self.num_kv_heads()
+        );
+        ensure!(
+            self.head_dim.is_some() || self.hidden_size % self.num_attention_heads == 0,
+            "hidden_size ({}) is not divisible by num_attention_heads ({}) and no head_dim is given",
+            self.hidden_size,
+            self.num_attention_heads
+        );
+        ensure!(
+            self.head_dim() % 2 == 0,
+            "head_dim ({}) must be even for rotary embeddings",
+            self.head_dim()
+        );
+        if let Some(act) = &self.hidden_act {
+            ensure!(
+                act == "silu",
+                "hidden_act {act:?} is not supported (only silu)"
+            );
+        }
+        ensure!(
+            !self.attention_bias && !self.mlp_bias,
+            "attention or MLP biases are not supported"
+        );
+        if let Some(scaling) = &self.rope_scaling
+            && !scaling.is_null()
+        {
+            let kind = scaling
+                .get("rope_type")
+                .or_else(|| scaling.get("type"))
+                .and_then(|v| v.as_str())
+                .unwrap_or("?");
+            if kind != "default" {
+                bail!("rope_scaling of type {kind:?} is not supported yet");
+            }
+        }
+        if let Some(w) = self.sliding_window {
+            ensure!(w > 0, "sliding_window must be positive");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MISTRAL: &str = r#"{"architectures":["MistralForCausalLM"],"vocab_size":32002,
+        "hidden_size":64,"intermediate_size":160,"num_hidden_layers":2,"num_attention_heads":4,
+        "num_key_value_heads":2,"head_dim":16,"sliding_window":4096,"eos_token_id":32000}"#;
+
+    #[test]
+    fn reads_a_mistral_config() {
+        let c = Config::from_json(MISTRAL).unwrap();
+        assert_eq!(c.family().unwrap(), Family::Mistral);
+        assert_eq!(c.num_kv_heads(), 2);
+        assert_eq!(c.head_dim(), 16);
+        assert_eq!(c.window(), Some(4096));
+        assert_eq!(c.eos_token_id, Some(TokenIds::One(32000)));
+    }
+
+    #[test]
+    fn llama_ignores_a_window() {
+        let text = MISTRAL.replace("MistralForCausalLM", "LlamaForCausalLM");
+        let c = Config::from_json(&text).unwrap();
+        assert_eq!(c.family().unwrap(), Family::Llama);
+        assert_eq!(c.window(), None);
+    }
+
+    #[test]
+    fn rejects_bad_head_counts_and_other_architectures() {
+        let bad = MISTRAL.replace("\"num_key_value_heads\":2", "\"num_key_value_heads\":3");
+        let err = Config::from_json(&bad).unwrap_err().to_string();
+        assert!(err.contains("multiple of num_key_value_heads"), "{err}");
+        let other = MISTRAL.replace("MistralForCausalLM", "GPT2LMHeadModel");
+        assert!(Config::from_json(&other).is_err());
+    }
+}

@@ -1,0 +1,330 @@
+//! The Llama/Mistral decoder: RMSNorm, rotary embeddings, grouped-query
+//! attention with an optional sliding window, SiLU MLP, untied `lm_head`.
+//!
+//! Written here rather than taken from candle-transformers because its
+//! mistral.rs lets a query see W+1 keys in prefill and ignores the window
+//! when decoding with a cache, its cache concatenates (copying everything
+//! every token), and its `repeat_kv` copies the cache once per query group.
+//! Here queries are regrouped instead (`[kv_heads, n_rep*seq, d]`), so
+//! attention reads the cache as a strided view, for every dtype and device.
+
+use super::config::Config;
+use super::kv_cache::KvCache;
+use crate::weights::Weights;
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+
+/// Which positions' logits a forward pass returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last position: `[vocab]` (what generation needs).
+    Last,
+    /// Every fed position: `[seq, vocab]` (for verification).
+    All,
+}
+
+/// Prompts are fed in chunks of this many positions so the attention scores
+/// (`heads × chunk × context` floats) stay bounded for long prompts.
+const PREFILL_CHUNK: usize = 512;
+
+struct Attention {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+}
+
+struct Mlp {
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+}
+
+struct Layer {
+    input_norm: Tensor,
+    attn: Attention,
+    post_norm: Tensor,
+    mlp: Mlp,
+}
+
+pub struct Model {
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    eps: f32,
+    window: Option<usize>,
+    max_len: usize,
+    dtype: DType,
+    device: Device,
+}
+
+/// `x @ w.T` for `x: [seq, in]`, `w: [out, in]` (the Hugging Face layout);
+/// the transpose is a view, the matmul reads it strided.
+fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    Ok(x.matmul(&w.t()?)?)
+}
+
+impl Model {
+    pub fn load(config: &Config, weights: &Weights, dtype: DType, device: &Device) -> Result<Self> {
+        let h = config.hidden_size;
+        let heads = config.num_attention_heads;
+        let kv_heads = config.num_kv_heads();
+        let hd = config.head_dim();
+        let inter = config.intermediate_size;
+        let vocab = config.vocab_size;
+        let get = |name: &str, shape: &[usize]| weights.tensor(name, shape, dtype, device);
+
+        let embed = get("model.embed_tokens.weight", &[vocab, h])?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for l in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            layers.push(Layer {
+                input_norm: get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                attn: Attention {
+                    q: get(&format!("{p}.self_attn.q_proj.weight"), &[heads * hd, h])?,
+                    k: get(&format!("{p}.self_attn.k_proj.weight"), &[kv_heads * hd, h])?,
+                    v: get(&format!("{p}.self_attn.v_proj.weight"), &[kv_heads * hd, h])?,
+                    o: get(&format!("{p}.self_attn.o_proj.weight"), &[h, heads * hd])?,
+                },
+                post_norm: get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                mlp: Mlp {
+                    gate: get(&format!("{p}.mlp.gate_proj.weight"), &[inter, h])?,
+                    up: get(&format!("{p}.mlp.up_proj.weight"), &[inter, h])?,
+                    down: get(&format!("{p}.mlp.down_proj.weight"), &[h, inter])?,
+                },
+            });
+        }
+        let norm = get("model.norm.weight", &[h])?;
+        let lm_head = if weights.contains("lm_head.weight") || !config.tie_word_embeddings {
+            get("lm_head.weight", &[vocab, h])?
+        } else {
+            embed.clone()
+        };
+        let (cos, sin) = rope_tables(
+            hd,
+            config.rope_theta,
+            config.max_position_embeddings,
+            dtype,
+            device,
+        )?;
+        Ok(Self {
+            embed,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            heads,
+            kv_heads,
+            head_dim: hd,
+            eps: config.rms_norm_eps as f32,
+            window: config.window(),
+            max_len: config.max_position_embeddings,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// An empty cache sized for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(
+            self.layers.len(),
+            self.kv_heads,
+            self.head_dim,
+            self.max_len,
+            self.dtype,
+            &self.device,
+        )
+    }
+
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Feeds `ids` after what `cache` holds and returns the logits asked for, in f32.
+    pub fn forward(&self, ids: &[u32], cache: &mut KvCache, which: Logits) -> Result<Tensor> {
+        anyhow::ensure!(!ids.is_empty(), "forward needs at least one token");
+        cache.reserve(ids.len())?;
+        let mut outputs = Vec::new();
+        let mut last = None;
+        for chunk in ids.chunks(PREFILL_CHUNK) {
+            let hidden = self.forward_chunk(chunk, cache)?;
+            match which {
+                Logits::All => outputs.push(self.head(&hidden)?),
+                Logits::Last => last = Some(hidden),
+            }
+        }
+        match which {
+            Logits::All => Ok(Tensor::cat(&outputs, 0)?),
+            Logits::Last => {
+                let hidden = last.expect("at least one chunk");
+                let n = hidden.dim(0)?;
+                Ok(self.head(&hidden.narrow(0, n - 1, 1)?)?.squeeze(0)?)
+            }
+        }
+    }
+
+    fn head(&self, hidden: &Tensor) -> Result<Tensor> {
+        let x = candle_nn::ops::rms_norm(hidden, &self.norm, self.eps)?;
+        Ok(linear(&x, &self.lm_head)?.to_dtype(DType::F32)?)
+    }
+
+    /// Runs one chunk through every layer, writing its keys and values to the
+    /// cache; returns the final hidden states `[seq, hidden]` before the norm.
+    fn forward_chunk(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        let seq = ids.len();
+        let pos = cache.len();
+        let ids_t = Tensor::from_slice(ids, seq, &self.device)?;
+        let mut x = self.embed.index_select(&ids_t, 0)?;
+        let cos = self.cos.narrow(0, pos, seq)?;
+        let sin = self.sin.narrow(0, pos, seq)?;
+        // Keys visible to the first query of the chunk; later ones see a subset via the mask.
+        let kv_start = match self.window {
+            Some(w) => (pos + 1).saturating_sub(w),
+            None => 0,
+        };
+        let kv_end = pos + seq;
+        let mask = self.mask(pos, seq, kv_start, kv_end)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let residual = &x;
+            let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, self.eps)?;
+            let h = self.attention(
+                l,
+                &layer.attn,
+                &h,
+                &cos,
+                &sin,
+                cache,
+                kv_start,
+                kv_end,
+                mask.as_ref(),
+            )?;
+            let x1 = (residual + h)?;
+            let h = candle_nn::ops::rms_norm(&x1, &layer.post_norm, self.eps)?;
+            let gate = candle_nn::ops::silu(&linear(&h, &layer.mlp.gate)?)?;
+            let up = linear(&h, &layer.mlp.up)?;
+            let h = linear(&(gate * up)?, &layer.mlp.down)?;
+            x = (x1 + h)?;
+        }
+        cache.commit(seq);
+        Ok(x)
+    }
+
+    /// Additive mask `[seq, kv_end - kv_start]`: query at `pos + i` sees key `k`
+    /// iff `k <= pos + i` and (with a window W) `k > pos + i - W`, as in
+    /// transformers. `None` when every query sees every key in range.
+    fn mask(
+        &self,
+        pos: usize,
+        seq: usize,
+        kv_start: usize,
+        kv_end: usize,
+    ) -> Result<Option<Tensor>> {
+        if seq == 1 {
+            // The single query is the last position and kv_start already applies the window.
+            return Ok(None);
+        }
+        let kv_len = kv_end - kv_start;
+        let mut data = vec![0f32; seq * kv_len];
+        for i in 0..seq {
+            let p = pos + i;
+            for j in 0..kv_len {
+                let k = kv_start + j;
+                let hidden = k > p || self.window.is_some_and(|w| k + w <= p);
+                if hidden {
+                    data[i * kv_len + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        Ok(Some(Tensor::from_vec(data, (seq, kv_len), &self.device)?))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        layer: usize,
+        w: &Attention,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        cache: &mut KvCache,
+        kv_start: usize,
+        kv_end: usize,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let seq = x.dim(0)?;
+        let (hd, heads, kvh) = (self.head_dim, self.heads, self.kv_heads);
+        let n_rep = heads / kvh;
+        // [seq, heads*hd] -> [1, heads, seq, hd] for rope.
+        let to_heads = |t: Tensor, n: usize| -> Result<Tensor> {
+            Ok(t.reshape((seq, n, hd))?
+                .transpose(0, 1)?
+                .contiguous()?
+                .unsqueeze(0)?)
+        };
+        let q = to_heads(linear(x, &w.q)?, heads)?;
+        let k = to_heads(linear(x, &w.k)?, kvh)?;
+        let v = to_heads(linear(x, &w.v)?, kvh)?.squeeze(0)?;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?.squeeze(0)?;
+        cache.write(layer, &k, &v)?;
+        let (k_all, v_all) = cache.view(layer, kv_start, kv_end)?;
+        let kv_len = kv_end - kv_start;
+
+        // Query heads h*n_rep..(h+1)*n_rep share kv head h: regroup the queries.
+        let q = q.reshape((kvh, n_rep * seq, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k_all.t()?)? * scale)?.to_dtype(DType::F32)?;
+        let scores = match mask {
+            Some(mask) => scores
+                .reshape((kvh, n_rep, seq, kv_len))?
+                .broadcast_add(mask)?
+                .reshape((kvh, n_rep * seq, kv_len))?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
+        let out = probs.matmul(&v_all)?; // [kvh, n_rep*seq, hd]
+        let out = out
+            .reshape((heads, seq, hd))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((seq, heads * hd))?;
+        linear(&out, &w.o).context("attention output projection")
+    }
+}
+
+/// cos/sin tables `[max_len, head_dim/2]` computed as transformers does
+/// (inverse frequencies and angles in f32), then cast to the run's dtype.
+fn rope_tables(
+    hd: usize,
+    theta: f64,
+    max_len: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let inv_freq: Vec<f32> = (0..hd)
+        .step_by(2)
+        .map(|i| 1.0 / (theta as f32).powf(i as f32 / hd as f32))
+        .collect();
+    let half = inv_freq.len();
+    let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+    let positions = Tensor::arange(0u32, max_len as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((max_len, 1))?;
+    let freqs = positions.broadcast_mul(&inv_freq)?;
+    Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
+}

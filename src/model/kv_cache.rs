@@ -1,0 +1,186 @@
+//! The key/value cache of every layer.
+//!
+//! candle-nn's caches either concatenate (copying the whole cache every
+//! token) or are fixed-size with no way back to a prefix. This one keeps one
+//! buffer per layer, `[kv_heads, capacity, head_dim]`, writes new positions in
+//! place, grows by doubling (amortised O(1) per token), and can be truncated
+//! to any prefix, which is what lets a chat turn feed only its new tokens.
+//! Readers get a strided view of the live positions: no copy.
+
+use anyhow::{Result, ensure};
+use candle_core::{DType, Device, Tensor};
+
+/// Growth granularity: capacities are multiples of this many positions.
+const CHUNK: usize = 256;
+
+pub struct KvCache {
+    layers: Vec<(Tensor, Tensor)>,
+    len: usize,
+    capacity: usize,
+    max_len: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    dtype: DType,
+    device: Device,
+}
+
+impl KvCache {
+    pub fn new(
+        num_layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        max_len: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Self {
+        Self {
+            layers: Vec::with_capacity(num_layers),
+            len: 0,
+            capacity: 0,
+            max_len,
+            kv_heads,
+            head_dim,
+            dtype,
+            device: device.clone(),
+        }
+        .with_layers(num_layers)
+    }
+
+    fn with_layers(mut self, n: usize) -> Self {
+        // Empty placeholders; real buffers appear on the first reserve.
+        for _ in 0..n {
+            self.layers.push((
+                Tensor::zeros((self.kv_heads, 0, self.head_dim), self.dtype, &self.device)
+                    .expect("an empty tensor always allocates"),
+                Tensor::zeros((self.kv_heads, 0, self.head_dim), self.dtype, &self.device)
+                    .expect("an empty tensor always allocates"),
+            ));
+        }
+        self
+    }
+
+    /// Positions currently held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The most positions this cache will ever hold (the model's context).
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// Forgets every position from `len` on; the buffers stay allocated.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Makes room for `extra` more positions, growing every layer's buffer if needed.
+    pub(crate) fn reserve(&mut self, extra: usize) -> Result<()> {
+        let needed = self.len + extra;
+        ensure!(
+            needed <= self.max_len,
+            "the context is full: {needed} positions needed, the model holds {}",
+            self.max_len
+        );
+        if needed <= self.capacity {
+            return Ok(());
+        }
+        let grown = (self.capacity * 2).max(needed).div_ceil(CHUNK) * CHUNK;
+        let new_capacity = grown.min(self.max_len).max(needed);
+        let extra_rows = new_capacity - self.capacity;
+        for (k, v) in self.layers.iter_mut() {
+            let pad = Tensor::zeros(
+                (self.kv_heads, extra_rows, self.head_dim),
+                self.dtype,
+                &self.device,
+            )?;
+            *k = Tensor::cat(&[&*k, &pad], 1)?;
+            *v = Tensor::cat(&[&*v, &pad], 1)?;
+        }
+        self.capacity = new_capacity;
+        Ok(())
+    }
+
+    /// Writes `k`, `v` (`[kv_heads, seq, head_dim]`, contiguous) for `layer` at
+    /// the current end. The caller reserves first and commits after all layers.
+    pub(crate) fn write(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
+        let (kc, vc) = &self.layers[layer];
+        kc.slice_set(k, 1, self.len)?;
+        vc.slice_set(v, 1, self.len)?;
+        Ok(())
+    }
+
+    /// The positions `start..end` of `layer`, as views into the buffers.
+    pub(crate) fn view(&self, layer: usize, start: usize, end: usize) -> Result<(Tensor, Tensor)> {
+        let (k, v) = &self.layers[layer];
+        Ok((
+            k.narrow(1, start, end - start)?,
+            v.narrow(1, start, end - start)?,
+        ))
+    }
+
+    /// Marks `n` freshly written positions as live.
+    pub(crate) fn commit(&mut self, n: usize) {
+        self.len += n;
+    }
+
+    /// Bytes held by the buffers (for stats).
+    pub fn bytes(&self) -> usize {
+        2 * self.layers.len()
+            * self.kv_heads
+            * self.capacity
+            * self.head_dim
+            * self.dtype.size_in_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filled(kv: usize, seq: usize, d: usize, base: f32) -> Tensor {
+        let data: Vec<f32> = (0..kv * seq * d).map(|i| base + i as f32).collect();
+        Tensor::from_vec(data, (kv, seq, d), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn grows_keeps_contents_and_truncates() -> Result<()> {
+        let mut cache = KvCache::new(1, 2, 4, 1000, DType::F32, &Device::Cpu);
+        let a = filled(2, 3, 4, 0.0);
+        cache.reserve(3)?;
+        cache.write(0, &a, &a)?;
+        cache.commit(3);
+        // Force growth past the first chunk: the old positions must survive it.
+        let b = filled(2, 300, 4, 1000.0);
+        cache.reserve(300)?;
+        cache.write(0, &b, &b)?;
+        cache.commit(300);
+        assert_eq!(cache.len(), 303);
+        let (k, _) = cache.view(0, 0, 3)?;
+        assert_eq!(
+            k.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
+            a.flatten_all()?.to_vec1::<f32>()?
+        );
+        let (k, _) = cache.view(0, 3, 303)?;
+        assert_eq!(
+            k.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
+            b.flatten_all()?.to_vec1::<f32>()?
+        );
+        cache.truncate(2);
+        assert_eq!(cache.len(), 2);
+        Ok(())
+    }
+
+    #[test]
+    fn refuses_to_outgrow_the_context() {
+        let mut cache = KvCache::new(1, 1, 2, 8, DType::F32, &Device::Cpu);
+        cache.reserve(8).unwrap();
+        cache.commit(8);
+        let err = cache.reserve(1).unwrap_err().to_string();
+        assert!(err.contains("9 positions needed"), "{err}");
+    }
+}

@@ -1,0 +1,10 @@
+//! The transformer: its configuration, the decoder, and its KV cache.
+
+pub mod config;
+mod decoder;
+mod kv_cache;
+pub mod synthetic;
+
+pub use config::{Config, Family};
+pub use decoder::{Logits, Model};
+pub use kv_cache::KvCache;

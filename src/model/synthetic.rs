@@ -1,0 +1,120 @@
+//! Weights that are a pure function of a tensor's name and an element's
+//! index (shared/spec/deterministic-weights.md), so tests and benchmarks can
+//! build a real model directory with no download and no committed weights,
+//! and Hugging Face transformers can compute the same model for reference.
+
+use super::config::Config;
+use anyhow::{Context, Result};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Every tensor of a `config`, by Hugging Face name, with its shape.
+pub fn tensor_shapes(config: &Config) -> BTreeMap<String, Vec<usize>> {
+    let h = config.hidden_size;
+    let hd = config.head_dim();
+    let q = config.num_attention_heads * hd;
+    let kv = config.num_kv_heads() * hd;
+    let inter = config.intermediate_size;
+    let mut shapes = BTreeMap::new();
+    shapes.insert(
+        "model.embed_tokens.weight".to_string(),
+        vec![config.vocab_size, h],
+    );
+    shapes.insert("model.norm.weight".to_string(), vec![h]);
+    shapes.insert("lm_head.weight".to_string(), vec![config.vocab_size, h]);
+    for l in 0..config.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        for (name, shape) in [
+            ("input_layernorm.weight", vec![h]),
+            ("post_attention_layernorm.weight", vec![h]),
+            ("self_attn.q_proj.weight", vec![q, h]),
+            ("self_attn.k_proj.weight", vec![kv, h]),
+            ("self_attn.v_proj.weight", vec![kv, h]),
+            ("self_attn.o_proj.weight", vec![h, q]),
+            ("mlp.gate_proj.weight", vec![inter, h]),
+            ("mlp.up_proj.weight", vec![inter, h]),
+            ("mlp.down_proj.weight", vec![h, inter]),
+        ] {
+            shapes.insert(format!("{p}.{name}"), shape);
+        }
+    }
+    shapes
+}
+
+/// The values of tensor `name`, whose position in the byte-sorted list of
+/// all names is `k`, with `len` elements.
+pub fn tensor_values(name: &str, k: usize, len: usize) -> Vec<f32> {
+    let is_norm = name.ends_with("layernorm.weight") || name == "model.norm.weight";
+    let salt = (k as u32).wrapping_add(1).wrapping_mul(2_246_822_519);
+    (0..len as u32)
+        .map(|i| {
+            let mut x = i.wrapping_mul(2_654_435_761).wrapping_add(salt);
+            x ^= x >> 15;
+            x = x.wrapping_mul(2_246_822_519);
+            x ^= x >> 13;
+            let r = (x >> 8) as i32 - 8_388_608;
+            let v = r as f32 / 8_388_608.0;
+            if is_norm { 1.0 + v * 0.1 } else { v * 0.2 }
+        })
+        .collect()
+}
+
+/// All tensors of `config` as little-endian f32 bytes, in name order.
+pub fn tensors(config: &Config) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    tensor_shapes(config)
+        .into_iter()
+        .enumerate()
+        .map(|(k, (name, shape))| {
+            let values = tensor_values(&name, k, shape.iter().product());
+            (name, shape, values)
+        })
+        .collect()
+}
+
+/// Writes `model.safetensors` (f32) for `config` into `dir`.
+pub fn write_safetensors(config: &Config, dir: &Path) -> Result<()> {
+    save_f32(&tensors(config), &dir.join("model.safetensors"))
+}
+
+/// Writes named f32 tensors to a safetensors file.
+pub fn save_f32(tensors: &[(String, Vec<usize>, Vec<f32>)], path: &Path) -> Result<()> {
+    let bytes: Vec<(&str, &[usize], Vec<u8>)> = tensors
+        .iter()
+        .map(|(name, shape, values)| {
+            (
+                name.as_str(),
+                shape.as_slice(),
+                values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            )
+        })
+        .collect();
+    let mut views = Vec::with_capacity(bytes.len());
+    for (name, shape, data) in &bytes {
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.to_vec(), data)
+                .with_context(|| format!("tensor {name}: shape and data disagree"))?;
+        views.push((name.to_string(), view));
+    }
+    safetensors::serialize_to_file(views, None, path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn follows_the_spec_formula() {
+        // The first element of the first tensor by name (k = 0, i = 0):
+        // x = 2246822519; x ^= x >> 15; x *= 2246822519; x ^= x >> 13.
+        let mut x: u32 = 2_246_822_519;
+        x ^= x >> 15;
+        x = x.wrapping_mul(2_246_822_519);
+        x ^= x >> 13;
+        let expected = (((x >> 8) as i32 - 8_388_608) as f32 / 8_388_608.0) * 0.2;
+        assert_eq!(tensor_values("lm_head.weight", 0, 1)[0], expected);
+        let norm = tensor_values("model.norm.weight", 3, 4);
+        assert!(norm.iter().all(|v| (0.9..=1.1).contains(v)));
+    }
+}
