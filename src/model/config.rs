@@ -137,19 +137,19 @@ impl Config {
             "num_attention_heads, num_hidden_layers and hidden_size must be positive"
         );
         ensure!(
-            self.num_kv_heads() > 0 && self.num_attention_heads % self.num_kv_heads() == 0,
+            self.num_kv_heads() > 0 && self.num_attention_heads.is_multiple_of(self.num_kv_heads()),
             "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
             self.num_attention_heads,
             self.num_kv_heads()
         );
         ensure!(
-            self.head_dim.is_some() || self.hidden_size % self.num_attention_heads == 0,
+            self.head_dim.is_some() || self.hidden_size.is_multiple_of(self.num_attention_heads),
             "hidden_size ({}) is not divisible by num_attention_heads ({}) and no head_dim is given",
             self.hidden_size,
             self.num_attention_heads
         );
         ensure!(
-            self.head_dim() % 2 == 0,
+            self.head_dim().is_multiple_of(2),
             "head_dim ({}) must be even for rotary embeddings",
             self.head_dim()
         );

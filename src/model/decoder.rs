@@ -65,7 +65,7 @@ pub struct Model {
 }
 
 /// `x @ w.T` for `x: [seq, in]`, `w: [out, in]` (the Hugging Face layout);
-/// the transpose is a view, the matmul reads it strided.
+/// the transpose is a view that gemm reads strided.
 fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(x.matmul(&w.t()?)?)
 }
