@@ -406,3 +406,47 @@ fn context_fills_up_without_failing() {
     assert_eq!(line["stop_reason"], "context");
     assert_eq!(line["gen_tokens"], 24 - 17 + 1);
 }
+
+#[test]
+fn jinja_chat_template_and_tokenizer_json_models_answer_the_same() {
+    // Starling's own chat_template (auto picks it) with tokenizer.json only.
+    let dir = common::scratch("cli-jinja-json");
+    common::write_model(
+        &dir,
+        &golden()["config"],
+        common::Tok::Json,
+        Some(common::STARLING_TEMPLATE),
+    );
+    let model = dir.display().to_string();
+    let out = ok(&starling(
+        &[
+            "run",
+            "--model",
+            &model,
+            "--temperature",
+            "0",
+            "-n",
+            "24",
+            "Hello",
+        ],
+        None,
+    ));
+    assert_eq!(out, format!("{}\n", golden_text(0)));
+    // Vicuna renders a different prompt, so a different answer.
+    let vicuna = ok(&starling(
+        &[
+            "run",
+            "--model",
+            &model,
+            "--template",
+            "vicuna",
+            "--temperature",
+            "0",
+            "-n",
+            "24",
+            "Hello",
+        ],
+        None,
+    ));
+    assert_ne!(vicuna, out);
+}
