@@ -450,3 +450,72 @@ fn jinja_chat_template_and_tokenizer_json_models_answer_the_same() {
     ));
     assert_ne!(vicuna, out);
 }
+
+#[test]
+fn sharded_safetensors_load_through_the_index() {
+    let cfg = starling::model::Config::from_json(&golden()["config"].to_string()).unwrap();
+    let model = broken_model("sharded", |d| {
+        std::fs::remove_file(d.join("model.safetensors")).unwrap();
+        let tensors = starling::model::synthetic::tensors(&cfg);
+        let (a, b) = tensors.split_at(tensors.len() / 2);
+        let mut map = serde_json::Map::new();
+        for (file, part) in [
+            ("model-00001-of-00002.safetensors", a),
+            ("model-00002-of-00002.safetensors", b),
+        ] {
+            starling::model::synthetic::save_f32(part, &d.join(file)).unwrap();
+            for (name, _, _) in part {
+                map.insert(name.clone(), file.into());
+            }
+        }
+        let index = serde_json::json!({"metadata": {}, "weight_map": map});
+        std::fs::write(d.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    });
+    let out = ok(&starling(
+        &[
+            "run",
+            "--model",
+            &model,
+            "--temperature",
+            "0",
+            "-n",
+            "24",
+            "Hello",
+        ],
+        None,
+    ));
+    assert_eq!(out, format!("{}\n", golden_text(0)));
+    // A shard the index names but the directory lacks is a clear error.
+    std::fs::remove_file(Path::new(&model).join("model-00002-of-00002.safetensors")).unwrap();
+    fails_with(
+        &run_on(&model, None),
+        "model-00002-of-00002.safetensors is missing",
+    );
+}
+
+#[test]
+fn generation_config_eos_ids_end_the_answer() {
+    let greedy = ids(&golden()["cases"][0]["greedy"]["ids"]);
+    let model = broken_model("gen-eos", |d| {
+        let generation = serde_json::json!({"bos_token_id": 1, "eos_token_id": [2, greedy[3]]});
+        std::fs::write(d.join("generation_config.json"), generation.to_string()).unwrap();
+    });
+    let out = starling(
+        &[
+            "run",
+            "--model",
+            &model,
+            "--temperature",
+            "0",
+            "-n",
+            "24",
+            "--json",
+            "Hello",
+        ],
+        None,
+    );
+    let line: Value = serde_json::from_str(ok(&out).trim()).unwrap();
+    assert_eq!(line["stop_reason"], "eos");
+    assert_eq!(line["gen_tokens"], 3);
+    assert!(golden_text(0).starts_with(line["response"].as_str().unwrap()));
+}

@@ -251,6 +251,21 @@ mod tests {
     }
 
     #[test]
+    fn llama2_puts_the_system_prompt_in_the_first_turn() {
+        let msgs = [
+            Message::new("system", "S"),
+            Message::new("user", "a"),
+            Message::new("assistant", "b"),
+            Message::new("user", "c"),
+        ];
+        let out = texts(&Template::Llama2.render(&msgs).unwrap());
+        assert_eq!(
+            out,
+            "[<s>][INST] <<SYS>>\nS\n<</SYS>>\n\na [/INST] b [</s>][<s>][INST] c [/INST]"
+        );
+    }
+
+    #[test]
     fn user_text_stays_text() {
         let msgs = [Message::new(
             "user",
