@@ -168,6 +168,12 @@ pub fn load(
 ) -> Result<Loaded> {
     let start = std::time::Instant::now();
     let text = load_text(files, template)?;
+    if files.weights.is_empty() {
+        bail!(
+            "{} has no model.safetensors (nor model.safetensors.index.json)",
+            files.dir.display()
+        );
+    }
     let weights = Weights::open(&files.weights)?;
     let dtype = resolve_dtype(dtype, weights.stored_dtype(), device)?;
     let model = Model::load(&text.config, &weights, dtype, device)

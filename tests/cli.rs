@@ -283,6 +283,12 @@ fn missing_directory_and_files() {
         std::fs::remove_file(d.join("model.safetensors")).unwrap()
     });
     fails_with(&run_on(&no_weights, None), "has no model.safetensors");
+    // Tokenizing needs no weights.
+    let out = ok(&starling(
+        &["tokenize", "--model", &no_weights, "--", "Hello"],
+        None,
+    ));
+    assert_eq!(out.trim(), "[1,22557]");
     let no_tok = broken_model("bad-notok", |d| {
         std::fs::remove_file(d.join("tokenizer.model")).unwrap()
     });

@@ -14,7 +14,9 @@ use candle_core::{DType, Device, Tensor};
 const CHUNK: usize = 256;
 
 pub struct KvCache {
+    /// Per-layer buffers, allocated on the first `reserve`.
     layers: Vec<(Tensor, Tensor)>,
+    num_layers: usize,
     len: usize,
     capacity: usize,
     max_len: usize,
@@ -35,6 +37,7 @@ impl KvCache {
     ) -> Self {
         Self {
             layers: Vec::with_capacity(num_layers),
+            num_layers,
             len: 0,
             capacity: 0,
             max_len,
@@ -43,20 +46,6 @@ impl KvCache {
             dtype,
             device: device.clone(),
         }
-        .with_layers(num_layers)
-    }
-
-    fn with_layers(mut self, n: usize) -> Self {
-        // Empty placeholders; real buffers appear on the first reserve.
-        for _ in 0..n {
-            self.layers.push((
-                Tensor::zeros((self.kv_heads, 0, self.head_dim), self.dtype, &self.device)
-                    .expect("an empty tensor always allocates"),
-                Tensor::zeros((self.kv_heads, 0, self.head_dim), self.dtype, &self.device)
-                    .expect("an empty tensor always allocates"),
-            ));
-        }
-        self
     }
 
     /// Positions currently held.
@@ -92,6 +81,23 @@ impl KvCache {
         let grown = (self.capacity * 2).max(needed).div_ceil(CHUNK) * CHUNK;
         let new_capacity = grown.min(self.max_len).max(needed);
         let extra_rows = new_capacity - self.capacity;
+        if self.layers.is_empty() {
+            for _ in 0..self.num_layers {
+                let k = Tensor::zeros(
+                    (self.kv_heads, new_capacity, self.head_dim),
+                    self.dtype,
+                    &self.device,
+                )?;
+                let v = Tensor::zeros(
+                    (self.kv_heads, new_capacity, self.head_dim),
+                    self.dtype,
+                    &self.device,
+                )?;
+                self.layers.push((k, v));
+            }
+            self.capacity = new_capacity;
+            return Ok(());
+        }
         for (k, v) in self.layers.iter_mut() {
             let pad = Tensor::zeros(
                 (self.kv_heads, extra_rows, self.head_dim),
