@@ -23,6 +23,8 @@ pub struct Cli {
 pub enum Command {
     /// Answer one prompt (argument, stdin, or both), streaming the answer.
     Run(RunArgs),
+    /// Chat interactively (or one turn per stdin line when stdin is not a terminal).
+    Chat(ChatArgs),
     /// Print the token ids of text, or of a conversation as the model sees it.
     Tokenize(TokenizeArgs),
 }
@@ -167,4 +169,26 @@ pub struct TokenizeArgs {
     /// Text to tokenize (after `--`); BOS is prepended as the tokenizer does.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub text: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// A system message.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Stop an answer when this text appears (not printed). Repeatable.
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Start from a saved conversation (JSON, as /save writes it).
+    #[arg(long, value_name = "FILE")]
+    pub load: Option<PathBuf>,
+    /// Print each answer's timings on stderr (logfmt).
+    #[arg(long, short = 'v')]
+    pub verbose: bool,
 }

@@ -9,6 +9,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Run(args) => starling::commands::run::run(args),
+        Command::Chat(args) => starling::commands::chat::run(args),
         Command::Tokenize(args) => starling::commands::tokenize::run(args),
     };
     match result {

@@ -3,7 +3,7 @@
 
 use super::input;
 use crate::cli::RunArgs;
-use crate::engine::{Request, Sampler, Session, Stats, generate};
+use crate::engine::{Request, Sampler, Session, generate};
 use crate::loader;
 use crate::template::Message;
 use anyhow::{Result, bail};
@@ -66,24 +66,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
             out.flush()?;
         }
         if args.verbose {
-            eprintln!("{}", logfmt(loaded.load_s, &outcome.stats));
+            eprintln!("load_s={:.3} {}", loaded.load_s, outcome.stats.logfmt());
         }
     }
     Ok(())
-}
-
-/// Stats as one logfmt line.
-pub fn logfmt(load_s: f64, s: &Stats) -> String {
-    format!(
-        "load_s={load_s:.3} prompt_tokens={} cached_tokens={} new_tokens={} prompt_tps={:.2} gen_tokens={} gen_tps={:.2} ttft_s={:.3}",
-        s.prompt_tokens,
-        s.cached_tokens,
-        s.new_tokens,
-        s.prompt_tps(),
-        s.gen_tokens,
-        s.gen_tps(),
-        s.ttft_s
-    )
 }
 
 /// The conversations to answer, from the argument, stdin and files.

@@ -61,6 +61,20 @@ impl Stats {
     pub fn gen_tps(&self) -> f64 {
         rate(self.gen_tokens, self.gen_s)
     }
+
+    /// One logfmt line: `prompt_tokens=… cached_tokens=… new_tokens=… prompt_tps=… gen_tokens=… gen_tps=… ttft_s=…`.
+    pub fn logfmt(&self) -> String {
+        format!(
+            "prompt_tokens={} cached_tokens={} new_tokens={} prompt_tps={:.2} gen_tokens={} gen_tps={:.2} ttft_s={:.3}",
+            self.prompt_tokens,
+            self.cached_tokens,
+            self.new_tokens,
+            self.prompt_tps(),
+            self.gen_tokens,
+            self.gen_tps(),
+            self.ttft_s
+        )
+    }
 }
 
 fn rate(n: usize, s: f64) -> f64 {

@@ -3,12 +3,14 @@
 //! ties them together. The CLI, the REPL and any future server are clients
 //! of this API; none of them reaches into the model.
 
+pub mod chat;
 pub mod detokenizer;
 pub mod generate;
 pub mod sampler;
 pub mod session;
 pub mod stop;
 
+pub use chat::{Chat, ChatSettings, TurnReport};
 pub use detokenizer::StreamDecoder;
 pub use generate::{Outcome, Request, Stats, StopReason, generate};
 pub use sampler::{Sampler, SamplerConfig};
