@@ -27,13 +27,38 @@ pub enum Command {
     Chat(ChatArgs),
     /// Print the token ids of text, or of a conversation as the model sees it.
     Tokenize(TokenizeArgs),
+    /// Download a model into the cache without running it.
+    Pull(PullArgs),
+    /// Show the known model names and every cached model with its size.
+    List,
+    /// Remove a cached model.
+    Rm(RmArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// A known name or a hub repo owner/name[@revision].
+    pub model: String,
+}
+
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    /// A known name or a hub repo owner/name.
+    pub model: String,
+    /// Do not ask for confirmation.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct ModelArgs {
-    /// The model directory (config.json, safetensors weights, tokenizer).
-    #[arg(long, short = 'm')]
-    pub model: PathBuf,
+    /// A model directory, a known name (starling-lm-7b-beta, starling-lm-7b-alpha,
+    /// starling-7b) or a hub repo owner/name[@revision].
+    #[arg(long, short = 'm', default_value = crate::source::known::DEFAULT_MODEL)]
+    pub model: String,
+    /// Use only the local cache, never the network (also HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    pub offline: bool,
     /// Chat template: auto (the model's chat_template, else a built-in), openchat,
     /// openchat-code, vicuna, llama2, raw.
     #[arg(long, default_value = "auto")]

@@ -11,6 +11,9 @@ fn main() -> ExitCode {
         Command::Run(args) => starling::commands::run::run(args),
         Command::Chat(args) => starling::commands::chat::run(args),
         Command::Tokenize(args) => starling::commands::tokenize::run(args),
+        Command::Pull(args) => starling::commands::models::pull(args),
+        Command::List => starling::commands::models::list(),
+        Command::Rm(args) => starling::commands::models::rm(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

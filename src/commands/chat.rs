@@ -35,13 +35,13 @@ const HELP: &str = "\
 A line ending in \\ continues on the next line; \"\"\" opens and closes a block.";
 
 pub fn run(args: &ChatArgs) -> Result<()> {
-    let files = crate::source::local_dir(&args.model.model)?;
     let start_conversation = match &args.load {
         Some(path) => Some(input::read_messages(path)?),
         None => None,
     };
+    let (files, template) = super::model_files(&args.model)?;
     let device = loader::device(&args.device.device)?;
-    let loaded = loader::load(&files, &args.model.template, args.device.dtype(), &device)?;
+    let loaded = loader::load(&files, &template, args.device.dtype(), &device)?;
     let settings = ChatSettings {
         sampling: args.sampling.resolve(&loaded.text.generation)?,
         max_tokens: args.sampling.max_tokens,

@@ -10,10 +10,10 @@ use anyhow::{Result, bail};
 use std::io::Write;
 
 pub fn run(args: &RunArgs) -> Result<()> {
-    let files = crate::source::local_dir(&args.model.model)?;
     let conversations = conversations(args)?;
+    let (files, template) = super::model_files(&args.model)?;
     let device = loader::device(&args.device.device)?;
-    let loaded = loader::load(&files, &args.model.template, args.device.dtype(), &device)?;
+    let loaded = loader::load(&files, &template, args.device.dtype(), &device)?;
     let sampling = args.sampling.resolve(&loaded.text.generation)?;
     let text = &loaded.text;
     let mut session = Session::new(loaded.model);

@@ -7,13 +7,13 @@ use crate::loader;
 use anyhow::{Result, bail};
 
 pub fn run(args: &TokenizeArgs) -> Result<()> {
-    let files = crate::source::local_dir(&args.model.model)?;
+    let (files, template) = super::model_files(&args.model)?;
     let ids = if let Some(path) = &args.messages {
         if !args.text.is_empty() {
             bail!("give either text or --messages, not both");
         }
         let messages = input::read_messages(path)?;
-        let text = loader::load_text(&files, &args.model.template)?;
+        let text = loader::load_text(&files, &template)?;
         text.template.encode(&text.tokenizer, &messages)?
     } else {
         let raw = if args.text.is_empty() {
@@ -26,7 +26,7 @@ pub fn run(args: &TokenizeArgs) -> Result<()> {
         } else {
             args.text.join(" ")
         };
-        let text = loader::load_text(&files, &args.model.template)?;
+        let text = loader::load_text(&files, &template)?;
         text.tokenizer.encode_with_bos(&raw)?
     };
     println!("{}", serde_json::to_string(&ids)?);

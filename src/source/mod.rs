@@ -1,9 +1,82 @@
-//! Where a model is → the files that make it. Today a local directory; the
-//! hub and GGUF files will resolve to the same `ModelFiles`.
+//! Where a model is → the files that make it: a local directory, a known
+//! name, or a hub repo (`owner/name[@revision]`), all resolved to a
+//! directory in the Hugging Face layout.
+
+pub mod hub;
+pub mod known;
 
 use crate::tokenizer::TokenizerFiles;
 use anyhow::{Result, bail};
 use std::path::{Path, PathBuf};
+
+/// What `--model` named.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSpec {
+    Local(PathBuf),
+    Hub(hub::HubModel),
+}
+
+impl ModelSpec {
+    /// A directory that exists wins; then a known name; then `owner/name[@rev]`;
+    /// anything else that looks like a path is a (missing) directory.
+    pub fn parse(spec: &str) -> Result<Self> {
+        let path = Path::new(spec);
+        if path.exists() {
+            return Ok(Self::Local(path.to_path_buf()));
+        }
+        let (name, revision) = match spec.rsplit_once('@') {
+            Some((n, r)) if !r.is_empty() && !r.contains('/') => (n, r.to_string()),
+            _ => (spec, "main".to_string()),
+        };
+        if let Some(k) = known::by_name(name) {
+            return Ok(Self::Hub(hub::HubModel {
+                repo: k.repo.to_string(),
+                revision,
+            }));
+        }
+        let looks_like_path = spec.starts_with(['/', '.', '~']) || spec.contains('\\');
+        let parts: Vec<&str> = name.split('/').collect();
+        let repo_like = parts.len() == 2
+            && parts.iter().all(|p| {
+                !p.is_empty()
+                    && p.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            });
+        if repo_like && !looks_like_path {
+            return Ok(Self::Hub(hub::HubModel {
+                repo: name.to_string(),
+                revision,
+            }));
+        }
+        if looks_like_path || parts.len() > 2 {
+            return Ok(Self::Local(path.to_path_buf()));
+        }
+        bail!(
+            "unknown model {spec:?}: not a directory, a known name ({}), or a hub repo owner/name",
+            known::KNOWN
+                .iter()
+                .map(|k| k.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+
+    /// The built-in template a known model was trained with.
+    pub fn known_template(&self) -> Option<&'static str> {
+        match self {
+            Self::Hub(m) => known::by_repo(&m.repo).map(|k| k.template),
+            Self::Local(_) => None,
+        }
+    }
+}
+
+/// The files of the model `spec` names, downloading a hub model if needed.
+pub fn resolve(spec: &ModelSpec, options: hub::HubOptions) -> Result<ModelFiles> {
+    match spec {
+        ModelSpec::Local(dir) => local_dir(dir),
+        ModelSpec::Hub(model) => local_dir(&hub::resolve(model, options)?),
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct ModelFiles {

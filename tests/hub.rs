@@ -1,0 +1,425 @@
+//! Hub downloads against a stand-in for the hub on 127.0.0.1 (nothing leaves
+//! this machine): first download then run, a cache hit with the server gone,
+//! offline mode with and without the cache, 404, 401, a connection dropped
+//! mid-file then a good rerun, and `list` / `rm` on a temporary HF_HOME.
+
+mod common;
+
+use common::golden;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+const REPO: &str = "test-org/tiny-starling";
+const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+/// Files of the served repo, by name.
+fn repo_files() -> &'static HashMap<String, Vec<u8>> {
+    static FILES: OnceLock<HashMap<String, Vec<u8>>> = OnceLock::new();
+    FILES.get_or_init(|| {
+        let dir = common::tiny_model();
+        [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.model",
+            "tokenizer_config.json",
+        ]
+        .iter()
+        .map(|n| (n.to_string(), std::fs::read(dir.join(n)).unwrap()))
+        .collect()
+    })
+}
+
+struct Hub {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    /// Drop the connection half-way through the next N full GETs of model.safetensors.
+    drops: Arc<AtomicUsize>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Hub {
+    fn start() -> Hub {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let drops = Arc::new(AtomicUsize::new(0));
+        let (s, d) = (stop.clone(), drops.clone());
+        let handle = std::thread::spawn(move || {
+            // Bounded: the server ends when told, or after two minutes.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+            while !s.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        stream.set_nonblocking(false).unwrap();
+                        // Never let a test hang on a silent client.
+                        stream
+                            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+                            .unwrap();
+                        let _ = serve(stream, &d);
+                    }
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+                }
+            }
+        });
+        Hub {
+            port,
+            stop,
+            drops,
+            handle: Some(handle),
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn stop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            h.join().unwrap();
+        }
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn respond(
+    stream: &mut TcpStream,
+    status: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+) -> std::io::Result<()> {
+    let mut head = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    stream.flush()
+}
+
+fn serve(mut stream: TcpStream, drops: &AtomicUsize) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    let mut range = None;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        if line.trim().is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':')
+            && k.eq_ignore_ascii_case("range")
+        {
+            range = v.trim().strip_prefix("bytes=").map(str::to_string);
+        }
+    }
+    let path = request_line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("/")
+        .to_string();
+    let not_found = [("X-Error-Code", "RepoNotFound".to_string())];
+    if let Some(rest) = path.strip_prefix("/api/models/") {
+        let repo = rest.split("/revision/").next().unwrap_or("");
+        return match repo {
+            REPO => {
+                let siblings: Vec<_> = repo_files()
+                    .keys()
+                    .map(|n| serde_json::json!({"rfilename": n}))
+                    .collect();
+                let body = serde_json::json!({"sha": COMMIT, "siblings": siblings}).to_string();
+                respond(
+                    &mut stream,
+                    "200 OK",
+                    &[("Content-Type", "application/json".into())],
+                    body.as_bytes(),
+                )
+            }
+            "test-org/gated" => respond(
+                &mut stream,
+                "401 Unauthorized",
+                &[("X-Error-Code", "GatedRepo".into())],
+                b"{}",
+            ),
+            _ => respond(&mut stream, "404 Not Found", &not_found, b"{}"),
+        };
+    }
+    let prefix = format!("/{REPO}/resolve/");
+    let Some(file) = path
+        .strip_prefix(&prefix)
+        .and_then(|r| r.split_once('/'))
+        .map(|(_, f)| f.to_string())
+    else {
+        return respond(&mut stream, "404 Not Found", &not_found, b"");
+    };
+    let Some(data) = repo_files().get(&file) else {
+        return respond(
+            &mut stream,
+            "404 Not Found",
+            &[("X-Error-Code", "EntryNotFound".into())],
+            b"",
+        );
+    };
+    let etag = format!("\"{:x}\"", Sha256::digest(data));
+    let start: usize = range
+        .as_deref()
+        .and_then(|r| r.split('-').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let end = match range
+        .as_deref()
+        .and_then(|r| r.split('-').nth(1))
+        .filter(|e| !e.is_empty())
+    {
+        Some(e) => e.parse::<usize>().unwrap() + 1,
+        None => data.len(),
+    };
+    let body = &data[start.min(data.len())..end.min(data.len())];
+    let headers = vec![
+        ("ETag", etag),
+        ("X-Repo-Commit", COMMIT.to_string()),
+        ("Accept-Ranges", "bytes".to_string()),
+        ("Content-Length", body.len().to_string()),
+        (
+            "Content-Range",
+            format!("bytes {start}-{}/{}", end - 1, data.len()),
+        ),
+    ];
+    let status = if range.is_some() {
+        "206 Partial Content"
+    } else {
+        "200 OK"
+    };
+    let is_probe = range.as_deref() == Some("0-0");
+    if file == "model.safetensors" && !is_probe && drops.load(Ordering::SeqCst) > 0 {
+        drops.fetch_sub(1, Ordering::SeqCst);
+        // Promise the whole body, send half, hang up.
+        let mut head = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
+        for (k, v) in &headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        stream.write_all(head.as_bytes())?;
+        stream.write_all(&body[..body.len() / 2])?;
+        stream.flush()?;
+        return stream.shutdown(std::net::Shutdown::Both);
+    }
+    respond(&mut stream, status, &headers, body)
+}
+
+fn starling(home: &Path, endpoint: Option<&str>, envs: &[(&str, &str)], args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_starling"));
+    cmd.args(args)
+        .env("HF_HOME", home)
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HF_TOKEN")
+        .env_remove("HF_HUB_OFFLINE")
+        .env("HF_ENDPOINT", endpoint.unwrap_or("http://127.0.0.1:9"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn answer(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+fn fails_with(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure with {needle:?}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains(needle), "expected {needle:?} in {stderr}");
+}
+
+const RUN: [&str; 7] = ["run", "--model", REPO, "--temperature", "0", "-n", "24"];
+
+fn run_args() -> Vec<&'static str> {
+    let mut v = RUN.to_vec();
+    v.push("Hello");
+    v
+}
+
+fn golden_answer() -> String {
+    format!(
+        "{}\n",
+        golden()["cases"][0]["greedy"]["text"].as_str().unwrap()
+    )
+}
+
+fn snapshot(home: &Path) -> PathBuf {
+    home.join("hub/models--test-org--tiny-starling/snapshots")
+        .join(COMMIT)
+}
+
+#[test]
+fn download_then_cache_hit_offline_and_without_a_server() {
+    let home = common::scratch("hub-home");
+    let mut hub = Hub::start();
+    let endpoint = hub.endpoint();
+    assert_eq!(
+        answer(&starling(&home, Some(&endpoint), &[], &run_args())),
+        golden_answer()
+    );
+    for name in repo_files().keys() {
+        let cached = std::fs::read(snapshot(&home).join(name)).unwrap();
+        assert_eq!(
+            &cached,
+            &repo_files()[name],
+            "{name} differs from the served file"
+        );
+    }
+    hub.stop();
+    // The server is gone: the cache alone answers, online or offline.
+    assert_eq!(
+        answer(&starling(&home, Some(&endpoint), &[], &run_args())),
+        golden_answer()
+    );
+    assert_eq!(
+        answer(&starling(
+            &home,
+            Some(&endpoint),
+            &[("HF_HUB_OFFLINE", "1")],
+            &run_args()
+        )),
+        golden_answer()
+    );
+    let mut offline = run_args();
+    offline.insert(1, "--offline");
+    assert_eq!(
+        answer(&starling(&home, None, &[], &offline)),
+        golden_answer()
+    );
+
+    // list shows it with its size; rm needs --yes without a terminal, then removes it.
+    let listed = answer(&starling(&home, None, &[], &["list"]));
+    assert!(
+        listed.contains("starling-lm-7b-beta") && listed.contains(REPO),
+        "{listed}"
+    );
+    let size: u64 = repo_files().values().map(|v| v.len() as u64).sum();
+    assert!(
+        listed.contains(&format!("{:.1} MB", size as f64 / 1e6)),
+        "{listed}"
+    );
+    fails_with(&starling(&home, None, &[], &["rm", REPO]), "--yes");
+    answer(&starling(&home, None, &[], &["rm", REPO, "--yes"]));
+    assert!(!home.join("hub/models--test-org--tiny-starling").exists());
+    fails_with(
+        &starling(&home, None, &[], &["rm", REPO, "--yes"]),
+        "not in the cache",
+    );
+}
+
+#[test]
+fn offline_without_the_cache_says_what_is_missing() {
+    let home = common::scratch("hub-empty");
+    fails_with(
+        &starling(&home, None, &[("HF_HUB_OFFLINE", "1")], &run_args()),
+        "offline",
+    );
+    fails_with(
+        &starling(&home, None, &[], &run_args()),
+        "cannot reach the hub",
+    );
+}
+
+#[test]
+fn missing_and_gated_repos() {
+    let home = common::scratch("hub-errors");
+    let hub = Hub::start();
+    let endpoint = hub.endpoint();
+    let out = starling(
+        &home,
+        Some(&endpoint),
+        &[],
+        &["run", "--model", "test-org/nothing-here", "Hello"],
+    );
+    fails_with(&out, "model test-org/nothing-here not found");
+    let out = starling(
+        &home,
+        Some(&endpoint),
+        &[],
+        &["run", "--model", "test-org/gated", "Hello"],
+    );
+    fails_with(&out, "HF_TOKEN");
+}
+
+#[test]
+fn a_dropped_connection_leaves_nothing_that_passes_for_complete() {
+    let home = common::scratch("hub-drop");
+    let hub = Hub::start();
+    let endpoint = hub.endpoint();
+    hub.drops.store(1, Ordering::SeqCst);
+    let out = starling(&home, Some(&endpoint), &[], &run_args());
+    assert!(!out.status.success(), "a truncated download must not run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("downloading model.safetensors"), "{stderr}");
+    assert!(
+        !snapshot(&home).join("model.safetensors").exists(),
+        "half a file in the snapshot"
+    );
+    // The rerun resumes (or restarts) and answers exactly as an undisturbed download.
+    assert_eq!(
+        answer(&starling(&home, Some(&endpoint), &[], &run_args())),
+        golden_answer()
+    );
+    let cached = std::fs::read(snapshot(&home).join("model.safetensors")).unwrap();
+    assert_eq!(cached, repo_files()["model.safetensors"]);
+}
+
+#[test]
+fn model_names_parse_as_directories_names_and_repos() {
+    use starling::source::ModelSpec;
+    let hub = |s: &str| match ModelSpec::parse(s).unwrap() {
+        ModelSpec::Hub(m) => (m.repo, m.revision),
+        other => panic!("{s}: {other:?}"),
+    };
+    assert_eq!(
+        hub("starling-lm-7b-beta"),
+        ("Nexusflow/Starling-LM-7B-beta".into(), "main".into())
+    );
+    assert_eq!(
+        hub("starling-7b"),
+        ("declare-lab/starling-7B".into(), "main".into())
+    );
+    assert_eq!(hub("owner/name@v1.0"), ("owner/name".into(), "v1.0".into()));
+    assert!(matches!(
+        ModelSpec::parse("/no/such/dir").unwrap(),
+        ModelSpec::Local(_)
+    ));
+    assert!(matches!(
+        ModelSpec::parse(common::tiny_model().to_str().unwrap()).unwrap(),
+        ModelSpec::Local(_)
+    ));
+    assert!(ModelSpec::parse("justaword").is_err());
+    assert_eq!(
+        ModelSpec::parse("starling-7b").unwrap().known_template(),
+        Some("vicuna")
+    );
+}
