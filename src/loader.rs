@@ -170,7 +170,7 @@ pub fn load(
     let text = load_text(files, template)?;
     if files.weights.is_empty() {
         bail!(
-            "{} has no model.safetensors (nor model.safetensors.index.json)",
+            "{} has no weights (model.safetensors, pytorch_model.bin, or a shard index)",
             files.dir.display()
         );
     }

@@ -282,7 +282,10 @@ fn missing_directory_and_files() {
     let no_weights = broken_model("bad-noweights", |d| {
         std::fs::remove_file(d.join("model.safetensors")).unwrap()
     });
-    fails_with(&run_on(&no_weights, None), "has no model.safetensors");
+    fails_with(
+        &run_on(&no_weights, None),
+        "has no weights (model.safetensors, pytorch_model.bin",
+    );
     // Tokenizing needs no weights.
     let out = ok(&starling(
         &["tokenize", "--model", &no_weights, "--", "Hello"],
@@ -524,4 +527,36 @@ fn generation_config_eos_ids_end_the_answer() {
     assert_eq!(line["stop_reason"], "eos");
     assert_eq!(line["gen_tokens"], 3);
     assert!(golden_text(0).starts_with(line["response"].as_str().unwrap()));
+}
+
+#[test]
+fn pytorch_bin_checkpoints_answer_like_their_safetensors_twin() {
+    let dir = common::scratch("pytorch-twin");
+    common::write_pytorch_twin(&dir);
+    assert!(!dir.join("model.safetensors").exists() && !dir.join("tokenizer.json").exists());
+    let model = dir.display().to_string();
+    let out = ok(&starling(
+        &[
+            "run",
+            "--model",
+            &model,
+            "--temperature",
+            "0",
+            "-n",
+            "24",
+            "Hello",
+        ],
+        None,
+    ));
+    assert_eq!(out, format!("{}\n", golden_text(0)));
+    // A truncated shard is a clear error.
+    let shard = dir.join("pytorch_model-00002-of-00002.bin");
+    let len = std::fs::metadata(&shard).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&shard)
+        .unwrap()
+        .set_len(len / 3)
+        .unwrap();
+    fails_with(&run_on(&model, None), "not a valid PyTorch checkpoint");
 }

@@ -16,23 +16,49 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 const REPO: &str = "test-org/tiny-starling";
+/// The declare-lab/starling-7B shape: sharded .bin weights, tokenizer.model only.
+const BIN_REPO: &str = "test-org/tiny-declare";
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
-/// Files of the served repo, by name.
-fn repo_files() -> &'static HashMap<String, Vec<u8>> {
-    static FILES: OnceLock<HashMap<String, Vec<u8>>> = OnceLock::new();
-    FILES.get_or_init(|| {
-        let dir = common::tiny_model();
-        [
-            "config.json",
-            "model.safetensors",
-            "tokenizer.model",
-            "tokenizer_config.json",
-        ]
-        .iter()
-        .map(|n| (n.to_string(), std::fs::read(dir.join(n)).unwrap()))
-        .collect()
-    })
+/// Files of the served repos, by repo and name.
+fn repo_files(repo: &str) -> Option<&'static HashMap<String, Vec<u8>>> {
+    static SAFETENSORS: OnceLock<HashMap<String, Vec<u8>>> = OnceLock::new();
+    static BIN: OnceLock<HashMap<String, Vec<u8>>> = OnceLock::new();
+    let read = |dir: &Path, names: &[&str]| -> HashMap<String, Vec<u8>> {
+        names
+            .iter()
+            .map(|n| (n.to_string(), std::fs::read(dir.join(n)).unwrap()))
+            .collect()
+    };
+    match repo {
+        REPO => Some(SAFETENSORS.get_or_init(|| {
+            read(
+                &common::tiny_model(),
+                &[
+                    "config.json",
+                    "model.safetensors",
+                    "tokenizer.model",
+                    "tokenizer_config.json",
+                ],
+            )
+        })),
+        BIN_REPO => Some(BIN.get_or_init(|| {
+            let dir = common::scratch("hub-bin-source");
+            common::write_pytorch_twin(&dir);
+            read(
+                &dir,
+                &[
+                    "config.json",
+                    "pytorch_model-00001-of-00002.bin",
+                    "pytorch_model-00002-of-00002.bin",
+                    "pytorch_model.bin.index.json",
+                    "tokenizer.model",
+                    "tokenizer_config.json",
+                ],
+            )
+        })),
+        _ => None,
+    }
 }
 
 struct Hub {
@@ -135,9 +161,9 @@ fn serve(mut stream: TcpStream, drops: &AtomicUsize) -> std::io::Result<()> {
     let not_found = [("X-Error-Code", "RepoNotFound".to_string())];
     if let Some(rest) = path.strip_prefix("/api/models/") {
         let repo = rest.split("/revision/").next().unwrap_or("");
-        return match repo {
-            REPO => {
-                let siblings: Vec<_> = repo_files()
+        return match repo_files(repo) {
+            Some(files) => {
+                let siblings: Vec<_> = files
                     .keys()
                     .map(|n| serde_json::json!({"rfilename": n}))
                     .collect();
@@ -149,24 +175,22 @@ fn serve(mut stream: TcpStream, drops: &AtomicUsize) -> std::io::Result<()> {
                     body.as_bytes(),
                 )
             }
-            "test-org/gated" => respond(
+            None if repo == "test-org/gated" => respond(
                 &mut stream,
                 "401 Unauthorized",
                 &[("X-Error-Code", "GatedRepo".into())],
                 b"{}",
             ),
-            _ => respond(&mut stream, "404 Not Found", &not_found, b"{}"),
+            None => respond(&mut stream, "404 Not Found", &not_found, b"{}"),
         };
     }
-    let prefix = format!("/{REPO}/resolve/");
-    let Some(file) = path
-        .strip_prefix(&prefix)
-        .and_then(|r| r.split_once('/'))
-        .map(|(_, f)| f.to_string())
-    else {
-        return respond(&mut stream, "404 Not Found", &not_found, b"");
+    // /{owner}/{name}/resolve/{revision}/{file}
+    let parts: Vec<&str> = path.trim_start_matches('/').splitn(5, '/').collect();
+    let (repo, file) = match parts.as_slice() {
+        [owner, name, "resolve", _rev, file] => (format!("{owner}/{name}"), file.to_string()),
+        _ => return respond(&mut stream, "404 Not Found", &not_found, b""),
     };
-    let Some(data) = repo_files().get(&file) else {
+    let Some(data) = repo_files(&repo).and_then(|files| files.get(&file)) else {
         return respond(
             &mut stream,
             "404 Not Found",
@@ -284,11 +308,11 @@ fn download_then_cache_hit_offline_and_without_a_server() {
         answer(&starling(&home, Some(&endpoint), &[], &run_args())),
         golden_answer()
     );
-    for name in repo_files().keys() {
+    for name in repo_files(REPO).unwrap().keys() {
         let cached = std::fs::read(snapshot(&home).join(name)).unwrap();
         assert_eq!(
             &cached,
-            &repo_files()[name],
+            &repo_files(REPO).unwrap()[name],
             "{name} differs from the served file"
         );
     }
@@ -320,7 +344,11 @@ fn download_then_cache_hit_offline_and_without_a_server() {
         listed.contains("starling-lm-7b-beta") && listed.contains(REPO),
         "{listed}"
     );
-    let size: u64 = repo_files().values().map(|v| v.len() as u64).sum();
+    let size: u64 = repo_files(REPO)
+        .unwrap()
+        .values()
+        .map(|v| v.len() as u64)
+        .sum();
     assert!(
         listed.contains(&format!("{:.1} MB", size as f64 / 1e6)),
         "{listed}"
@@ -390,7 +418,7 @@ fn a_dropped_connection_leaves_nothing_that_passes_for_complete() {
         golden_answer()
     );
     let cached = std::fs::read(snapshot(&home).join("model.safetensors")).unwrap();
-    assert_eq!(cached, repo_files()["model.safetensors"]);
+    assert_eq!(cached, repo_files(REPO).unwrap()["model.safetensors"]);
 }
 
 #[test]
@@ -422,4 +450,32 @@ fn model_names_parse_as_directories_names_and_repos() {
         ModelSpec::parse("starling-7b").unwrap().known_template(),
         Some("vicuna")
     );
+}
+
+#[test]
+fn a_repo_with_only_bin_weights_and_tokenizer_model_answers_like_its_safetensors_twin() {
+    let home = common::scratch("hub-bin");
+    let hub = Hub::start();
+    let endpoint = hub.endpoint();
+    let out = starling(
+        &home,
+        Some(&endpoint),
+        &[],
+        &[
+            "run",
+            "--model",
+            BIN_REPO,
+            "--temperature",
+            "0",
+            "-n",
+            "24",
+            "Hello",
+        ],
+    );
+    assert_eq!(answer(&out), golden_answer());
+    let snap = home
+        .join("hub/models--test-org--tiny-declare/snapshots")
+        .join(COMMIT);
+    assert!(snap.join("pytorch_model-00002-of-00002.bin").is_file());
+    assert!(!snap.join("tokenizer.json").exists());
 }

@@ -3,7 +3,8 @@
 //!
 //! A hub model resolves to its snapshot directory, which then reads like
 //! any local model directory. hf-hub does the transfers (with resumable
-//! `.part` files); this module adds what it lacks: `HF_HUB_CACHE`,
+//! `.part` files); safetensors are preferred, PyTorch `.bin` files are the
+//! fallback; this module adds what hf-hub lacks: `HF_HUB_CACHE`,
 //! `HF_TOKEN` and `HF_HUB_OFFLINE`, choosing the files to fetch, a check
 //! that the cache already holds a complete model (so a cached model starts
 //! without any network), and errors a user can act on.
@@ -166,41 +167,36 @@ fn download(model: &HubModel) -> Result<PathBuf> {
         .map_err(|e| explain(model, e))
         .with_context(|| format!("downloading {name} from {}", model.repo))
     };
+    let get = |name: &str| cached(model, name).map(Ok).unwrap_or_else(|| fetch(name));
     let mut config = None;
     for name in SIDE_FILES.iter().filter(|n| has(n)) {
-        let path = cached(model, name).map(Ok).unwrap_or_else(|| fetch(name))?;
+        let path = get(name)?;
         if *name == "config.json" {
             config = Some(path);
         }
     }
-    if has("model.safetensors.index.json") {
-        let index = cached(model, "model.safetensors.index.json")
-            .map(Ok)
-            .unwrap_or_else(|| fetch("model.safetensors.index.json"))?;
-        for shard in crate::weights::shards_from_index(&index)? {
+    // Safetensors when the repo has them, else PyTorch .bin files.
+    let sharded = |index_name: &str| -> Result<()> {
+        for shard in crate::weights::shards_from_index(&get(index_name)?)? {
             let name = shard
                 .file_name()
                 .and_then(|n| n.to_str())
                 .context("a shard name is not UTF-8")?;
-            if cached(model, name).is_none() {
-                fetch(name)?;
-            }
+            get(name)?;
         }
+        Ok(())
+    };
+    if has("model.safetensors.index.json") {
+        sharded("model.safetensors.index.json")?;
     } else if has("model.safetensors") {
-        if cached(model, "model.safetensors").is_none() {
-            fetch("model.safetensors")?;
-        }
-    } else if listed
-        .iter()
-        .any(|f| f.starts_with("pytorch_model") && f.ends_with(".bin"))
-    {
-        bail!(
-            "{} has only PyTorch .bin weights, which starling cannot load yet",
-            model.repo
-        );
+        get("model.safetensors")?;
+    } else if has("pytorch_model.bin.index.json") {
+        sharded("pytorch_model.bin.index.json")?;
+    } else if has("pytorch_model.bin") {
+        get("pytorch_model.bin")?;
     } else {
         bail!(
-            "{} has no usable weights (no model.safetensors or shard index)",
+            "{} has no usable weights (no safetensors or PyTorch .bin files)",
             model.repo
         );
     }

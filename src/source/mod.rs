@@ -107,6 +107,10 @@ pub fn local_dir(dir: &Path) -> Result<ModelFiles> {
         crate::weights::shards_from_index(&index)?
     } else if let Some(single) = file("model.safetensors") {
         vec![single]
+    } else if let Some(index) = file("pytorch_model.bin.index.json") {
+        crate::weights::shards_from_index(&index)?
+    } else if let Some(single) = file("pytorch_model.bin") {
+        vec![single]
     } else {
         // Not an error yet: tokenizing needs no weights. Loading the model says so.
         Vec::new()

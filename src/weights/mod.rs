@@ -1,20 +1,40 @@
-//! Safetensors checkpoints, single-file or sharded, memory-mapped, handed to
-//! the model one named tensor at a time with its shape checked.
+//! Checkpoints, handed to the model one named tensor at a time with its
+//! shape checked: safetensors (single or sharded, memory-mapped) or PyTorch
+//! `.bin` pickles (single or sharded), read lazily so that each tensor is
+//! converted to the run's dtype on its own: a 27 GB f32 checkpoint becomes
+//! bf16 without ever being whole in memory.
 //!
 //! candle's VarBuilder would do the lookup, but its errors name neither the
 //! file nor both shapes in a sentence a user can act on; this thin layer over
-//! candle's `MmapedSafetensors` does.
+//! candle's `MmapedSafetensors` and `PthTensors` does.
 
 use anyhow::{Context, Result, bail};
+use candle_core::pickle::PthTensors;
 use candle_core::safetensors::{Load, MmapedSafetensors};
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
+enum Store {
+    Safetensors(MmapedSafetensors),
+    /// One lazy reader per shard, and which shard holds each tensor.
+    Pickle {
+        shards: Vec<PthTensors>,
+        routing: HashMap<String, usize>,
+    },
+}
+
 pub struct Weights {
-    tensors: MmapedSafetensors,
+    store: Store,
     files: Vec<PathBuf>,
+}
+
+fn is_pickle(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("bin" | "pt" | "pth")
+    )
 }
 
 #[derive(Deserialize)]
@@ -43,31 +63,62 @@ impl Weights {
                 bail!("weights file {} is missing", f.display());
             }
         }
-        // SAFETY: the files are mapped read-only; like every mmap-based loader
-        // (candle, safetensors, llama.cpp) we assume nobody truncates them while
-        // the model runs.
-        let tensors = unsafe { MmapedSafetensors::multi(files) }.map_err(|e| {
-            anyhow::anyhow!(
-                "{}: not a valid safetensors file (truncated or corrupt?): {e}",
-                describe(files)
-            )
-        })?;
+        let store = if files.iter().all(|f| is_pickle(f)) {
+            let mut shards = Vec::with_capacity(files.len());
+            let mut routing = HashMap::new();
+            for (i, f) in files.iter().enumerate() {
+                let shard = PthTensors::new(f, None).map_err(|e| {
+                    anyhow::anyhow!(
+                        "{}: not a valid PyTorch checkpoint (truncated or corrupt?): {e}",
+                        f.display()
+                    )
+                })?;
+                for name in shard.tensor_infos().keys() {
+                    routing.insert(name.clone(), i);
+                }
+                shards.push(shard);
+            }
+            Store::Pickle { shards, routing }
+        } else {
+            // SAFETY: the files are mapped read-only; like every mmap-based loader
+            // (candle, safetensors, llama.cpp) we assume nobody truncates them while
+            // the model runs.
+            let tensors = unsafe { MmapedSafetensors::multi(files) }.map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: not a valid safetensors file (truncated or corrupt?): {e}",
+                    describe(files)
+                )
+            })?;
+            Store::Safetensors(tensors)
+        };
         Ok(Self {
-            tensors,
+            store,
             files: files.to_vec(),
         })
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.get(name).is_ok()
+        match &self.store {
+            Store::Safetensors(st) => st.get(name).is_ok(),
+            Store::Pickle { routing, .. } => routing.contains_key(name),
+        }
     }
 
     /// The dtype most tensors are stored in (the checkpoint's own precision).
     pub fn stored_dtype(&self) -> Option<DType> {
-        let mut counts = std::collections::HashMap::new();
-        for (_, view) in self.tensors.tensors() {
-            if let Ok(dtype) = DType::try_from(view.dtype()) {
-                *counts.entry(dtype).or_insert(0usize) += 1;
+        let mut counts = HashMap::new();
+        match &self.store {
+            Store::Safetensors(st) => {
+                for (_, view) in st.tensors() {
+                    if let Ok(dtype) = DType::try_from(view.dtype()) {
+                        *counts.entry(dtype).or_insert(0usize) += 1;
+                    }
+                }
+            }
+            Store::Pickle { shards, .. } => {
+                for info in shards.iter().flat_map(|s| s.tensor_infos().values()) {
+                    *counts.entry(info.dtype).or_insert(0usize) += 1;
+                }
             }
         }
         counts.into_iter().max_by_key(|(_, n)| *n).map(|(d, _)| d)
@@ -81,19 +132,33 @@ impl Weights {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
-        let view = self.tensors.get(name).map_err(|_| {
-            anyhow::anyhow!("tensor {name} is missing from {}", describe(&self.files))
-        })?;
-        if view.shape() != shape {
-            bail!(
-                "tensor {name} has shape {:?}, expected {:?} from config.json",
-                view.shape(),
-                shape
-            );
-        }
-        let tensor = view
-            .load(device)
-            .with_context(|| format!("loading tensor {name}"))?;
+        let missing = || anyhow::anyhow!("tensor {name} is missing from {}", describe(&self.files));
+        let wrong = |got: &[usize]| {
+            anyhow::anyhow!("tensor {name} has shape {got:?}, expected {shape:?} from config.json")
+        };
+        let tensor = match &self.store {
+            Store::Safetensors(st) => {
+                let view = st.get(name).map_err(|_| missing())?;
+                if view.shape() != shape {
+                    return Err(wrong(view.shape()));
+                }
+                view.load(device)
+                    .with_context(|| format!("loading tensor {name}"))?
+            }
+            Store::Pickle { shards, routing } => {
+                let shard = &shards[*routing.get(name).ok_or_else(missing)?];
+                let info = &shard.tensor_infos()[name];
+                if info.layout.dims() != shape {
+                    return Err(wrong(info.layout.dims()));
+                }
+                let cpu = shard
+                    .get(name)
+                    .with_context(|| format!("reading tensor {name}"))?
+                    .ok_or_else(missing)?;
+                // Convert on the CPU first so only the run's dtype reaches the device.
+                return Ok(cpu.to_dtype(dtype)?.to_device(device)?);
+            }
+        };
         Ok(tensor.to_dtype(dtype)?)
     }
 }

@@ -137,3 +137,91 @@ pub fn ids(v: &Value) -> Vec<u32> {
         .map(|x| x.as_u64().unwrap() as u32)
         .collect()
 }
+
+/// Writes f32 tensors as a PyTorch checkpoint (`torch.save` of a state dict):
+/// a zip holding `archive/data.pkl` (pickle protocol 2: an OrderedDict of
+/// `torch._utils._rebuild_tensor_v2` calls on persistent storages) and one
+/// raw little-endian storage file per tensor. No torch needed.
+pub fn save_pytorch_f32(tensors: &[(String, Vec<usize>, Vec<f32>)], path: &Path) {
+    use std::io::Write;
+    fn unicode(out: &mut Vec<u8>, s: &str) {
+        out.push(b'X');
+        out.extend((s.len() as u32).to_le_bytes());
+        out.extend(s.as_bytes());
+    }
+    fn int(out: &mut Vec<u8>, v: usize) {
+        out.push(b'J');
+        out.extend((v as i32).to_le_bytes());
+    }
+    fn global(out: &mut Vec<u8>, module: &str, name: &str) {
+        out.extend(format!("c{module}\n{name}\n").as_bytes());
+    }
+    fn int_tuple(out: &mut Vec<u8>, values: &[usize]) {
+        out.push(b'(');
+        for &v in values {
+            int(out, v);
+        }
+        out.push(b't');
+    }
+    let mut pkl = vec![0x80, 2];
+    global(&mut pkl, "collections", "OrderedDict");
+    pkl.extend(b")R(");
+    for (key, (name, shape, _)) in tensors.iter().enumerate() {
+        unicode(&mut pkl, name);
+        global(&mut pkl, "torch._utils", "_rebuild_tensor_v2");
+        pkl.extend(b"((");
+        unicode(&mut pkl, "storage");
+        global(&mut pkl, "torch", "FloatStorage");
+        unicode(&mut pkl, &key.to_string());
+        unicode(&mut pkl, "cpu");
+        int(&mut pkl, shape.iter().product());
+        pkl.extend(b"tQ");
+        int(&mut pkl, 0);
+        int_tuple(&mut pkl, shape);
+        let strides: Vec<usize> = (0..shape.len())
+            .map(|d| shape[d + 1..].iter().product())
+            .collect();
+        int_tuple(&mut pkl, &strides);
+        pkl.push(0x89);
+        global(&mut pkl, "collections", "OrderedDict");
+        pkl.extend(b")RtR");
+    }
+    pkl.extend(b"u.");
+
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
+    let stored =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    zip.start_file("archive/data.pkl", stored).unwrap();
+    zip.write_all(&pkl).unwrap();
+    for (key, (_, _, values)) in tensors.iter().enumerate() {
+        zip.start_file(format!("archive/data/{key}"), stored)
+            .unwrap();
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        zip.write_all(&bytes).unwrap();
+    }
+    zip.start_file("archive/version", stored).unwrap();
+    zip.write_all(b"3\n").unwrap();
+    zip.finish().unwrap();
+}
+
+/// The declare-lab/starling-7B shape: sharded PyTorch .bin weights with an
+/// index, tokenizer.model only (no tokenizer.json), no chat_template.
+pub fn write_pytorch_twin(dir: &Path) {
+    write_model(dir, &golden()["config"], Tok::SentencePiece, None);
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    let cfg = starling::model::Config::from_json(&golden()["config"].to_string()).unwrap();
+    let tensors = starling::model::synthetic::tensors(&cfg);
+    let (a, b) = tensors.split_at(tensors.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (file, part) in [
+        ("pytorch_model-00001-of-00002.bin", a),
+        ("pytorch_model-00002-of-00002.bin", b),
+    ] {
+        save_pytorch_f32(part, &dir.join(file));
+        for (name, _, _) in part {
+            map.insert(name.clone(), file.into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(dir.join("pytorch_model.bin.index.json"), index.to_string()).unwrap();
+}
