@@ -16,6 +16,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 const REPO: &str = "test-org/tiny-starling";
+/// A gated repo: the same files, served only to `Authorization: Bearer TOKEN`.
+const GATED: &str = "test-org/gated";
+const TOKEN: &str = "hf_test_token";
 /// The declare-lab/starling-7B shape: sharded .bin weights, tokenizer.model only.
 const BIN_REPO: &str = "test-org/tiny-declare";
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
@@ -31,7 +34,7 @@ fn repo_files(repo: &str) -> Option<&'static HashMap<String, Vec<u8>>> {
             .collect()
     };
     match repo {
-        REPO => Some(SAFETENSORS.get_or_init(|| {
+        REPO | GATED => Some(SAFETENSORS.get_or_init(|| {
             read(
                 &common::tiny_model(),
                 &[
@@ -141,16 +144,19 @@ fn serve(mut stream: TcpStream, drops: &AtomicUsize) -> std::io::Result<()> {
     let mut request_line = String::new();
     reader.read_line(&mut request_line)?;
     let mut range = None;
+    let mut authorized = false;
     loop {
         let mut line = String::new();
         reader.read_line(&mut line)?;
         if line.trim().is_empty() {
             break;
         }
-        if let Some((k, v)) = line.split_once(':')
-            && k.eq_ignore_ascii_case("range")
-        {
-            range = v.trim().strip_prefix("bytes=").map(str::to_string);
+        if let Some((k, v)) = line.split_once(':') {
+            if k.eq_ignore_ascii_case("range") {
+                range = v.trim().strip_prefix("bytes=").map(str::to_string);
+            } else if k.eq_ignore_ascii_case("authorization") {
+                authorized = v.trim() == format!("Bearer {TOKEN}");
+            }
         }
     }
     let path = request_line
@@ -161,6 +167,14 @@ fn serve(mut stream: TcpStream, drops: &AtomicUsize) -> std::io::Result<()> {
     let not_found = [("X-Error-Code", "RepoNotFound".to_string())];
     if let Some(rest) = path.strip_prefix("/api/models/") {
         let repo = rest.split("/revision/").next().unwrap_or("");
+        if repo == GATED && !authorized {
+            return respond(
+                &mut stream,
+                "401 Unauthorized",
+                &[("X-Error-Code", "GatedRepo".into())],
+                b"{}",
+            );
+        }
         return match repo_files(repo) {
             Some(files) => {
                 let siblings: Vec<_> = files
@@ -175,12 +189,6 @@ fn serve(mut stream: TcpStream, drops: &AtomicUsize) -> std::io::Result<()> {
                     body.as_bytes(),
                 )
             }
-            None if repo == "test-org/gated" => respond(
-                &mut stream,
-                "401 Unauthorized",
-                &[("X-Error-Code", "GatedRepo".into())],
-                b"{}",
-            ),
             None => respond(&mut stream, "404 Not Found", &not_found, b"{}"),
         };
     }
@@ -190,6 +198,14 @@ fn serve(mut stream: TcpStream, drops: &AtomicUsize) -> std::io::Result<()> {
         [owner, name, "resolve", _rev, file] => (format!("{owner}/{name}"), file.to_string()),
         _ => return respond(&mut stream, "404 Not Found", &not_found, b""),
     };
+    if repo == GATED && !authorized {
+        return respond(
+            &mut stream,
+            "401 Unauthorized",
+            &[("X-Error-Code", "GatedRepo".into())],
+            b"",
+        );
+    }
     let Some(data) = repo_files(&repo).and_then(|files| files.get(&file)) else {
         return respond(
             &mut stream,
@@ -478,4 +494,45 @@ fn a_repo_with_only_bin_weights_and_tokenizer_model_answers_like_its_safetensors
         .join(COMMIT);
     assert!(snap.join("pytorch_model-00002-of-00002.bin").is_file());
     assert!(!snap.join("tokenizer.json").exists());
+}
+
+#[test]
+fn hf_token_opens_a_gated_repo_and_hf_hub_cache_moves_the_cache() {
+    let home = common::scratch("hub-token");
+    let hub = Hub::start();
+    let endpoint = hub.endpoint();
+    let args = [
+        "run",
+        "--model",
+        GATED,
+        "--temperature",
+        "0",
+        "-n",
+        "24",
+        "Hello",
+    ];
+    fails_with(
+        &starling(&home, Some(&endpoint), &[], &args),
+        "set HF_TOKEN",
+    );
+    let elsewhere = home.join("elsewhere");
+    let envs = [
+        ("HF_TOKEN", TOKEN),
+        ("HF_HUB_CACHE", elsewhere.to_str().unwrap()),
+    ];
+    assert_eq!(
+        answer(&starling(&home, Some(&endpoint), &envs, &args)),
+        golden_answer()
+    );
+    assert!(
+        elsewhere
+            .join("models--test-org--gated/snapshots")
+            .join(COMMIT)
+            .join("config.json")
+            .is_file()
+    );
+    assert!(
+        !home.join("hub/models--test-org--gated").exists(),
+        "HF_HUB_CACHE, not HF_HOME, holds it"
+    );
 }
