@@ -167,19 +167,26 @@ pub struct RunArgs {
     /// A conversation as JSON [{"role", "content"}]; the answer continues it.
     #[arg(long, value_name = "FILE", conflicts_with = "each_line")]
     pub messages: Option<PathBuf>,
-    /// A system message.
-    #[arg(long)]
-    pub system: Option<String>,
-    /// Stop when this text appears (not printed). Repeatable.
-    #[arg(long)]
-    pub stop: Vec<String>,
+    #[command(flatten)]
+    pub answer: AnswerArgs,
     /// Answer each line of stdin as a separate prompt.
     #[arg(long)]
     pub each_line: bool,
     /// Print one JSON object per answer instead of streaming text.
     #[arg(long)]
     pub json: bool,
-    /// Print timings on stderr (logfmt).
+}
+
+/// What shapes every answer, in `run` and `chat` alike.
+#[derive(Debug, Args)]
+pub struct AnswerArgs {
+    /// A system message.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Stop an answer when this text appears (not printed). Repeatable.
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Print each answer's timings on stderr (logfmt).
     #[arg(long, short = 'v')]
     pub verbose: bool,
 }
@@ -204,16 +211,9 @@ pub struct ChatArgs {
     pub device: DeviceArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
-    /// A system message.
-    #[arg(long)]
-    pub system: Option<String>,
-    /// Stop an answer when this text appears (not printed). Repeatable.
-    #[arg(long)]
-    pub stop: Vec<String>,
+    #[command(flatten)]
+    pub answer: AnswerArgs,
     /// Start from a saved conversation (JSON, as /save writes it).
     #[arg(long, value_name = "FILE")]
     pub load: Option<PathBuf>,
-    /// Print each answer's timings on stderr (logfmt).
-    #[arg(long, short = 'v')]
-    pub verbose: bool,
 }

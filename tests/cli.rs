@@ -54,8 +54,12 @@ fn model_arg() -> String {
 const GREEDY: [&str; 4] = ["--temperature", "0", "-n", "24"];
 
 fn run(extra: &[&str], stdin: Option<&[u8]>) -> String {
-    let model = model_arg();
-    let mut args = vec!["run", "--model", &model];
+    run_on_model(&model_arg(), extra, stdin)
+}
+
+/// Greedy (24 tokens) on `model`, with `extra` arguments; returns stdout.
+fn run_on_model(model: &str, extra: &[&str], stdin: Option<&[u8]>) -> String {
+    let mut args = vec!["run", "--model", model];
     args.extend(GREEDY);
     args.extend(extra);
     ok(&starling(&args, stdin))
@@ -427,36 +431,10 @@ fn jinja_chat_template_and_tokenizer_json_models_answer_the_same() {
         Some(common::STARLING_TEMPLATE),
     );
     let model = dir.display().to_string();
-    let out = ok(&starling(
-        &[
-            "run",
-            "--model",
-            &model,
-            "--temperature",
-            "0",
-            "-n",
-            "24",
-            "Hello",
-        ],
-        None,
-    ));
+    let out = run_on_model(&model, &["Hello"], None);
     assert_eq!(out, format!("{}\n", golden_text(0)));
     // Vicuna renders a different prompt, so a different answer.
-    let vicuna = ok(&starling(
-        &[
-            "run",
-            "--model",
-            &model,
-            "--template",
-            "vicuna",
-            "--temperature",
-            "0",
-            "-n",
-            "24",
-            "Hello",
-        ],
-        None,
-    ));
+    let vicuna = run_on_model(&model, &["--template", "vicuna", "Hello"], None);
     assert_ne!(vicuna, out);
 }
 
@@ -480,19 +458,7 @@ fn sharded_safetensors_load_through_the_index() {
         let index = serde_json::json!({"metadata": {}, "weight_map": map});
         std::fs::write(d.join("model.safetensors.index.json"), index.to_string()).unwrap();
     });
-    let out = ok(&starling(
-        &[
-            "run",
-            "--model",
-            &model,
-            "--temperature",
-            "0",
-            "-n",
-            "24",
-            "Hello",
-        ],
-        None,
-    ));
+    let out = run_on_model(&model, &["Hello"], None);
     assert_eq!(out, format!("{}\n", golden_text(0)));
     // A shard the index names but the directory lacks is a clear error.
     std::fs::remove_file(Path::new(&model).join("model-00002-of-00002.safetensors")).unwrap();
@@ -509,21 +475,8 @@ fn generation_config_eos_ids_end_the_answer() {
         let generation = serde_json::json!({"bos_token_id": 1, "eos_token_id": [2, greedy[3]]});
         std::fs::write(d.join("generation_config.json"), generation.to_string()).unwrap();
     });
-    let out = starling(
-        &[
-            "run",
-            "--model",
-            &model,
-            "--temperature",
-            "0",
-            "-n",
-            "24",
-            "--json",
-            "Hello",
-        ],
-        None,
-    );
-    let line: Value = serde_json::from_str(ok(&out).trim()).unwrap();
+    let line: Value =
+        serde_json::from_str(run_on_model(&model, &["--json", "Hello"], None).trim()).unwrap();
     assert_eq!(line["stop_reason"], "eos");
     assert_eq!(line["gen_tokens"], 3);
     assert!(golden_text(0).starts_with(line["response"].as_str().unwrap()));
@@ -535,19 +488,7 @@ fn pytorch_bin_checkpoints_answer_like_their_safetensors_twin() {
     common::write_pytorch_twin(&dir);
     assert!(!dir.join("model.safetensors").exists() && !dir.join("tokenizer.json").exists());
     let model = dir.display().to_string();
-    let out = ok(&starling(
-        &[
-            "run",
-            "--model",
-            &model,
-            "--temperature",
-            "0",
-            "-n",
-            "24",
-            "Hello",
-        ],
-        None,
-    ));
+    let out = run_on_model(&model, &["Hello"], None);
     assert_eq!(out, format!("{}\n", golden_text(0)));
     // A truncated shard is a clear error.
     let shard = dir.join("pytorch_model-00002-of-00002.bin");

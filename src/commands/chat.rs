@@ -45,7 +45,7 @@ pub fn run(args: &ChatArgs) -> Result<()> {
     let settings = ChatSettings {
         sampling: args.sampling.resolve(&loaded.text.generation)?,
         max_tokens: args.sampling.max_tokens,
-        stop_texts: args.stop.clone(),
+        stop_texts: args.answer.stop.clone(),
     };
     let text = loaded.text;
     let mut chat = Chat::new(
@@ -55,11 +55,11 @@ pub fn run(args: &ChatArgs) -> Result<()> {
         text.stop_ids,
         settings,
     );
-    chat.set_system(args.system.clone());
+    chat.set_system(args.answer.system.clone());
     if let Some(messages) = start_conversation {
         chat.load(messages)?;
-        if args.system.is_some() {
-            chat.set_system(args.system.clone());
+        if args.answer.system.is_some() {
+            chat.set_system(args.answer.system.clone());
         }
     }
 
@@ -72,7 +72,7 @@ pub fn run(args: &ChatArgs) -> Result<()> {
     let mut repl = Repl {
         chat,
         interrupt,
-        verbose: args.verbose,
+        verbose: args.answer.verbose,
         model: files.dir.display().to_string(),
         color: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
         failed: false,

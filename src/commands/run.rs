@@ -28,7 +28,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             prompt: &prompt,
             max_tokens: args.sampling.max_tokens,
             stop_ids: &text.stop_ids,
-            stop_texts: &args.stop,
+            stop_texts: &args.answer.stop,
             interrupt: None,
         };
         let outcome = if args.json {
@@ -65,7 +65,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             writeln!(out, "{line}")?;
             out.flush()?;
         }
-        if args.verbose {
+        if args.answer.verbose {
             eprintln!("load_s={:.3} {}", loaded.load_s, outcome.stats.logfmt());
         }
     }
@@ -74,7 +74,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
 
 /// The conversations to answer, from the argument, stdin and files.
 fn conversations(args: &RunArgs) -> Result<Vec<Vec<Message>>> {
-    let system = args.system.as_deref();
+    let system = args.answer.system.as_deref();
     if let Some(path) = &args.messages {
         if args.prompt.is_some() {
             bail!("give either a prompt or --messages, not both");
