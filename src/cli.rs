@@ -33,6 +33,29 @@ pub enum Command {
     List,
     /// Remove a cached model.
     Rm(RmArgs),
+    /// Measure prompt-processing and generation speed (like llama-bench).
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Measure a model of this shape built in memory instead of --model:
+    /// mistral-7b, llama-7b, tiny, or a config.json path.
+    #[arg(long, value_name = "SHAPE")]
+    pub synthetic: Option<String>,
+    /// Prompt tokens to process.
+    #[arg(short = 'p', long = "prompt-tokens", default_value_t = 512)]
+    pub prompt_tokens: usize,
+    /// Tokens to generate after the prompt.
+    #[arg(short = 'n', long = "gen-tokens", default_value_t = 128)]
+    pub gen_tokens: usize,
+    /// Repetitions (the median and the spread are reported).
+    #[arg(short = 'r', long = "repetitions", default_value_t = 3)]
+    pub repetitions: usize,
 }
 
 #[derive(Debug, Args)]

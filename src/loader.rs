@@ -160,6 +160,47 @@ pub fn resolve_dtype(choice: DTypeChoice, stored: Option<DType>, device: &Device
     Ok(dtype)
 }
 
+/// Bytes of every weight of `config` in `dtype`.
+pub fn weight_bytes(config: &Config, dtype: DType) -> usize {
+    crate::model::synthetic::tensor_shapes(config)
+        .values()
+        .map(|s| s.iter().product::<usize>() * dtype.size_in_bytes())
+        .sum()
+}
+
+/// Refuses, before allocating anything, weights that cannot fit in the
+/// memory available on the CPU: a clear error beats the OOM killer.
+pub fn ensure_fits(config: &Config, dtype: DType, device: &Device) -> Result<()> {
+    if !device.is_cpu() {
+        return Ok(());
+    }
+    let Some(available) = available_memory() else {
+        return Ok(());
+    };
+    let needed = weight_bytes(config, dtype) as u64;
+    if needed > available {
+        let hint = if dtype == DType::F32 {
+            "; try --dtype f16"
+        } else {
+            ""
+        };
+        bail!(
+            "the weights need {:.2} GB in {dtype:?}, more than the {:.2} GB of memory available{hint}",
+            needed as f64 / 1e9,
+            available as f64 / 1e9
+        );
+    }
+    Ok(())
+}
+
+/// MemAvailable from /proc/meminfo (Linux), if the OS says.
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 pub fn load(
     files: &ModelFiles,
     template: &str,
@@ -176,6 +217,7 @@ pub fn load(
     }
     let weights = Weights::open(&files.weights)?;
     let dtype = resolve_dtype(dtype, weights.stored_dtype(), device)?;
+    ensure_fits(&text.config, dtype, device)?;
     let model = Model::load(&text.config, &weights, dtype, device)
         .with_context(|| format!("loading the model from {}", files.dir.display()))?;
     let vocab = text.tokenizer.vocab_size();

@@ -14,6 +14,7 @@ fn main() -> ExitCode {
         Command::Pull(args) => starling::commands::models::pull(args),
         Command::List => starling::commands::models::list(),
         Command::Rm(args) => starling::commands::models::rm(args),
+        Command::Bench(args) => starling::commands::bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -501,3 +501,52 @@ fn pytorch_bin_checkpoints_answer_like_their_safetensors_twin() {
         .unwrap();
     fails_with(&run_on(&model, None), "not a valid PyTorch checkpoint");
 }
+
+#[test]
+fn bench_reports_prompt_and_generation_speed() {
+    let model = model_arg();
+    for source in [vec!["--synthetic", "tiny"], vec!["--model", model.as_str()]] {
+        let mut args = vec!["bench", "-p", "16", "-n", "8", "-r", "2"];
+        args.extend(&source);
+        let out = ok(&starling(&args, None));
+        for test in ["pp16", "tg8"] {
+            let row = out
+                .lines()
+                .find(|l| l.contains(&format!("| {test} |")))
+                .unwrap_or_else(|| panic!("{out}"));
+            let median: f64 = row.split('|').nth(5).unwrap().trim().parse().unwrap();
+            assert!(median > 0.0, "{row}");
+        }
+        assert!(out.contains("peak RSS"), "{out}");
+    }
+}
+
+#[test]
+fn weights_that_cannot_fit_in_memory_are_refused_before_loading() {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let available_kb: u64 = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(u64::MAX);
+    if available_kb > 28_000_000 {
+        eprintln!("skipped: this machine could hold a 29 GB f32 Mistral-7B");
+        return;
+    }
+    let out = starling(
+        &[
+            "bench",
+            "--synthetic",
+            "mistral-7b",
+            "--dtype",
+            "f32",
+            "-p",
+            "8",
+            "-n",
+            "2",
+        ],
+        None,
+    );
+    fails_with(&out, "the weights need 28.97 GB in F32");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("try --dtype f16"));
+}

@@ -1,6 +1,7 @@
 //! One file per subcommand. Each is a client of the library: it gathers
 //! input, calls the loader and the engine, and prints.
 
+pub mod bench;
 pub mod chat;
 pub mod input;
 pub mod models;

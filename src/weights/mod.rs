@@ -17,6 +17,10 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 enum Store {
+    /// The deterministic weights of `model::synthetic`, made on demand (benchmarks).
+    Synthetic {
+        names: HashMap<String, (usize, Vec<usize>)>,
+    },
     Safetensors(MmapedSafetensors),
     /// One lazy reader per shard, and which shard holds each tensor.
     Pickle {
@@ -97,8 +101,24 @@ impl Weights {
         })
     }
 
+    /// Weights for `config` computed on demand from the deterministic-weights
+    /// formula, in memory, so the real shape of a 7B model can be measured
+    /// without a download or a file.
+    pub fn synthetic(config: &crate::model::Config) -> Self {
+        let names = crate::model::synthetic::tensor_shapes(config)
+            .into_iter()
+            .enumerate()
+            .map(|(k, (name, shape))| (name, (k, shape)))
+            .collect();
+        Self {
+            store: Store::Synthetic { names },
+            files: Vec::new(),
+        }
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         match &self.store {
+            Store::Synthetic { names } => names.contains_key(name),
             Store::Safetensors(st) => st.get(name).is_ok(),
             Store::Pickle { routing, .. } => routing.contains_key(name),
         }
@@ -108,6 +128,7 @@ impl Weights {
     pub fn stored_dtype(&self) -> Option<DType> {
         let mut counts = HashMap::new();
         match &self.store {
+            Store::Synthetic { .. } => return Some(DType::F32),
             Store::Safetensors(st) => {
                 for (_, view) in st.tensors() {
                     if let Ok(dtype) = DType::try_from(view.dtype()) {
@@ -137,6 +158,17 @@ impl Weights {
             anyhow::anyhow!("tensor {name} has shape {got:?}, expected {shape:?} from config.json")
         };
         let tensor = match &self.store {
+            Store::Synthetic { names } => {
+                let (k, stored) = names.get(name).ok_or_else(missing)?;
+                if stored.as_slice() != shape {
+                    return Err(wrong(stored));
+                }
+                let values =
+                    crate::model::synthetic::tensor_values(name, *k, shape.iter().product());
+                return Ok(Tensor::from_vec(values, shape, &Device::Cpu)?
+                    .to_dtype(dtype)?
+                    .to_device(device)?);
+            }
             Store::Safetensors(st) => {
                 let view = st.get(name).map_err(|_| missing())?;
                 if view.shape() != shape {
@@ -165,6 +197,7 @@ impl Weights {
 
 fn describe(files: &[PathBuf]) -> String {
     match files {
+        [] => "the synthetic weights".to_string(),
         [one] => one.display().to_string(),
         many => format!(
             "{} shards in {}",
