@@ -19,6 +19,8 @@ const REPO: &str = "test-org/tiny-starling";
 /// A gated repo: the same files, served only to `Authorization: Bearer TOKEN`.
 const GATED: &str = "test-org/gated";
 const TOKEN: &str = "hf_test_token";
+/// A repo with a config and a tokenizer but no weights.
+const NO_WEIGHTS: &str = "test-org/no-weights";
 /// The declare-lab/starling-7B shape: sharded .bin weights, tokenizer.model only.
 const BIN_REPO: &str = "test-org/tiny-declare";
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
@@ -27,6 +29,7 @@ const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 fn repo_files(repo: &str) -> Option<&'static HashMap<String, Vec<u8>>> {
     static SAFETENSORS: OnceLock<HashMap<String, Vec<u8>>> = OnceLock::new();
     static BIN: OnceLock<HashMap<String, Vec<u8>>> = OnceLock::new();
+    static BARE: OnceLock<HashMap<String, Vec<u8>>> = OnceLock::new();
     let read = |dir: &Path, names: &[&str]| -> HashMap<String, Vec<u8>> {
         names
             .iter()
@@ -60,6 +63,9 @@ fn repo_files(repo: &str) -> Option<&'static HashMap<String, Vec<u8>>> {
                 ],
             )
         })),
+        NO_WEIGHTS => Some(
+            BARE.get_or_init(|| read(&common::tiny_model(), &["config.json", "tokenizer.model"])),
+        ),
         _ => None,
     }
 }
@@ -473,27 +479,32 @@ fn a_repo_with_only_bin_weights_and_tokenizer_model_answers_like_its_safetensors
     let home = common::scratch("hub-bin");
     let hub = Hub::start();
     let endpoint = hub.endpoint();
-    let out = starling(
-        &home,
-        Some(&endpoint),
-        &[],
-        &[
-            "run",
-            "--model",
-            BIN_REPO,
-            "--temperature",
-            "0",
-            "-n",
-            "24",
-            "Hello",
-        ],
-    );
+    let pulled = answer(&starling(&home, Some(&endpoint), &[], &["pull", BIN_REPO]));
+    assert!(pulled.contains("ready in"), "{pulled}");
+    let greedy = [
+        "run",
+        "--model",
+        BIN_REPO,
+        "--temperature",
+        "0",
+        "-n",
+        "24",
+        "Hello",
+    ];
+    let out = starling(&home, Some(&endpoint), &[], &greedy);
     assert_eq!(answer(&out), golden_answer());
     let snap = home
         .join("hub/models--test-org--tiny-declare/snapshots")
         .join(COMMIT);
     assert!(snap.join("pytorch_model-00002-of-00002.bin").is_file());
     assert!(!snap.join("tokenizer.json").exists());
+    let out = starling(
+        &home,
+        Some(&endpoint),
+        &[],
+        &["run", "--model", NO_WEIGHTS, "Hello"],
+    );
+    fails_with(&out, "test-org/no-weights has no usable weights");
 }
 
 #[test]
