@@ -140,24 +140,83 @@ fn choose_template(
     }
 }
 
-/// Without `--dtype`: the checkpoint's own dtype on CUDA; on CPU f16
-/// checkpoints stay f16 and everything else runs in f32, because candle's
-/// CPU matmul has no bf16 kernel.
-pub fn resolve_dtype(choice: DTypeChoice, stored: Option<DType>, device: &Device) -> Result<DType> {
+/// The compute dtype. Without `--dtype`: the checkpoint's own dtype on
+/// CUDA; on CPU, f16 checkpoints stay f16 and everything else runs in f32
+/// (candle's CPU matmul has no bf16 kernel), unless f32 weights would not
+/// fit in the memory available and f16 would: then f16, said in one line.
+/// Weights that fit in no allowed dtype are refused before any allocation:
+/// a clear error beats the OOM killer.
+pub fn choose_dtype(
+    choice: DTypeChoice,
+    stored: Option<DType>,
+    config: &Config,
+    device: &Device,
+) -> Result<DType> {
+    let available = if device.is_cpu() {
+        available_memory()
+    } else {
+        None
+    };
+    let f32_bytes = weight_bytes(config, DType::F32) as u64;
+    let (dtype, fell_back) = decide_dtype(choice, stored, device.is_cpu(), f32_bytes, available)?;
+    if fell_back {
+        eprintln!(
+            "note: the weights need {:.1} GB in f32, more than the memory available; running in f16 ({:.1} GB)",
+            f32_bytes as f64 / 1e9,
+            f32_bytes as f64 / 2e9
+        );
+    }
+    Ok(dtype)
+}
+
+/// The decision behind `choose_dtype`, free of the machine: returns the
+/// dtype and whether it fell back to f16 for lack of memory.
+fn decide_dtype(
+    choice: DTypeChoice,
+    stored: Option<DType>,
+    cpu: bool,
+    f32_bytes: u64,
+    available: Option<u64>,
+) -> Result<(DType, bool)> {
     let dtype = match choice {
         DTypeChoice::Fixed(d) => d,
-        DTypeChoice::Auto => match (device.is_cpu(), stored) {
+        DTypeChoice::Auto => match (cpu, stored) {
             (false, Some(d @ (DType::F32 | DType::F16 | DType::BF16))) => d,
             (true, Some(DType::F16)) => DType::F16,
             _ => DType::F32,
         },
     };
-    if device.is_cpu() && dtype == DType::BF16 {
+    if cpu && dtype == DType::BF16 {
         bail!(
             "--dtype bf16 is not supported on the CPU yet (candle has no CPU bf16 matmul): use f32 or f16"
         );
     }
-    Ok(dtype)
+    let bytes = |d: DType| f32_bytes / 4 * d.size_in_bytes() as u64;
+    if let (true, Some(available)) = (cpu, available)
+        && bytes(dtype) > available
+    {
+        // Without --dtype, f16 is the smallest option on the CPU: use it, or report it.
+        let smallest = if choice == DTypeChoice::Auto {
+            DType::F16
+        } else {
+            dtype
+        };
+        if smallest != dtype && bytes(smallest) <= available {
+            return Ok((smallest, true));
+        }
+        let f16_fits = bytes(DType::F16) <= available;
+        let hint = if smallest == DType::F32 && f16_fits {
+            "; try --dtype f16"
+        } else {
+            ""
+        };
+        bail!(
+            "the weights need {:.2} GB in {smallest:?}, more than the {:.2} GB of memory available{hint}",
+            bytes(smallest) as f64 / 1e9,
+            available as f64 / 1e9
+        );
+    }
+    Ok((dtype, false))
 }
 
 /// Bytes of every weight of `config` in `dtype`.
@@ -166,31 +225,6 @@ pub fn weight_bytes(config: &Config, dtype: DType) -> usize {
         .values()
         .map(|s| s.iter().product::<usize>() * dtype.size_in_bytes())
         .sum()
-}
-
-/// Refuses, before allocating anything, weights that cannot fit in the
-/// memory available on the CPU: a clear error beats the OOM killer.
-pub fn ensure_fits(config: &Config, dtype: DType, device: &Device) -> Result<()> {
-    if !device.is_cpu() {
-        return Ok(());
-    }
-    let Some(available) = available_memory() else {
-        return Ok(());
-    };
-    let needed = weight_bytes(config, dtype) as u64;
-    if needed > available {
-        let hint = if dtype == DType::F32 {
-            "; try --dtype f16"
-        } else {
-            ""
-        };
-        bail!(
-            "the weights need {:.2} GB in {dtype:?}, more than the {:.2} GB of memory available{hint}",
-            needed as f64 / 1e9,
-            available as f64 / 1e9
-        );
-    }
-    Ok(())
 }
 
 /// MemAvailable from /proc/meminfo (Linux), if the OS says.
@@ -216,8 +250,7 @@ pub fn load(
         );
     }
     let weights = Weights::open(&files.weights)?;
-    let dtype = resolve_dtype(dtype, weights.stored_dtype(), device)?;
-    ensure_fits(&text.config, dtype, device)?;
+    let dtype = choose_dtype(dtype, weights.stored_dtype(), &text.config, device)?;
     let model = Model::load(&text.config, &weights, dtype, device)
         .with_context(|| format!("loading the model from {}", files.dir.display()))?;
     let vocab = text.tokenizer.vocab_size();
@@ -238,4 +271,60 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GB: u64 = 1_000_000_000;
+    const AUTO: DTypeChoice = DTypeChoice::Auto;
+
+    #[test]
+    fn cpu_defaults_to_f32_and_falls_back_to_f16_when_f32_does_not_fit() {
+        let bf16 = Some(DType::BF16);
+        assert_eq!(
+            decide_dtype(AUTO, bf16, true, 29 * GB, Some(40 * GB)).unwrap(),
+            (DType::F32, false)
+        );
+        assert_eq!(
+            decide_dtype(AUTO, bf16, true, 29 * GB, Some(20 * GB)).unwrap(),
+            (DType::F16, true)
+        );
+        assert_eq!(
+            decide_dtype(AUTO, Some(DType::F16), true, 29 * GB, Some(20 * GB)).unwrap(),
+            (DType::F16, false)
+        );
+        let err = decide_dtype(AUTO, bf16, true, 29 * GB, Some(10 * GB))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("the weights need 14.50 GB in F16"), "{err}");
+    }
+
+    #[test]
+    fn an_explicit_dtype_is_never_changed() {
+        let f32 = DTypeChoice::Fixed(DType::F32);
+        let err = decide_dtype(f32, None, true, 29 * GB, Some(20 * GB))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("try --dtype f16"), "{err}");
+        assert!(
+            decide_dtype(
+                DTypeChoice::Fixed(DType::BF16),
+                None,
+                true,
+                GB,
+                Some(20 * GB)
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn cuda_keeps_the_checkpoint_dtype() {
+        assert_eq!(
+            decide_dtype(AUTO, Some(DType::BF16), false, 29 * GB, None).unwrap(),
+            (DType::BF16, false)
+        );
+    }
 }

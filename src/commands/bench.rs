@@ -65,8 +65,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             )
         }
     };
-    let dtype = loader::resolve_dtype(args.device.dtype(), weights.stored_dtype(), &device)?;
-    loader::ensure_fits(&config, dtype, &device)?;
+    let dtype = loader::choose_dtype(
+        args.device.dtype(),
+        weights.stored_dtype(),
+        &config,
+        &device,
+    )?;
     let model = Model::load(&config, &weights, dtype, &device)?;
     drop(weights);
     let load_s = start.elapsed().as_secs_f64();
