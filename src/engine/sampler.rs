@@ -80,10 +80,6 @@ impl Sampler {
         }
     }
 
-    pub fn config(&self) -> &SamplerConfig {
-        &self.config
-    }
-
     /// Next token given `logits` (`[vocab]`) and the ids so far (for the penalty).
     pub fn sample(&mut self, logits: &Tensor, history: &[u32]) -> Result<u32> {
         copy_logits(logits, &mut self.logits)?;

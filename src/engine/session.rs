@@ -33,10 +33,6 @@ impl Session {
         }
     }
 
-    pub fn model(&self) -> &Model {
-        &self.model
-    }
-
     /// The context length (positions the model can hold).
     pub fn max_len(&self) -> usize {
         self.model.max_len()

@@ -147,14 +147,6 @@ impl Model {
         self.max_len
     }
 
-    pub fn dtype(&self) -> DType {
-        self.dtype
-    }
-
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
     /// Feeds `ids` after what `cache` holds and returns the logits asked for, in f32.
     pub fn forward(&self, ids: &[u32], cache: &mut KvCache, which: Logits) -> Result<Tensor> {
         anyhow::ensure!(!ids.is_empty(), "forward needs at least one token");

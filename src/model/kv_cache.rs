@@ -57,11 +57,6 @@ impl KvCache {
         self.len == 0
     }
 
-    /// The most positions this cache will ever hold (the model's context).
-    pub fn max_len(&self) -> usize {
-        self.max_len
-    }
-
     /// Forgets every position from `len` on; the buffers stay allocated.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
@@ -132,15 +127,6 @@ impl KvCache {
     /// Marks `n` freshly written positions as live.
     pub(crate) fn commit(&mut self, n: usize) {
         self.len += n;
-    }
-
-    /// Bytes held by the buffers (for stats).
-    pub fn bytes(&self) -> usize {
-        2 * self.layers.len()
-            * self.kv_heads
-            * self.capacity
-            * self.head_dim
-            * self.dtype.size_in_bytes()
     }
 }
 

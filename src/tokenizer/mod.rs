@@ -142,11 +142,6 @@ impl TextTokenizer {
         Ok(Self { inner })
     }
 
-    pub fn from_tokenizer(mut inner: Tokenizer) -> Self {
-        inner.set_encode_special_tokens(true);
-        Self { inner }
-    }
-
     /// The underlying tokenizer, e.g. to save it as tokenizer.json.
     pub fn inner(&self) -> &Tokenizer {
         &self.inner
@@ -184,10 +179,6 @@ impl TextTokenizer {
 
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
-    }
-
-    pub fn token_text(&self, id: u32) -> Option<String> {
-        self.inner.id_to_token(id)
     }
 
     pub fn vocab_size(&self) -> usize {
