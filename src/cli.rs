@@ -100,9 +100,13 @@ pub struct DeviceArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Compute dtype. Default: the checkpoint's own on CUDA; f32 on CPU (f16 for f16 checkpoints).
+    /// Compute dtype. Default: the checkpoint's own on CUDA; f32 on CPU (f16 for f16
+    /// checkpoints, or when f32 would not fit in memory).
     #[arg(long, value_enum)]
     pub dtype: Option<DTypeArg>,
+    /// CPU threads for the model. Default: the physical cores (or RAYON_NUM_THREADS).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: Option<u16>,
 }
 
 impl DeviceArgs {
@@ -239,4 +243,16 @@ pub struct ChatArgs {
     /// Start from a saved conversation (JSON, as /save writes it).
     #[arg(long, value_name = "FILE")]
     pub load: Option<PathBuf>,
+}
+
+impl Command {
+    /// `--threads`, for the commands that run a model.
+    pub fn threads(&self) -> Option<u16> {
+        match self {
+            Command::Run(a) => a.device.threads,
+            Command::Chat(a) => a.device.threads,
+            Command::Bench(a) => a.device.threads,
+            _ => None,
+        }
+    }
 }

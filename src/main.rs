@@ -5,8 +5,8 @@ use starling::cli::{Cli, Command};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    pin_thread_count();
     let cli = Cli::parse();
+    pin_thread_count(cli.command.threads());
     let result = match &cli.command {
         Command::Run(args) => starling::commands::run::run(args),
         Command::Chat(args) => starling::commands::chat::run(args),
@@ -35,11 +35,14 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 
 /// candle asks for the thread count on every CPU matmul, and without
 /// RAYON_NUM_THREADS it re-reads /proc/cpuinfo each time (a measured 8% of a
-/// decode step on a small model). Resolve it once, before any thread starts.
-fn pin_thread_count() {
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let n = candle_core::utils::get_num_threads();
-        // SAFETY: called first thing in main, while the process is single-threaded.
-        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
-    }
+/// decode step on a small model). Resolve it once, from `--threads` or the
+/// default (physical cores), before any compute thread starts.
+fn pin_thread_count(threads: Option<u16>) {
+    let n = match threads {
+        Some(n) => n.to_string(),
+        None if std::env::var_os("RAYON_NUM_THREADS").is_some() => return,
+        None => candle_core::utils::get_num_threads().to_string(),
+    };
+    // SAFETY: called in main before any other thread exists (argument parsing spawns none).
+    unsafe { std::env::set_var("RAYON_NUM_THREADS", n) };
 }

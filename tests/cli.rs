@@ -519,6 +519,26 @@ fn bench_reports_prompt_and_generation_speed() {
         }
         assert!(out.contains("peak RSS"), "{out}");
     }
+    let one = ok(&starling(
+        &[
+            "bench",
+            "--synthetic",
+            "tiny",
+            "-p",
+            "8",
+            "-n",
+            "2",
+            "-r",
+            "1",
+            "--threads",
+            "1",
+        ],
+        None,
+    ));
+    assert!(
+        one.contains("· 1 threads ·"),
+        "--threads reaches candle: {one}"
+    );
 }
 
 #[test]
