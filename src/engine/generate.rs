@@ -5,7 +5,7 @@
 use super::detokenizer::StreamDecoder;
 use super::sampler::Sampler;
 use super::session::Session;
-use super::stop::{Matched, StopMatcher};
+use super::stop::StopMatcher;
 use crate::tokenizer::TextTokenizer;
 use anyhow::Result;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -130,13 +130,11 @@ pub fn generate(
         }
         generated += 1;
         if let Some(piece) = decoder.push(token)? {
-            match stops.push(&piece) {
-                Matched::Continue(t) => emit(&t, &mut text)?,
-                Matched::Stop(t) => {
-                    emit(&t, &mut text)?;
-                    stop = StopReason::StopText;
-                    break;
-                }
+            let (out, stopped) = stops.push(&piece).into_parts();
+            emit(&out, &mut text)?;
+            if stopped {
+                stop = StopReason::StopText;
+                break;
             }
         }
         if generated == req.max_tokens {
@@ -150,12 +148,10 @@ pub fn generate(
     }
     if stop != StopReason::StopText {
         if let Some(rest) = decoder.finish()? {
-            match stops.push(&rest) {
-                Matched::Continue(t) => emit(&t, &mut text)?,
-                Matched::Stop(t) => {
-                    emit(&t, &mut text)?;
-                    stop = StopReason::StopText;
-                }
+            let (out, stopped) = stops.push(&rest).into_parts();
+            emit(&out, &mut text)?;
+            if stopped {
+                stop = StopReason::StopText;
             }
         }
         if stop != StopReason::StopText {

@@ -16,6 +16,16 @@ pub enum Matched {
     Stop(String),
 }
 
+impl Matched {
+    /// The text to print, and whether generation stops after it.
+    pub fn into_parts(self) -> (String, bool) {
+        match self {
+            Matched::Continue(text) => (text, false),
+            Matched::Stop(text) => (text, true),
+        }
+    }
+}
+
 impl StopMatcher {
     pub fn new(stops: &[String]) -> Self {
         Self {

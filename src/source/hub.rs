@@ -186,19 +186,15 @@ fn download(model: &HubModel) -> Result<PathBuf> {
         }
         Ok(())
     };
-    if has("model.safetensors.index.json") {
-        sharded("model.safetensors.index.json")?;
-    } else if has("model.safetensors") {
-        get("model.safetensors")?;
-    } else if has("pytorch_model.bin.index.json") {
-        sharded("pytorch_model.bin.index.json")?;
-    } else if has("pytorch_model.bin") {
-        get("pytorch_model.bin")?;
-    } else {
-        bail!(
+    match super::WEIGHT_LAYOUTS.iter().find(|(name, _)| has(name)) {
+        Some(&(index, true)) => sharded(index)?,
+        Some(&(single, false)) => {
+            get(single)?;
+        }
+        None => bail!(
             "{} has no usable weights (no safetensors or PyTorch .bin files)",
             model.repo
-        );
+        ),
     }
     let dir = config
         .and_then(|c| c.parent().map(Path::to_path_buf))

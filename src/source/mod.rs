@@ -88,6 +88,16 @@ pub struct ModelFiles {
     pub generation_config: Option<PathBuf>,
 }
 
+/// Where a model's weights are, in order of preference: safetensors over
+/// PyTorch pickles, each as a shard index (`true`) or a single file. Local
+/// directories and hub downloads choose by the same list.
+pub(crate) const WEIGHT_LAYOUTS: [(&str, bool); 4] = [
+    ("model.safetensors.index.json", true),
+    ("model.safetensors", false),
+    ("pytorch_model.bin.index.json", true),
+    ("pytorch_model.bin", false),
+];
+
 /// The files of a model directory in the Hugging Face layout.
 pub fn local_dir(dir: &Path) -> Result<ModelFiles> {
     if !dir.exists() {
@@ -103,17 +113,14 @@ pub fn local_dir(dir: &Path) -> Result<ModelFiles> {
     let Some(config) = file("config.json") else {
         bail!("{} has no config.json", dir.display());
     };
-    let weights = if let Some(index) = file("model.safetensors.index.json") {
-        crate::weights::shards_from_index(&index)?
-    } else if let Some(single) = file("model.safetensors") {
-        vec![single]
-    } else if let Some(index) = file("pytorch_model.bin.index.json") {
-        crate::weights::shards_from_index(&index)?
-    } else if let Some(single) = file("pytorch_model.bin") {
-        vec![single]
-    } else {
+    let weights = match WEIGHT_LAYOUTS
+        .iter()
+        .find_map(|&(name, sharded)| file(name).map(|path| (path, sharded)))
+    {
+        Some((index, true)) => crate::weights::shards_from_index(&index)?,
+        Some((single, false)) => vec![single],
         // Not an error yet: tokenizing needs no weights. Loading the model says so.
-        Vec::new()
+        None => Vec::new(),
     };
     let tokenizer = TokenizerFiles {
         tokenizer_json: file("tokenizer.json"),
