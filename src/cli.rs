@@ -5,6 +5,7 @@ use crate::engine::SamplerConfig;
 use crate::loader::{DTypeChoice, GenerationConfig};
 use anyhow::Result;
 use candle_core::DType;
+use candle_core::quantized::GgmlDType;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
@@ -35,6 +36,27 @@ pub enum Command {
     Rm(RmArgs),
     /// Measure prompt-processing and generation speed (like llama-bench).
     Bench(BenchArgs),
+    /// Write a model as a GGUF file of quantized weights (llama.cpp loads it too).
+    Quantize(QuantizeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct QuantizeArgs {
+    /// The model to read: a directory, a .gguf file, a known name, a hub repo, or
+    /// synthetic:SHAPE (random weights of mistral-7b, llama-7b, tiny or a config.json).
+    pub model: String,
+    /// The GGUF file to write.
+    pub output: PathBuf,
+    /// q4k (written as llama.cpp's Q4_K_M mix: Q6_K output), q5k, q6k, q8_0, q4_0, f16 or f32.
+    #[arg(long = "type", short = 't', value_name = "TYPE", default_value = "q4k", value_parser = parse_quant)]
+    pub qtype: GgmlDType,
+    /// A SentencePiece tokenizer.model for the vocabulary, when the model has none
+    /// (synthetic models, tokenizer.json-only models).
+    #[arg(long, value_name = "FILE")]
+    pub vocab: Option<PathBuf>,
+    /// Use only the local cache, never the network (also HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    pub offline: bool,
 }
 
 #[derive(Debug, Args)]
@@ -107,6 +129,24 @@ pub struct DeviceArgs {
     /// CPU threads for the model. Default: the physical cores (or RAYON_NUM_THREADS).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     pub threads: Option<u16>,
+    /// Quantize the weights while loading: q4k, q5k, q6k, q8_0 or q4_0 (a dense
+    /// checkpoint then runs in ~4.5–8.5 bits per weight, no conversion step).
+    #[arg(long, value_name = "TYPE", value_parser = parse_block_quant)]
+    pub quantize: Option<GgmlDType>,
+}
+
+fn parse_quant(s: &str) -> Result<GgmlDType, String> {
+    crate::model::linear::parse_quant(s).map_err(|e| e.to_string())
+}
+
+/// `--quantize` takes only block formats; float formats are `--dtype`'s job.
+fn parse_block_quant(s: &str) -> Result<GgmlDType, String> {
+    match parse_quant(s)? {
+        GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => Err(format!(
+            "{s} is not a quantized format (q4k, q5k, q6k, q8_0, q4_0); use --dtype {s}"
+        )),
+        q => Ok(q),
+    }
 }
 
 impl DeviceArgs {

@@ -7,7 +7,9 @@ use crate::source::ModelFiles;
 use crate::template::{JinjaTemplate, Template};
 use crate::tokenizer::{TextTokenizer, TokenizerConfig};
 use crate::weights::Weights;
+use crate::weights::gguf::Gguf;
 use anyhow::{Context, Result, bail};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
 use serde::Deserialize;
 use std::path::Path;
@@ -62,7 +64,14 @@ pub fn device(spec: &str) -> Result<Device> {
 }
 
 pub fn load_text(files: &ModelFiles, template: &str) -> Result<Text> {
-    let config = Config::from_file(&files.config)?;
+    if let Some(path) = &files.gguf {
+        return text_from_gguf(&Gguf::open(path)?, template);
+    }
+    let config_path = files
+        .config
+        .as_ref()
+        .with_context(|| format!("{} has no config.json", files.dir.display()))?;
+    let config = Config::from_file(config_path)?;
     let tok_config = match &files.tokenizer.tokenizer_config {
         Some(p) => Some(TokenizerConfig::from_file(p)?),
         None => None,
@@ -72,30 +81,23 @@ pub fn load_text(files: &ModelFiles, template: &str) -> Result<Text> {
         Some(p) => read_json::<GenerationConfig>(p)?,
         None => GenerationConfig::default(),
     };
-    let template = choose_template(template, &tokenizer, tok_config.as_ref())?;
-
-    let mut stop_ids: Vec<u32> = Vec::new();
-    for token in template.stop_tokens() {
-        if let Some(id) = tokenizer.token_id(&token) {
-            stop_ids.push(id);
-        }
-    }
-    for ids in [
+    let jinja = tok_config
+        .as_ref()
+        .and_then(|c| c.chat_template.as_ref())
+        .and_then(|t| t.default_template());
+    let content = |t: Option<&crate::tokenizer::TokenField>| t.map(|t| t.content().to_string());
+    let template = choose_template(
+        template,
+        &tokenizer,
+        jinja,
+        content(tok_config.as_ref().and_then(|c| c.bos_token.as_ref())),
+        content(tok_config.as_ref().and_then(|c| c.eos_token.as_ref())),
+    )?;
+    let eos = [
         generation.eos_token_id.as_ref(),
         config.eos_token_id.as_ref(),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        stop_ids.extend(ids.to_vec());
-    }
-    if stop_ids.is_empty()
-        && let Some(id) = tokenizer.token_id("</s>")
-    {
-        stop_ids.push(id);
-    }
-    stop_ids.sort_unstable();
-    stop_ids.dedup();
+    ];
+    let stop_ids = stop_ids(&template, &tokenizer, eos.into_iter().flatten());
     Ok(Text {
         tokenizer,
         template,
@@ -105,30 +107,79 @@ pub fn load_text(files: &ModelFiles, template: &str) -> Result<Text> {
     })
 }
 
+/// Everything but the weights from a GGUF file's metadata: the config, the
+/// SentencePiece vocabulary (converted as `tokenizer.model` is), and the
+/// chat template when the file has one.
+pub fn text_from_gguf(gguf: &Gguf, template: &str) -> Result<Text> {
+    let config = gguf.config().clone();
+    let tokenizer = TextTokenizer::from_vocab(&gguf.vocab()?)
+        .with_context(|| format!("building the tokenizer of {}", gguf.path().display()))?;
+    let name = |id: Option<u32>| id.and_then(|id| tokenizer.inner().id_to_token(id));
+    let (bos, eos) = (
+        name(config.bos_token_id),
+        name(
+            config
+                .eos_token_id
+                .as_ref()
+                .and_then(|e| e.to_vec().first().copied()),
+        ),
+    );
+    let jinja = gguf.chat_template();
+    let template = choose_template(template, &tokenizer, jinja.as_deref(), bos, eos)?;
+    let stop_ids = stop_ids(&template, &tokenizer, config.eos_token_id.iter());
+    Ok(Text {
+        tokenizer,
+        template,
+        stop_ids,
+        generation: GenerationConfig::default(),
+        config,
+    })
+}
+
+/// The ids that end an answer: the template's end-of-turn tokens and the
+/// model's EOS ids, or `</s>` when neither names any.
+fn stop_ids<'a>(
+    template: &Template,
+    tokenizer: &TextTokenizer,
+    eos: impl Iterator<Item = &'a crate::model::config::TokenIds>,
+) -> Vec<u32> {
+    let mut ids: Vec<u32> = template
+        .stop_tokens()
+        .iter()
+        .filter_map(|t| tokenizer.token_id(t))
+        .collect();
+    for list in eos {
+        ids.extend(list.to_vec());
+    }
+    if ids.is_empty()
+        && let Some(id) = tokenizer.token_id("</s>")
+    {
+        ids.push(id);
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
 /// `auto` is the model's own chat_template when it has one; otherwise
 /// OpenChat when the vocabulary has `<|end_of_turn|>`, else Vicuna v1.1
 /// (declare-lab/starling-7B ships no template).
 fn choose_template(
     name: &str,
     tokenizer: &TextTokenizer,
-    config: Option<&TokenizerConfig>,
+    jinja: Option<&str>,
+    bos: Option<String>,
+    eos: Option<String>,
 ) -> Result<Template> {
     if name != "auto" {
         return Template::builtin(name);
     }
-    if let Some(config) = config
-        && let Some(source) = config
-            .chat_template
-            .as_ref()
-            .and_then(|t| t.default_template())
-    {
+    if let Some(source) = jinja {
         let specials = tokenizer
             .special_tokens()
             .into_iter()
             .map(|(s, _)| s)
             .collect();
-        let bos = config.bos_token.as_ref().map(|t| t.content().to_string());
-        let eos = config.eos_token.as_ref().map(|t| t.content().to_string());
         return Ok(Template::Jinja(JinjaTemplate::new(
             source, bos, eos, specials,
         )?));
@@ -219,6 +270,27 @@ fn decide_dtype(
     Ok((dtype, false))
 }
 
+/// The compute dtype for `weights`: quantized matrices take f32
+/// activations (candle's quantized kernels are written for them), so a
+/// quantized model runs in f32 whatever the checkpoint's dtype; anything
+/// else is `choose_dtype`'s decision.
+pub fn model_dtype(
+    choice: DTypeChoice,
+    weights: &Weights,
+    config: &Config,
+    device: &Device,
+) -> Result<DType> {
+    if weights.is_quantized() {
+        if let DTypeChoice::Fixed(d) = choice
+            && d != DType::F32
+        {
+            eprintln!("note: quantized weights compute in f32; --dtype {d:?} is ignored");
+        }
+        return Ok(DType::F32);
+    }
+    choose_dtype(choice, weights.stored_dtype(), config, device)
+}
+
 /// Bytes of every weight of `config` in `dtype`.
 pub fn weight_bytes(config: &Config, dtype: DType) -> usize {
     crate::model::synthetic::tensor_shapes(config)
@@ -239,18 +311,22 @@ pub fn load(
     files: &ModelFiles,
     template: &str,
     dtype: DTypeChoice,
+    quantize: Option<GgmlDType>,
     device: &Device,
 ) -> Result<Loaded> {
     let start = std::time::Instant::now();
-    let text = load_text(files, template)?;
     if files.weights.is_empty() {
         bail!(
-            "{} has no weights (model.safetensors, pytorch_model.bin, or a shard index)",
+            "{} has no weights (model.safetensors, pytorch_model.bin, a shard index or a .gguf)",
             files.dir.display()
         );
     }
-    let weights = Weights::open(&files.weights)?;
-    let dtype = choose_dtype(dtype, weights.stored_dtype(), &text.config, device)?;
+    let weights = Weights::open(&files.weights)?.quantize_to(quantize);
+    let text = match weights.gguf() {
+        Some(gguf) => text_from_gguf(gguf, template)?,
+        None => load_text(files, template)?,
+    };
+    let dtype = model_dtype(dtype, &weights, &text.config, device)?;
     let model = Model::load(&text.config, &weights, dtype, device)
         .with_context(|| format!("loading the model from {}", files.dir.display()))?;
     let vocab = text.tokenizer.vocab_size();

@@ -15,6 +15,7 @@ fn main() -> ExitCode {
         Command::List => starling::commands::models::list(),
         Command::Rm(args) => starling::commands::models::rm(args),
         Command::Bench(args) => starling::commands::bench::run(args),
+        Command::Quantize(args) => starling::commands::quantize::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -134,6 +134,7 @@ fn library_chat(model: &Path) -> Chat {
         &files,
         "auto",
         starling::loader::DTypeChoice::Auto,
+        None,
         &Device::Cpu,
     )
     .unwrap();

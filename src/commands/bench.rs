@@ -7,38 +7,10 @@
 
 use crate::cli::BenchArgs;
 use crate::loader;
-use crate::model::{Config, Logits, Model};
+use crate::model::{Config, Logits, Model, synthetic};
 use crate::weights::Weights;
 use anyhow::{Result, bail};
 use std::time::Instant;
-
-/// The shapes `--synthetic` knows by name (config.json fields).
-fn shape(name: &str) -> Result<Config> {
-    let json = match name {
-        "mistral-7b" => {
-            r#"{"architectures":["MistralForCausalLM"],"vocab_size":32000,"hidden_size":4096,"intermediate_size":14336,
-            "num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":8,"max_position_embeddings":32768,
-            "sliding_window":4096,"rms_norm_eps":1e-5,"rope_theta":10000.0}"#
-        }
-        "llama-7b" => {
-            r#"{"architectures":["LlamaForCausalLM"],"vocab_size":32000,"hidden_size":4096,"intermediate_size":11008,
-            "num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":32,"max_position_embeddings":4096,
-            "rms_norm_eps":1e-5}"#
-        }
-        "tiny" => {
-            r#"{"architectures":["MistralForCausalLM"],"vocab_size":32002,"hidden_size":64,"intermediate_size":160,
-            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,
-            "max_position_embeddings":8192,"sliding_window":4096,"rms_norm_eps":1e-5}"#
-        }
-        path if std::path::Path::new(path).is_file() => {
-            return Config::from_file(std::path::Path::new(path));
-        }
-        other => bail!(
-            "unknown synthetic shape {other:?} (mistral-7b, llama-7b, tiny, or a config.json path)"
-        ),
-    };
-    Config::from_json(json)
-}
 
 pub fn run(args: &BenchArgs) -> Result<()> {
     if args.prompt_tokens == 0 || args.repetitions == 0 {
@@ -49,28 +21,25 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let (label, config, weights) = match &args.synthetic {
         Some(name) => (
             format!("synthetic {name}"),
-            shape(name)?,
-            Weights::synthetic(&shape(name)?),
+            synthetic::shape(name)?,
+            Weights::synthetic(&synthetic::shape(name)?),
         ),
         None => {
             let (files, _) = super::model_files(&args.model)?;
-            let config = Config::from_file(&files.config)?;
             if files.weights.is_empty() {
                 bail!("{} has no weights", files.dir.display());
             }
-            (
-                args.model.model.clone(),
-                config,
-                Weights::open(&files.weights)?,
-            )
+            let weights = Weights::open(&files.weights)?;
+            let config = match (weights.gguf(), &files.config) {
+                (Some(gguf), _) => gguf.config().clone(),
+                (None, Some(path)) => Config::from_file(path)?,
+                (None, None) => bail!("{} has no config.json", files.dir.display()),
+            };
+            (args.model.model.clone(), config, weights)
         }
     };
-    let dtype = loader::choose_dtype(
-        args.device.dtype(),
-        weights.stored_dtype(),
-        &config,
-        &device,
-    )?;
+    let weights = weights.quantize_to(args.device.quantize);
+    let dtype = loader::model_dtype(args.device.dtype(), &weights, &config, &device)?;
     let model = Model::load(&config, &weights, dtype, &device)?;
     drop(weights);
     let load_s = start.elapsed().as_secs_f64();
@@ -106,8 +75,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
     }
 
-    let bytes = loader::weight_bytes(&config, dtype);
-    println!("| model | dtype | weights | test | t/s (median) | min – max |");
+    let bytes = model.weight_bytes();
+    let format = model.weight_format();
+    println!("| model | weights | size | test | t/s (median) | min – max |");
     println!("|---|---|---|---|---|---|");
     for (test, rates) in [(format!("pp{p}"), &mut pp), (format!("tg{n}"), &mut tg)] {
         if rates.is_empty() {
@@ -115,7 +85,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
         rates.sort_by(f64::total_cmp);
         println!(
-            "| {label} | {dtype:?} | {:.2} GB | {test} | {:.2} | {:.2} – {:.2} |",
+            "| {label} | {format} | {:.2} GB | {test} | {:.2} | {:.2} – {:.2} |",
             bytes as f64 / 1e9,
             rates[rates.len() / 2],
             rates[0],
@@ -126,7 +96,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         .map(|b| format!("{:.2} GB", b as f64 / 1e9))
         .unwrap_or_else(|| "n/a".into());
     println!(
-        "\nload {load_s:.2} s · peak RSS {peak} · device {} · {} threads · {} repetitions",
+        "\nload {load_s:.2} s · peak RSS {peak} · activations {dtype:?} · device {} · {} threads · {} repetitions",
         args.device.device,
         candle_core::utils::get_num_threads(),
         args.repetitions

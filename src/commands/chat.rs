@@ -41,7 +41,13 @@ pub fn run(args: &ChatArgs) -> Result<()> {
     };
     let (files, template) = super::model_files(&args.model)?;
     let device = loader::device(&args.device.device)?;
-    let loaded = loader::load(&files, &template, args.device.dtype(), &device)?;
+    let loaded = loader::load(
+        &files,
+        &template,
+        args.device.dtype(),
+        args.device.quantize,
+        &device,
+    )?;
     let settings = ChatSettings {
         sampling: args.sampling.resolve(&loaded.text.generation)?,
         max_tokens: args.sampling.max_tokens,

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod chat;
 pub mod input;
 pub mod models;
+pub mod quantize;
 pub mod run;
 pub mod tokenize;
 

@@ -13,7 +13,13 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let conversations = conversations(args)?;
     let (files, template) = super::model_files(&args.model)?;
     let device = loader::device(&args.device.device)?;
-    let loaded = loader::load(&files, &template, args.device.dtype(), &device)?;
+    let loaded = loader::load(
+        &files,
+        &template,
+        args.device.dtype(),
+        args.device.quantize,
+        &device,
+    )?;
     let sampling = args.sampling.resolve(&loaded.text.generation)?;
     let text = &loaded.text;
     let mut session = Session::new(loaded.model);

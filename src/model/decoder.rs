@@ -10,6 +10,7 @@
 
 use super::config::Config;
 use super::kv_cache::KvCache;
+use super::linear::{Embedding, Linear};
 use crate::weights::Weights;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -28,16 +29,16 @@ pub enum Logits {
 const PREFILL_CHUNK: usize = 512;
 
 struct Attention {
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    o: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
 }
 
 struct Mlp {
-    gate: Tensor,
-    up: Tensor,
-    down: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
 }
 
 struct Layer {
@@ -48,10 +49,12 @@ struct Layer {
 }
 
 pub struct Model {
-    embed: Tensor,
+    embed: Embedding,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: Tensor,
+    lm_head: Linear,
+    /// Whether `lm_head` shares the embedding's storage.
+    tied: bool,
     cos: Tensor,
     sin: Tensor,
     heads: usize,
@@ -64,12 +67,6 @@ pub struct Model {
     device: Device,
 }
 
-/// `x @ w.T` for `x: [seq, in]`, `w: [out, in]` (the Hugging Face layout);
-/// the transpose is a view that gemm reads strided.
-fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    Ok(x.matmul(&w.t()?)?)
-}
-
 impl Model {
     pub fn load(config: &Config, weights: &Weights, dtype: DType, device: &Device) -> Result<Self> {
         let h = config.hidden_size;
@@ -79,32 +76,37 @@ impl Model {
         let inter = config.intermediate_size;
         let vocab = config.vocab_size;
         let get = |name: &str, shape: &[usize]| weights.tensor(name, shape, dtype, device);
+        let mat = |name: &str, shape: &[usize]| weights.linear(name, shape, dtype, device, false);
 
-        let embed = get("model.embed_tokens.weight", &[vocab, h])?;
+        let embed = weights.embedding("model.embed_tokens.weight", &[vocab, h], dtype, device)?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for l in 0..config.num_hidden_layers {
             let p = format!("model.layers.{l}");
             layers.push(Layer {
                 input_norm: get(&format!("{p}.input_layernorm.weight"), &[h])?,
                 attn: Attention {
-                    q: get(&format!("{p}.self_attn.q_proj.weight"), &[heads * hd, h])?,
-                    k: get(&format!("{p}.self_attn.k_proj.weight"), &[kv_heads * hd, h])?,
-                    v: get(&format!("{p}.self_attn.v_proj.weight"), &[kv_heads * hd, h])?,
-                    o: get(&format!("{p}.self_attn.o_proj.weight"), &[h, heads * hd])?,
+                    q: mat(&format!("{p}.self_attn.q_proj.weight"), &[heads * hd, h])?,
+                    k: mat(&format!("{p}.self_attn.k_proj.weight"), &[kv_heads * hd, h])?,
+                    v: mat(&format!("{p}.self_attn.v_proj.weight"), &[kv_heads * hd, h])?,
+                    o: mat(&format!("{p}.self_attn.o_proj.weight"), &[h, heads * hd])?,
                 },
                 post_norm: get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
                 mlp: Mlp {
-                    gate: get(&format!("{p}.mlp.gate_proj.weight"), &[inter, h])?,
-                    up: get(&format!("{p}.mlp.up_proj.weight"), &[inter, h])?,
-                    down: get(&format!("{p}.mlp.down_proj.weight"), &[h, inter])?,
+                    gate: mat(&format!("{p}.mlp.gate_proj.weight"), &[inter, h])?,
+                    up: mat(&format!("{p}.mlp.up_proj.weight"), &[inter, h])?,
+                    down: mat(&format!("{p}.mlp.down_proj.weight"), &[h, inter])?,
                 },
             });
         }
         let norm = get("model.norm.weight", &[h])?;
-        let lm_head = if weights.contains("lm_head.weight") || !config.tie_word_embeddings {
-            get("lm_head.weight", &[vocab, h])?
+        let tied = !weights.contains("lm_head.weight") && config.tie_word_embeddings;
+        let lm_head = if !tied {
+            weights.linear("lm_head.weight", &[vocab, h], dtype, device, true)?
         } else {
-            embed.clone()
+            match &embed {
+                Embedding::Dense(t) => Linear::Dense(t.clone()),
+                Embedding::Quantized(q) => Linear::quantized(q.clone())?,
+            }
         };
         let (cos, sin) = rope_tables(
             hd,
@@ -118,6 +120,7 @@ impl Model {
             layers,
             norm,
             lm_head,
+            tied,
             cos,
             sin,
             heads,
@@ -147,6 +150,35 @@ impl Model {
         self.max_len
     }
 
+    /// Bytes of all weights as held in memory (a tied `lm_head` counts once).
+    pub fn weight_bytes(&self) -> usize {
+        let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let a = &l.attn;
+                let m = &l.mlp;
+                [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down]
+                    .iter()
+                    .map(|w| w.bytes())
+                    .sum::<usize>()
+                    + dense(&l.input_norm)
+                    + dense(&l.post_norm)
+            })
+            .sum();
+        let head = if self.tied { 0 } else { self.lm_head.bytes() };
+        self.embed.bytes() + layers + dense(&self.norm) + head
+    }
+
+    /// How the matrices are stored (`F32`, `Q4K`, ...), from the first MLP's.
+    pub fn weight_format(&self) -> String {
+        self.layers
+            .first()
+            .map(|l| l.mlp.up.format())
+            .unwrap_or_else(|| format!("{:?}", self.dtype))
+    }
+
     /// Feeds `ids` after what `cache` holds and returns the logits asked for, in f32.
     pub fn forward(&self, ids: &[u32], cache: &mut KvCache, which: Logits) -> Result<Tensor> {
         anyhow::ensure!(!ids.is_empty(), "forward needs at least one token");
@@ -172,7 +204,7 @@ impl Model {
 
     fn head(&self, hidden: &Tensor) -> Result<Tensor> {
         let x = candle_nn::ops::rms_norm(hidden, &self.norm, self.eps)?;
-        Ok(linear(&x, &self.lm_head)?.to_dtype(DType::F32)?)
+        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
     }
 
     /// Runs one chunk through every layer, writing its keys and values to the
@@ -181,7 +213,7 @@ impl Model {
         let seq = ids.len();
         let pos = cache.len();
         let ids_t = Tensor::from_slice(ids, seq, &self.device)?;
-        let mut x = self.embed.index_select(&ids_t, 0)?;
+        let mut x = self.embed.forward(&ids_t, self.dtype)?;
         let cos = self.cos.narrow(0, pos, seq)?;
         let sin = self.sin.narrow(0, pos, seq)?;
         // Keys visible to the first query of the chunk; later ones see a subset via the mask.
@@ -207,9 +239,9 @@ impl Model {
             )?;
             let x1 = (residual + h)?;
             let h = candle_nn::ops::rms_norm(&x1, &layer.post_norm, self.eps)?;
-            let gate = candle_nn::ops::silu(&linear(&h, &layer.mlp.gate)?)?;
-            let up = linear(&h, &layer.mlp.up)?;
-            let h = linear(&(gate * up)?, &layer.mlp.down)?;
+            let gate = candle_nn::ops::silu(&layer.mlp.gate.forward(&h)?)?;
+            let up = layer.mlp.up.forward(&h)?;
+            let h = layer.mlp.down.forward(&(gate * up)?)?;
             x = (x1 + h)?;
         }
         cache.commit(seq);
@@ -268,9 +300,9 @@ impl Model {
                 .contiguous()?
                 .unsqueeze(0)?)
         };
-        let q = to_heads(linear(x, &w.q)?, heads)?;
-        let k = to_heads(linear(x, &w.k)?, kvh)?;
-        let v = to_heads(linear(x, &w.v)?, kvh)?.squeeze(0)?;
+        let q = to_heads(w.q.forward(x)?, heads)?;
+        let k = to_heads(w.k.forward(x)?, kvh)?;
+        let v = to_heads(w.v.forward(x)?, kvh)?.squeeze(0)?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?.squeeze(0)?;
         cache.write(layer, &k, &v)?;
@@ -295,7 +327,7 @@ impl Model {
             .transpose(0, 1)?
             .contiguous()?
             .reshape((seq, heads * hd))?;
-        linear(&out, &w.o).context("attention output projection")
+        w.o.forward(&out).context("attention output projection")
     }
 }
 

@@ -3,6 +3,7 @@
 pub mod config;
 mod decoder;
 mod kv_cache;
+pub mod linear;
 pub mod synthetic;
 
 pub use config::{Config, Family};

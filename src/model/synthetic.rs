@@ -100,6 +100,34 @@ pub fn save_f32(tensors: &[(String, Vec<usize>, Vec<f32>)], path: &Path) -> Resu
     Ok(())
 }
 
+/// The shapes `--synthetic` knows by name (config.json fields).
+pub fn shape(name: &str) -> Result<Config> {
+    let json = match name {
+        "mistral-7b" => {
+            r#"{"architectures":["MistralForCausalLM"],"vocab_size":32000,"hidden_size":4096,"intermediate_size":14336,
+            "num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":8,"max_position_embeddings":32768,
+            "sliding_window":4096,"rms_norm_eps":1e-5,"rope_theta":10000.0}"#
+        }
+        "llama-7b" => {
+            r#"{"architectures":["LlamaForCausalLM"],"vocab_size":32000,"hidden_size":4096,"intermediate_size":11008,
+            "num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":32,"max_position_embeddings":4096,
+            "rms_norm_eps":1e-5}"#
+        }
+        "tiny" => {
+            r#"{"architectures":["MistralForCausalLM"],"vocab_size":32002,"hidden_size":64,"intermediate_size":160,
+            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,
+            "max_position_embeddings":8192,"sliding_window":4096,"rms_norm_eps":1e-5}"#
+        }
+        path if std::path::Path::new(path).is_file() => {
+            return Config::from_file(std::path::Path::new(path));
+        }
+        other => anyhow::bail!(
+            "unknown synthetic shape {other:?} (mistral-7b, llama-7b, tiny, or a config.json path)"
+        ),
+    };
+    Config::from_json(json)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -81,9 +81,12 @@ pub fn resolve(spec: &ModelSpec, options: hub::HubOptions) -> Result<ModelFiles>
 #[derive(Debug, Clone)]
 pub struct ModelFiles {
     pub dir: PathBuf,
-    pub config: PathBuf,
-    /// Safetensors files; empty when the directory has none.
+    /// `config.json`; `None` for a GGUF file, whose metadata holds the config.
+    pub config: Option<PathBuf>,
+    /// Weight files (safetensors, pickles, or one GGUF); empty when there are none.
     pub weights: Vec<PathBuf>,
+    /// The GGUF file, when the model is one: config, tokenizer and template come from it.
+    pub gguf: Option<PathBuf>,
     pub tokenizer: TokenizerFiles,
     pub generation_config: Option<PathBuf>,
 }
@@ -98,20 +101,61 @@ pub(crate) const WEIGHT_LAYOUTS: [(&str, bool); 4] = [
     ("pytorch_model.bin", false),
 ];
 
-/// The files of a model directory in the Hugging Face layout.
+/// A single GGUF file: everything a run needs is inside it.
+pub fn gguf_file(path: &Path) -> ModelFiles {
+    ModelFiles {
+        dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+        config: None,
+        weights: vec![path.to_path_buf()],
+        gguf: Some(path.to_path_buf()),
+        tokenizer: TokenizerFiles::default(),
+        generation_config: None,
+    }
+}
+
+/// The `.gguf` files of a directory, sorted by name.
+pub fn gguf_files(dir: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_file() && crate::weights::gguf::is_gguf(p))
+        .collect();
+    found.sort();
+    found
+}
+
+/// The files of a model directory in the Hugging Face layout, or of a GGUF
+/// file (a path to one, or a directory holding exactly one and no config.json).
 pub fn local_dir(dir: &Path) -> Result<ModelFiles> {
     if !dir.exists() {
         bail!("model directory {} does not exist", dir.display());
     }
+    if dir.is_file() && crate::weights::gguf::is_gguf(dir) {
+        return Ok(gguf_file(dir));
+    }
     if !dir.is_dir() {
         bail!(
-            "{} is not a directory (expected a model directory with config.json)",
+            "{} is not a directory (expected a model directory with config.json, or a .gguf file)",
             dir.display()
         );
     }
     let file = |name: &str| Some(dir.join(name)).filter(|p| p.is_file());
     let Some(config) = file("config.json") else {
-        bail!("{} has no config.json", dir.display());
+        return match gguf_files(dir).as_slice() {
+            [one] => Ok(gguf_file(one)),
+            [] => bail!("{} has no config.json (and no .gguf file)", dir.display()),
+            many => bail!(
+                "{} holds {} GGUF files; pass one of them with --model DIR/FILE.gguf: {}",
+                dir.display(),
+                many.len(),
+                many.iter()
+                    .filter_map(|p| p.file_name()?.to_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
     };
     let weights = match WEIGHT_LAYOUTS
         .iter()
@@ -136,8 +180,9 @@ pub fn local_dir(dir: &Path) -> Result<ModelFiles> {
     }
     Ok(ModelFiles {
         dir: dir.to_path_buf(),
-        config,
+        config: Some(config),
         weights,
+        gguf: None,
         tokenizer,
         generation_config: file("generation_config.json"),
     })

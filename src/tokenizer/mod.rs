@@ -142,6 +142,14 @@ impl TextTokenizer {
         Ok(Self { inner })
     }
 
+    /// A tokenizer from a bare SentencePiece vocabulary (a GGUF file's),
+    /// under the same rule: text never spells a special token.
+    pub fn from_vocab(vocab: &sentencepiece::SpmVocab) -> Result<Self> {
+        let mut inner = vocab.to_tokenizer()?;
+        inner.set_encode_special_tokens(true);
+        Ok(Self { inner })
+    }
+
     /// The underlying tokenizer, e.g. to save it as tokenizer.json.
     pub fn inner(&self) -> &Tokenizer {
         &self.inner

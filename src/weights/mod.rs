@@ -8,8 +8,12 @@
 //! file nor both shapes in a sentence a user can act on; this thin layer over
 //! candle's `MmapedSafetensors` and `PthTensors` does.
 
+pub mod gguf;
+
+use crate::model::linear::{self, Embedding, Linear};
 use anyhow::{Context, Result, bail};
 use candle_core::pickle::PthTensors;
+use candle_core::quantized::GgmlDType;
 use candle_core::safetensors::{Load, MmapedSafetensors};
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
@@ -27,11 +31,14 @@ enum Store {
         shards: Vec<PthTensors>,
         routing: HashMap<String, usize>,
     },
+    Gguf(Box<gguf::Gguf>),
 }
 
 pub struct Weights {
     store: Store,
     files: Vec<PathBuf>,
+    /// `--quantize`: the ggml type dense matrices are quantized to on load.
+    quantize: Option<GgmlDType>,
 }
 
 fn is_pickle(path: &Path) -> bool {
@@ -67,7 +74,11 @@ impl Weights {
                 bail!("weights file {} is missing", f.display());
             }
         }
-        let store = if files.iter().all(|f| is_pickle(f)) {
+        let store = if let [one] = files
+            && gguf::is_gguf(one)
+        {
+            Store::Gguf(Box::new(gguf::Gguf::open(one)?))
+        } else if files.iter().all(|f| is_pickle(f)) {
             let mut shards = Vec::with_capacity(files.len());
             let mut routing = HashMap::new();
             for (i, f) in files.iter().enumerate() {
@@ -98,7 +109,84 @@ impl Weights {
         Ok(Self {
             store,
             files: files.to_vec(),
+            quantize: None,
         })
+    }
+
+    /// Quantizes every matrix to `dtype` while loading (`None`: as stored).
+    pub fn quantize_to(mut self, dtype: Option<GgmlDType>) -> Self {
+        self.quantize = dtype;
+        self
+    }
+
+    /// The GGUF file behind these weights, if that is what they are.
+    pub fn gguf(&self) -> Option<&gguf::Gguf> {
+        match &self.store {
+            Store::Gguf(g) => Some(g),
+            _ => None,
+        }
+    }
+
+    /// Whether the matrices will be ggml-quantized (so activations run in f32).
+    pub fn is_quantized(&self) -> bool {
+        let quantized =
+            |d: GgmlDType| !matches!(d, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+        self.quantize.is_some_and(quantized)
+            || self
+                .gguf()
+                .and_then(|g| g.stored_type("model.layers.0.mlp.up_proj.weight"))
+                .is_some_and(quantized)
+    }
+
+    /// Matrix `name` `[out, in]`: dense in `dtype`, or quantized when the
+    /// file stores it so or `--quantize` asks; `output` marks `lm_head`,
+    /// which k-quant mixes keep at Q6_K or better.
+    pub fn linear(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+        output: bool,
+    ) -> Result<Linear> {
+        let target = self
+            .quantize
+            .map(|q| if output { linear::output_quant(q) } else { q });
+        if let (Store::Gguf(g), None) = (&self.store, target) {
+            let q = g.tensor(name, shape, device)?;
+            if !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+                return Linear::quantized(std::sync::Arc::new(q));
+            }
+        }
+        match target {
+            Some(q) if !matches!(q, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => {
+                let dense = self.tensor(name, shape, DType::F32, &Device::Cpu)?;
+                let quantized = linear::quantize(&dense, q, device)
+                    .with_context(|| format!("quantizing {name}"))?;
+                Linear::quantized(quantized)
+            }
+            _ => Ok(Linear::Dense(self.tensor(name, shape, dtype, device)?)),
+        }
+    }
+
+    /// The embedding table: quantized rows stay quantized (see `Embedding`).
+    pub fn embedding(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Embedding> {
+        match self.linear(name, shape, dtype, device, false)? {
+            Linear::Dense(t) => Ok(Embedding::Dense(t)),
+            Linear::Quantized(q) => match q {
+                candle_core::quantized::QMatMul::QTensor(q) => Ok(Embedding::Quantized(q)),
+                candle_core::quantized::QMatMul::Tensor(t)
+                | candle_core::quantized::QMatMul::TensorF16(t) => {
+                    Ok(Embedding::Dense(t.to_dtype(dtype)?))
+                }
+            },
+        }
     }
 
     /// Weights for `config` computed on demand from the deterministic-weights
@@ -113,6 +201,7 @@ impl Weights {
         Self {
             store: Store::Synthetic { names },
             files: Vec::new(),
+            quantize: None,
         }
     }
 
@@ -121,6 +210,7 @@ impl Weights {
             Store::Synthetic { names } => names.contains_key(name),
             Store::Safetensors(st) => st.get(name).is_ok(),
             Store::Pickle { routing, .. } => routing.contains_key(name),
+            Store::Gguf(g) => g.contains(name),
         }
     }
 
@@ -129,6 +219,13 @@ impl Weights {
         let mut counts = HashMap::new();
         match &self.store {
             Store::Synthetic { .. } => return Some(DType::F32),
+            Store::Gguf(g) => {
+                return match g.stored_type("model.layers.0.mlp.up_proj.weight")? {
+                    GgmlDType::F16 => Some(DType::F16),
+                    GgmlDType::BF16 => Some(DType::BF16),
+                    _ => Some(DType::F32),
+                };
+            }
             Store::Safetensors(st) => {
                 for (_, view) in st.tensors() {
                     if let Ok(dtype) = DType::try_from(view.dtype()) {
@@ -190,6 +287,11 @@ impl Weights {
                 // Convert on the CPU first so only the run's dtype reaches the device.
                 return Ok(cpu.to_dtype(dtype)?.to_device(device)?);
             }
+            Store::Gguf(g) => g
+                .tensor(name, shape, &Device::Cpu)?
+                .dequantize(&Device::Cpu)?
+                .to_dtype(dtype)?
+                .to_device(device)?,
         };
         Ok(tensor.to_dtype(dtype)?)
     }

@@ -1,0 +1,162 @@
+//! `starling quantize MODEL OUT.gguf --type q4k`: reads any model starling
+//! runs (safetensors, PyTorch, GGUF, or synthetic weights of a real shape),
+//! quantizes each matrix with candle's ggml quantizers, and writes a GGUF
+//! that starling and llama.cpp both load.
+
+use crate::cli::{ModelArgs, QuantizeArgs};
+use crate::model::linear::{self, output_quant};
+use crate::model::{Config, synthetic};
+use crate::tokenizer::sentencepiece::{Piece, PieceKind, SpmVocab};
+use crate::tokenizer::{TextTokenizer, TokenizerConfig};
+use crate::weights::Weights;
+use crate::weights::gguf::{self, GgufHeader};
+use anyhow::{Context, Result, bail};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device};
+use std::path::Path;
+
+pub fn run(args: &QuantizeArgs) -> Result<()> {
+    let start = std::time::Instant::now();
+    let (name, config, weights, vocab, chat_template) = match args.model.strip_prefix("synthetic:")
+    {
+        Some(shape) => {
+            let config = synthetic::shape(shape)?;
+            let weights = Weights::synthetic(&config);
+            let Some(path) = &args.vocab else {
+                bail!("a synthetic model has no vocabulary: pass --vocab tokenizer.model");
+            };
+            let vocab = padded(spm_file(path)?, &config);
+            (format!("synthetic {shape}"), config, weights, vocab, None)
+        }
+        None => read_model(args)?,
+    };
+
+    let shapes = synthetic::tensor_shapes(&config);
+    let bar = indicatif::ProgressBar::new(shapes.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template("quantizing {bar:30} {pos}/{len} {msg}")
+            .expect("valid template"),
+    );
+    let mut tensors = Vec::with_capacity(shapes.len());
+    for (hf, shape) in &shapes {
+        if hf == "lm_head.weight" && !weights.contains(hf) && config.tie_word_embeddings {
+            continue;
+        }
+        bar.set_message(hf.clone());
+        let dense = weights.tensor(hf, shape, DType::F32, &Device::Cpu)?;
+        let q = if shape.len() == 1 {
+            // Norm weights stay f32, as llama.cpp keeps them.
+            QTensor::quantize(&dense, GgmlDType::F32)?
+        } else {
+            let target = if hf == "lm_head.weight" {
+                output_quant(args.qtype)
+            } else {
+                args.qtype
+            };
+            let q = linear::quantize(&dense, target, &Device::Cpu)
+                .with_context(|| format!("quantizing {hf}"))?;
+            std::sync::Arc::try_unwrap(q).expect("a fresh tensor has one owner")
+        };
+        tensors.push((hf.clone(), q));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let bytes: usize = tensors.iter().map(|(_, q)| q.storage_size_in_bytes()).sum();
+    let header = GgufHeader {
+        name: &name,
+        config: &config,
+        vocab: &vocab,
+        chat_template: chat_template.as_deref(),
+        file_type: gguf::file_type(args.qtype),
+    };
+    gguf::write(&args.output, &header, tensors)?;
+    eprintln!(
+        "wrote {} ({:?}, {:.2} GB of weights) in {:.1} s",
+        args.output.display(),
+        args.qtype,
+        bytes as f64 / 1e9,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+type Model = (String, Config, Weights, SpmVocab, Option<String>);
+
+/// A real model's config, weights, vocabulary and chat template.
+fn read_model(args: &QuantizeArgs) -> Result<Model> {
+    let model_args = ModelArgs {
+        model: args.model.clone(),
+        offline: args.offline,
+        template: "auto".into(),
+    };
+    let (files, _) = super::model_files(&model_args)?;
+    if files.weights.is_empty() {
+        bail!("{} has no weights", files.dir.display());
+    }
+    let weights = Weights::open(&files.weights)?;
+    if let Some(g) = weights.gguf() {
+        let config = g.config().clone();
+        let vocab = g.vocab()?;
+        let template = g.chat_template();
+        return Ok((args.model.clone(), config, weights, vocab, template));
+    }
+    let text = crate::loader::load_text(&files, "auto")?;
+    let spm = match (&args.vocab, &files.tokenizer.sentencepiece_model) {
+        (Some(path), _) | (None, Some(path)) => spm_file(path)?,
+        (None, None) => bail!(
+            "{} has no tokenizer.model: a GGUF vocabulary is written from SentencePiece pieces (pass --vocab tokenizer.model)",
+            files.dir.display()
+        ),
+    };
+    let vocab = padded(with_added_tokens(spm, &text.tokenizer), &text.config);
+    let template = match &files.tokenizer.tokenizer_config {
+        Some(p) => TokenizerConfig::from_file(p)?
+            .chat_template
+            .and_then(|t| t.default_template().map(str::to_string)),
+        None => None,
+    };
+    Ok((args.model.clone(), text.config, weights, vocab, template))
+}
+
+fn spm_file(path: &Path) -> Result<SpmVocab> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    SpmVocab::from_model_bytes(&bytes).with_context(|| format!("reading {}", path.display()))
+}
+
+/// The SentencePiece pieces followed by the tokens the model's configs add
+/// (`<|end_of_turn|>` ...), as the GGUF token list needs every id.
+fn with_added_tokens(mut vocab: SpmVocab, tokenizer: &TextTokenizer) -> SpmVocab {
+    let specials: std::collections::HashSet<u32> = tokenizer
+        .special_tokens()
+        .into_iter()
+        .map(|(_, id)| id)
+        .collect();
+    for id in vocab.pieces.len() as u32..tokenizer.vocab_size() as u32 {
+        let Some(text) = tokenizer.inner().id_to_token(id) else {
+            break;
+        };
+        let kind = if specials.contains(&id) {
+            PieceKind::Control
+        } else {
+            PieceKind::UserDefined
+        };
+        vocab.pieces.push(Piece {
+            text,
+            score: 0.0,
+            kind,
+        });
+    }
+    vocab
+}
+
+/// Pads the token list to the embedding's rows, as llama.cpp's converter
+/// does (`[PAD{id}]`, unused): llama.cpp requires one token per row.
+fn padded(mut vocab: SpmVocab, config: &Config) -> SpmVocab {
+    for id in vocab.pieces.len()..config.vocab_size {
+        vocab.pieces.push(Piece {
+            text: format!("[PAD{id}]"),
+            score: 0.0,
+            kind: PieceKind::Unused,
+        });
+    }
+    vocab
+}

@@ -1,0 +1,186 @@
+//! The two kinds of weight matrix the decoder multiplies by: dense tensors
+//! and ggml-quantized blocks. One model serves both; only these types know
+//! the difference.
+//!
+//! candle's `QMatMul` already picks the fastest kernel for a quantized
+//! matrix (repacked AVX-512/VNNI tiles on x86, MMQ/MMVQ on CUDA); what it
+//! lacks is a dense variant that reads the Hugging Face `[out, in]` layout
+//! without a transpose copy and in any dtype, which `Dense` adds.
+
+use anyhow::Result;
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+use std::sync::Arc;
+
+/// A weight matrix `[out, in]` in the Hugging Face layout.
+pub enum Linear {
+    Dense(Tensor),
+    Quantized(QMatMul),
+}
+
+impl Linear {
+    /// `x @ w.T` for `x: [seq, in]`; the transpose of a dense weight is a
+    /// view that gemm reads strided.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Dense(w) => x.matmul(&w.t()?)?,
+            Self::Quantized(q) => q.forward(x)?,
+        })
+    }
+
+    pub fn quantized(q: Arc<QTensor>) -> Result<Self> {
+        Ok(Self::Quantized(QMatMul::from_arc(q)?))
+    }
+
+    /// Bytes the weights occupy.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Self::Dense(t) | Self::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
+                dense_bytes(t)
+            }
+            Self::Quantized(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+        }
+    }
+
+    /// The storage format, as bench reports it (`F16`, `Q4K`, ...).
+    pub fn format(&self) -> String {
+        match self {
+            Self::Dense(t) | Self::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
+                format!("{:?}", t.dtype()).to_uppercase()
+            }
+            Self::Quantized(QMatMul::QTensor(q)) => format!("{:?}", q.dtype()),
+        }
+    }
+}
+
+fn dense_bytes(t: &Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
+}
+
+/// The token embedding table `[vocab, hidden]`. A quantized table is read a
+/// row at a time (dequantizing only the rows asked for), so a 4-bit model
+/// never holds an f32 copy of its 32k × 4096 embeddings.
+pub enum Embedding {
+    Dense(Tensor),
+    Quantized(Arc<QTensor>),
+}
+
+impl Embedding {
+    /// Rows `ids` as `[ids.len(), hidden]` in `dtype`.
+    pub fn forward(&self, ids: &Tensor, dtype: DType) -> Result<Tensor> {
+        Ok(match self {
+            Self::Dense(table) => table.index_select(ids, 0)?,
+            Self::Quantized(q) => q.embedding(ids)?.to_dtype(dtype)?,
+        })
+    }
+
+    pub fn bytes(&self) -> usize {
+        match self {
+            Self::Dense(t) => dense_bytes(t),
+            Self::Quantized(q) => q.storage_size_in_bytes(),
+        }
+    }
+}
+
+/// `--quantize` types: the ggml block formats a dense checkpoint can be
+/// quantized to while loading (and `starling quantize` writes).
+pub fn parse_quant(name: &str) -> Result<GgmlDType> {
+    Ok(match name.to_ascii_lowercase().as_str() {
+        "q4_0" => GgmlDType::Q4_0,
+        "q4k" | "q4_k" => GgmlDType::Q4K,
+        "q5k" | "q5_k" => GgmlDType::Q5K,
+        "q6k" | "q6_k" => GgmlDType::Q6K,
+        "q8_0" => GgmlDType::Q8_0,
+        "f16" => GgmlDType::F16,
+        "f32" => GgmlDType::F32,
+        other => {
+            anyhow::bail!("unknown quantization {other:?} (q4k, q5k, q6k, q8_0, q4_0, f16, f32)")
+        }
+    })
+}
+
+/// Quantizes a dense weight to `dtype` on `device`, or, when its rows are
+/// not a whole number of `dtype`'s blocks (k-quants need 256 values; small
+/// models have narrower rows), to the nearest format that fits: Q8_0, else
+/// F16. llama.cpp's quantizer falls back the same way.
+pub fn quantize(w: &Tensor, dtype: GgmlDType, device: &Device) -> Result<Arc<QTensor>> {
+    let w = w.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+    let cols = w.dim(candle_core::D::Minus1)?;
+    let dtype = [dtype, GgmlDType::Q8_0, GgmlDType::F16]
+        .into_iter()
+        .find(|d| cols % d.block_size() == 0)
+        .unwrap_or(GgmlDType::F32);
+    Ok(Arc::new(QTensor::quantize_onto(&w, dtype, device)?))
+}
+
+/// The output matrix (`lm_head`) of a k-quant model gets at least Q6_K, as
+/// llama.cpp's k-quant mixes do: it decides every token, and it costs one
+/// matrix of 32.
+pub fn output_quant(dtype: GgmlDType) -> GgmlDType {
+    match dtype {
+        GgmlDType::Q4_0 | GgmlDType::Q4K | GgmlDType::Q5K => GgmlDType::Q6K,
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantized_and_dense_products_agree_within_the_format_error() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (64, 256), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (3, 256), &dev).unwrap();
+        let dense = Linear::Dense(w.clone()).forward(&x).unwrap();
+        let scale = dense
+            .abs()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        for (dtype, tolerance) in [(GgmlDType::Q8_0, 0.02), (GgmlDType::Q4K, 0.15)] {
+            let q = Linear::quantized(quantize(&w, dtype, &dev).unwrap()).unwrap();
+            let got = q.forward(&x).unwrap();
+            let err = (got - &dense)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .mean_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                err / scale < tolerance,
+                "{dtype:?}: relative error {}",
+                err / scale
+            );
+        }
+    }
+
+    #[test]
+    fn rows_that_do_not_fill_blocks_fall_back_to_a_format_that_fits() {
+        let q = |cols: usize| {
+            let w = Tensor::zeros((4, cols), DType::F32, &Device::Cpu).unwrap();
+            quantize(&w, GgmlDType::Q4K, &Device::Cpu).unwrap().dtype()
+        };
+        assert_eq!(q(512), GgmlDType::Q4K);
+        assert_eq!(q(160), GgmlDType::Q8_0);
+        assert_eq!(q(100), GgmlDType::F16);
+    }
+
+    #[test]
+    fn quantized_embedding_rows_match_the_dense_table() {
+        let dev = Device::Cpu;
+        let table = Tensor::randn(0f32, 1.0, (10, 64), &dev).unwrap();
+        let ids = Tensor::new(&[3u32, 7, 3], &dev).unwrap();
+        let dense = Embedding::Dense(table.clone())
+            .forward(&ids, DType::F32)
+            .unwrap();
+        let q = Embedding::Quantized(quantize(&table, GgmlDType::Q8_0, &dev).unwrap());
+        let got = q.forward(&ids, DType::F32).unwrap();
+        let err = (got - dense).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(err.to_scalar::<f32>().unwrap() < 0.05);
+    }
+}

@@ -1,0 +1,564 @@
+//! GGUF files (llama.cpp's format): the weights, in ggml's quantized block
+//! formats, and everything else a run needs in the metadata — the config,
+//! the SentencePiece vocabulary, the chat template.
+//!
+//! candle's `gguf_file` parses the container; this module maps it to the
+//! Hugging Face names and layout the decoder uses. The one subtlety:
+//! llama.cpp's converter permutes the rows of `q_proj` and `k_proj` so its
+//! rope can rotate adjacent pairs; the decoder rotates halves, as
+//! transformers does, so those rows are put back on load (and permuted again
+//! when writing). Rows are whole blocks in every ggml format, so this is a
+//! byte shuffle that works on quantized data unchanged.
+
+use crate::model::Config;
+use crate::tokenizer::sentencepiece::{Piece, PieceKind, SpmVocab};
+use anyhow::{Context, Result, bail};
+use candle_core::Device;
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+pub struct Gguf {
+    path: PathBuf,
+    content: Content,
+    file: Mutex<std::fs::File>,
+    config: Config,
+}
+
+/// The GGUF name of a Hugging Face Llama/Mistral tensor name.
+pub fn gguf_name(hf: &str) -> Option<String> {
+    let fixed = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(name) = fixed {
+        return Some(name.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let part = match rest {
+        "input_layernorm.weight" => "attn_norm",
+        "self_attn.q_proj.weight" => "attn_q",
+        "self_attn.k_proj.weight" => "attn_k",
+        "self_attn.v_proj.weight" => "attn_v",
+        "self_attn.o_proj.weight" => "attn_output",
+        "post_attention_layernorm.weight" => "ffn_norm",
+        "mlp.gate_proj.weight" => "ffn_gate",
+        "mlp.up_proj.weight" => "ffn_up",
+        "mlp.down_proj.weight" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{part}.weight"))
+}
+
+/// The number of rope heads whose rows llama.cpp permutes in tensor `hf`.
+pub fn permuted_heads(hf: &str, config: &Config) -> Option<usize> {
+    if hf.ends_with("self_attn.q_proj.weight") {
+        Some(config.num_attention_heads)
+    } else if hf.ends_with("self_attn.k_proj.weight") {
+        Some(config.num_kv_heads())
+    } else {
+        None
+    }
+}
+
+/// Reorders the rows of a `[heads * head_dim, ..]` matrix stored as
+/// `row_bytes`-byte rows between the Hugging Face order (within a head: all
+/// first halves, then all second halves) and llama.cpp's (pairs adjacent):
+/// GGUF row `2j + t` of a head is Hugging Face row `t * head_dim/2 + j`.
+pub fn permute_rows(data: &[u8], row_bytes: usize, heads: usize, to_gguf: bool) -> Vec<u8> {
+    let rows = data.len() / row_bytes;
+    let hd = rows / heads;
+    let half = hd / 2;
+    let mut out = vec![0u8; data.len()];
+    for h in 0..heads {
+        for j in 0..half {
+            for t in 0..2 {
+                let gguf = h * hd + 2 * j + t;
+                let hf = h * hd + t * half + j;
+                let (from, to) = if to_gguf { (hf, gguf) } else { (gguf, hf) };
+                out[to * row_bytes..(to + 1) * row_bytes]
+                    .copy_from_slice(&data[from * row_bytes..(from + 1) * row_bytes]);
+            }
+        }
+    }
+    out
+}
+
+/// candle attaches a backtrace to its errors when RUST_BACKTRACE is set;
+/// a user-facing message is the one line inside.
+fn without_backtrace(e: candle_core::Error) -> candle_core::Error {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => *inner,
+        e => e,
+    }
+}
+
+pub fn is_gguf(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+/// Typed reads of the metadata, naming the file in every error.
+struct Meta<'a> {
+    content: &'a Content,
+    arch: &'a str,
+    path: &'a Path,
+}
+
+impl Meta<'_> {
+    fn meta(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    fn arch_u64(&self, key: &str) -> Result<Option<u64>> {
+        let full = format!("{}.{key}", self.arch);
+        self.meta(&full)
+            .map(|v| v.to_u64().or_else(|_| v.to_u32().map(u64::from)))
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("{}: metadata {full}: {e}", self.path.display()))
+    }
+
+    fn required(&self, key: &str) -> Result<u64> {
+        self.arch_u64(key)?.with_context(|| {
+            format!(
+                "{}: metadata {}.{key} is missing",
+                self.path.display(),
+                self.arch
+            )
+        })
+    }
+
+    fn arch_f32(&self, key: &str) -> Option<f32> {
+        self.meta(&format!("{}.{key}", self.arch))
+            .and_then(|v| v.to_f32().ok())
+    }
+
+    fn token_id(&self, key: &str) -> Option<u32> {
+        self.meta(key).and_then(|v| v.to_u32().ok())
+    }
+
+    fn config(&self) -> Result<Config> {
+        let vocab = match self.arch_u64("vocab_size")? {
+            Some(v) => v as usize,
+            None => match self.content.tensor_infos.get("token_embd.weight") {
+                Some(info) => info.shape.dims()[0],
+                None => bail!("{}: has no token_embd.weight", self.path.display()),
+            },
+        };
+        let heads = self.required("attention.head_count")?;
+        let mut json = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": vocab,
+            "hidden_size": self.required("embedding_length")?,
+            "intermediate_size": self.required("feed_forward_length")?,
+            "num_hidden_layers": self.required("block_count")?,
+            "num_attention_heads": heads,
+            "num_key_value_heads": self.arch_u64("attention.head_count_kv")?.unwrap_or(heads),
+            "max_position_embeddings": self.arch_u64("context_length")?.unwrap_or(4096),
+            "rms_norm_eps": self.arch_f32("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+            "rope_theta": self.arch_f32("rope.freq_base").unwrap_or(10_000.0),
+            "tie_word_embeddings": !self.content.tensor_infos.contains_key("output.weight"),
+        });
+        if let Some(hd) = self.arch_u64("attention.key_length")? {
+            json["head_dim"] = hd.into();
+        }
+        if let Some(w) = self.arch_u64("attention.sliding_window")? {
+            json["sliding_window"] = w.into();
+        }
+        if let Some(bos) = self.token_id("tokenizer.ggml.bos_token_id") {
+            json["bos_token_id"] = bos.into();
+        }
+        if let Some(eos) = self.token_id("tokenizer.ggml.eos_token_id") {
+            json["eos_token_id"] = eos.into();
+        }
+        Config::from_json(&json.to_string()).with_context(|| {
+            format!(
+                "{}: the metadata describes no valid model",
+                self.path.display()
+            )
+        })
+    }
+}
+
+impl Gguf {
+    pub fn open(path: &Path) -> Result<Self> {
+        let mut file =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let content = Content::read(&mut file).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: not a valid GGUF file (truncated or corrupt?): {}",
+                path.display(),
+                without_backtrace(e)
+            )
+        })?;
+        let arch = content
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
+        if !matches!(arch.as_str(), "llama" | "mistral") {
+            bail!(
+                "{}: architecture {arch:?} is not supported (llama or mistral)",
+                path.display()
+            );
+        }
+        let config = Meta {
+            content: &content,
+            arch: &arch,
+            path,
+        }
+        .config()?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            content,
+            file: Mutex::new(file),
+            config,
+        })
+    }
+
+    /// The model's dimensions, in `config.json` terms.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn meta(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    /// The SentencePiece vocabulary of `tokenizer.ggml.*`.
+    pub fn vocab(&self) -> Result<SpmVocab> {
+        let path = self.path.display();
+        let model = self
+            .meta("tokenizer.ggml.model")
+            .and_then(|v| v.to_string().ok())
+            .map(String::as_str)
+            .unwrap_or("");
+        if model != "llama" {
+            bail!(
+                "{path}: tokenizer {model:?} is not supported (only SentencePiece vocabularies, \"llama\")"
+            );
+        }
+        let list = |key: &str| -> Result<&Vec<Value>> {
+            self.meta(key)
+                .with_context(|| format!("{path}: metadata {key} is missing"))?
+                .to_vec()
+                .map_err(|e| anyhow::anyhow!("{path}: metadata {key}: {e}"))
+        };
+        let tokens = list("tokenizer.ggml.tokens")?;
+        let scores = self
+            .meta("tokenizer.ggml.scores")
+            .and_then(|v| v.to_vec().ok());
+        let types = self
+            .meta("tokenizer.ggml.token_type")
+            .and_then(|v| v.to_vec().ok());
+        let mut pieces = Vec::with_capacity(tokens.len());
+        for (i, token) in tokens.iter().enumerate() {
+            let text = token
+                .to_string()
+                .map_err(|e| anyhow::anyhow!("{path}: token {i}: {e}"))?
+                .clone();
+            let score = scores
+                .and_then(|s| s.get(i))
+                .and_then(|v| v.to_f32().ok())
+                .unwrap_or(0.0);
+            let kind = match types.and_then(|t| t.get(i)).and_then(|v| v.to_i32().ok()) {
+                Some(2) => PieceKind::Unknown,
+                Some(3) => PieceKind::Control,
+                Some(4) => PieceKind::UserDefined,
+                Some(5) => PieceKind::Unused,
+                Some(6) => PieceKind::Byte,
+                _ => PieceKind::Normal,
+            };
+            pieces.push(Piece { text, score, kind });
+        }
+        let add_dummy_prefix = self
+            .meta("tokenizer.ggml.add_space_prefix")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(true);
+        Ok(SpmVocab {
+            pieces,
+            add_dummy_prefix,
+        })
+    }
+
+    pub fn chat_template(&self) -> Option<String> {
+        self.meta("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+    }
+
+    /// The GGUF type a Hugging Face-named tensor is stored in.
+    pub fn stored_type(&self, hf: &str) -> Option<GgmlDType> {
+        let name = gguf_name(hf)?;
+        self.content.tensor_infos.get(&name).map(|i| i.ggml_dtype)
+    }
+
+    pub fn contains(&self, hf: &str) -> bool {
+        self.stored_type(hf).is_some()
+    }
+
+    /// Tensor `hf` (a Hugging Face name) in its stored format, checked
+    /// against `shape`, with llama.cpp's q/k row permutation undone.
+    pub fn tensor(&self, hf: &str, shape: &[usize], device: &Device) -> Result<QTensor> {
+        let name = gguf_name(hf).with_context(|| format!("no GGUF name for tensor {hf}"))?;
+        let info =
+            self.content.tensor_infos.get(&name).with_context(|| {
+                format!("tensor {name} is missing from {}", self.path.display())
+            })?;
+        if info.shape.dims() != shape {
+            bail!(
+                "tensor {name} in {} has shape {:?}, expected {shape:?} from the metadata",
+                self.path.display(),
+                info.shape.dims()
+            );
+        }
+        let dtype = info.ggml_dtype;
+        let elems = info.shape.elem_count();
+        let bytes = elems / dtype.block_size() * dtype.type_size();
+        let mut raw = vec![0u8; bytes];
+        {
+            let mut file = self.file.lock().expect("GGUF reader poisoned");
+            file.seek(SeekFrom::Start(
+                self.content.tensor_data_offset + info.offset,
+            ))
+            .and_then(|_| file.read_exact(&mut raw))
+            .with_context(|| {
+                format!(
+                    "reading tensor {name} from {} (truncated file?)",
+                    self.path.display()
+                )
+            })?;
+        }
+        if let Some(heads) = permuted_heads(hf, &self.config) {
+            raw = permute_rows(&raw, bytes / shape[0], heads, false);
+        }
+        candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &raw, shape.to_vec(), device)
+            .map_err(without_backtrace)
+            .with_context(|| format!("loading tensor {name}"))
+    }
+}
+
+/// What `write` puts in a GGUF file besides the tensors.
+pub struct GgufHeader<'a> {
+    pub name: &'a str,
+    pub config: &'a Config,
+    pub vocab: &'a SpmVocab,
+    pub chat_template: Option<&'a str>,
+    /// llama.cpp's `general.file_type` (its LLAMA_FTYPE number).
+    pub file_type: u32,
+}
+
+/// llama.cpp's `general.file_type` for a file whose matrices are `dtype`.
+pub fn file_type(dtype: GgmlDType) -> u32 {
+    match dtype {
+        GgmlDType::F32 => 0,
+        GgmlDType::F16 => 1,
+        GgmlDType::Q4_0 => 2,
+        GgmlDType::Q8_0 => 7,
+        GgmlDType::Q4K => 15, // Q4_K_M: Q4_K matrices with a Q6_K output
+        GgmlDType::Q5K => 17, // Q5_K_M
+        GgmlDType::Q6K => 18,
+        GgmlDType::BF16 => 32,
+        _ => 0,
+    }
+}
+
+/// Writes a llama.cpp-compatible GGUF (architecture `llama`): metadata in
+/// llama.cpp's keys, tensors under its names, q/k rows permuted for its
+/// rope. `tensors` are Hugging Face-named, in the Hugging Face layout.
+/// Written to a temporary name and renamed, so a failed run leaves no
+/// half-written model behind.
+pub fn write(path: &Path, header: &GgufHeader, tensors: Vec<(String, QTensor)>) -> Result<()> {
+    let config = header.config;
+    let arch = |k: &str| format!("llama.{k}");
+    let u32v = |v: usize| Value::U32(v as u32);
+    let mut meta: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String("llama".into())),
+        ("general.name".into(), Value::String(header.name.into())),
+        ("general.file_type".into(), Value::U32(header.file_type)),
+        ("general.quantization_version".into(), Value::U32(2)),
+        (arch("vocab_size"), u32v(config.vocab_size)),
+        (arch("context_length"), u32v(config.max_position_embeddings)),
+        (arch("embedding_length"), u32v(config.hidden_size)),
+        (arch("block_count"), u32v(config.num_hidden_layers)),
+        (arch("feed_forward_length"), u32v(config.intermediate_size)),
+        (arch("rope.dimension_count"), u32v(config.head_dim())),
+        (
+            arch("attention.head_count"),
+            u32v(config.num_attention_heads),
+        ),
+        (arch("attention.head_count_kv"), u32v(config.num_kv_heads())),
+        (arch("attention.key_length"), u32v(config.head_dim())),
+        (arch("attention.value_length"), u32v(config.head_dim())),
+        (
+            arch("attention.layer_norm_rms_epsilon"),
+            Value::F32(config.rms_norm_eps as f32),
+        ),
+        (arch("rope.freq_base"), Value::F32(config.rope_theta as f32)),
+        ("tokenizer.ggml.model".into(), Value::String("llama".into())),
+    ];
+    if let Some(w) = config.window() {
+        meta.push((arch("attention.sliding_window"), u32v(w)));
+    }
+    let pieces = &header.vocab.pieces;
+    meta.push((
+        "tokenizer.ggml.tokens".into(),
+        Value::Array(
+            pieces
+                .iter()
+                .map(|p| Value::String(p.text.clone()))
+                .collect(),
+        ),
+    ));
+    meta.push((
+        "tokenizer.ggml.scores".into(),
+        Value::Array(pieces.iter().map(|p| Value::F32(p.score)).collect()),
+    ));
+    let kind = |k: PieceKind| match k {
+        PieceKind::Normal => 1,
+        PieceKind::Unknown => 2,
+        PieceKind::Control => 3,
+        PieceKind::UserDefined => 4,
+        PieceKind::Unused => 5,
+        PieceKind::Byte => 6,
+    };
+    meta.push((
+        "tokenizer.ggml.token_type".into(),
+        Value::Array(pieces.iter().map(|p| Value::I32(kind(p.kind))).collect()),
+    ));
+    meta.push((
+        "tokenizer.ggml.add_space_prefix".into(),
+        Value::Bool(header.vocab.add_dummy_prefix),
+    ));
+    let find = |text: &str| pieces.iter().position(|p| p.text == text);
+    let bos = config
+        .bos_token_id
+        .map(|b| b as usize)
+        .or_else(|| find("<s>"));
+    let eos = config
+        .eos_token_id
+        .as_ref()
+        .and_then(|e| e.to_vec().first().map(|&e| e as usize))
+        .or_else(|| find("</s>"));
+    if let Some(bos) = bos {
+        meta.push(("tokenizer.ggml.bos_token_id".into(), u32v(bos)));
+        meta.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(true)));
+    }
+    if let Some(eos) = eos {
+        meta.push(("tokenizer.ggml.eos_token_id".into(), u32v(eos)));
+        meta.push(("tokenizer.ggml.add_eos_token".into(), Value::Bool(false)));
+    }
+    if let Some(unk) = pieces.iter().position(|p| p.kind == PieceKind::Unknown) {
+        meta.push(("tokenizer.ggml.unknown_token_id".into(), u32v(unk)));
+    }
+    if let Some(t) = header.chat_template {
+        meta.push(("tokenizer.chat_template".into(), Value::String(t.into())));
+    }
+
+    let mut named = Vec::with_capacity(tensors.len());
+    for (hf, q) in tensors {
+        let name = gguf_name(&hf).with_context(|| format!("no GGUF name for tensor {hf}"))?;
+        let q = match permuted_heads(&hf, config) {
+            Some(heads) => {
+                let data = q.data()?;
+                let rows = q.shape().dims()[0];
+                let permuted = permute_rows(&data, data.len() / rows, heads, true);
+                candle_core::quantized::ggml_file::qtensor_from_ggml(
+                    q.dtype(),
+                    &permuted,
+                    q.shape().dims().to_vec(),
+                    &Device::Cpu,
+                )?
+            }
+            None => q,
+        };
+        named.push((name, q));
+    }
+    // llama.cpp's order: embeddings, each block, the final norm and output.
+    let rank = |n: &str| -> (usize, usize, String) {
+        match n.strip_prefix("blk.").and_then(|r| r.split_once('.')) {
+            Some((l, rest)) => (1, l.parse().unwrap_or(0), rest.to_string()),
+            None if n.starts_with("token_embd") => (0, 0, String::new()),
+            None => (2, 0, n.to_string()),
+        }
+    };
+    named.sort_by_key(|(n, _)| rank(n));
+
+    let tmp = path.with_extension("gguf.partial");
+    let result = (|| -> Result<()> {
+        let file =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut w = std::io::BufWriter::new(file);
+        let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let tensor_refs: Vec<(&str, &QTensor)> =
+            named.iter().map(|(n, q)| (n.as_str(), q)).collect();
+        candle_core::quantized::gguf_file::write(&mut w, &meta_refs, &tensor_refs)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::io::Write::flush(&mut w)?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("moving the finished file to {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutation_pairs_the_two_halves_of_each_head() {
+        // 2 heads of head_dim 4, one byte per row: HF rows 0..8.
+        let hf: Vec<u8> = (0..8).collect();
+        let gguf = permute_rows(&hf, 1, 2, true);
+        assert_eq!(gguf, vec![0, 2, 1, 3, 4, 6, 5, 7]);
+        assert_eq!(permute_rows(&gguf, 1, 2, false), hf);
+        // Wider rows move as a whole.
+        let hf: Vec<u8> = (0..16).collect();
+        let back = permute_rows(&permute_rows(&hf, 2, 1, true), 2, 1, false);
+        assert_eq!(back, hf);
+        assert_eq!(&permute_rows(&hf, 2, 2, true)[..4], &[0, 1, 4, 5]);
+    }
+
+    #[test]
+    fn names_follow_llama_cpp() {
+        assert_eq!(
+            gguf_name("model.layers.12.self_attn.o_proj.weight").as_deref(),
+            Some("blk.12.attn_output.weight")
+        );
+        assert_eq!(
+            gguf_name("model.layers.0.post_attention_layernorm.weight").as_deref(),
+            Some("blk.0.ffn_norm.weight")
+        );
+        assert_eq!(
+            gguf_name("lm_head.weight").as_deref(),
+            Some("output.weight")
+        );
+        assert_eq!(gguf_name("model.layers.x.mlp.up_proj.weight"), None);
+    }
+
+    #[test]
+    fn a_file_that_is_not_gguf_is_refused_in_a_sentence() {
+        let dir = std::env::temp_dir().join(format!("starling-gguf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("broken.gguf");
+        std::fs::write(&path, b"GGUF\x03\0\0\0 not really").unwrap();
+        let err = Gguf::open(&path).err().unwrap().to_string();
+        assert!(err.contains("not a valid GGUF file"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
