@@ -99,8 +99,13 @@ pub struct RmArgs {
 pub struct ModelArgs {
     /// A model directory, a known name (starling-lm-7b-beta, starling-lm-7b-alpha,
     /// starling-7b) or a hub repo owner/name[@revision].
+    /// Also a .gguf file, or a hub repo of GGUF files with a quantization tag:
+    /// owner/name:Q4_K_M.
     #[arg(long, short = 'm', default_value = crate::source::known::DEFAULT_MODEL)]
     pub model: String,
+    /// The GGUF file to run from a hub repo (or directory) holding several.
+    #[arg(long, value_name = "NAME")]
+    pub gguf_file: Option<String>,
     /// Use only the local cache, never the network (also HF_HUB_OFFLINE=1).
     #[arg(long)]
     pub offline: bool,

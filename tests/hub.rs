@@ -23,6 +23,8 @@ const TOKEN: &str = "hf_test_token";
 const NO_WEIGHTS: &str = "test-org/no-weights";
 /// The declare-lab/starling-7B shape: sharded .bin weights, tokenizer.model only.
 const BIN_REPO: &str = "test-org/tiny-declare";
+/// A repo of GGUF files only (no config.json), as llama.cpp users publish them.
+const GGUF_REPO: &str = "test-org/tiny-gguf";
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
 /// Files of the served repos, by repo and name.
@@ -30,6 +32,7 @@ fn repo_files(repo: &str) -> Option<&'static HashMap<String, Vec<u8>>> {
     static SAFETENSORS: OnceLock<HashMap<String, Vec<u8>>> = OnceLock::new();
     static BIN: OnceLock<HashMap<String, Vec<u8>>> = OnceLock::new();
     static BARE: OnceLock<HashMap<String, Vec<u8>>> = OnceLock::new();
+    static GGUF: OnceLock<HashMap<String, Vec<u8>>> = OnceLock::new();
     let read = |dir: &Path, names: &[&str]| -> HashMap<String, Vec<u8>> {
         names
             .iter()
@@ -62,6 +65,20 @@ fn repo_files(repo: &str) -> Option<&'static HashMap<String, Vec<u8>>> {
                     "tokenizer_config.json",
                 ],
             )
+        })),
+        GGUF_REPO => Some(GGUF.get_or_init(|| {
+            let dir = common::scratch("hub-gguf-source");
+            let model = common::tiny_model().display().to_string();
+            for (name, kind) in [("tiny.Q8_0.gguf", "q8_0"), ("tiny.F32.gguf", "f32")] {
+                let out = dir.join(name).display().to_string();
+                common::ok(&common::starling(
+                    &["quantize", &model, &out, "--type", kind],
+                    None,
+                ));
+            }
+            let mut files = read(&dir, &["tiny.Q8_0.gguf", "tiny.F32.gguf"]);
+            files.insert("README.md".into(), b"GGUF files of a tiny model".to_vec());
+            files
         })),
         NO_WEIGHTS => Some(
             BARE.get_or_init(|| read(&common::tiny_model(), &["config.json", "tokenizer.model"])),
@@ -468,6 +485,16 @@ fn model_names_parse_as_directories_names_and_repos() {
         ModelSpec::Local(_)
     ));
     assert!(ModelSpec::parse("justaword").is_err());
+    match ModelSpec::parse("owner/name@v2:Q4_K_M").unwrap() {
+        ModelSpec::Hub(m) => {
+            assert_eq!((m.repo.as_str(), m.revision.as_str()), ("owner/name", "v2"));
+            assert_eq!(
+                m.gguf,
+                Some(starling::source::hub::GgufChoice::Tag("Q4_K_M".into()))
+            );
+        }
+        other => panic!("{other:?}"),
+    }
     assert_eq!(
         ModelSpec::parse("starling-7b").unwrap().known_template(),
         Some("vicuna")
@@ -545,5 +572,77 @@ fn hf_token_opens_a_gated_repo_and_hf_hub_cache_moves_the_cache() {
     assert!(
         !home.join("hub/models--test-org--gated").exists(),
         "HF_HUB_CACHE, not HF_HOME, holds it"
+    );
+}
+
+#[test]
+fn a_gguf_repo_downloads_only_the_chosen_file_and_runs_it_from_the_cache() {
+    let home = common::scratch("hub-gguf-home");
+    let mut hub = Hub::start();
+    let endpoint = hub.endpoint();
+    let tagged = format!("{GGUF_REPO}:Q8_0");
+    let greedy = |model: &str, extra: &[&str]| {
+        let mut args = vec!["run", "--model", model, "--temperature", "0", "-n", "24"];
+        args.extend(extra);
+        args.push("Hello");
+        args.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    fn refs(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    let local = common::tiny_model().display().to_string();
+    let want_q8 = answer(&starling(
+        &home,
+        None,
+        &[],
+        &refs(&greedy(&local, &["--quantize", "q8_0"])),
+    ));
+    assert_eq!(
+        answer(&starling(
+            &home,
+            Some(&endpoint),
+            &[],
+            &refs(&greedy(&tagged, &[]))
+        )),
+        want_q8
+    );
+    let snapshot = home
+        .join("hub/models--test-org--tiny-gguf/snapshots")
+        .join(COMMIT);
+    let fetched: Vec<String> = std::fs::read_dir(&snapshot)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(fetched, vec!["tiny.Q8_0.gguf".to_string()]);
+
+    let by_name = greedy(GGUF_REPO, &["--gguf-file", "tiny.F32.gguf"]);
+    assert_eq!(
+        answer(&starling(&home, Some(&endpoint), &[], &refs(&by_name))),
+        golden_answer()
+    );
+    fails_with(
+        &starling(
+            &home,
+            Some(&endpoint),
+            &[],
+            &refs(&greedy(&format!("{GGUF_REPO}:Q5_K_M"), &[])),
+        ),
+        "has no GGUF file tagged Q5_K_M; its GGUF files: tiny.F32.gguf, tiny.Q8_0.gguf",
+    );
+    fails_with(
+        &starling(&home, Some(&endpoint), &[], &refs(&greedy(GGUF_REPO, &[]))),
+        "choose one as owner/name:Q4_K_M or with --gguf-file",
+    );
+
+    // With the server gone, the tagged file runs from the cache.
+    hub.stop();
+    assert_eq!(
+        answer(&starling(
+            &home,
+            None,
+            &[("HF_HUB_OFFLINE", "1")],
+            &refs(&greedy(&tagged, &[]))
+        )),
+        want_q8
     );
 }

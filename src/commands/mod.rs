@@ -17,7 +17,7 @@ use anyhow::Result;
 /// the template to use: `--template`, or for `auto` the one a known model
 /// carries.
 pub fn model_files(args: &ModelArgs) -> Result<(ModelFiles, String)> {
-    let spec = ModelSpec::parse(&args.model)?;
+    let spec = ModelSpec::parse(&args.model)?.with_gguf_file(args.gguf_file.as_deref())?;
     let template = match (args.template.as_str(), spec.known_template()) {
         ("auto", Some(known)) => known.to_string(),
         (chosen, _) => chosen.to_string(),

@@ -87,6 +87,7 @@ fn read_model(args: &QuantizeArgs) -> Result<Model> {
         model: args.model.clone(),
         offline: args.offline,
         template: "auto".into(),
+        gguf_file: None,
     };
     let (files, _) = super::model_files(&model_args)?;
     if files.weights.is_empty() {

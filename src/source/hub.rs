@@ -29,6 +29,93 @@ const SIDE_FILES: [&str; 6] = [
 pub struct HubModel {
     pub repo: String,
     pub revision: String,
+    /// For repos of GGUF files: which one to run.
+    pub gguf: Option<GgufChoice>,
+}
+
+/// One GGUF file of a repo, by name (`--gguf-file`) or by quantization tag
+/// (`owner/name:Q4_K_M`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GgufChoice {
+    File(String),
+    Tag(String),
+}
+
+impl GgufChoice {
+    /// The one file of `names` this choice means, or a sentence listing them.
+    pub fn pick<'a>(&self, repo: &str, names: &[&'a str]) -> Result<&'a str> {
+        let mut ggufs: Vec<&str> = names
+            .iter()
+            .copied()
+            .filter(|n| n.to_ascii_lowercase().ends_with(".gguf"))
+            .collect();
+        ggufs.sort_unstable();
+        let listing = if ggufs.is_empty() {
+            "it has no GGUF files".to_string()
+        } else {
+            format!("its GGUF files: {}", ggufs.join(", "))
+        };
+        let found: Vec<&str> = match self {
+            Self::File(f) => ggufs.iter().copied().filter(|n| n == f).collect(),
+            Self::Tag(t) => ggufs.iter().copied().filter(|n| has_tag(n, t)).collect(),
+        };
+        match (found.as_slice(), self) {
+            ([one], _) => Ok(one),
+            ([], Self::File(f)) => bail!("{repo} has no file {f}; {listing}"),
+            ([], Self::Tag(t)) => bail!("{repo} has no GGUF file tagged {t}; {listing}"),
+            (many, _) => bail!(
+                "several GGUF files of {repo} match: {}; choose one with --gguf-file",
+                many.join(", ")
+            ),
+        }
+    }
+}
+
+/// Whether file name `name` carries quantization tag `tag` as a whole word:
+/// `Q4_K` matches `model.Q4_K.gguf` but not `model-Q4_K_M.gguf`.
+fn has_tag(name: &str, tag: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    let tag = tag.to_ascii_lowercase();
+    let word = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+    name.match_indices(&tag).any(|(i, _)| {
+        !word(name[..i].chars().next_back()) && !word(name[i + tag.len()..].chars().next())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_match_whole_words_only() {
+        assert!(has_tag("starling-lm-7b-beta.Q4_K_M.gguf", "q4_k_m"));
+        assert!(has_tag("model-Q8_0.gguf", "Q8_0"));
+        assert!(!has_tag("model-Q4_K_M.gguf", "Q4_K"));
+        assert!(!has_tag("model-IQ4_K.gguf", "Q4_K"));
+    }
+
+    #[test]
+    fn a_choice_names_exactly_one_file_or_lists_them() {
+        let names = [
+            "config.json",
+            "m.Q4_K_M.gguf",
+            "m.Q4_K_S.gguf",
+            "m.Q8_0.gguf",
+        ];
+        let tag = |t: &str| GgufChoice::Tag(t.into()).pick("o/m", &names);
+        assert_eq!(tag("Q8_0").unwrap(), "m.Q8_0.gguf");
+        let err = tag("Q5_K_M").unwrap_err().to_string();
+        assert!(
+            err.contains("its GGUF files: m.Q4_K_M.gguf, m.Q4_K_S.gguf, m.Q8_0.gguf"),
+            "{err}"
+        );
+        let file = GgufChoice::File("m.Q4_K_S.gguf".into());
+        assert_eq!(file.pick("o/m", &names).unwrap(), "m.Q4_K_S.gguf");
+        let err = GgufChoice::Tag("gguf".into())
+            .pick("o/m", &names)
+            .unwrap_err();
+        assert!(err.to_string().contains("several GGUF files"), "{err}");
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -66,9 +153,14 @@ pub fn repo_dir(repo: &str) -> PathBuf {
         .join(format!("models--{}", repo.replace('/', "--")))
 }
 
-/// The snapshot directory holding a complete model, downloading what is missing.
+/// The snapshot directory holding a complete model (or, for a GGUF choice,
+/// the GGUF file), downloading what is missing.
 pub fn resolve(model: &HubModel, options: HubOptions) -> Result<PathBuf> {
-    if let Some(dir) = cached_snapshot(model) {
+    let cached = match &model.gguf {
+        Some(choice) => cached_gguf(model, choice),
+        None => cached_snapshot(model),
+    };
+    if let Some(dir) = cached {
         return Ok(dir);
     }
     if options.offline {
@@ -80,7 +172,42 @@ pub fn resolve(model: &HubModel, options: HubOptions) -> Result<PathBuf> {
             model.repo
         );
     }
-    download(model)
+    match &model.gguf {
+        Some(choice) => download_gguf(model, choice),
+        None => download(model),
+    }
+}
+
+/// The chosen GGUF file in the cached snapshot of `model`'s revision.
+fn cached_gguf(model: &HubModel, choice: &GgufChoice) -> Option<PathBuf> {
+    let dir = repo_dir(&model.repo);
+    let commit = std::fs::read_to_string(dir.join("refs").join(&model.revision))
+        .map(|c| c.trim().to_string())
+        .unwrap_or_else(|_| model.revision.clone());
+    let snapshot = dir.join("snapshots").join(commit);
+    let names: Vec<String> = std::fs::read_dir(&snapshot)
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let name = choice.pick(&model.repo, &names).ok()?;
+    Some(snapshot.join(name)).filter(|p| p.is_file())
+}
+
+/// Downloads one GGUF file: everything a run needs is inside it.
+fn download_gguf(model: &HubModel, choice: &GgufChoice) -> Result<PathBuf> {
+    let api = api()?;
+    let repo = api.repo(repo_handle(model));
+    let info = repo.info().map_err(|e| explain(model, e))?;
+    let listed: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
+    let name = choice.pick(&model.repo, &listed)?;
+    match Bar::new() {
+        Some(bar) => repo.download_with_progress(name, bar),
+        None => repo.download_with_progress(name, ()),
+    }
+    .map_err(|e| explain(model, e))
+    .with_context(|| format!("downloading {name} from {}", model.repo))
 }
 
 /// A cached snapshot of `model` that has everything a run needs, if any.
@@ -147,8 +274,16 @@ fn download(model: &HubModel) -> Result<PathBuf> {
     let listed: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
     let has = |name: &str| listed.contains(&name);
     if !has("config.json") {
+        let ggufs = listed
+            .iter()
+            .any(|n| n.to_ascii_lowercase().ends_with(".gguf"));
+        let hint = if ggufs {
+            " (it holds GGUF files: choose one as owner/name:Q4_K_M or with --gguf-file)"
+        } else {
+            ""
+        };
         bail!(
-            "{} has no config.json: not a transformers model repo",
+            "{} has no config.json: not a transformers model repo{hint}",
             model.repo
         );
     }
@@ -159,8 +294,7 @@ fn download(model: &HubModel) -> Result<PathBuf> {
         );
     }
     let fetch = |name: &str| -> Result<PathBuf> {
-        let progress = Bar::new();
-        match progress {
+        match Bar::new() {
             Some(bar) => repo.download_with_progress(name, bar),
             None => repo.download_with_progress(name, ()),
         }

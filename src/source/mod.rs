@@ -17,13 +17,25 @@ pub enum ModelSpec {
 }
 
 impl ModelSpec {
-    /// A directory that exists wins; then a known name; then `owner/name[@rev]`;
+    /// A path that exists wins; then a known name; then `owner/name[@rev]`,
+    /// optionally with a GGUF quantization tag (`owner/name:Q4_K_M`);
     /// anything else that looks like a path is a (missing) directory.
     pub fn parse(spec: &str) -> Result<Self> {
         let path = Path::new(spec);
         if path.exists() {
             return Ok(Self::Local(path.to_path_buf()));
         }
+        let (spec, gguf) = match spec.rsplit_once(':') {
+            Some((rest, tag))
+                if !tag.is_empty()
+                    && tag
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)) =>
+            {
+                (rest, Some(hub::GgufChoice::Tag(tag.to_string())))
+            }
+            _ => (spec, None),
+        };
         let (name, revision) = match spec.rsplit_once('@') {
             Some((n, r)) if !r.is_empty() && !r.contains('/') => (n, r.to_string()),
             _ => (spec, "main".to_string()),
@@ -32,6 +44,7 @@ impl ModelSpec {
             return Ok(Self::Hub(hub::HubModel {
                 repo: k.repo.to_string(),
                 revision,
+                gguf,
             }));
         }
         let looks_like_path = spec.starts_with(['/', '.', '~']) || spec.contains('\\');
@@ -46,6 +59,7 @@ impl ModelSpec {
             return Ok(Self::Hub(hub::HubModel {
                 repo: name.to_string(),
                 revision,
+                gguf,
             }));
         }
         if looks_like_path || parts.len() > 2 {
@@ -59,6 +73,18 @@ impl ModelSpec {
                 .collect::<Vec<_>>()
                 .join(", ")
         )
+    }
+
+    /// Chooses a GGUF file of a hub repo by name (`--gguf-file`).
+    pub fn with_gguf_file(self, file: Option<&str>) -> Result<Self> {
+        match (self, file) {
+            (spec, None) => Ok(spec),
+            (Self::Hub(mut m), Some(f)) => {
+                m.gguf = Some(hub::GgufChoice::File(f.to_string()));
+                Ok(Self::Hub(m))
+            }
+            (Self::Local(p), Some(f)) => Ok(Self::Local(p.join(f))),
+        }
     }
 
     /// The built-in template a known model was trained with.
