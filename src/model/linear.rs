@@ -7,6 +7,7 @@
 //! lacks is a dense variant that reads the Hugging Face `[out, in]` layout
 //! without a transpose copy and in any dtype, which `Dense` adds.
 
+use super::qmatmul::QuantMatrix;
 use anyhow::Result;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
@@ -15,6 +16,9 @@ use std::sync::Arc;
 /// A weight matrix `[out, in]` in the Hugging Face layout.
 pub enum Linear {
     Dense(Tensor),
+    /// Quantized blocks on the CPU, through this crate's kernels.
+    CpuQuantized(QuantMatrix),
+    /// Quantized blocks anywhere else (CUDA), through candle's.
     Quantized(QMatMul),
 }
 
@@ -24,12 +28,16 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Self::Dense(w) => x.matmul(&w.t()?)?,
+            Self::CpuQuantized(q) => q.forward(x)?,
             Self::Quantized(q) => q.forward(x)?,
         })
     }
 
     pub fn quantized(q: Arc<QTensor>) -> Result<Self> {
-        Ok(Self::Quantized(QMatMul::from_arc(q)?))
+        match QuantMatrix::new(q.clone()) {
+            Some(m) => Ok(Self::CpuQuantized(m)),
+            None => Ok(Self::Quantized(QMatMul::from_arc(q)?)),
+        }
     }
 
     /// Bytes the weights occupy.
@@ -39,6 +47,7 @@ impl Linear {
                 dense_bytes(t)
             }
             Self::Quantized(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            Self::CpuQuantized(q) => q.qtensor().storage_size_in_bytes(),
         }
     }
 
@@ -49,6 +58,7 @@ impl Linear {
                 format!("{:?}", t.dtype()).to_uppercase()
             }
             Self::Quantized(QMatMul::QTensor(q)) => format!("{:?}", q.dtype()),
+            Self::CpuQuantized(q) => format!("{:?}", q.qtensor().dtype()),
         }
     }
 }
@@ -110,7 +120,48 @@ pub fn quantize(w: &Tensor, dtype: GgmlDType, device: &Device) -> Result<Arc<QTe
         .into_iter()
         .find(|d| cols % d.block_size() == 0)
         .unwrap_or(GgmlDType::F32);
-    Ok(Arc::new(QTensor::quantize_onto(&w, dtype, device)?))
+    let q = quantize_rows_in_parallel(&w, dtype)?;
+    if device.is_cpu() {
+        return Ok(Arc::new(q));
+    }
+    let data = q.data()?;
+    let storage = candle_core::quantized::QStorage::from_data(data, device, dtype)?;
+    Ok(Arc::new(QTensor::new(storage, w.shape())?))
+}
+
+/// candle's quantizers run on one thread (minutes for a 7B model); rows are
+/// independent whole blocks, so bands of rows are quantized on every core
+/// and their bytes concatenated.
+fn quantize_rows_in_parallel(w: &Tensor, dtype: GgmlDType) -> Result<QTensor> {
+    use rayon::prelude::*;
+    let rows = w.dim(0)?;
+    let band = rows.div_ceil(rayon::current_num_threads() * 4).max(16);
+    let bands: Vec<(usize, usize)> = (0..rows)
+        .step_by(band)
+        .map(|start| (start, band.min(rows - start)))
+        .collect();
+    if bands.len() <= 1 || w.rank() != 2 {
+        return Ok(QTensor::quantize(w, dtype)?);
+    }
+    // Bands are rebuilt from a slice: candle's quantizer reads a tensor's
+    // storage from its start, ignoring the offset of a narrowed view.
+    let cols = w.dim(1)?;
+    let values = w.flatten_all()?.to_vec1::<f32>()?;
+    let parts: Vec<Vec<u8>> = bands
+        .par_iter()
+        .map(|&(start, len)| -> Result<Vec<u8>> {
+            let slice = &values[start * cols..(start + len) * cols];
+            let part = Tensor::from_slice(slice, (len, cols), &Device::Cpu)?;
+            Ok(QTensor::quantize(&part, dtype)?.data()?.into_owned())
+        })
+        .collect::<Result<_>>()?;
+    let bytes = parts.concat();
+    Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(
+        dtype,
+        &bytes,
+        w.dims().to_vec(),
+        &Device::Cpu,
+    )?)
 }
 
 /// The output matrix (`lm_head`) of a k-quant model gets at least Q6_K, as
@@ -156,6 +207,17 @@ mod tests {
                 "{dtype:?}: relative error {}",
                 err / scale
             );
+        }
+    }
+
+    #[test]
+    fn quantizing_in_bands_gives_the_bytes_of_quantizing_whole() {
+        let w = Tensor::randn(0f32, 1.0, (300, 256), &Device::Cpu).unwrap();
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q8_0] {
+            let whole = QTensor::quantize(&w, dtype).unwrap();
+            let banded = quantize(&w, dtype, &Device::Cpu).unwrap();
+            assert_eq!(banded.data().unwrap(), whole.data().unwrap(), "{dtype:?}");
+            assert_eq!(banded.shape(), whole.shape());
         }
     }
 

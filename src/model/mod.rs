@@ -4,6 +4,8 @@ pub mod config;
 mod decoder;
 mod kv_cache;
 pub mod linear;
+mod q4k;
+mod qmatmul;
 pub mod synthetic;
 
 pub use config::{Config, Family};

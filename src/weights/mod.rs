@@ -179,6 +179,7 @@ impl Weights {
     ) -> Result<Embedding> {
         match self.linear(name, shape, dtype, device, false)? {
             Linear::Dense(t) => Ok(Embedding::Dense(t)),
+            Linear::CpuQuantized(q) => Ok(Embedding::Quantized(q.qtensor().clone())),
             Linear::Quantized(q) => match q {
                 candle_core::quantized::QMatMul::QTensor(q) => Ok(Embedding::Quantized(q)),
                 candle_core::quantized::QMatMul::Tensor(t)

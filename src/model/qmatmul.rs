@@ -1,0 +1,208 @@
+//! Quantized matrix products on the CPU, over the ggml block layout as
+//! stored (no repacked copy).
+//!
+//! Why not candle's `QMatMul` here: on x86 it repacks Q4_K/Q8_0 weights
+//! into tiles with f32 scales the first time a matrix is used and keeps
+//! both copies, so a 4.1 GB Q4_K model holds 9.5 GB, and every generated
+//! token streams the larger (+33%) tiles. Generation on the CPU is bound by
+//! memory bandwidth, so this module reads the compact blocks with candle's
+//! own SIMD dot products (`GgmlType::vec_dot`, the ggml kernels) and splits
+//! the rows over the thread pool itself.
+
+use anyhow::{Result, bail};
+use candle_core::quantized::k_quants::{
+    BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, GgmlType,
+};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Rows of the weight matrix per parallel task: small enough to balance two
+/// to sixteen threads, large enough that scheduling costs nothing.
+const ROWS_PER_TASK: usize = 64;
+
+/// A ggml-quantized `[out, in]` matrix in the CPU's memory.
+pub struct QuantMatrix {
+    q: Arc<QTensor>,
+    rows: usize,
+    cols: usize,
+}
+
+impl QuantMatrix {
+    /// `None` when the format or the device has no kernel here (then candle's
+    /// `QMatMul` does the work).
+    pub fn new(q: Arc<QTensor>) -> Option<Self> {
+        let supported = matches!(
+            q.dtype(),
+            GgmlDType::Q4_0 | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K | GgmlDType::Q8_0
+        );
+        let (rows, cols) = q.shape().dims2().ok()?;
+        (supported && q.device().is_cpu()).then_some(Self { q, rows, cols })
+    }
+
+    pub fn qtensor(&self) -> &Arc<QTensor> {
+        &self.q
+    }
+
+    /// `x @ w.T` for f32 `x: [m, in]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (m, k) = x.dims2()?;
+        if k != self.cols {
+            bail!("input has {k} features, the matrix {}", self.cols);
+        }
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let out = match self.q.dtype() {
+            GgmlDType::Q4_0 => self.matmul::<BlockQ4_0>(&xs, m)?,
+            GgmlDType::Q4K if super::q4k::have_vnni() => self.matmul_q4k(&xs, m)?,
+            GgmlDType::Q4K => self.matmul::<BlockQ4K>(&xs, m)?,
+            GgmlDType::Q5K => self.matmul::<BlockQ5K>(&xs, m)?,
+            GgmlDType::Q6K => self.matmul::<BlockQ6K>(&xs, m)?,
+            GgmlDType::Q8_0 => self.matmul::<BlockQ8_0>(&xs, m)?,
+            other => bail!("no CPU kernel for {other:?}"),
+        };
+        Ok(Tensor::from_vec(out, (m, self.rows), &Device::Cpu)?)
+    }
+
+    fn matmul<T: GgmlType>(&self, xs: &[f32], m: usize) -> Result<Vec<f32>> {
+        let (n, k) = (self.rows, self.cols);
+        let data = self.q.data()?;
+        let blocks = as_blocks::<T>(&data)?;
+        let kb = k / T::BLCK_SIZE;
+        if blocks.len() != n * kb {
+            bail!(
+                "quantized data holds {} blocks, expected {}",
+                blocks.len(),
+                n * kb
+            );
+        }
+        // The activations, quantized once to the type the dot product pairs with.
+        let kq = k / T::VecDotType::BLCK_SIZE;
+        let mut xq = vec![T::VecDotType::zeros(); m * kq];
+        for (row, dst) in xs.chunks_exact(k).zip(xq.chunks_exact_mut(kq)) {
+            T::VecDotType::from_float(row, dst);
+        }
+        Ok(self.rows_by_tasks(m, kq, &xq, |r, x| {
+            T::vec_dot(k, &blocks[r * kb..(r + 1) * kb], x)
+        }))
+    }
+}
+
+impl QuantMatrix {
+    /// Q4_K through this crate's VNNI kernel (see `q4k`).
+    fn matmul_q4k(&self, xs: &[f32], m: usize) -> Result<Vec<f32>> {
+        use super::q4k::{self, BLOCK_BYTES, Q8K, QK};
+        let (n, k) = (self.rows, self.cols);
+        let data = self.q.data()?;
+        let row_bytes = k / QK * BLOCK_BYTES;
+        if data.len() != n * row_bytes {
+            bail!(
+                "quantized data holds {} bytes, expected {}",
+                data.len(),
+                n * row_bytes
+            );
+        }
+        let kb = k / QK;
+        let mut xq = vec![Q8K::zeros(); m * kb];
+        for (row, dst) in xs.chunks_exact(k).zip(xq.chunks_exact_mut(kb)) {
+            q4k::quantize_q8k(row, dst);
+        }
+        let row = |r: usize| &data[r * row_bytes..(r + 1) * row_bytes];
+        Ok(self.rows_by_tasks(m, kb, &xq, |r, x| q4k::dot(row(r), x)))
+    }
+
+    /// `out[i, r] = dot(r, activations of row i)`, weight rows split over
+    /// the thread pool in bands (each band stays in cache while every
+    /// activation row passes over it).
+    fn rows_by_tasks<X: Sync>(
+        &self,
+        m: usize,
+        per_row: usize,
+        xq: &[X],
+        dot: impl Fn(usize, &[X]) -> f32 + Sync,
+    ) -> Vec<f32> {
+        let n = self.rows;
+        let mut out = vec![0f32; m * n];
+        if m == 1 {
+            out.par_chunks_mut(ROWS_PER_TASK)
+                .enumerate()
+                .for_each(|(task, dst)| {
+                    let r0 = task * ROWS_PER_TASK;
+                    for (i, o) in dst.iter_mut().enumerate() {
+                        *o = dot(r0 + i, xq);
+                    }
+                });
+            return out;
+        }
+        let bands: Vec<Vec<f32>> = (0..n.div_ceil(ROWS_PER_TASK))
+            .into_par_iter()
+            .map(|task| {
+                let r0 = task * ROWS_PER_TASK;
+                let r1 = (r0 + ROWS_PER_TASK).min(n);
+                let mut band = vec![0f32; m * (r1 - r0)];
+                for (i, x) in xq.chunks_exact(per_row).enumerate() {
+                    for r in r0..r1 {
+                        band[i * (r1 - r0) + (r - r0)] = dot(r, x);
+                    }
+                }
+                band
+            })
+            .collect();
+        for (task, band) in bands.iter().enumerate() {
+            let r0 = task * ROWS_PER_TASK;
+            let width = band.len() / m;
+            for i in 0..m {
+                out[i * n + r0..i * n + r0 + width]
+                    .copy_from_slice(&band[i * width..(i + 1) * width]);
+            }
+        }
+        out
+    }
+}
+
+/// The bytes of a CPU QTensor as its blocks. candle stores them as a
+/// `Vec<T>`, so the alignment holds; it is checked all the same.
+fn as_blocks<T: GgmlType>(bytes: &[u8]) -> Result<&[T]> {
+    let size = std::mem::size_of::<T>();
+    if !bytes.len().is_multiple_of(size)
+        || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
+    {
+        bail!("quantized data is not a whole number of aligned blocks");
+    }
+    // SAFETY: length and alignment are checked above; ggml blocks are plain
+    // integers and halves, valid for any bit pattern.
+    Ok(unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), bytes.len() / size) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Module;
+
+    #[test]
+    fn matches_candles_qmatmul_for_every_format_and_batch() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (200, 512), &dev).unwrap();
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+            GgmlDType::Q8_0,
+        ] {
+            let q = Arc::new(QTensor::quantize(&w, dtype).unwrap());
+            let ours = QuantMatrix::new(q.clone()).unwrap();
+            let theirs = candle_core::quantized::QMatMul::from_arc(q).unwrap();
+            for m in [1, 3, 70] {
+                let x = Tensor::randn(0f32, 1.0, (m, 512), &dev).unwrap();
+                let a = ours.forward(&x).unwrap();
+                let b = theirs.forward(&x).unwrap();
+                let diff = (a - &b).unwrap().abs().unwrap().max_all().unwrap();
+                let scale = b.abs().unwrap().max_all().unwrap();
+                let rel = diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap();
+                assert!(rel < 1e-3, "{dtype:?} m={m}: relative difference {rel}");
+            }
+        }
+    }
+}
