@@ -109,7 +109,29 @@ impl QuantMatrix {
             q4k::quantize_q8k(row, dst);
         }
         let row = |r: usize| &data[r * row_bytes..(r + 1) * row_bytes];
-        Ok(self.rows_by_tasks(m, kb, &xq, |r, x| q4k::dot(row(r), x)))
+        if m == 1 {
+            return Ok(self.rows_by_tasks(1, kb, &xq, |r, x| q4k::dot(row(r), x)));
+        }
+        // Prompts: four tokens per pass over each weight row, and the band's
+        // rows (in L2) swept once per four tokens (whose activations stay in L1).
+        let xs: Vec<&[Q8K]> = xq.chunks_exact(kb).collect();
+        Ok(self.bands(m, |rows, band, width| {
+            let mut i = 0;
+            while i + 4 <= m {
+                for r in rows.clone() {
+                    let four = q4k::dot4(row(r), [xs[i], xs[i + 1], xs[i + 2], xs[i + 3]]);
+                    for (t, v) in four.into_iter().enumerate() {
+                        band[(i + t) * width + r - rows.start] = v;
+                    }
+                }
+                i += 4;
+            }
+            for (t, x) in xs.iter().enumerate().skip(i) {
+                for r in rows.clone() {
+                    band[t * width + r - rows.start] = q4k::dot(row(r), x);
+                }
+            }
+        }))
     }
 
     /// `out[i, r] = dot(r, activations of row i)`, weight rows split over
@@ -135,17 +157,34 @@ impl QuantMatrix {
                 });
             return out;
         }
+        self.bands(m, |rows, band, width| {
+            for (i, x) in xq.chunks_exact(per_row).enumerate() {
+                for r in rows.clone() {
+                    band[i * width + r - rows.start] = dot(r, x);
+                }
+            }
+        })
+    }
+
+    /// The `[m, rows]` output computed in bands of weight rows, one band per
+    /// task (it stays in cache while the activation rows pass over it):
+    /// `fill(rows, band, width)` writes the output of weight row `r` for
+    /// activation row `i` at `band[i * width + r - rows.start]`.
+    fn bands(
+        &self,
+        m: usize,
+        fill: impl Fn(std::ops::Range<usize>, &mut [f32], usize) + Sync,
+    ) -> Vec<f32> {
+        let n = self.rows;
+        let mut out = vec![0f32; m * n];
         let bands: Vec<Vec<f32>> = (0..n.div_ceil(ROWS_PER_TASK))
             .into_par_iter()
             .map(|task| {
                 let r0 = task * ROWS_PER_TASK;
                 let r1 = (r0 + ROWS_PER_TASK).min(n);
-                let mut band = vec![0f32; m * (r1 - r0)];
-                for (i, x) in xq.chunks_exact(per_row).enumerate() {
-                    for r in r0..r1 {
-                        band[i * (r1 - r0) + (r - r0)] = dot(r, x);
-                    }
-                }
+                let width = r1 - r0;
+                let mut band = vec![0f32; m * width];
+                fill(r0..r1, &mut band, width);
                 band
             })
             .collect();
