@@ -5,6 +5,7 @@ mod decoder;
 mod kv_cache;
 pub mod linear;
 mod q4k;
+mod q8_0;
 mod qmatmul;
 pub mod synthetic;
 

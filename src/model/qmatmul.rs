@@ -9,6 +9,7 @@
 //! own SIMD dot products (`GgmlType::vec_dot`, the ggml kernels) and splits
 //! the rows over the thread pool itself.
 
+use super::{q4k, q8_0};
 use anyhow::{Result, bail};
 use candle_core::quantized::k_quants::{
     BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, GgmlType,
@@ -55,7 +56,10 @@ impl QuantMatrix {
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let out = match self.q.dtype() {
             GgmlDType::Q4_0 => self.matmul::<BlockQ4_0>(&xs, m)?,
-            GgmlDType::Q4K if super::q4k::have_vnni() => self.matmul_q4k(&xs, m)?,
+            GgmlDType::Q4K if super::q4k::have_vnni() => self.matmul_own::<Q4K>(&xs, m)?,
+            GgmlDType::Q8_0 if super::q4k::have_vnni() && k % q8_0::PAIR == 0 => {
+                self.matmul_own::<Q8_0>(&xs, m)?
+            }
             GgmlDType::Q4K => self.matmul::<BlockQ4K>(&xs, m)?,
             GgmlDType::Q5K => self.matmul::<BlockQ5K>(&xs, m)?,
             GgmlDType::Q6K => self.matmul::<BlockQ6K>(&xs, m)?,
@@ -90,12 +94,11 @@ impl QuantMatrix {
 }
 
 impl QuantMatrix {
-    /// Q4_K through this crate's VNNI kernel (see `q4k`).
-    fn matmul_q4k(&self, xs: &[f32], m: usize) -> Result<Vec<f32>> {
-        use super::q4k::{self, BLOCK_BYTES, Q8K, QK};
+    /// A format with a kernel in this crate (`q4k`, `q8_0`).
+    fn matmul_own<K: Kernel>(&self, xs: &[f32], m: usize) -> Result<Vec<f32>> {
         let (n, k) = (self.rows, self.cols);
         let data = self.q.data()?;
-        let row_bytes = k / QK * BLOCK_BYTES;
+        let row_bytes = k / K::BLOCK_VALUES * K::BLOCK_BYTES;
         if data.len() != n * row_bytes {
             bail!(
                 "quantized data holds {} bytes, expected {}",
@@ -103,23 +106,23 @@ impl QuantMatrix {
                 n * row_bytes
             );
         }
-        let kb = k / QK;
-        let mut xq = vec![Q8K::zeros(); m * kb];
-        for (row, dst) in xs.chunks_exact(k).zip(xq.chunks_exact_mut(kb)) {
-            q4k::quantize_q8k(row, dst);
+        let per_row = k / K::X_VALUES;
+        let mut xq = vec![K::zeros(); m * per_row];
+        for (row, dst) in xs.chunks_exact(k).zip(xq.chunks_exact_mut(per_row)) {
+            K::quantize(row, dst);
         }
         let row = |r: usize| &data[r * row_bytes..(r + 1) * row_bytes];
         if m == 1 {
-            return Ok(self.rows_by_tasks(1, kb, &xq, |r, x| q4k::dot(row(r), x)));
+            return Ok(self.rows_by_tasks(1, per_row, &xq, |r, x| K::dot(row(r), x)));
         }
         // Prompts: four tokens per pass over each weight row, and the band's
         // rows (in L2) swept once per four tokens (whose activations stay in L1).
-        let xs: Vec<&[Q8K]> = xq.chunks_exact(kb).collect();
+        let xs: Vec<&[K::X]> = xq.chunks_exact(per_row).collect();
         Ok(self.bands(m, |rows, band, width| {
             let mut i = 0;
             while i + 4 <= m {
                 for r in rows.clone() {
-                    let four = q4k::dot4(row(r), [xs[i], xs[i + 1], xs[i + 2], xs[i + 3]]);
+                    let four = K::dot4(row(r), [xs[i], xs[i + 1], xs[i + 2], xs[i + 3]]);
                     for (t, v) in four.into_iter().enumerate() {
                         band[(i + t) * width + r - rows.start] = v;
                     }
@@ -128,7 +131,7 @@ impl QuantMatrix {
             }
             for (t, x) in xs.iter().enumerate().skip(i) {
                 for r in rows.clone() {
-                    band[t * width + r - rows.start] = q4k::dot(row(r), x);
+                    band[t * width + r - rows.start] = K::dot(row(r), x);
                 }
             }
         }))
@@ -197,6 +200,61 @@ impl QuantMatrix {
             }
         }
         out
+    }
+}
+
+/// What `matmul_own` needs of one of this crate's kernels.
+trait Kernel {
+    /// The activations' quantized unit.
+    type X: Clone + Send + Sync;
+    const X_VALUES: usize;
+    const BLOCK_BYTES: usize;
+    const BLOCK_VALUES: usize;
+    fn zeros() -> Self::X;
+    fn quantize(x: &[f32], out: &mut [Self::X]);
+    fn dot(row: &[u8], x: &[Self::X]) -> f32;
+    fn dot4(row: &[u8], xs: [&[Self::X]; 4]) -> [f32; 4];
+}
+
+struct Q4K;
+
+impl Kernel for Q4K {
+    type X = q4k::Q8K;
+    const X_VALUES: usize = q4k::QK;
+    const BLOCK_BYTES: usize = q4k::BLOCK_BYTES;
+    const BLOCK_VALUES: usize = q4k::QK;
+    fn zeros() -> Self::X {
+        q4k::Q8K::zeros()
+    }
+    fn quantize(x: &[f32], out: &mut [Self::X]) {
+        q4k::quantize_q8k(x, out)
+    }
+    fn dot(row: &[u8], x: &[Self::X]) -> f32 {
+        q4k::dot(row, x)
+    }
+    fn dot4(row: &[u8], xs: [&[Self::X]; 4]) -> [f32; 4] {
+        q4k::dot4(row, xs)
+    }
+}
+
+struct Q8_0;
+
+impl Kernel for Q8_0 {
+    type X = q8_0::Q8Pair;
+    const X_VALUES: usize = q8_0::PAIR;
+    const BLOCK_BYTES: usize = q8_0::BLOCK_BYTES;
+    const BLOCK_VALUES: usize = 32;
+    fn zeros() -> Self::X {
+        q8_0::Q8Pair::zeros()
+    }
+    fn quantize(x: &[f32], out: &mut [Self::X]) {
+        q8_0::quantize(x, out)
+    }
+    fn dot(row: &[u8], x: &[Self::X]) -> f32 {
+        q8_0::dot(row, x)
+    }
+    fn dot4(row: &[u8], xs: [&[Self::X]; 4]) -> [f32; 4] {
+        q8_0::dot4(row, xs)
     }
 }
 

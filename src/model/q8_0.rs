@@ -1,0 +1,185 @@
+//! The Q8_0 × Q8 dot product with AVX-512 VNNI (see `q4k` for why this
+//! crate has its own kernels). A Q8_0 block is `d: f16, qs: [i8; 32]`
+//! (34 bytes); the kernel takes two blocks per 64-byte register. `vpdpbusd`
+//! wants unsigned × signed bytes, so it multiplies |w| by x with w's sign.
+
+/// Bytes of one Q8_0 block (32 weights).
+pub const BLOCK_BYTES: usize = 34;
+/// Values per pair of blocks, the kernel's step.
+pub const PAIR: usize = 64;
+
+/// 64 activations quantized in two halves of 32 (each with its scale), the
+/// scales already spread over the 16 lanes the kernel multiplies by.
+#[derive(Clone)]
+#[repr(C, align(64))]
+pub struct Q8Pair {
+    qs: [i8; PAIR],
+    d: [f32; 16],
+}
+
+impl Q8Pair {
+    pub fn zeros() -> Self {
+        Self {
+            qs: [0; PAIR],
+            d: [0.0; 16],
+        }
+    }
+}
+
+/// Quantizes `x` (a multiple of 64 values) into `out`.
+pub fn quantize(x: &[f32], out: &mut [Q8Pair]) {
+    for (pair, xs) in out.iter_mut().zip(x.chunks_exact(PAIR)) {
+        for (half, chunk) in xs.chunks_exact(32).enumerate() {
+            let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            for (q, v) in pair.qs[32 * half..32 * (half + 1)].iter_mut().zip(chunk) {
+                *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+            }
+            pair.d[8 * half..8 * (half + 1)].fill(d);
+        }
+    }
+}
+
+fn f16(bytes: &[u8]) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes([bytes[0], bytes[1]])).to_f32()
+}
+
+/// Plain-Rust reference and fallback.
+pub fn dot_scalar(row: &[u8], x: &[Q8Pair]) -> f32 {
+    let mut sum = 0f32;
+    for (b, block) in row.chunks_exact(BLOCK_BYTES).enumerate() {
+        let pair = &x[b / 2];
+        let half = b % 2;
+        let isum: i32 = block[2..]
+            .iter()
+            .zip(&pair.qs[32 * half..32 * (half + 1)])
+            .map(|(&w, &x)| w as i8 as i32 * x as i32)
+            .sum();
+        sum += f16(&block[..2]) * pair.d[8 * half] * isum as f32;
+    }
+    sum
+}
+
+pub fn dot(row: &[u8], x: &[Q8Pair]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if super::q4k::have_vnni() {
+        // SAFETY: the CPU features were detected above.
+        return unsafe { dot_vnni::<1>(row, [x]) }[0];
+    }
+    dot_scalar(row, x)
+}
+
+/// One row against four tokens' activations (prompts).
+pub fn dot4(row: &[u8], xs: [&[Q8Pair]; 4]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if super::q4k::have_vnni() {
+        // SAFETY: the CPU features were detected above.
+        return unsafe { dot_vnni::<4>(row, xs) };
+    }
+    xs.map(|x| dot_scalar(row, x))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+// `p` indexes the weight pairs and each of the N activation rows alike.
+#[allow(clippy::needless_range_loop)]
+unsafe fn dot_vnni<const N: usize>(row: &[u8], xs: [&[Q8Pair]; N]) -> [f32; N] {
+    // SAFETY: reads stay inside `row` (whole pairs of blocks) and inside
+    // the activation rows (checked long enough); the caller guarantees the
+    // CPU features.
+    unsafe {
+        use std::arch::x86_64::*;
+        let pairs = row.len() / (2 * BLOCK_BYTES);
+        for x in &xs {
+            assert!(x.len() >= pairs, "activations shorter than the row");
+        }
+        let zero = _mm512_setzero_si512();
+        let spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+        let mut facc = [_mm512_setzero_ps(); N];
+        for p in 0..pairs {
+            let b = row.as_ptr().add(p * 2 * BLOCK_BYTES);
+            _mm_prefetch::<_MM_HINT_T0>(b.add(4 * BLOCK_BYTES).cast());
+            _mm_prefetch::<_MM_HINT_T0>(b.add(4 * BLOCK_BYTES + 64).cast());
+            let w = _mm512_inserti64x4::<1>(
+                _mm512_castsi256_si512(_mm256_loadu_si256(b.add(2).cast())),
+                _mm256_loadu_si256(b.add(BLOCK_BYTES + 2).cast()),
+            );
+            let d0 = std::ptr::read_unaligned(b.cast::<u16>()) as i32;
+            let d1 = std::ptr::read_unaligned(b.add(BLOCK_BYTES).cast::<u16>()) as i32;
+            let dw = _mm_cvtph_ps(_mm_cvtsi32_si128(d0 | (d1 << 16)));
+            let dw = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(dw));
+            let absw = _mm512_abs_epi8(w);
+            let negative = _mm512_movepi8_mask(w);
+            for t in 0..N {
+                let xp = &xs[t][p];
+                let x = _mm512_load_si512(xp.qs.as_ptr().cast());
+                let signed = _mm512_mask_sub_epi8(x, negative, zero, x);
+                let dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, absw, signed));
+                let scale = _mm512_mul_ps(dw, _mm512_load_ps(xp.d.as_ptr()));
+                facc[t] = _mm512_fmadd_ps(dot, scale, facc[t]);
+            }
+        }
+        facc.map(|acc| _mm512_reduce_add_ps(acc))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn kernels_compute_the_dequantized_dot_product_and_agree() {
+        for seed in 0..6 {
+            let w = Tensor::from_vec(values(4096, seed), (1, 4096), &Device::Cpu).unwrap();
+            let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+            let deq: Vec<f32> = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let row = q.data().unwrap().into_owned();
+            let xs: Vec<Vec<f32>> = (0..4).map(|k| values(4096, 100 + seed * 4 + k)).collect();
+            let xq: Vec<Vec<Q8Pair>> = xs
+                .iter()
+                .map(|x| {
+                    let mut q = vec![Q8Pair::zeros(); 64];
+                    quantize(x, &mut q);
+                    q
+                })
+                .collect();
+            let exact: f32 = deq.iter().zip(&xs[0]).map(|(a, b)| a * b).sum();
+            let scalar = dot_scalar(&row, &xq[0]);
+            assert!(
+                (scalar - exact).abs() < 0.05 * exact.abs().max(1.0),
+                "{scalar} vs {exact}"
+            );
+            let one = dot(&row, &xq[0]);
+            assert!(
+                (one - scalar).abs() <= 1e-4 * scalar.abs().max(1.0),
+                "{one} vs {scalar}"
+            );
+            let four = dot4(&row, [&xq[0], &xq[1], &xq[2], &xq[3]]);
+            for (k, x) in xq.iter().enumerate() {
+                let want = dot_scalar(&row, x);
+                assert!((four[k] - want).abs() <= 1e-4 * want.abs().max(1.0));
+            }
+        }
+    }
+}
