@@ -47,7 +47,7 @@ pub struct QuantizeArgs {
     pub model: String,
     /// The GGUF file to write.
     pub output: PathBuf,
-    /// q4k (written as llama.cpp's Q4_K_M mix: Q6_K output), q5k, q6k, q8_0, q4_0, f16 or f32.
+    /// q4k (written as llama.cpp's Q4_K_M mix: Q6_K output), q5k, q6k, q8_0, q4_0, f16, bf16 or f32.
     #[arg(long = "type", short = 't', value_name = "TYPE", default_value = "q4k", value_parser = parse_quant)]
     pub qtype: GgmlDType,
     /// A SentencePiece tokenizer.model for the vocabulary, when the model has none

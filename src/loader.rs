@@ -233,24 +233,20 @@ fn decide_dtype(
         DTypeChoice::Fixed(d) => d,
         DTypeChoice::Auto => match (cpu, stored) {
             (false, Some(d @ (DType::F32 | DType::F16 | DType::BF16))) => d,
-            (true, Some(DType::F16)) => DType::F16,
+            // bf16 weights widened in registers give exactly what f32 would,
+            // from half the memory (see model/bf16.rs).
+            (true, Some(d @ (DType::F16 | DType::BF16))) => d,
             _ => DType::F32,
         },
     };
-    if cpu && dtype == DType::BF16 {
-        bail!(
-            "--dtype bf16 is not supported on the CPU yet (candle has no CPU bf16 matmul): use f32 or f16"
-        );
-    }
     let bytes = |d: DType| f32_bytes / 4 * d.size_in_bytes() as u64;
     if let (true, Some(available)) = (cpu, available)
         && bytes(dtype) > available
     {
-        // Without --dtype, f16 is the smallest option on the CPU: use it, or report it.
-        let smallest = if choice == DTypeChoice::Auto {
-            DType::F16
-        } else {
-            dtype
+        // Without --dtype, 16 bits is the smallest option on the CPU: use it, or report it.
+        let smallest = match choice {
+            DTypeChoice::Auto if dtype == DType::F32 => DType::F16,
+            _ => dtype,
         };
         if smallest != dtype && bytes(smallest) <= available {
             return Ok((smallest, true));
@@ -359,19 +355,25 @@ mod tests {
     #[test]
     fn cpu_defaults_to_f32_and_falls_back_to_f16_when_f32_does_not_fit() {
         let bf16 = Some(DType::BF16);
+        let f32 = Some(DType::F32);
         assert_eq!(
-            decide_dtype(AUTO, bf16, true, 29 * GB, Some(40 * GB)).unwrap(),
+            decide_dtype(AUTO, f32, true, 29 * GB, Some(40 * GB)).unwrap(),
             (DType::F32, false)
         );
         assert_eq!(
-            decide_dtype(AUTO, bf16, true, 29 * GB, Some(20 * GB)).unwrap(),
+            decide_dtype(AUTO, f32, true, 29 * GB, Some(20 * GB)).unwrap(),
             (DType::F16, true)
+        );
+        // bf16 checkpoints keep their weights in bf16 (computing in f32).
+        assert_eq!(
+            decide_dtype(AUTO, bf16, true, 29 * GB, Some(20 * GB)).unwrap(),
+            (DType::BF16, false)
         );
         assert_eq!(
             decide_dtype(AUTO, Some(DType::F16), true, 29 * GB, Some(20 * GB)).unwrap(),
             (DType::F16, false)
         );
-        let err = decide_dtype(AUTO, bf16, true, 29 * GB, Some(10 * GB))
+        let err = decide_dtype(AUTO, f32, true, 29 * GB, Some(10 * GB))
             .unwrap_err()
             .to_string();
         assert!(err.contains("the weights need 14.50 GB in F16"), "{err}");
@@ -384,7 +386,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("try --dtype f16"), "{err}");
-        assert!(
+        assert_eq!(
             decide_dtype(
                 DTypeChoice::Fixed(DType::BF16),
                 None,
@@ -392,7 +394,8 @@ mod tests {
                 GB,
                 Some(20 * GB)
             )
-            .is_err()
+            .unwrap(),
+            (DType::BF16, false)
         );
     }
 

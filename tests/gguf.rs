@@ -1,4 +1,4 @@
-//! GGUF files and quantized weights, end to end. The GGUF twin of the tiny
+//! GGUF files, quantized weights and bf16 weights on the CPU, end to end. The GGUF twin of the tiny
 //! model is written here, by code independent of starling's writer (its own
 //! name table, its own q/k permutation in llama.cpp's converter's terms), so
 //! a reader that undid the permutation wrongly could not agree with it.
@@ -291,4 +291,46 @@ fn broken_gguf_files_fail_in_one_line() {
         &starling(&["run", "--model", &model, "Hello"], None),
         "not a valid GGUF file",
     );
+}
+
+/// `--dtype bf16` on the CPU keeps the matrices in bf16 and computes in f32
+/// (norm weights stay as stored): an f32 run of the bf16-rounded matrices.
+#[test]
+fn bf16_weights_on_the_cpu_answer_like_f32_of_the_rounded_weights() {
+    let dir = common::scratch("bf16-rounded");
+    common::write_model(&dir, &golden()["config"], common::Tok::SentencePiece, None);
+    let rounded: Vec<(String, Vec<usize>, Vec<f32>)> = synthetic::tensors(&config())
+        .into_iter()
+        .map(|(name, shape, values)| {
+            if shape.len() == 1 {
+                return (name, shape, values);
+            }
+            let t = Tensor::from_vec(values, shape.as_slice(), &Device::Cpu).unwrap();
+            let t = t.to_dtype(candle_core::DType::BF16).unwrap();
+            let back = t.to_dtype(candle_core::DType::F32).unwrap();
+            (name, shape, back.flatten_all().unwrap().to_vec1().unwrap())
+        })
+        .collect();
+    synthetic::save_f32(&rounded, &dir.join("model.safetensors")).unwrap();
+    let reference = greedy(&dir, &["--dtype", "f32"]);
+    assert_eq!(greedy(&tiny_model(), &["--dtype", "bf16"]), reference);
+
+    // The logits too, and closer to the rounded weights than to the originals.
+    let logits = |model: &Path, dtype| {
+        let files = starling::source::local_dir(model).unwrap();
+        let choice = starling::loader::DTypeChoice::Fixed(dtype);
+        let m = starling::loader::load(&files, "auto", choice, None, &Device::Cpu)
+            .unwrap()
+            .model;
+        let prompt = ids(&golden()["cases"][0]["prompt"]["ids"]);
+        m.forward(&prompt, &mut m.new_cache(), Logits::All).unwrap()
+    };
+    let max_diff = |a: &Tensor, b: &Tensor| {
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        d.to_scalar::<f32>().unwrap()
+    };
+    let bf16 = logits(&tiny_model(), candle_core::DType::BF16);
+    let near = max_diff(&bf16, &logits(&dir, candle_core::DType::F32));
+    let far = max_diff(&bf16, &logits(&tiny_model(), candle_core::DType::F32));
+    assert!(near < 1e-4 && far > 1e-3, "near {near}, far {far}");
 }

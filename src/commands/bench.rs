@@ -96,7 +96,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         .map(|b| format!("{:.2} GB", b as f64 / 1e9))
         .unwrap_or_else(|| "n/a".into());
     println!(
-        "\nload {load_s:.2} s · peak RSS {peak} · activations {dtype:?} · device {} · {} threads · {} repetitions",
+        "\nload {load_s:.2} s · peak RSS {peak} · activations {:?} · device {} · {} threads · {} repetitions",
+        model.compute_dtype(),
         args.device.device,
         candle_core::utils::get_num_threads(),
         args.repetitions

@@ -75,10 +75,24 @@ impl Model {
         let hd = config.head_dim();
         let inter = config.intermediate_size;
         let vocab = config.vocab_size;
+        // bf16 on the CPU: matrices stay bf16 (this crate's kernel), the
+        // activations, norms and cache run in f32 (candle has no CPU bf16 matmul).
+        let weight_dtype = dtype;
+        let dtype = if device.is_cpu() && dtype == DType::BF16 {
+            DType::F32
+        } else {
+            dtype
+        };
         let get = |name: &str, shape: &[usize]| weights.tensor(name, shape, dtype, device);
-        let mat = |name: &str, shape: &[usize]| weights.linear(name, shape, dtype, device, false);
+        let mat =
+            |name: &str, shape: &[usize]| weights.linear(name, shape, weight_dtype, device, false);
 
-        let embed = weights.embedding("model.embed_tokens.weight", &[vocab, h], dtype, device)?;
+        let embed = weights.embedding(
+            "model.embed_tokens.weight",
+            &[vocab, h],
+            weight_dtype,
+            device,
+        )?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for l in 0..config.num_hidden_layers {
             let p = format!("model.layers.{l}");
@@ -101,10 +115,10 @@ impl Model {
         let norm = get("model.norm.weight", &[h])?;
         let tied = !weights.contains("lm_head.weight") && config.tie_word_embeddings;
         let lm_head = if !tied {
-            weights.linear("lm_head.weight", &[vocab, h], dtype, device, true)?
+            weights.linear("lm_head.weight", &[vocab, h], weight_dtype, device, true)?
         } else {
             match &embed {
-                Embedding::Dense(t) => Linear::Dense(t.clone()),
+                Embedding::Dense(t) => Linear::dense(t.clone())?,
                 Embedding::Quantized(q) => Linear::quantized(q.clone())?,
             }
         };
@@ -148,6 +162,11 @@ impl Model {
 
     pub fn max_len(&self) -> usize {
         self.max_len
+    }
+
+    /// The dtype of activations and the KV cache.
+    pub fn compute_dtype(&self) -> DType {
+        self.dtype
     }
 
     /// Bytes of all weights as held in memory (a tied `lm_head` counts once).

@@ -7,6 +7,7 @@
 //! lacks is a dense variant that reads the Hugging Face `[out, in]` layout
 //! without a transpose copy and in any dtype, which `Dense` adds.
 
+use super::bf16::Bf16Matrix;
 use super::qmatmul::QuantMatrix;
 use anyhow::Result;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -16,6 +17,8 @@ use std::sync::Arc;
 /// A weight matrix `[out, in]` in the Hugging Face layout.
 pub enum Linear {
     Dense(Tensor),
+    /// bf16 weights on the CPU, through this crate's kernel (`bf16`).
+    CpuBf16(Bf16Matrix),
     /// Quantized blocks on the CPU, through this crate's kernels.
     CpuQuantized(QuantMatrix),
     /// Quantized blocks anywhere else (CUDA), through candle's.
@@ -28,9 +31,19 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Self::Dense(w) => x.matmul(&w.t()?)?,
+            Self::CpuBf16(w) => w.forward(x)?,
             Self::CpuQuantized(q) => q.forward(x)?,
             Self::Quantized(q) => q.forward(x)?,
         })
+    }
+
+    /// A dense matrix: bf16 on the CPU goes to this crate's kernel (candle
+    /// has none), anything else to candle's matmul.
+    pub fn dense(w: Tensor) -> Result<Self> {
+        if w.dtype() == DType::BF16 && w.device().is_cpu() {
+            return Ok(Self::CpuBf16(Bf16Matrix::new(&w)?));
+        }
+        Ok(Self::Dense(w))
     }
 
     pub fn quantized(q: Arc<QTensor>) -> Result<Self> {
@@ -48,6 +61,7 @@ impl Linear {
             }
             Self::Quantized(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
             Self::CpuQuantized(q) => q.qtensor().storage_size_in_bytes(),
+            Self::CpuBf16(w) => w.bytes(),
         }
     }
 
@@ -59,6 +73,7 @@ impl Linear {
             }
             Self::Quantized(QMatMul::QTensor(q)) => format!("{:?}", q.dtype()),
             Self::CpuQuantized(q) => format!("{:?}", q.qtensor().dtype()),
+            Self::CpuBf16(_) => "BF16".to_string(),
         }
     }
 }
@@ -79,7 +94,7 @@ impl Embedding {
     /// Rows `ids` as `[ids.len(), hidden]` in `dtype`.
     pub fn forward(&self, ids: &Tensor, dtype: DType) -> Result<Tensor> {
         Ok(match self {
-            Self::Dense(table) => table.index_select(ids, 0)?,
+            Self::Dense(table) => table.index_select(ids, 0)?.to_dtype(dtype)?,
             Self::Quantized(q) => q.embedding(ids)?.to_dtype(dtype)?,
         })
     }
@@ -102,9 +117,12 @@ pub fn parse_quant(name: &str) -> Result<GgmlDType> {
         "q6k" | "q6_k" => GgmlDType::Q6K,
         "q8_0" => GgmlDType::Q8_0,
         "f16" => GgmlDType::F16,
+        "bf16" => GgmlDType::BF16,
         "f32" => GgmlDType::F32,
         other => {
-            anyhow::bail!("unknown quantization {other:?} (q4k, q5k, q6k, q8_0, q4_0, f16, f32)")
+            anyhow::bail!(
+                "unknown quantization {other:?} (q4k, q5k, q6k, q8_0, q4_0, f16, bf16, f32)"
+            )
         }
     })
 }

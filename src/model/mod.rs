@@ -1,5 +1,6 @@
 //! The transformer: its configuration, the decoder, and its KV cache.
 
+mod bf16;
 pub mod config;
 mod decoder;
 mod kv_cache;

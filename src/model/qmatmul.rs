@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 /// Rows of the weight matrix per parallel task: small enough to balance two
 /// to sixteen threads, large enough that scheduling costs nothing.
-const ROWS_PER_TASK: usize = 64;
+pub(super) const ROWS_PER_TASK: usize = 64;
 
 /// A ggml-quantized `[out, in]` matrix in the CPU's memory.
 pub struct QuantMatrix {
@@ -87,7 +87,7 @@ impl QuantMatrix {
         for (row, dst) in xs.chunks_exact(k).zip(xq.chunks_exact_mut(kq)) {
             T::VecDotType::from_float(row, dst);
         }
-        Ok(self.rows_by_tasks(m, kq, &xq, |r, x| {
+        Ok(rows_by_tasks(self.rows, m, kq, &xq, |r, x| {
             T::vec_dot(k, &blocks[r * kb..(r + 1) * kb], x)
         }))
     }
@@ -113,12 +113,12 @@ impl QuantMatrix {
         }
         let row = |r: usize| &data[r * row_bytes..(r + 1) * row_bytes];
         if m == 1 {
-            return Ok(self.rows_by_tasks(1, per_row, &xq, |r, x| K::dot(row(r), x)));
+            return Ok(rows_by_tasks(n, 1, per_row, &xq, |r, x| K::dot(row(r), x)));
         }
         // Prompts: four tokens per pass over each weight row, and the band's
         // rows (in L2) swept once per four tokens (whose activations stay in L1).
         let xs: Vec<&[K::X]> = xq.chunks_exact(per_row).collect();
-        Ok(self.bands(m, |rows, band, width| {
+        Ok(bands(n, m, |rows, band, width| {
             let mut i = 0;
             while i + 4 <= m {
                 for r in rows.clone() {
@@ -136,71 +136,68 @@ impl QuantMatrix {
             }
         }))
     }
+}
 
-    /// `out[i, r] = dot(r, activations of row i)`, weight rows split over
-    /// the thread pool in bands (each band stays in cache while every
-    /// activation row passes over it).
-    fn rows_by_tasks<X: Sync>(
-        &self,
-        m: usize,
-        per_row: usize,
-        xq: &[X],
-        dot: impl Fn(usize, &[X]) -> f32 + Sync,
-    ) -> Vec<f32> {
-        let n = self.rows;
-        let mut out = vec![0f32; m * n];
-        if m == 1 {
-            out.par_chunks_mut(ROWS_PER_TASK)
-                .enumerate()
-                .for_each(|(task, dst)| {
-                    let r0 = task * ROWS_PER_TASK;
-                    for (i, o) in dst.iter_mut().enumerate() {
-                        *o = dot(r0 + i, xq);
-                    }
-                });
-            return out;
-        }
-        self.bands(m, |rows, band, width| {
-            for (i, x) in xq.chunks_exact(per_row).enumerate() {
-                for r in rows.clone() {
-                    band[i * width + r - rows.start] = dot(r, x);
-                }
-            }
-        })
-    }
-
-    /// The `[m, rows]` output computed in bands of weight rows, one band per
-    /// task (it stays in cache while the activation rows pass over it):
-    /// `fill(rows, band, width)` writes the output of weight row `r` for
-    /// activation row `i` at `band[i * width + r - rows.start]`.
-    fn bands(
-        &self,
-        m: usize,
-        fill: impl Fn(std::ops::Range<usize>, &mut [f32], usize) + Sync,
-    ) -> Vec<f32> {
-        let n = self.rows;
-        let mut out = vec![0f32; m * n];
-        let bands: Vec<Vec<f32>> = (0..n.div_ceil(ROWS_PER_TASK))
-            .into_par_iter()
-            .map(|task| {
+/// `out[i, r] = dot(r, activations of row i)`, weight rows split over
+/// the thread pool in bands (each band stays in cache while every
+/// activation row passes over it).
+pub(super) fn rows_by_tasks<X: Sync>(
+    n: usize,
+    m: usize,
+    per_row: usize,
+    xq: &[X],
+    dot: impl Fn(usize, &[X]) -> f32 + Sync,
+) -> Vec<f32> {
+    let mut out = vec![0f32; m * n];
+    if m == 1 {
+        out.par_chunks_mut(ROWS_PER_TASK)
+            .enumerate()
+            .for_each(|(task, dst)| {
                 let r0 = task * ROWS_PER_TASK;
-                let r1 = (r0 + ROWS_PER_TASK).min(n);
-                let width = r1 - r0;
-                let mut band = vec![0f32; m * width];
-                fill(r0..r1, &mut band, width);
-                band
-            })
-            .collect();
-        for (task, band) in bands.iter().enumerate() {
-            let r0 = task * ROWS_PER_TASK;
-            let width = band.len() / m;
-            for i in 0..m {
-                out[i * n + r0..i * n + r0 + width]
-                    .copy_from_slice(&band[i * width..(i + 1) * width]);
+                for (i, o) in dst.iter_mut().enumerate() {
+                    *o = dot(r0 + i, xq);
+                }
+            });
+        return out;
+    }
+    bands(n, m, |rows, band, width| {
+        for (i, x) in xq.chunks_exact(per_row).enumerate() {
+            for r in rows.clone() {
+                band[i * width + r - rows.start] = dot(r, x);
             }
         }
-        out
+    })
+}
+
+/// The `[m, rows]` output computed in bands of weight rows, one band per
+/// task (it stays in cache while the activation rows pass over it):
+/// `fill(rows, band, width)` writes the output of weight row `r` for
+/// activation row `i` at `band[i * width + r - rows.start]`.
+pub(super) fn bands(
+    n: usize,
+    m: usize,
+    fill: impl Fn(std::ops::Range<usize>, &mut [f32], usize) + Sync,
+) -> Vec<f32> {
+    let mut out = vec![0f32; m * n];
+    let bands: Vec<Vec<f32>> = (0..n.div_ceil(ROWS_PER_TASK))
+        .into_par_iter()
+        .map(|task| {
+            let r0 = task * ROWS_PER_TASK;
+            let r1 = (r0 + ROWS_PER_TASK).min(n);
+            let width = r1 - r0;
+            let mut band = vec![0f32; m * width];
+            fill(r0..r1, &mut band, width);
+            band
+        })
+        .collect();
+    for (task, band) in bands.iter().enumerate() {
+        let r0 = task * ROWS_PER_TASK;
+        let width = band.len() / m;
+        for i in 0..m {
+            out[i * n + r0..i * n + r0 + width].copy_from_slice(&band[i * width..(i + 1) * width]);
+        }
     }
+    out
 }
 
 /// What `matmul_own` needs of one of this crate's kernels.

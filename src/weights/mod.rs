@@ -165,7 +165,7 @@ impl Weights {
                     .with_context(|| format!("quantizing {name}"))?;
                 Linear::quantized(quantized)
             }
-            _ => Ok(Linear::Dense(self.tensor(name, shape, dtype, device)?)),
+            _ => Linear::dense(self.tensor(name, shape, dtype, device)?),
         }
     }
 
@@ -179,6 +179,8 @@ impl Weights {
     ) -> Result<Embedding> {
         match self.linear(name, shape, dtype, device, false)? {
             Linear::Dense(t) => Ok(Embedding::Dense(t)),
+            // The table is only indexed: keep it as a bf16 tensor.
+            Linear::CpuBf16(_) => Ok(Embedding::Dense(self.tensor(name, shape, dtype, device)?)),
             Linear::CpuQuantized(q) => Ok(Embedding::Quantized(q.qtensor().clone())),
             Linear::Quantized(q) => match q {
                 candle_core::quantized::QMatMul::QTensor(q) => Ok(Embedding::Quantized(q)),
