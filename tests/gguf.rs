@@ -155,7 +155,7 @@ fn greedy(model: &Path, extra: &[&str]) -> String {
 }
 
 #[test]
-fn a_gguf_answers_like_its_safetensors_twin_in_f32_and_f16() {
+fn a_gguf_answers_like_its_safetensors_twin_in_f32_f16_and_bf16() {
     let dir = tiny_model();
     let reference = greedy(&dir, &[]);
     assert!(reference.chars().count() > 10, "{reference:?}");
@@ -165,6 +165,9 @@ fn a_gguf_answers_like_its_safetensors_twin_in_f32_and_f16() {
     let f16_reference = greedy(&dir, &["--dtype", "f16"]);
     let f16_file = twin("gguf-f16", GgmlDType::F16, None);
     assert_eq!(greedy(&f16_file, &[]), f16_reference);
+
+    let bf16_file = twin("gguf-bf16", GgmlDType::BF16, None);
+    assert_eq!(greedy(&bf16_file, &[]), greedy(&dir, &["--dtype", "bf16"]));
 }
 
 #[test]

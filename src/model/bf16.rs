@@ -28,6 +28,27 @@ impl Bf16Matrix {
         Ok(Self { w, rows, cols })
     }
 
+    pub fn from_bytes(bytes: &[u8], shape: &[usize]) -> Result<Self> {
+        let [rows, cols] = shape else {
+            bail!("a matrix needs two dimensions, not {shape:?}");
+        };
+        if bytes.len() != rows * cols * 2 {
+            bail!(
+                "{} bytes do not make a {rows}×{cols} bf16 matrix",
+                bytes.len()
+            );
+        }
+        let w = bytes
+            .chunks_exact(2)
+            .map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])))
+            .collect();
+        Ok(Self {
+            w,
+            rows: *rows,
+            cols: *cols,
+        })
+    }
+
     pub fn bytes(&self) -> usize {
         self.w.len() * 2
     }

@@ -46,6 +46,11 @@ impl Linear {
         Ok(Self::Dense(w))
     }
 
+    /// A bf16 matrix of `shape` from little-endian bytes (a GGUF's).
+    pub fn bf16_from_bytes(bytes: &[u8], shape: &[usize]) -> Result<Self> {
+        Ok(Self::CpuBf16(Bf16Matrix::from_bytes(bytes, shape)?))
+    }
+
     pub fn quantized(q: Arc<QTensor>) -> Result<Self> {
         match QuantMatrix::new(q.clone()) {
             Some(m) => Ok(Self::CpuQuantized(m)),

@@ -154,9 +154,16 @@ impl Weights {
             .map(|q| if output { linear::output_quant(q) } else { q });
         if let (Store::Gguf(g), None) = (&self.store, target) {
             let q = g.tensor(name, shape, device)?;
-            if !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
-                return Linear::quantized(std::sync::Arc::new(q));
-            }
+            return match q.dtype() {
+                // Straight from the file's bytes: no f32 copy of a 7B model's matrices.
+                GgmlDType::BF16 if dtype == DType::BF16 && device.is_cpu() => {
+                    Linear::bf16_from_bytes(&q.data()?, shape)
+                }
+                GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                    Linear::dense(q.dequantize(device)?.to_dtype(dtype)?)
+                }
+                _ => Linear::quantized(std::sync::Arc::new(q)),
+            };
         }
         match target {
             Some(q) if !matches!(q, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => {
