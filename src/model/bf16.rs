@@ -6,7 +6,7 @@
 //! top half of an f32: a shift) is both the smallest and the fastest way
 //! to run it. Activations, norms and attention stay f32.
 
-use super::qmatmul::{bands, rows_by_tasks};
+use super::qmatmul::{in_fours, rows_by_tasks};
 use anyhow::{Result, bail};
 use candle_core::{DType, Device, Tensor};
 use half::bf16;
@@ -65,23 +65,12 @@ impl Bf16Matrix {
             rows_by_tasks(self.rows, 1, k, &xs, |r, x| dot(row(r), x))
         } else {
             let xr: Vec<&[f32]> = xs.chunks_exact(k).collect();
-            bands(self.rows, m, |rows, band, width| {
-                let mut i = 0;
-                while i + 4 <= m {
-                    for r in rows.clone() {
-                        let four = dot4(row(r), [xr[i], xr[i + 1], xr[i + 2], xr[i + 3]]);
-                        for (t, v) in four.into_iter().enumerate() {
-                            band[(i + t) * width + r - rows.start] = v;
-                        }
-                    }
-                    i += 4;
-                }
-                for (t, x) in xr.iter().enumerate().skip(i) {
-                    for r in rows.clone() {
-                        band[t * width + r - rows.start] = dot(row(r), x);
-                    }
-                }
-            })
+            in_fours(
+                self.rows,
+                &xr,
+                |r, x| dot(row(r), x),
+                |r, x4| dot4(row(r), x4),
+            )
         };
         Ok(Tensor::from_vec(out, (m, self.rows), &Device::Cpu)?)
     }

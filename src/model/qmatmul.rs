@@ -115,26 +115,13 @@ impl QuantMatrix {
         if m == 1 {
             return Ok(rows_by_tasks(n, 1, per_row, &xq, |r, x| K::dot(row(r), x)));
         }
-        // Prompts: four tokens per pass over each weight row, and the band's
-        // rows (in L2) swept once per four tokens (whose activations stay in L1).
         let xs: Vec<&[K::X]> = xq.chunks_exact(per_row).collect();
-        Ok(bands(n, m, |rows, band, width| {
-            let mut i = 0;
-            while i + 4 <= m {
-                for r in rows.clone() {
-                    let four = K::dot4(row(r), [xs[i], xs[i + 1], xs[i + 2], xs[i + 3]]);
-                    for (t, v) in four.into_iter().enumerate() {
-                        band[(i + t) * width + r - rows.start] = v;
-                    }
-                }
-                i += 4;
-            }
-            for (t, x) in xs.iter().enumerate().skip(i) {
-                for r in rows.clone() {
-                    band[t * width + r - rows.start] = K::dot(row(r), x);
-                }
-            }
-        }))
+        Ok(in_fours(
+            n,
+            &xs,
+            |r, x| K::dot(row(r), x),
+            |r, x4| K::dot4(row(r), x4),
+        ))
     }
 }
 
@@ -173,7 +160,7 @@ pub(super) fn rows_by_tasks<X: Sync>(
 /// task (it stays in cache while the activation rows pass over it):
 /// `fill(rows, band, width)` writes the output of weight row `r` for
 /// activation row `i` at `band[i * width + r - rows.start]`.
-pub(super) fn bands(
+fn bands(
     n: usize,
     m: usize,
     fill: impl Fn(std::ops::Range<usize>, &mut [f32], usize) + Sync,
@@ -198,6 +185,35 @@ pub(super) fn bands(
         }
     }
     out
+}
+
+/// The `[m, n]` product for prompts (m > 1): four activation rows per pass
+/// over each weight row (`dot4`), and each band of weight rows (in L2)
+/// swept once per four activation rows (in L1); `dot` takes the rest.
+pub(super) fn in_fours<X: ?Sized + Sync>(
+    n: usize,
+    xs: &[&X],
+    dot: impl Fn(usize, &X) -> f32 + Sync,
+    dot4: impl Fn(usize, [&X; 4]) -> [f32; 4] + Sync,
+) -> Vec<f32> {
+    let m = xs.len();
+    bands(n, m, |rows, band, width| {
+        let mut i = 0;
+        while i + 4 <= m {
+            for r in rows.clone() {
+                let four = dot4(r, [xs[i], xs[i + 1], xs[i + 2], xs[i + 3]]);
+                for (t, v) in four.into_iter().enumerate() {
+                    band[(i + t) * width + r - rows.start] = v;
+                }
+            }
+            i += 4;
+        }
+        for (t, x) in xs.iter().enumerate().skip(i) {
+            for r in rows.clone() {
+                band[t * width + r - rows.start] = dot(r, x);
+            }
+        }
+    })
 }
 
 /// What `matmul_own` needs of one of this crate's kernels.
