@@ -146,12 +146,13 @@ fn parse_quant(s: &str) -> Result<GgmlDType, String> {
 
 /// `--quantize` takes only block formats; float formats are `--dtype`'s job.
 fn parse_block_quant(s: &str) -> Result<GgmlDType, String> {
-    match parse_quant(s)? {
-        GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => Err(format!(
+    let q = parse_quant(s)?;
+    if !crate::model::linear::is_block_format(q) {
+        return Err(format!(
             "{s} is not a quantized format (q4k, q5k, q6k, q8_0, q4_0); use --dtype {s}"
-        )),
-        q => Ok(q),
+        ));
     }
+    Ok(q)
 }
 
 impl DeviceArgs {

@@ -10,7 +10,7 @@
 
 use super::config::Config;
 use super::kv_cache::KvCache;
-use super::linear::{Embedding, Linear};
+use super::linear::{Embedding, Linear, dense_bytes};
 use crate::weights::Weights;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -171,7 +171,6 @@ impl Model {
 
     /// Bytes of all weights as held in memory (a tied `lm_head` counts once).
     pub fn weight_bytes(&self) -> usize {
-        let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         let layers: usize = self
             .layers
             .iter()
@@ -182,12 +181,12 @@ impl Model {
                     .iter()
                     .map(|w| w.bytes())
                     .sum::<usize>()
-                    + dense(&l.input_norm)
-                    + dense(&l.post_norm)
+                    + dense_bytes(&l.input_norm)
+                    + dense_bytes(&l.post_norm)
             })
             .sum();
         let head = if self.tied { 0 } else { self.lm_head.bytes() };
-        self.embed.bytes() + layers + dense(&self.norm) + head
+        self.embed.bytes() + layers + dense_bytes(&self.norm) + head
     }
 
     /// How the matrices are stored (`F32`, `Q4K`, ...), from the first MLP's.

@@ -83,7 +83,7 @@ impl Linear {
     }
 }
 
-fn dense_bytes(t: &Tensor) -> usize {
+pub(crate) fn dense_bytes(t: &Tensor) -> usize {
     t.elem_count() * t.dtype().size_in_bytes()
 }
 
@@ -110,6 +110,11 @@ impl Embedding {
             Self::Quantized(q) => q.storage_size_in_bytes(),
         }
     }
+}
+
+/// Whether `dtype` is a ggml block format (as opposed to a float format).
+pub fn is_block_format(dtype: GgmlDType) -> bool {
+    !matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
 }
 
 /// `--quantize` types: the ggml block formats a dense checkpoint can be

@@ -34,6 +34,9 @@ enum Store {
     Gguf(Box<gguf::Gguf>),
 }
 
+/// The tensor whose stored type stands for a GGUF file's matrices.
+const PROBE_MATRIX: &str = "model.layers.0.mlp.up_proj.weight";
+
 pub struct Weights {
     store: Store,
     files: Vec<PathBuf>,
@@ -129,13 +132,11 @@ impl Weights {
 
     /// Whether the matrices will be ggml-quantized (so activations run in f32).
     pub fn is_quantized(&self) -> bool {
-        let quantized =
-            |d: GgmlDType| !matches!(d, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
-        self.quantize.is_some_and(quantized)
+        self.quantize.is_some_and(linear::is_block_format)
             || self
                 .gguf()
-                .and_then(|g| g.stored_type("model.layers.0.mlp.up_proj.weight"))
-                .is_some_and(quantized)
+                .and_then(|g| g.stored_type(PROBE_MATRIX))
+                .is_some_and(linear::is_block_format)
     }
 
     /// Matrix `name` `[out, in]`: dense in `dtype`, or quantized when the
@@ -166,7 +167,7 @@ impl Weights {
             };
         }
         match target {
-            Some(q) if !matches!(q, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => {
+            Some(q) if linear::is_block_format(q) => {
                 let dense = self.tensor(name, shape, DType::F32, &Device::Cpu)?;
                 let quantized = linear::quantize(&dense, q, device)
                     .with_context(|| format!("quantizing {name}"))?;
@@ -184,10 +185,18 @@ impl Weights {
         dtype: DType,
         device: &Device,
     ) -> Result<Embedding> {
+        // A bf16 run on the CPU only indexes the table: keep it a bf16
+        // tensor rather than building the matrix kernel's copy of it.
+        let stored_blocks = self
+            .gguf()
+            .and_then(|g| g.stored_type(name))
+            .is_some_and(linear::is_block_format);
+        if dtype == DType::BF16 && device.is_cpu() && self.quantize.is_none() && !stored_blocks {
+            return Ok(Embedding::Dense(self.tensor(name, shape, dtype, device)?));
+        }
         match self.linear(name, shape, dtype, device, false)? {
             Linear::Dense(t) => Ok(Embedding::Dense(t)),
-            // The table is only indexed: keep it as a bf16 tensor.
-            Linear::CpuBf16(_) => Ok(Embedding::Dense(self.tensor(name, shape, dtype, device)?)),
+            Linear::CpuBf16(_) => unreachable!("bf16 tables on the CPU return above"),
             Linear::CpuQuantized(q) => Ok(Embedding::Quantized(q.qtensor().clone())),
             Linear::Quantized(q) => match q {
                 candle_core::quantized::QMatMul::QTensor(q) => Ok(Embedding::Quantized(q)),
@@ -230,7 +239,7 @@ impl Weights {
         match &self.store {
             Store::Synthetic { .. } => return Some(DType::F32),
             Store::Gguf(g) => {
-                return match g.stored_type("model.layers.0.mlp.up_proj.weight")? {
+                return match g.stored_type(PROBE_MATRIX)? {
                     GgmlDType::F16 => Some(DType::F16),
                     GgmlDType::BF16 => Some(DType::BF16),
                     _ => Some(DType::F32),
