@@ -6,6 +6,7 @@ mod decoder;
 mod kv_cache;
 pub mod linear;
 mod q4k;
+mod q4k_panel;
 mod q8_0;
 mod qmatmul;
 pub mod synthetic;

@@ -25,9 +25,9 @@ pub const QK: usize = 256;
 #[derive(Clone)]
 #[repr(C, align(64))]
 pub struct Q8K {
-    qs: [i8; QK],
-    bsums: [i16; 16],
-    d: f32,
+    pub(super) qs: [i8; QK],
+    pub(super) bsums: [i16; 16],
+    pub(super) d: f32,
 }
 
 impl Q8K {
@@ -43,7 +43,7 @@ impl Q8K {
 /// Where natural 32-value chunk `c` of a block is stored: a weight byte
 /// holds values `i` and `i + 32` of a 64-value group, so the kernel pairs
 /// chunks (0, 2), (1, 3), (4, 6), (5, 7). The map is its own inverse.
-const CHUNK_ORDER: [usize; 8] = [0, 2, 1, 3, 4, 6, 5, 7];
+pub(super) const CHUNK_ORDER: [usize; 8] = [0, 2, 1, 3, 4, 6, 5, 7];
 
 /// Quantizes `x` (a multiple of 256 values) into `out`.
 pub fn quantize_q8k(x: &[f32], out: &mut [Q8K]) {

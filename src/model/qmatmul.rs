@@ -9,6 +9,7 @@
 //! own SIMD dot products (`GgmlType::vec_dot`, the ggml kernels) and splits
 //! the rows over the thread pool itself.
 
+use super::q4k_panel::{self, Panel};
 use super::{q4k, q8_0};
 use anyhow::{Result, bail};
 use candle_core::quantized::k_quants::{
@@ -22,6 +23,10 @@ use std::sync::Arc;
 /// Rows of the weight matrix per parallel task: small enough to balance two
 /// to sixteen threads, large enough that scheduling costs nothing.
 pub(super) const ROWS_PER_TASK: usize = 64;
+
+/// Prompts at least this long go through `q4k_panel`: unpacking sixteen
+/// rows costs about what multiplying a dozen tokens by them does.
+const PANEL_MIN_TOKENS: usize = 16;
 
 /// A ggml-quantized `[out, in]` matrix in the CPU's memory.
 pub struct QuantMatrix {
@@ -56,6 +61,9 @@ impl QuantMatrix {
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let out = match self.q.dtype() {
             GgmlDType::Q4_0 => self.matmul::<BlockQ4_0>(&xs, m)?,
+            GgmlDType::Q4K if m >= PANEL_MIN_TOKENS && Panel::available() => {
+                self.matmul_q4k_panels(&xs, m)?
+            }
             GgmlDType::Q4K if super::q4k::have_vnni() => self.matmul_own::<Q4K>(&xs, m)?,
             GgmlDType::Q8_0 if super::q4k::have_vnni() && k % q8_0::PAIR == 0 => {
                 self.matmul_own::<Q8_0>(&xs, m)?
@@ -122,6 +130,51 @@ impl QuantMatrix {
             |r, x| K::dot(row(r), x),
             |r, x4| K::dot4(row(r), x4),
         ))
+    }
+}
+
+impl QuantMatrix {
+    /// Q4_K prompts: each task's band of rows is unpacked sixteen rows at a
+    /// time into a per-thread panel (reused, so no allocation per band),
+    /// and every token passes over it; rows past the last whole panel take
+    /// the row kernel.
+    fn matmul_q4k_panels(&self, xs: &[f32], m: usize) -> Result<Vec<f32>> {
+        use std::cell::RefCell;
+        thread_local! {
+            static PANEL: RefCell<Panel> = RefCell::new(Panel::new());
+        }
+        let (n, k) = (self.rows, self.cols);
+        let data = self.q.data()?;
+        let row_bytes = k / q4k::QK * q4k::BLOCK_BYTES;
+        if data.len() != n * row_bytes {
+            bail!(
+                "quantized data holds {} bytes, expected {}",
+                data.len(),
+                n * row_bytes
+            );
+        }
+        let per_row = k / q4k::QK;
+        let mut xq = vec![q4k::Q8K::zeros(); m * per_row];
+        for (row, dst) in xs.chunks_exact(k).zip(xq.chunks_exact_mut(per_row)) {
+            q4k::quantize_q8k(row, dst);
+        }
+        let xs: Vec<&[q4k::Q8K]> = xq.chunks_exact(per_row).collect();
+        Ok(bands(n, m, |rows, band, width| {
+            let mut r = rows.start;
+            PANEL.with_borrow_mut(|panel| {
+                while r + q4k_panel::ROWS <= rows.end {
+                    panel.pack(&data[r * row_bytes..], row_bytes);
+                    panel.multiply(&xs, &mut band[r - rows.start..], width);
+                    r += q4k_panel::ROWS;
+                }
+            });
+            for row in r..rows.end {
+                let w = &data[row * row_bytes..(row + 1) * row_bytes];
+                for (t, x) in xs.iter().enumerate() {
+                    band[t * width + row - rows.start] = q4k::dot(w, x);
+                }
+            }
+        }))
     }
 }
 

@@ -1,0 +1,286 @@
+//! Prompt processing over Q4_K weights: sixteen weight rows at a time,
+//! unpacked once into a cache-resident panel that every prompt token then
+//! streams through.
+//!
+//! `q4k::dot_vnni` works one row at a time, so each 32-value sub-block's
+//! integer dot product needs its own convert-and-scale, and the block's
+//! scales are unpacked again for every four tokens: about four overhead
+//! instructions per `vpdpbusd`. Here a zmm lane holds one of sixteen rows,
+//! so one `vpdpbusd` advances sixteen rows by four values, against a
+//! broadcast of four activation bytes, and the scales are applied once per
+//! eight of them. This is what llama.cpp's repacked AVX-512 layout buys it,
+//! but the unpacked copy only exists for the sixteen rows being worked on
+//! (a few hundred KB, in L2), never for the whole model: memory stays the
+//! file's size.
+
+use super::q4k::{BLOCK_BYTES, CHUNK_ORDER, Q8K};
+
+/// Rows per panel: one 32-bit lane of a zmm register each.
+pub const ROWS: usize = 16;
+
+/// Tokens multiplied per pass over a panel block (their accumulators fill
+/// the register file: four tokens × four vectors).
+const TOKENS: usize = 4;
+
+/// One 64-byte vector, aligned for `vmovdqa64`.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+/// Lines per unpacked block: 64 of weights (8 sub-blocks × 8 groups of four
+/// values), 8 of `d·scale` (f32), 8 of `(min, min)` (i16 pairs), 1 of `dmin`.
+const LINES: usize = 64 + 8 + 8 + 1;
+const SCALES_AT: usize = 64;
+const MINS_AT: usize = 72;
+const DMIN_AT: usize = 80;
+
+/// Sixteen rows of Q4_K blocks unpacked for `vpdpbusd`: for block `b`,
+/// sub-block `s` and group `g`, line `b·LINES + 8s + g` holds, in lane `r`,
+/// the four 4-bit values `4g..4g+4` of sub-block `s` of row `r`, one per byte.
+pub struct Panel {
+    lines: Vec<Line>,
+    blocks: usize,
+}
+
+impl Panel {
+    pub fn new() -> Self {
+        Self {
+            lines: Vec::new(),
+            blocks: 0,
+        }
+    }
+
+    /// Whether this CPU has the instructions (`q4k::have_vnni`).
+    pub fn available() -> bool {
+        super::q4k::have_vnni()
+    }
+
+    /// Unpacks the `ROWS` rows that start at `rows[0]`, each `row_bytes`
+    /// long and `row_bytes` apart.
+    ///
+    /// # Panics
+    /// If `rows` holds fewer than `ROWS` rows, or the CPU lacks the
+    /// instructions (check `available` first).
+    pub fn pack(&mut self, rows: &[u8], row_bytes: usize) {
+        assert!(Self::available(), "the Q4_K panel needs AVX-512 VNNI");
+        assert!(rows.len() >= ROWS * row_bytes, "fewer than {ROWS} rows");
+        assert!(row_bytes.is_multiple_of(BLOCK_BYTES) && row_bytes * ROWS < i32::MAX as usize);
+        self.blocks = row_bytes / BLOCK_BYTES;
+        self.lines.resize(self.blocks * LINES, Line([0; 64]));
+        // SAFETY: the features were checked above; the reads stay inside
+        // `rows` (checked long enough) and the writes inside `self.lines`.
+        unsafe { pack_avx512(rows, row_bytes, self.blocks, &mut self.lines) }
+    }
+
+    /// `out[t·stride + r] = row r · token t` for every token of `xs` (each
+    /// `blocks` Q8_K blocks) and the `ROWS` rows of the last `pack`.
+    pub fn multiply(&self, xs: &[&[Q8K]], out: &mut [f32], stride: usize) {
+        assert!(Self::available(), "the Q4_K panel needs AVX-512 VNNI");
+        for x in xs {
+            assert!(x.len() >= self.blocks, "activations shorter than the rows");
+        }
+        assert!(xs.is_empty() || out.len() >= (xs.len() - 1) * stride + ROWS);
+        let mut groups = xs.chunks_exact(TOKENS);
+        let mut t = 0;
+        for four in &mut groups {
+            // SAFETY: checked above: features, activation lengths, output size.
+            unsafe { self.multiply_avx512::<TOKENS>(four, &mut out[t * stride..], stride) };
+            t += TOKENS;
+        }
+        for x in groups.remainder() {
+            // SAFETY: as above.
+            unsafe { self.multiply_avx512::<1>(&[*x], &mut out[t * stride..], stride) };
+            t += 1;
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
+    // `t` indexes the accumulators and the tokens alike.
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn multiply_avx512<const N: usize>(
+        &self,
+        xs: &[&[Q8K]],
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        // SAFETY: the caller checked the features, that each `xs[t]` holds
+        // `self.blocks` blocks and that `out` reaches row `N - 1`'s lanes.
+        unsafe {
+            use std::arch::x86_64::*;
+            let lines = self.lines.as_ptr();
+            let mut facc = [_mm512_setzero_ps(); N];
+            for b in 0..self.blocks {
+                let p = lines.add(b * LINES);
+                let mut bacc = [_mm512_setzero_ps(); N];
+                let mut macc = [_mm512_setzero_si512(); N];
+                for s in 0..8 {
+                    let mut iacc = [_mm512_setzero_si512(); N];
+                    let at = CHUNK_ORDER[s] * 32;
+                    for g in 0..8 {
+                        let w = _mm512_load_si512(p.add(8 * s + g).cast());
+                        for t in 0..N {
+                            let x = xs[t][b].qs.as_ptr().add(at + 4 * g);
+                            let x4 = _mm512_set1_epi32(std::ptr::read_unaligned(x.cast::<i32>()));
+                            iacc[t] = _mm512_dpbusd_epi32(iacc[t], w, x4);
+                        }
+                    }
+                    let scale = _mm512_load_ps(p.add(SCALES_AT + s).cast());
+                    let mins = _mm512_load_si512(p.add(MINS_AT + s).cast());
+                    for t in 0..N {
+                        bacc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[t]), scale, bacc[t]);
+                        // The sums of the sub-block's two halves, as one i16 pair.
+                        let sums = xs[t][b].bsums.as_ptr().add(2 * s).cast::<i32>();
+                        let sums = _mm512_set1_epi32(std::ptr::read_unaligned(sums));
+                        macc[t] = _mm512_dpwssd_epi32(macc[t], mins, sums);
+                    }
+                }
+                let dmin = _mm512_load_ps(p.add(DMIN_AT).cast());
+                for t in 0..N {
+                    let block = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(macc[t]), dmin, bacc[t]);
+                    facc[t] = _mm512_fmadd_ps(block, _mm512_set1_ps(xs[t][b].d), facc[t]);
+                }
+            }
+            for t in 0..N {
+                _mm512_storeu_ps(out.as_mut_ptr().add(t * stride), facc[t]);
+            }
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn multiply_avx512<const N: usize>(&self, _: &[&[Q8K]], _: &mut [f32], _: usize) {
+        unreachable!("available() is false off x86-64")
+    }
+}
+
+impl Default for Panel {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
+unsafe fn pack_avx512(rows: &[u8], row_bytes: usize, blocks: usize, lines: &mut [Line]) {
+    // SAFETY: the caller checked the features, that `rows` holds ROWS rows
+    // of `row_bytes`, and that `lines` holds `blocks · LINES` lines.
+    unsafe {
+        use std::arch::x86_64::*;
+        let stride = row_bytes as i32;
+        let index = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(stride),
+        );
+        // One dword of each of the sixteen rows, at byte `at` of each row.
+        let gather = |at: usize| _mm512_i32gather_epi32::<1>(index, rows.as_ptr().add(at).cast());
+        let nib = _mm512_set1_epi32(0x0F0F_0F0F);
+        let low6 = _mm512_set1_epi32(0x3F3F_3F3F);
+        let low2 = _mm512_set1_epi32(0x0303_0303);
+        let byte = _mm512_set1_epi32(0xFF);
+        let out = lines.as_mut_ptr();
+        for b in 0..blocks {
+            let at = b * BLOCK_BYTES;
+            let p = out.add(b * LINES);
+            // Weights: dword k of the 128 nibble bytes holds values 4g..4g+4
+            // (g = k mod 8) of sub-block 2(k/8) in its low nibbles and of
+            // sub-block 2(k/8)+1 in its high ones.
+            for k in 0..32 {
+                let v = gather(at + 16 + 4 * k);
+                let (s, g) = (2 * (k / 8), k % 8);
+                _mm512_store_si512(p.add(8 * s + g).cast(), _mm512_and_si512(v, nib));
+                let hi = _mm512_and_si512(_mm512_srli_epi32::<4>(v), nib);
+                _mm512_store_si512(p.add(8 * (s + 1) + g).cast(), hi);
+            }
+            // d and dmin (two halves), and the 12 scale bytes as ggml
+            // unpacks them (`get_scale_min_k4`): u0, u1 hold the eight
+            // scales, u2, u3 the eight mins, a byte each.
+            let dd = gather(at);
+            let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dd));
+            let dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dd)));
+            let (s0, s1, s2) = (gather(at + 4), gather(at + 8), gather(at + 12));
+            let u0 = _mm512_and_si512(s0, low6);
+            let u1 = _mm512_or_si512(
+                _mm512_and_si512(s2, nib),
+                _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(s0), low2)),
+            );
+            let u2 = _mm512_and_si512(s1, low6);
+            let u3 = _mm512_or_si512(
+                _mm512_and_si512(_mm512_srli_epi32::<4>(s2), nib),
+                _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(s1), low2)),
+            );
+            for s in 0..8 {
+                let (sc, m) = if s < 4 { (u0, u2) } else { (u1, u3) };
+                let shift = _mm512_set1_epi32(8 * (s as i32 % 4));
+                let sc = _mm512_and_si512(_mm512_srlv_epi32(sc, shift), byte);
+                let m = _mm512_and_si512(_mm512_srlv_epi32(m, shift), byte);
+                let scale = _mm512_mul_ps(_mm512_cvtepi32_ps(sc), d);
+                _mm512_store_ps(p.add(SCALES_AT + s).cast(), scale);
+                // (m, m) as two i16: `vpdpwssd` pairs them with the sums of
+                // the sub-block's two 16-value halves.
+                let mm = _mm512_or_si512(m, _mm512_slli_epi32::<16>(m));
+                _mm512_store_si512(p.add(MINS_AT + s).cast(), mm);
+            }
+            _mm512_store_ps(p.add(DMIN_AT).cast(), dmin);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn pack_avx512(_: &[u8], _: usize, _: usize, _: &mut [Line]) {
+    unreachable!("available() is false off x86-64")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::q4k::{QK, dot_scalar, quantize_q8k};
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn a_panel_computes_what_the_row_kernel_does() {
+        if !Panel::available() {
+            eprintln!("no AVX-512 VNNI on this CPU: nothing to compare");
+            return;
+        }
+        let (rows, cols, tokens) = (ROWS + 3, 1024, 7);
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (rows, cols), &dev).unwrap();
+        let bytes = QTensor::quantize(&w, GgmlDType::Q4K)
+            .unwrap()
+            .data()
+            .unwrap()
+            .into_owned();
+        let row_bytes = cols / QK * BLOCK_BYTES;
+        let x: Vec<f32> = Tensor::randn(0f32, 1.0, tokens * cols, &dev)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let mut xq = vec![Q8K::zeros(); tokens * cols / QK];
+        for (x, q) in x.chunks_exact(cols).zip(xq.chunks_exact_mut(cols / QK)) {
+            quantize_q8k(x, q);
+        }
+        let xs: Vec<&[Q8K]> = xq.chunks_exact(cols / QK).collect();
+        // Rows 3..19: a panel that does not start at the first row.
+        let mut panel = Panel::new();
+        panel.pack(&bytes[3 * row_bytes..], row_bytes);
+        let stride = ROWS + 5;
+        let mut out = vec![f32::NAN; tokens * stride];
+        panel.multiply(&xs, &mut out, stride);
+        for (t, x) in xs.iter().enumerate() {
+            for r in 0..ROWS {
+                let row = &bytes[(3 + r) * row_bytes..(4 + r) * row_bytes];
+                let want = dot_scalar(row, x);
+                let got = out[t * stride + r];
+                assert!(
+                    (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                    "token {t} row {r}: {got} vs {want}"
+                );
+            }
+            assert!(
+                out[t * stride + ROWS].is_nan(),
+                "wrote past the panel's rows"
+            );
+        }
+    }
+}
