@@ -8,6 +8,7 @@ pub mod linear;
 mod q4k;
 mod q4k_panel;
 mod q8_0;
+mod q8_0_panel;
 mod qmatmul;
 pub mod synthetic;
 

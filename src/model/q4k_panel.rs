@@ -20,12 +20,12 @@ pub const ROWS: usize = 16;
 
 /// Tokens multiplied per pass over a panel block (their accumulators fill
 /// the register file: four tokens × four vectors).
-const TOKENS: usize = 4;
+pub(super) const TOKENS: usize = 4;
 
 /// One 64-byte vector, aligned for `vmovdqa64`.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-struct Line([u8; 64]);
+pub(super) struct Line(pub(super) [u8; 64]);
 
 /// Lines per unpacked block: 64 of weights (8 sub-blocks × 8 groups of four
 /// values), 8 of `d·scale` (f32), 8 of `(min, min)` (i16 pairs), 1 of `dmin`.
@@ -166,11 +166,7 @@ unsafe fn pack_avx512(rows: &[u8], row_bytes: usize, blocks: usize, lines: &mut 
     // of `row_bytes`, and that `lines` holds `blocks · LINES` lines.
     unsafe {
         use std::arch::x86_64::*;
-        let stride = row_bytes as i32;
-        let index = _mm512_mullo_epi32(
-            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-            _mm512_set1_epi32(stride),
-        );
+        let index = row_offsets(row_bytes);
         // One dword of each of the sixteen rows, at byte `at` of each row.
         let gather = |at: usize| _mm512_i32gather_epi32::<1>(index, rows.as_ptr().add(at).cast());
         let nib = _mm512_set1_epi32(0x0F0F_0F0F);
@@ -223,6 +219,17 @@ unsafe fn pack_avx512(rows: &[u8], row_bytes: usize, blocks: usize, lines: &mut 
             _mm512_store_ps(p.add(DMIN_AT).cast(), dmin);
         }
     }
+}
+
+/// The byte offsets of the sixteen rows, `row_bytes` apart, as gather indices.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(super) fn row_offsets(row_bytes: usize) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(row_bytes as i32),
+    )
 }
 
 #[cfg(not(target_arch = "x86_64"))]

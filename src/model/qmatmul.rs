@@ -9,8 +9,7 @@
 //! own SIMD dot products (`GgmlType::vec_dot`, the ggml kernels) and splits
 //! the rows over the thread pool itself.
 
-use super::q4k_panel::{self, Panel};
-use super::{q4k, q8_0};
+use super::{q4k, q4k_panel, q8_0, q8_0_panel};
 use anyhow::{Result, bail};
 use candle_core::quantized::k_quants::{
     BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, GgmlType,
@@ -61,8 +60,11 @@ impl QuantMatrix {
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let out = match self.q.dtype() {
             GgmlDType::Q4_0 => self.matmul::<BlockQ4_0>(&xs, m)?,
-            GgmlDType::Q4K if m >= PANEL_MIN_TOKENS && Panel::available() => {
-                self.matmul_q4k_panels(&xs, m)?
+            GgmlDType::Q4K if m >= PANEL_MIN_TOKENS && q4k_panel::Panel::available() => {
+                self.matmul_panels::<q4k_panel::Panel>(&xs, m)?
+            }
+            GgmlDType::Q8_0 if m >= PANEL_MIN_TOKENS && q8_0_panel::Panel::available() => {
+                self.matmul_panels::<q8_0_panel::Panel>(&xs, m)?
             }
             GgmlDType::Q4K if super::q4k::have_vnni() => self.matmul_own::<Q4K>(&xs, m)?,
             GgmlDType::Q8_0 if super::q4k::have_vnni() && k % q8_0::PAIR == 0 => {
@@ -134,18 +136,14 @@ impl QuantMatrix {
 }
 
 impl QuantMatrix {
-    /// Q4_K prompts: each task's band of rows is unpacked sixteen rows at a
-    /// time into a per-thread panel (reused, so no allocation per band),
-    /// and every token passes over it; rows past the last whole panel take
-    /// the row kernel.
-    fn matmul_q4k_panels(&self, xs: &[f32], m: usize) -> Result<Vec<f32>> {
-        use std::cell::RefCell;
-        thread_local! {
-            static PANEL: RefCell<Panel> = RefCell::new(Panel::new());
-        }
+    /// Prompts through a panel kernel: each task's band of rows is unpacked
+    /// sixteen rows at a time into a per-thread panel (reused, so no
+    /// allocation per band), and every token passes over it; rows past the
+    /// last whole panel take the kernel's row dot product.
+    fn matmul_panels<P: PanelKernel>(&self, xs: &[f32], m: usize) -> Result<Vec<f32>> {
         let (n, k) = (self.rows, self.cols);
         let data = self.q.data()?;
-        let row_bytes = k / q4k::QK * q4k::BLOCK_BYTES;
+        let row_bytes = k / P::BLOCK_VALUES * P::BLOCK_BYTES;
         if data.len() != n * row_bytes {
             bail!(
                 "quantized data holds {} bytes, expected {}",
@@ -153,15 +151,15 @@ impl QuantMatrix {
                 n * row_bytes
             );
         }
-        let per_row = k / q4k::QK;
-        let mut xq = vec![q4k::Q8K::zeros(); m * per_row];
+        let per_row = k / P::BLOCK_VALUES;
+        let mut xq = vec![P::zeros(); m * per_row];
         for (row, dst) in xs.chunks_exact(k).zip(xq.chunks_exact_mut(per_row)) {
-            q4k::quantize_q8k(row, dst);
+            P::quantize(row, dst);
         }
-        let xs: Vec<&[q4k::Q8K]> = xq.chunks_exact(per_row).collect();
+        let xs: Vec<&[P::X]> = xq.chunks_exact(per_row).collect();
         Ok(bands(n, m, |rows, band, width| {
             let mut r = rows.start;
-            PANEL.with_borrow_mut(|panel| {
+            P::with_panel(|panel| {
                 while r + q4k_panel::ROWS <= rows.end {
                     panel.pack(&data[r * row_bytes..], row_bytes);
                     panel.multiply(&xs, &mut band[r - rows.start..], width);
@@ -171,10 +169,80 @@ impl QuantMatrix {
             for row in r..rows.end {
                 let w = &data[row * row_bytes..(row + 1) * row_bytes];
                 for (t, x) in xs.iter().enumerate() {
-                    band[t * width + row - rows.start] = q4k::dot(w, x);
+                    band[t * width + row - rows.start] = P::dot(w, x);
                 }
             }
         }))
+    }
+}
+
+/// What `matmul_panels` needs of a panel kernel (`q4k_panel`, `q8_0_panel`).
+trait PanelKernel: Sized {
+    /// The activations' quantized unit: one per weight block.
+    type X: Clone + Send + Sync;
+    const BLOCK_VALUES: usize;
+    const BLOCK_BYTES: usize;
+    fn zeros() -> Self::X;
+    fn quantize(x: &[f32], out: &mut [Self::X]);
+    /// Runs `f` on this thread's panel (a static cannot be generic, so each
+    /// kernel keeps its own).
+    fn with_panel(f: impl FnOnce(&mut Self));
+    fn pack(&mut self, rows: &[u8], row_bytes: usize);
+    fn multiply(&self, xs: &[&[Self::X]], out: &mut [f32], stride: usize);
+    fn dot(row: &[u8], x: &[Self::X]) -> f32;
+}
+
+impl PanelKernel for q4k_panel::Panel {
+    type X = q4k::Q8K;
+    const BLOCK_VALUES: usize = q4k::QK;
+    const BLOCK_BYTES: usize = q4k::BLOCK_BYTES;
+    fn zeros() -> Self::X {
+        q4k::Q8K::zeros()
+    }
+    fn quantize(x: &[f32], out: &mut [Self::X]) {
+        q4k::quantize_q8k(x, out)
+    }
+    fn with_panel(f: impl FnOnce(&mut Self)) {
+        thread_local! {
+            static PANEL: std::cell::RefCell<q4k_panel::Panel> = Default::default();
+        }
+        PANEL.with_borrow_mut(f)
+    }
+    fn pack(&mut self, rows: &[u8], row_bytes: usize) {
+        q4k_panel::Panel::pack(self, rows, row_bytes)
+    }
+    fn multiply(&self, xs: &[&[Self::X]], out: &mut [f32], stride: usize) {
+        q4k_panel::Panel::multiply(self, xs, out, stride)
+    }
+    fn dot(row: &[u8], x: &[Self::X]) -> f32 {
+        q4k::dot(row, x)
+    }
+}
+
+impl PanelKernel for q8_0_panel::Panel {
+    type X = q8_0_panel::Q8Sum;
+    const BLOCK_VALUES: usize = q8_0_panel::QK;
+    const BLOCK_BYTES: usize = q8_0::BLOCK_BYTES;
+    fn zeros() -> Self::X {
+        q8_0_panel::Q8Sum::zeros()
+    }
+    fn quantize(x: &[f32], out: &mut [Self::X]) {
+        q8_0_panel::quantize(x, out)
+    }
+    fn with_panel(f: impl FnOnce(&mut Self)) {
+        thread_local! {
+            static PANEL: std::cell::RefCell<q8_0_panel::Panel> = Default::default();
+        }
+        PANEL.with_borrow_mut(f)
+    }
+    fn pack(&mut self, rows: &[u8], row_bytes: usize) {
+        q8_0_panel::Panel::pack(self, rows, row_bytes)
+    }
+    fn multiply(&self, xs: &[&[Self::X]], out: &mut [f32], stride: usize) {
+        q8_0_panel::Panel::multiply(self, xs, out, stride)
+    }
+    fn dot(row: &[u8], x: &[Self::X]) -> f32 {
+        q8_0_panel::dot_scalar(row, x)
     }
 }
 

@@ -1,0 +1,279 @@
+//! Prompt processing over Q8_0 weights, sixteen rows per panel: the Q8_0
+//! counterpart of `q4k_panel` (see there for why panels).
+//!
+//! `vpdpbusd` multiplies unsigned by signed bytes. The row kernel (`q8_0`)
+//! takes |w| and moves w's sign onto x, once per token; here the sign bit
+//! of each weight is flipped once, at packing, so the panel holds
+//! `w + 128` and each block's result is corrected by `128 · Σx`, which the
+//! activations carry.
+
+#[cfg(target_arch = "x86_64")]
+use super::q4k_panel::row_offsets;
+use super::q4k_panel::{Line, ROWS, TOKENS};
+use super::q8_0::BLOCK_BYTES;
+
+/// Values per Q8_0 block.
+pub const QK: usize = 32;
+
+/// 32 activations quantized like a Q8_0 block, with their sum (the
+/// correction for the weights' offset of 128).
+#[derive(Clone)]
+#[repr(C)]
+pub struct Q8Sum {
+    qs: [i8; QK],
+    d: f32,
+    sum: i32,
+}
+
+impl Q8Sum {
+    pub fn zeros() -> Self {
+        Self {
+            qs: [0; QK],
+            d: 0.0,
+            sum: 0,
+        }
+    }
+}
+
+/// Quantizes `x` (a multiple of 32 values) into `out`.
+pub fn quantize(x: &[f32], out: &mut [Q8Sum]) {
+    for (block, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
+        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        for (q, v) in block.qs.iter_mut().zip(xs) {
+            *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+        }
+        block.d = d;
+        block.sum = block.qs.iter().map(|&q| q as i32).sum();
+    }
+}
+
+/// Plain-Rust dot product of one Q8_0 row with these activations: the
+/// reference, and what rows outside a whole panel take.
+pub fn dot_scalar(row: &[u8], x: &[Q8Sum]) -> f32 {
+    row.chunks_exact(BLOCK_BYTES)
+        .zip(x)
+        .map(|(b, xb)| {
+            let d = half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+            let isum: i32 = b[2..]
+                .iter()
+                .zip(&xb.qs)
+                .map(|(&w, &x)| w as i8 as i32 * x as i32)
+                .sum();
+            d * xb.d * isum as f32
+        })
+        .sum()
+}
+
+/// Lines per unpacked block: 8 of weights (groups of four values), 1 of `d`.
+const LINES: usize = 9;
+const D_AT: usize = 8;
+
+/// Sixteen rows of Q8_0 blocks: for block `b` and group `g`, line
+/// `b·LINES + g` holds, in lane `r`, values `4g..4g+4` of row `r` plus 128.
+#[derive(Default)]
+pub struct Panel {
+    lines: Vec<Line>,
+    blocks: usize,
+}
+
+impl Panel {
+    /// Whether this CPU has the instructions (`q4k::have_vnni`).
+    pub fn available() -> bool {
+        super::q4k::have_vnni()
+    }
+
+    /// Unpacks the `ROWS` rows that start at `rows[0]`, `row_bytes` apart.
+    ///
+    /// # Panics
+    /// If `rows` holds fewer than `ROWS` rows, or the CPU lacks the
+    /// instructions (check `available` first).
+    pub fn pack(&mut self, rows: &[u8], row_bytes: usize) {
+        assert!(Self::available(), "the Q8_0 panel needs AVX-512 VNNI");
+        assert!(rows.len() >= ROWS * row_bytes, "fewer than {ROWS} rows");
+        assert!(row_bytes.is_multiple_of(BLOCK_BYTES) && row_bytes * ROWS < i32::MAX as usize);
+        self.blocks = row_bytes / BLOCK_BYTES;
+        self.lines.resize(self.blocks * LINES, Line([0; 64]));
+        // SAFETY: the features were checked above; the reads stay inside
+        // `rows` (checked long enough) and the writes inside `self.lines`.
+        unsafe { pack_avx512(rows, row_bytes, self.blocks, &mut self.lines) }
+    }
+
+    /// `out[t·stride + r] = row r · token t` for every token of `xs` (each
+    /// `blocks` blocks) and the `ROWS` rows of the last `pack`.
+    pub fn multiply(&self, xs: &[&[Q8Sum]], out: &mut [f32], stride: usize) {
+        assert!(Self::available(), "the Q8_0 panel needs AVX-512 VNNI");
+        for x in xs {
+            assert!(x.len() >= self.blocks, "activations shorter than the rows");
+        }
+        assert!(xs.is_empty() || out.len() >= (xs.len() - 1) * stride + ROWS);
+        let mut groups = xs.chunks_exact(TOKENS);
+        let mut t = 0;
+        for four in &mut groups {
+            // SAFETY: checked above: features, activation lengths, output size.
+            unsafe { self.multiply_avx512::<TOKENS>(four, &mut out[t * stride..], stride) };
+            t += TOKENS;
+        }
+        for x in groups.remainder() {
+            // SAFETY: as above.
+            unsafe { self.multiply_avx512::<1>(&[*x], &mut out[t * stride..], stride) };
+            t += 1;
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
+    // `t` indexes the accumulators and the tokens alike.
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn multiply_avx512<const N: usize>(
+        &self,
+        xs: &[&[Q8Sum]],
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        // SAFETY: the caller checked the features, that each `xs[t]` holds
+        // `self.blocks` blocks and that `out` reaches row `N - 1`'s lanes.
+        unsafe {
+            use std::arch::x86_64::*;
+            let lines = self.lines.as_ptr();
+            let mut facc = [_mm512_setzero_ps(); N];
+            for b in 0..self.blocks {
+                let p = lines.add(b * LINES);
+                let mut iacc = [_mm512_setzero_si512(); N];
+                for g in 0..8 {
+                    let w = _mm512_load_si512(p.add(g).cast());
+                    for t in 0..N {
+                        let x = xs[t][b].qs.as_ptr().add(4 * g);
+                        let x4 = _mm512_set1_epi32(std::ptr::read_unaligned(x.cast::<i32>()));
+                        iacc[t] = _mm512_dpbusd_epi32(iacc[t], w, x4);
+                    }
+                }
+                let d = _mm512_load_ps(p.add(D_AT).cast());
+                for t in 0..N {
+                    let xb = &xs[t][b];
+                    let exact = _mm512_sub_epi32(iacc[t], _mm512_set1_epi32(128 * xb.sum));
+                    let scale = _mm512_mul_ps(d, _mm512_set1_ps(xb.d));
+                    facc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), scale, facc[t]);
+                }
+            }
+            for t in 0..N {
+                _mm512_storeu_ps(out.as_mut_ptr().add(t * stride), facc[t]);
+            }
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn multiply_avx512<const N: usize>(&self, _: &[&[Q8Sum]], _: &mut [f32], _: usize) {
+        unreachable!("available() is false off x86-64")
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
+unsafe fn pack_avx512(rows: &[u8], row_bytes: usize, blocks: usize, lines: &mut [Line]) {
+    // SAFETY: the caller checked the features, that `rows` holds ROWS rows
+    // of `row_bytes`, and that `lines` holds `blocks · LINES` lines.
+    unsafe {
+        use std::arch::x86_64::*;
+        let index = row_offsets(row_bytes);
+        let gather = |at: usize| _mm512_i32gather_epi32::<1>(index, rows.as_ptr().add(at).cast());
+        let flip = _mm512_set1_epi32(0x8080_8080u32 as i32);
+        let out = lines.as_mut_ptr();
+        for b in 0..blocks {
+            let at = b * BLOCK_BYTES;
+            let p = out.add(b * LINES);
+            for g in 0..8 {
+                let w = _mm512_xor_si512(gather(at + 2 + 4 * g), flip);
+                _mm512_store_si512(p.add(g).cast(), w);
+            }
+            let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(gather(at)));
+            _mm512_store_ps(p.add(D_AT).cast(), d);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn pack_avx512(_: &[u8], _: usize, _: usize, _: &mut [Line]) {
+    unreachable!("available() is false off x86-64")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn the_scalar_dot_is_the_dequantized_product() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (1, 256), &dev).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let deq: Vec<f32> = q
+            .dequantize(&dev)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let x: Vec<f32> = Tensor::randn(0f32, 1.0, 256, &dev)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let mut xq = vec![Q8Sum::zeros(); 8];
+        quantize(&x, &mut xq);
+        let exact: f32 = deq.iter().zip(&x).map(|(a, b)| a * b).sum();
+        let got = dot_scalar(&q.data().unwrap(), &xq);
+        assert!(
+            (got - exact).abs() < 0.05 * exact.abs().max(1.0),
+            "{got} vs {exact}"
+        );
+    }
+
+    #[test]
+    fn a_panel_computes_what_the_scalar_dot_does() {
+        if !Panel::available() {
+            eprintln!("no AVX-512 VNNI on this CPU: nothing to compare");
+            return;
+        }
+        let (rows, cols, tokens) = (ROWS + 2, 512, 6);
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (rows, cols), &dev).unwrap();
+        let bytes = QTensor::quantize(&w, GgmlDType::Q8_0)
+            .unwrap()
+            .data()
+            .unwrap()
+            .into_owned();
+        let row_bytes = cols / QK * BLOCK_BYTES;
+        let x: Vec<f32> = Tensor::randn(0f32, 1.0, tokens * cols, &dev)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let mut xq = vec![Q8Sum::zeros(); tokens * cols / QK];
+        for (x, q) in x.chunks_exact(cols).zip(xq.chunks_exact_mut(cols / QK)) {
+            quantize(x, q);
+        }
+        let xs: Vec<&[Q8Sum]> = xq.chunks_exact(cols / QK).collect();
+        // Rows 2..18: a panel that does not start at the first row.
+        let mut panel = Panel::default();
+        panel.pack(&bytes[2 * row_bytes..], row_bytes);
+        let stride = ROWS + 3;
+        let mut out = vec![f32::NAN; tokens * stride];
+        panel.multiply(&xs, &mut out, stride);
+        for (t, x) in xs.iter().enumerate() {
+            for r in 0..ROWS {
+                let row = &bytes[(2 + r) * row_bytes..(3 + r) * row_bytes];
+                let want = dot_scalar(row, x);
+                let got = out[t * stride + r];
+                assert!(
+                    (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                    "token {t} row {r}: {got} vs {want}"
+                );
+            }
+            assert!(
+                out[t * stride + ROWS].is_nan(),
+                "wrote past the panel's rows"
+            );
+        }
+    }
+}
