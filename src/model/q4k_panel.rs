@@ -114,25 +114,33 @@ impl Panel {
                 let p = lines.add(b * LINES);
                 let mut bacc = [_mm512_setzero_ps(); N];
                 let mut macc = [_mm512_setzero_si512(); N];
-                for s in 0..8 {
-                    let mut iacc = [_mm512_setzero_si512(); N];
-                    let at = CHUNK_ORDER[s] * 32;
+                // Two sub-blocks at a time: their accumulators are
+                // independent, so 2N `vpdpbusd` chains hide the latency.
+                for s in (0..8).step_by(2) {
+                    let mut iacc = [[_mm512_setzero_si512(); N]; 2];
+                    let at = [CHUNK_ORDER[s] * 32, CHUNK_ORDER[s + 1] * 32];
                     for g in 0..8 {
-                        let w = _mm512_load_si512(p.add(8 * s + g).cast());
-                        for t in 0..N {
-                            let x = xs[t][b].qs.as_ptr().add(at + 4 * g);
-                            let x4 = _mm512_set1_epi32(std::ptr::read_unaligned(x.cast::<i32>()));
-                            iacc[t] = _mm512_dpbusd_epi32(iacc[t], w, x4);
+                        for h in 0..2 {
+                            let w = _mm512_load_si512(p.add(8 * (s + h) + g).cast());
+                            for t in 0..N {
+                                let x = xs[t][b].qs.as_ptr().add(at[h] + 4 * g);
+                                let x4 =
+                                    _mm512_set1_epi32(std::ptr::read_unaligned(x.cast::<i32>()));
+                                iacc[h][t] = _mm512_dpbusd_epi32(iacc[h][t], w, x4);
+                            }
                         }
                     }
-                    let scale = _mm512_load_ps(p.add(SCALES_AT + s).cast());
-                    let mins = _mm512_load_si512(p.add(MINS_AT + s).cast());
-                    for t in 0..N {
-                        bacc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[t]), scale, bacc[t]);
-                        // The sums of the sub-block's two halves, as one i16 pair.
-                        let sums = xs[t][b].bsums.as_ptr().add(2 * s).cast::<i32>();
-                        let sums = _mm512_set1_epi32(std::ptr::read_unaligned(sums));
-                        macc[t] = _mm512_dpwssd_epi32(macc[t], mins, sums);
+                    for h in 0..2 {
+                        let scale = _mm512_load_ps(p.add(SCALES_AT + s + h).cast());
+                        let mins = _mm512_load_si512(p.add(MINS_AT + s + h).cast());
+                        for t in 0..N {
+                            let sum = _mm512_cvtepi32_ps(iacc[h][t]);
+                            bacc[t] = _mm512_fmadd_ps(sum, scale, bacc[t]);
+                            // The sums of the sub-block's two halves, as one i16 pair.
+                            let sums = xs[t][b].bsums.as_ptr().add(2 * (s + h)).cast::<i32>();
+                            let sums = _mm512_set1_epi32(std::ptr::read_unaligned(sums));
+                            macc[t] = _mm512_dpwssd_epi32(macc[t], mins, sums);
+                        }
                     }
                 }
                 let dmin = _mm512_load_ps(p.add(DMIN_AT).cast());

@@ -138,24 +138,15 @@ impl Panel {
             use std::arch::x86_64::*;
             let lines = self.lines.as_ptr();
             let mut facc = [_mm512_setzero_ps(); N];
-            for b in 0..self.blocks {
-                let p = lines.add(b * LINES);
-                let mut iacc = [_mm512_setzero_si512(); N];
-                for g in 0..8 {
-                    let w = _mm512_load_si512(p.add(g).cast());
-                    for t in 0..N {
-                        let x = xs[t][b].qs.as_ptr().add(4 * g);
-                        let x4 = _mm512_set1_epi32(std::ptr::read_unaligned(x.cast::<i32>()));
-                        iacc[t] = _mm512_dpbusd_epi32(iacc[t], w, x4);
-                    }
-                }
-                let d = _mm512_load_ps(p.add(D_AT).cast());
-                for t in 0..N {
-                    let xb = &xs[t][b];
-                    let exact = _mm512_sub_epi32(iacc[t], _mm512_set1_epi32(128 * xb.sum));
-                    let scale = _mm512_mul_ps(d, _mm512_set1_ps(xb.d));
-                    facc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), scale, facc[t]);
-                }
+            // Two blocks at a time where possible: their accumulators are
+            // independent, so 2N `vpdpbusd` chains hide the latency.
+            let mut b = 0;
+            while b + 2 <= self.blocks {
+                blocks::<2, N>(lines.add(b * LINES), xs, b, &mut facc);
+                b += 2;
+            }
+            if b < self.blocks {
+                blocks::<1, N>(lines.add(b * LINES), xs, b, &mut facc);
             }
             for t in 0..N {
                 _mm512_storeu_ps(out.as_mut_ptr().add(t * stride), facc[t]);
@@ -166,6 +157,45 @@ impl Panel {
     #[cfg(not(target_arch = "x86_64"))]
     unsafe fn multiply_avx512<const N: usize>(&self, _: &[&[Q8Sum]], _: &mut [f32], _: usize) {
         unreachable!("available() is false off x86-64")
+    }
+}
+
+/// Adds blocks `b..b + H` (lines from `p`) of N tokens to `facc`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
+#[inline]
+// `t` indexes the accumulators and the tokens alike.
+#[allow(clippy::needless_range_loop)]
+unsafe fn blocks<const H: usize, const N: usize>(
+    p: *const Line,
+    xs: &[&[Q8Sum]],
+    b: usize,
+    facc: &mut [std::arch::x86_64::__m512; N],
+) {
+    // SAFETY: the caller guarantees the features, that `p` points at H
+    // blocks' lines and that each `xs[t]` holds blocks `b..b + H`.
+    unsafe {
+        use std::arch::x86_64::*;
+        let mut iacc = [[_mm512_setzero_si512(); N]; H];
+        for g in 0..8 {
+            for h in 0..H {
+                let w = _mm512_load_si512(p.add(h * LINES + g).cast());
+                for t in 0..N {
+                    let x = xs[t][b + h].qs.as_ptr().add(4 * g);
+                    let x4 = _mm512_set1_epi32(std::ptr::read_unaligned(x.cast::<i32>()));
+                    iacc[h][t] = _mm512_dpbusd_epi32(iacc[h][t], w, x4);
+                }
+            }
+        }
+        for h in 0..H {
+            let d = _mm512_load_ps(p.add(h * LINES + D_AT).cast());
+            for t in 0..N {
+                let xb = &xs[t][b + h];
+                let exact = _mm512_sub_epi32(iacc[h][t], _mm512_set1_epi32(128 * xb.sum));
+                let scale = _mm512_mul_ps(d, _mm512_set1_ps(xb.d));
+                facc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), scale, facc[t]);
+            }
+        }
     }
 }
 
@@ -236,7 +266,8 @@ mod tests {
             eprintln!("no AVX-512 VNNI on this CPU: nothing to compare");
             return;
         }
-        let (rows, cols, tokens) = (ROWS + 2, 512, 6);
+        // 17 blocks: pairs of blocks, then one alone.
+        let (rows, cols, tokens) = (ROWS + 2, 17 * QK, 6);
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 1.0, (rows, cols), &dev).unwrap();
         let bytes = QTensor::quantize(&w, GgmlDType::Q8_0)
