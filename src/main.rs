@@ -22,7 +22,7 @@ fn main() -> ExitCode {
         // A reader that went away (`| head`) is not an error worth a message.
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", starling::commands::error_line(&e));
             ExitCode::FAILURE
         }
     }

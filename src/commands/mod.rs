@@ -25,3 +25,45 @@ pub fn model_files(args: &ModelArgs) -> Result<(ModelFiles, String)> {
     let files = source::resolve(&spec, HubOptions::from_env(args.offline))?;
     Ok((files, template))
 }
+
+/// The error chain as the one line the user sees: each cause's message,
+/// joined by ": ". candle attaches a backtrace to its errors whenever
+/// RUST_BACKTRACE is set (GPU images often set it), and its message then
+/// carries the whole trace; only the error inside is kept.
+pub fn error_line(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(|cause| {
+            let mut candle = cause.downcast_ref::<candle_core::Error>();
+            while let Some(candle_core::Error::WithBacktrace { inner, .. }) = candle {
+                candle = Some(inner);
+            }
+            let text = candle.map_or_else(|| cause.to_string(), |c| c.to_string());
+            text.lines().next().unwrap_or_default().to_string()
+        })
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_with_a_candle_backtrace_reads_as_one_line() {
+        let candle = candle_core::Error::WithBacktrace {
+            inner: Box::new(candle_core::Error::Msg(
+                "the provided PTX was rejected".into(),
+            )),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        assert!(
+            candle.to_string().lines().count() > 1,
+            "the trace is in the message"
+        );
+        let e = anyhow::Error::new(candle).context("loading the model from tiny");
+        assert_eq!(
+            error_line(&e),
+            "loading the model from tiny: the provided PTX was rejected"
+        );
+    }
+}
