@@ -2,12 +2,16 @@
 //! ratio against a baseline measured in the same process:
 //! - one cached decode step vs recomputing the whole sequence (the KV cache's worth);
 //! - a 128-token prefill vs 128 single-token steps;
-//! - sampling (top-k 40, top-p, min-p, temperature) vs greedy argmax over a 32k vocabulary.
+//! - sampling (top-k 40, top-p, min-p, temperature) vs greedy argmax over a 32k vocabulary;
+//! - the same model quantized to Q4_K (own kernels) vs f32: a decode step and a prefill;
+//! - streaming decode (the per-token detokenizer) vs one decode of the whole answer,
+//!   with the real Mistral tokenizer (`scripts/fetch-test-assets.sh`; skipped without it).
 //!
 //! Run: `cargo bench --bench decode`.
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
-use starling::engine::{Sampler, SamplerConfig};
+use starling::engine::{Sampler, SamplerConfig, StreamDecoder};
 use starling::model::{Config, Logits, Model, synthetic};
 use std::time::Instant;
 
@@ -34,6 +38,8 @@ fn main() -> anyhow::Result<()> {
     synthetic::write_safetensors(&config, dir.path())?;
     let weights = starling::weights::Weights::open(&[dir.path().join("model.safetensors")])?;
     let model = Model::load(&config, &weights, DType::F32, &Device::Cpu)?;
+    let weights = weights.quantize_to(Some(GgmlDType::Q4K));
+    let q4k = Model::load(&config, &weights, DType::F32, &Device::Cpu)?;
     let context: Vec<u32> = (0..256u32).map(|i| (i * 7919) % 32000).collect();
 
     let mut cache = model.new_cache();
@@ -97,6 +103,71 @@ fn main() -> anyhow::Result<()> {
         g * 1e6,
         s / g,
         100.0 * s / step
+    );
+
+    let mut cache = q4k.new_cache();
+    q4k.forward(&context, &mut cache, Logits::Last)?;
+    let q_step = median_secs(21, || {
+        q4k.forward(&[42], &mut cache, Logits::Last).unwrap();
+        cache.truncate(context.len());
+    });
+    let q_prefill = median_secs(5, || {
+        q4k.forward(prompt, &mut q4k.new_cache(), Logits::Last)
+            .unwrap();
+    });
+    println!(
+        "Q4_K vs f32 ({}, {:.1} MB vs {:.1} MB): decode step {:.3} ms vs {:.3} ms: {:.2}x; 128-token prefill {:.1} vs {:.1} tok/s: {:.2}x",
+        q4k.weight_format(),
+        q4k.weight_bytes() as f64 / 1e6,
+        model.weight_bytes() as f64 / 1e6,
+        q_step * 1e3,
+        step * 1e3,
+        step / q_step,
+        128.0 / q_prefill,
+        128.0 / prefill,
+        prefill / q_prefill
+    );
+
+    let spm = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/test-assets/tokenizer.model.v1");
+    if !spm.is_file() {
+        println!(
+            "streaming decode: skipped ({} missing; run scripts/fetch-test-assets.sh)",
+            spm.display()
+        );
+        return Ok(());
+    }
+    let vocab =
+        starling::tokenizer::sentencepiece::SpmVocab::from_model_bytes(&std::fs::read(&spm)?)?;
+    let tokenizer = starling::tokenizer::TextTokenizer::from_vocab(&vocab)?;
+    let text =
+        "Streaming decode keeps spaces, UTF-8 like naïve café, 東京, and emoji 🦀🚀 intact; "
+            .repeat(8);
+    let ids = tokenizer.encode_text(&text)?;
+    let expected = tokenizer.decode(&ids)?;
+    let whole = median_secs(21, || {
+        tokenizer.decode(&ids).unwrap();
+    });
+    let streamed = median_secs(21, || {
+        let mut stream = StreamDecoder::new(&tokenizer);
+        let mut out = String::new();
+        for &id in &ids {
+            if let Some(piece) = stream.push(id).unwrap() {
+                out.push_str(&piece);
+            }
+        }
+        assert_eq!(
+            out, expected,
+            "the streamed pieces must add up to the decode"
+        );
+    });
+    println!(
+        "streaming decode of {} tokens: {:.2} us per token vs {:.2} us per token decoding all at once: {:.1}x; {:.3}% of a Q4_K decode step",
+        ids.len(),
+        streamed * 1e6 / ids.len() as f64,
+        whole * 1e6 / ids.len() as f64,
+        streamed / whole,
+        100.0 * streamed / ids.len() as f64 / q_step
     );
     Ok(())
 }
