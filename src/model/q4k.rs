@@ -56,7 +56,7 @@ pub fn quantize_q8k(x: &[f32], out: &mut [Q8K]) {
         let id = 127.0 / amax;
         let mut natural = [0i8; QK];
         for (q, v) in natural.iter_mut().zip(xs) {
-            *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+            *q = nearest_i8(v * id);
         }
         for (j, s) in block.bsums.iter_mut().enumerate() {
             *s = natural[16 * j..16 * (j + 1)]
@@ -70,6 +70,16 @@ pub fn quantize_q8k(x: &[f32], out: &mut [Q8K]) {
         }
         block.d = amax / 127.0;
     }
+}
+
+/// `v` (within ±127.5) rounded to the nearest integer, ties to even, as
+/// ggml's `nearest_int` does it: adding 1.5·2²³ leaves the integer in the
+/// low mantissa bits. Plain adds and masks vectorise; `f32::round` is a
+/// libm call per value on baseline x86-64 (6% of a 7B prompt's time).
+#[inline]
+pub(super) fn nearest_i8(v: f32) -> i8 {
+    let f = v + 12_582_912.0;
+    ((f.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000).clamp(-127, 127) as i8
 }
 
 fn f16(bytes: &[u8]) -> f32 {
@@ -282,6 +292,23 @@ mod tests {
         let deq = q.dequantize(&dev).unwrap().flatten_all().unwrap();
         let x: Vec<f32> = (0..cols).map(|_| next()).collect();
         (q.data().unwrap().into_owned(), deq.to_vec1().unwrap(), x)
+    }
+
+    #[test]
+    fn nearest_i8_rounds_half_to_even_and_saturates() {
+        let cases = [
+            (0.4, 0),
+            (0.5, 0),
+            (1.5, 2),
+            (-2.5, -2),
+            (-0.6, -1),
+            (126.7, 127),
+            (127.4, 127),
+        ];
+        for (v, want) in cases {
+            assert_eq!(nearest_i8(v), want, "{v}");
+        }
+        assert_eq!(nearest_i8(-127.4), -127);
     }
 
     #[test]

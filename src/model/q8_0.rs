@@ -34,7 +34,7 @@ pub fn quantize(x: &[f32], out: &mut [Q8Pair]) {
             let d = amax / 127.0;
             let id = if d > 0.0 { 1.0 / d } else { 0.0 };
             for (q, v) in pair.qs[32 * half..32 * (half + 1)].iter_mut().zip(chunk) {
-                *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+                *q = super::q4k::nearest_i8(v * id);
             }
             pair.d[8 * half..8 * (half + 1)].fill(d);
         }

@@ -42,7 +42,7 @@ pub fn quantize(x: &[f32], out: &mut [Q8Sum]) {
         let d = amax / 127.0;
         let id = if d > 0.0 { 1.0 / d } else { 0.0 };
         for (q, v) in block.qs.iter_mut().zip(xs) {
-            *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+            *q = super::q4k::nearest_i8(v * id);
         }
         block.d = d;
         block.sum = block.qs.iter().map(|&q| q as i32).sum();
