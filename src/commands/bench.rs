@@ -65,11 +65,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let mut cache = model.new_cache();
         let t = Instant::now();
         model.forward(&prompt, &mut cache, Logits::Last)?;
+        device.synchronize()?;
         pp.push(p as f64 / t.elapsed().as_secs_f64());
         if n > 0 {
             let t = Instant::now();
             for i in 0..n {
                 model.forward(&[(i as u32 * 31 + 7) % vocab], &mut cache, Logits::Last)?;
+                // A GPU runs ahead of the host: wait, as sampling would, so
+                // each step is timed whole.
+                device.synchronize()?;
             }
             tg.push(n as f64 / t.elapsed().as_secs_f64());
         }
