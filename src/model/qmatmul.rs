@@ -5,9 +5,11 @@
 //! into tiles with f32 scales the first time a matrix is used and keeps
 //! both copies, so a 4.1 GB Q4_K model holds 9.5 GB, and every generated
 //! token streams the larger (+33%) tiles. Generation on the CPU is bound by
-//! memory bandwidth, so this module reads the compact blocks with candle's
-//! own SIMD dot products (`GgmlType::vec_dot`, the ggml kernels) and splits
-//! the rows over the thread pool itself.
+//! memory bandwidth, so this module reads the compact blocks as stored and
+//! splits the rows over the thread pool itself: generation through this
+//! crate's row kernels (`q4k`, `q8_0`; candle's `GgmlType::vec_dot` for the
+//! other formats), prompts of 16+ tokens through panels of sixteen rows
+//! unpacked in cache (`q4k_panel`, `q8_0_panel`).
 
 use super::{q4k, q4k_panel, q8_0, q8_0_panel};
 use anyhow::{Result, bail};
