@@ -80,18 +80,14 @@ impl Panel {
             assert!(x.len() >= self.blocks, "activations shorter than the rows");
         }
         assert!(xs.is_empty() || out.len() >= (xs.len() - 1) * stride + ROWS);
-        let mut groups = xs.chunks_exact(TOKENS);
-        let mut t = 0;
-        for four in &mut groups {
+        by_groups(
+            xs,
+            out,
+            stride,
             // SAFETY: checked above: features, activation lengths, output size.
-            unsafe { self.multiply_avx512::<TOKENS>(four, &mut out[t * stride..], stride) };
-            t += TOKENS;
-        }
-        for x in groups.remainder() {
-            // SAFETY: as above.
-            unsafe { self.multiply_avx512::<1>(&[*x], &mut out[t * stride..], stride) };
-            t += 1;
-        }
+            |four, out| unsafe { self.multiply_avx512::<TOKENS>(four, out, stride) },
+            |one, out| unsafe { self.multiply_avx512::<1>(one, out, stride) },
+        );
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -226,6 +222,27 @@ unsafe fn pack_avx512(rows: &[u8], row_bytes: usize, blocks: usize, lines: &mut 
             }
             _mm512_store_ps(p.add(DMIN_AT).cast(), dmin);
         }
+    }
+}
+
+/// Runs `group` on the tokens `TOKENS` at a time and `one` on each token
+/// left over, each with the output from its first token's row on.
+pub(super) fn by_groups<X>(
+    xs: &[&[X]],
+    out: &mut [f32],
+    stride: usize,
+    group: impl Fn(&[&[X]], &mut [f32]),
+    one: impl Fn(&[&[X]], &mut [f32]),
+) {
+    let mut groups = xs.chunks_exact(TOKENS);
+    let mut t = 0;
+    for tokens in &mut groups {
+        group(tokens, &mut out[t * stride..]);
+        t += TOKENS;
+    }
+    for x in groups.remainder() {
+        one(std::slice::from_ref(x), &mut out[t * stride..]);
+        t += 1;
     }
 }
 

@@ -9,7 +9,7 @@
 
 #[cfg(target_arch = "x86_64")]
 use super::q4k_panel::row_offsets;
-use super::q4k_panel::{Line, ROWS, TOKENS};
+use super::q4k_panel::{Line, ROWS, TOKENS, by_groups};
 use super::q8_0::BLOCK_BYTES;
 
 /// Values per Q8_0 block.
@@ -108,18 +108,14 @@ impl Panel {
             assert!(x.len() >= self.blocks, "activations shorter than the rows");
         }
         assert!(xs.is_empty() || out.len() >= (xs.len() - 1) * stride + ROWS);
-        let mut groups = xs.chunks_exact(TOKENS);
-        let mut t = 0;
-        for four in &mut groups {
+        by_groups(
+            xs,
+            out,
+            stride,
             // SAFETY: checked above: features, activation lengths, output size.
-            unsafe { self.multiply_avx512::<TOKENS>(four, &mut out[t * stride..], stride) };
-            t += TOKENS;
-        }
-        for x in groups.remainder() {
-            // SAFETY: as above.
-            unsafe { self.multiply_avx512::<1>(&[*x], &mut out[t * stride..], stride) };
-            t += 1;
-        }
+            |four, out| unsafe { self.multiply_avx512::<TOKENS>(four, out, stride) },
+            |one, out| unsafe { self.multiply_avx512::<1>(one, out, stride) },
+        );
     }
 
     #[cfg(target_arch = "x86_64")]

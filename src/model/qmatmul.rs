@@ -25,8 +25,9 @@ use std::sync::Arc;
 /// to sixteen threads, large enough that scheduling costs nothing.
 pub(super) const ROWS_PER_TASK: usize = 64;
 
-/// Prompts at least this long go through `q4k_panel`: unpacking sixteen
-/// rows costs about what multiplying a dozen tokens by them does.
+/// Prompts at least this long go through the panels (`q4k_panel`,
+/// `q8_0_panel`): unpacking sixteen rows costs about what multiplying a
+/// dozen tokens by them does.
 const PANEL_MIN_TOKENS: usize = 16;
 
 /// A ggml-quantized `[out, in]` matrix in the CPU's memory.
@@ -95,10 +96,7 @@ impl QuantMatrix {
         }
         // The activations, quantized once to the type the dot product pairs with.
         let kq = k / T::VecDotType::BLCK_SIZE;
-        let mut xq = vec![T::VecDotType::zeros(); m * kq];
-        for (row, dst) in xs.chunks_exact(k).zip(xq.chunks_exact_mut(kq)) {
-            T::VecDotType::from_float(row, dst);
-        }
+        let xq = quantize_tokens(xs, k, kq, T::VecDotType::zeros(), T::VecDotType::from_float);
         Ok(rows_by_tasks(self.rows, m, kq, &xq, |r, x| {
             T::vec_dot(k, &blocks[r * kb..(r + 1) * kb], x)
         }))
@@ -106,23 +104,26 @@ impl QuantMatrix {
 }
 
 impl QuantMatrix {
-    /// A format with a kernel in this crate (`q4k`, `q8_0`).
-    fn matmul_own<K: Kernel>(&self, xs: &[f32], m: usize) -> Result<Vec<f32>> {
-        let (n, k) = (self.rows, self.cols);
+    /// The matrix's bytes, checked to be `rows` rows of `row_bytes` each.
+    fn row_data(&self, row_bytes: usize) -> Result<std::borrow::Cow<'_, [u8]>> {
         let data = self.q.data()?;
-        let row_bytes = k / K::BLOCK_VALUES * K::BLOCK_BYTES;
-        if data.len() != n * row_bytes {
+        if data.len() != self.rows * row_bytes {
             bail!(
                 "quantized data holds {} bytes, expected {}",
                 data.len(),
-                n * row_bytes
+                self.rows * row_bytes
             );
         }
+        Ok(data)
+    }
+
+    /// A format with a kernel in this crate (`q4k`, `q8_0`).
+    fn matmul_own<K: Kernel>(&self, xs: &[f32], m: usize) -> Result<Vec<f32>> {
+        let (n, k) = (self.rows, self.cols);
+        let row_bytes = k / K::BLOCK_VALUES * K::BLOCK_BYTES;
+        let data = self.row_data(row_bytes)?;
         let per_row = k / K::X_VALUES;
-        let mut xq = vec![K::zeros(); m * per_row];
-        for (row, dst) in xs.chunks_exact(k).zip(xq.chunks_exact_mut(per_row)) {
-            K::quantize(row, dst);
-        }
+        let xq = quantize_tokens(xs, k, per_row, K::zeros(), K::quantize);
         let row = |r: usize| &data[r * row_bytes..(r + 1) * row_bytes];
         if m == 1 {
             return Ok(rows_by_tasks(n, 1, per_row, &xq, |r, x| K::dot(row(r), x)));
@@ -144,20 +145,10 @@ impl QuantMatrix {
     /// last whole panel take the kernel's row dot product.
     fn matmul_panels<P: PanelKernel>(&self, xs: &[f32], m: usize) -> Result<Vec<f32>> {
         let (n, k) = (self.rows, self.cols);
-        let data = self.q.data()?;
         let row_bytes = k / P::BLOCK_VALUES * P::BLOCK_BYTES;
-        if data.len() != n * row_bytes {
-            bail!(
-                "quantized data holds {} bytes, expected {}",
-                data.len(),
-                n * row_bytes
-            );
-        }
+        let data = self.row_data(row_bytes)?;
         let per_row = k / P::BLOCK_VALUES;
-        let mut xq = vec![P::zeros(); m * per_row];
-        for (row, dst) in xs.chunks_exact(k).zip(xq.chunks_exact_mut(per_row)) {
-            P::quantize(row, dst);
-        }
+        let xq = quantize_tokens(xs, k, per_row, P::zeros(), P::quantize);
         let xs: Vec<&[P::X]> = xq.chunks_exact(per_row).collect();
         Ok(bands(n, m, |rows, band, width| {
             let mut r = rows.start;
@@ -246,6 +237,22 @@ impl PanelKernel for q8_0_panel::Panel {
     fn dot(row: &[u8], x: &[Self::X]) -> f32 {
         q8_0_panel::dot_scalar(row, x)
     }
+}
+
+/// Each token's `k` activations (`xs` is `[m, k]`), quantized once into
+/// `per_row` units of the type the kernel's dot product pairs with.
+fn quantize_tokens<X: Clone>(
+    xs: &[f32],
+    k: usize,
+    per_row: usize,
+    zero: X,
+    quantize: impl Fn(&[f32], &mut [X]),
+) -> Vec<X> {
+    let mut xq = vec![zero; xs.len() / k * per_row];
+    for (row, dst) in xs.chunks_exact(k).zip(xq.chunks_exact_mut(per_row)) {
+        quantize(row, dst);
+    }
+    xq
 }
 
 /// `out[i, r] = dot(r, activations of row i)`, weight rows split over
