@@ -43,11 +43,21 @@ impl Default for SamplerConfig {
 }
 
 impl SamplerConfig {
+    /// Checks every value in the precision the sampler uses it in (f32).
+    /// A temperature too small for an f32 (below about 1.4e-45) is greedy:
+    /// dividing by it would make every weight NaN.
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
             bail!("temperature must be a finite number >= 0");
         }
-        if !(0.0..=1.0).contains(&self.top_p) || self.top_p == 0.0 {
+        if !(self.temperature as f32).is_finite() {
+            bail!(
+                "temperature {} is too large (at most {})",
+                self.temperature,
+                f32::MAX
+            );
+        }
+        if !(0.0..=1.0).contains(&self.top_p) || self.top_p as f32 == 0.0 {
             bail!("top_p must be in (0, 1]");
         }
         if !(0.0..=1.0).contains(&self.min_p) {
@@ -81,10 +91,40 @@ impl Sampler {
     }
 
     /// Next token given `logits` (`[vocab]`) and the ids so far (for the penalty).
+    ///
+    /// Errors when the model produced no finite logit at all (NaN and
+    /// infinities come from broken weights): no NaN ever reaches the draw.
     pub fn sample(&mut self, logits: &Tensor, history: &[u32]) -> Result<u32> {
         copy_logits(logits, &mut self.logits)?;
+        self.sample_from_buffer(history)
+    }
+
+    /// [`Self::sample`] over plain values, for callers (and tests) that hold
+    /// the logits as a slice.
+    pub fn sample_slice(&mut self, logits: &[f32], history: &[u32]) -> Result<u32> {
+        self.logits.clear();
+        self.logits.extend_from_slice(logits);
+        self.sample_from_buffer(history)
+    }
+
+    fn sample_from_buffer(&mut self, history: &[u32]) -> Result<u32> {
+        // NaN and +inf logits are not a distribution: they are dropped, so
+        // one broken value cannot become a certain (or NaN) draw.
+        let mut finite = false;
+        for l in &mut self.logits {
+            if l.is_finite() {
+                finite = true;
+            } else {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        if !finite {
+            bail!("the model produced no finite logits (NaN or infinite weights?)");
+        }
         self.apply_repeat_penalty(history);
-        if self.config.temperature == 0.0 {
+        // The temperature is used as an f32: one that rounds to 0 is greedy.
+        let t = self.config.temperature as f32;
+        if t == 0.0 {
             return Ok(argmax(&self.logits));
         }
         self.candidates.clear();
@@ -125,7 +165,15 @@ impl Sampler {
             self.candidates.truncate(keep);
         }
 
-        let t = self.config.temperature as f32;
+        // Impossible tokens (-inf: non-finite logits, or a penalty) are never drawn.
+        let possible = self
+            .candidates
+            .iter()
+            .take_while(|c| c.0 > f32::NEG_INFINITY)
+            .count()
+            .max(1);
+        self.candidates.truncate(possible);
+
         let weights_total: f32 = self
             .candidates
             .iter()
@@ -245,6 +293,138 @@ mod tests {
             let t = min_p.sample(&logits, &[]).unwrap();
             assert!([0, 1, 4].contains(&t), "min_p let {t} through");
         }
+    }
+
+    /// Property: for random logits (with ties, huge values, NaN and
+    /// infinities) and random settings (0, tiny, huge), the sampler either
+    /// returns a token that top-k, top-p and min-p allow, or the settings
+    /// fail validation. The allowed set is computed here independently.
+    #[test]
+    fn every_draw_is_allowed_by_the_truncations() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let specials = [
+            0.0,
+            1e-46,
+            1e-45,
+            1e-30,
+            1e-6,
+            0.5,
+            1.0,
+            2.0,
+            1e30,
+            1e39,
+            f64::NAN,
+            f64::INFINITY,
+            -1.0,
+        ];
+        let pick = |rng: &mut StdRng, lo: f64, hi: f64| -> f64 {
+            if rng.random::<f32>() < 0.4 {
+                specials[rng.random_range(0..specials.len())]
+            } else {
+                rng.random_range(lo..hi)
+            }
+        };
+        let (mut drawn, mut refused) = (0, 0);
+        for case in 0..3000 {
+            let n = rng.random_range(1..40);
+            let logits: Vec<f32> = (0..n)
+                .map(|_| match rng.random_range(0..20) {
+                    0 => f32::NAN,
+                    1 => f32::NEG_INFINITY,
+                    2 => f32::INFINITY,
+                    3 => 3e38,
+                    4 => -3e38,
+                    5 => 1.0, // ties
+                    _ => rng.random_range(-20.0..20.0),
+                })
+                .collect();
+            let config = SamplerConfig {
+                temperature: pick(&mut rng, 0.0, 5.0),
+                top_k: [0, 1, 2, 5, 100][rng.random_range(0..5)],
+                top_p: pick(&mut rng, 0.0, 1.0),
+                min_p: pick(&mut rng, 0.0, 1.0),
+                repeat_penalty: 1.0,
+                repeat_last_n: 0,
+                seed: case,
+            };
+            if config.validate().is_err() {
+                refused += 1;
+                continue;
+            }
+            let mut sampler = Sampler::new(config.clone());
+            let result = sampler.sample_slice(&logits, &[]);
+            let clean: Vec<f32> = logits
+                .iter()
+                .map(|&l| if l.is_finite() { l } else { f32::NEG_INFINITY })
+                .collect();
+            let Some(max) = clean
+                .iter()
+                .copied()
+                .filter(|l| l.is_finite())
+                .reduce(f32::max)
+            else {
+                assert!(
+                    result.is_err(),
+                    "case {case}: no finite logit must be an error"
+                );
+                continue;
+            };
+            let token = result.unwrap() as usize;
+            drawn += 1;
+            let l = clean[token];
+            let what = format!("case {case}: {logits:?} {config:?} drew {token}");
+            assert!(l.is_finite(), "{what}: a non-finite logit");
+            if config.temperature as f32 == 0.0 {
+                assert_eq!(l, max, "{what}: greedy must take the maximum");
+                continue;
+            }
+            let greater = clean.iter().filter(|&&x| x > l).count();
+            if config.top_k > 0 {
+                assert!(greater < config.top_k, "{what}: outside top-k");
+            }
+            // Probabilities as f64 from the f32 logits.
+            let total: f64 = clean.iter().map(|&x| ((x - max) as f64).exp()).sum();
+            let p = |x: f32| ((x - max) as f64).exp() / total;
+            if config.min_p > 0.0 {
+                assert!(
+                    p(l) >= config.min_p * p(max) * (1.0 - 1e-4),
+                    "{what}: below min-p"
+                );
+            }
+            if config.top_p < 1.0 {
+                let mass_above: f64 = clean.iter().filter(|&&x| x > l).map(|&x| p(x)).sum();
+                assert!(mass_above < config.top_p + 1e-4, "{what}: outside top-p");
+            }
+        }
+        assert!(
+            drawn > 1000 && refused > 100,
+            "drawn {drawn}, refused {refused}"
+        );
+    }
+
+    #[test]
+    fn a_temperature_that_underflows_f32_is_greedy() {
+        let logits = [0.0, 5.0, 4.99, 1.0];
+        for t in [1e-46, 1e-300] {
+            let mut s = Sampler::new(config(t));
+            assert!(s.config.validate().is_ok());
+            for _ in 0..50 {
+                assert_eq!(s.sample_slice(&logits, &[]).unwrap(), 1, "temperature {t}");
+            }
+        }
+    }
+
+    #[test]
+    fn nan_logits_are_never_drawn() {
+        let logits = [f32::NAN, 1.0, f32::NAN, 0.5, f32::INFINITY];
+        let mut s = Sampler::new(config(1.0));
+        for _ in 0..200 {
+            let t = s.sample_slice(&logits, &[]).unwrap();
+            assert!(t == 1 || t == 3, "drew {t}");
+        }
+        let mut s = Sampler::new(config(0.0));
+        assert_eq!(s.sample_slice(&logits, &[]).unwrap(), 1);
+        assert!(s.sample_slice(&[f32::NAN; 4], &[]).is_err());
     }
 
     #[test]
