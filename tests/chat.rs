@@ -335,3 +335,23 @@ fn terminal_session_with_retry_undo_save_load_ctrl_c_and_ctrl_d() {
         serde_json::from_str(&std::fs::read_to_string(&saved).unwrap()).unwrap();
     assert_eq!(saved[1].content, greedy8);
 }
+
+#[test]
+fn piped_input_that_ends_inside_a_block_or_continuation_is_the_last_turn() {
+    let dir = common::scratch("chat-eof-block");
+    let first = run_messages(&dir, &[Message::new("user", "Hi")]);
+    let block = run_messages(
+        &dir,
+        &[
+            Message::new("user", "Hi"),
+            Message::new("assistant", first.clone()),
+            Message::new("user", "line one\nline two"),
+        ],
+    );
+    let out = stdout(&chat(&tiny_model(), "Hi\n\"\"\"\nline one\nline two\n"));
+    assert_eq!(out, format!("{first}\n{block}\n"));
+
+    let continued = run_messages(&dir, &[Message::new("user", "one \ntwo ")]);
+    let out = stdout(&chat(&tiny_model(), "one \\\ntwo \\\n"));
+    assert_eq!(out, format!("{continued}\n"));
+}

@@ -117,9 +117,18 @@ impl Repl {
             if let Some(input) = lines.push(line.trim_end_matches('\r'))
                 && let Next::Exit = self.handle(&input)
             {
-                break;
+                return self.batch_result();
             }
         }
+        // Input ended inside a """ block or after a trailing \: what was
+        // typed is still the user's last turn, not something to drop.
+        if let Some(input) = lines.finish() {
+            self.handle(&input);
+        }
+        self.batch_result()
+    }
+
+    fn batch_result(&self) -> Result<()> {
         if self.failed {
             bail!("some turns failed (see above)");
         }
@@ -153,7 +162,14 @@ impl Repl {
                 }
                 // Ctrl-C at the prompt clears the line (and any open block).
                 Err(ReadlineError::Interrupted) => lines = Assembler::default(),
-                Err(ReadlineError::Eof) => break,
+                Err(ReadlineError::Eof) => {
+                    // Ctrl-D inside an open block sends it rather than losing it.
+                    if let Some(input) = lines.finish() {
+                        let _ = editor.add_history_entry(input.as_str());
+                        self.handle(&input);
+                    }
+                    break;
+                }
                 Err(e) => return Err(e).context("reading input"),
             }
         }
@@ -394,6 +410,19 @@ impl Assembler {
         self.in_block || self.continued
     }
 
+    /// What an open block or continuation holds when input ends, as the
+    /// message it would have become (without the last line's newline).
+    fn finish(&mut self) -> Option<String> {
+        let open = self.is_open();
+        self.in_block = false;
+        self.continued = false;
+        let mut text = std::mem::take(&mut self.buffer);
+        if text.ends_with('\n') {
+            text.pop();
+        }
+        (open && !text.trim().is_empty()).then_some(text)
+    }
+
     fn push(&mut self, line: &str) -> Option<String> {
         if self.in_block {
             if let Some(before) = line.strip_suffix("\"\"\"") {
@@ -474,6 +503,20 @@ mod tests {
         );
         assert_eq!(a.push("\"\"\"inline\"\"\""), Some("inline".to_string()));
         assert_eq!(a.push("plain"), Some("plain".to_string()));
+    }
+
+    #[test]
+    fn input_that_ends_inside_a_block_or_continuation_is_kept() {
+        let mut a = Assembler::default();
+        assert_eq!(a.push("\"\"\""), None);
+        assert_eq!(a.push("line one"), None);
+        assert_eq!(a.push("line two"), None);
+        assert_eq!(a.finish(), Some("line one\nline two".to_string()));
+        assert!(!a.is_open());
+        assert_eq!(a.push("last \\"), None);
+        assert_eq!(a.finish(), Some("last ".to_string()));
+        assert_eq!(a.push("closed"), Some("closed".to_string()));
+        assert_eq!(a.finish(), None, "nothing pending after a complete line");
     }
 
     #[test]
