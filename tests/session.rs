@@ -44,6 +44,7 @@ fn answer(
         stop_ids: &[],
         stop_texts: &[],
         interrupt: None,
+        continuation: false,
     };
     let out = generate(
         session,

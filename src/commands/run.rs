@@ -5,7 +5,7 @@ use super::input;
 use crate::cli::RunArgs;
 use crate::engine::{Request, Sampler, Session, generate};
 use crate::loader;
-use crate::template::Message;
+use crate::template::{Message, Template};
 use anyhow::{Result, bail};
 use std::io::Write;
 
@@ -36,6 +36,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
             stop_ids: &text.stop_ids,
             stop_texts: &args.answer.stop,
             interrupt: None,
+            // A raw prompt is continued, not answered: keep the first space.
+            continuation: matches!(text.template, Template::Raw),
         };
         let outcome = if args.json {
             generate(

@@ -205,6 +205,7 @@ impl Chat {
             stop_ids: &self.stop_ids,
             stop_texts: &self.settings.stop_texts,
             interrupt,
+            continuation: false,
         };
         let outcome = generate(
             &mut self.session,

@@ -19,6 +19,10 @@ pub struct Request<'a> {
     pub stop_texts: &'a [String],
     /// Set from another thread (Ctrl-C) to end the answer early.
     pub interrupt: Option<&'a AtomicBool>,
+    /// The answer continues the prompt's text (a raw prompt, no template):
+    /// it is exactly decode(prompt + answer) minus decode(prompt), so its
+    /// first word keeps its space. A chat answer starts fresh instead.
+    pub continuation: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,7 +107,11 @@ pub fn generate(
     let gen_start = Instant::now();
     let mut ttft_s = 0.0;
 
-    let mut decoder = StreamDecoder::new(tokenizer);
+    let mut decoder = if req.continuation {
+        StreamDecoder::continuing(tokenizer, req.prompt)
+    } else {
+        StreamDecoder::new(tokenizer)
+    };
     let mut stops = StopMatcher::new(req.stop_texts);
     let mut text = String::new();
     let mut emit = |piece: &str, text: &mut String| -> Result<()> {

@@ -96,6 +96,9 @@ impl TokenizerConfig {
 
 pub struct TextTokenizer {
     inner: Tokenizer,
+    /// `byte_tokens[id]`: the id is a byte-fallback token (`<0xNN>`), which
+    /// the decoder joins with its neighbours into UTF-8 (or U+FFFD per byte).
+    byte_tokens: Vec<bool>,
 }
 
 impl TextTokenizer {
@@ -139,7 +142,7 @@ impl TextTokenizer {
         // user text can never spell one: with this set, encoding leaves
         // special tokens' text alone.
         inner.set_encode_special_tokens(true);
-        Ok(Self { inner })
+        Ok(Self::new(inner))
     }
 
     /// A tokenizer from a bare SentencePiece vocabulary (a GGUF file's),
@@ -147,7 +150,24 @@ impl TextTokenizer {
     pub fn from_vocab(vocab: &sentencepiece::SpmVocab) -> Result<Self> {
         let mut inner = vocab.to_tokenizer()?;
         inner.set_encode_special_tokens(true);
-        Ok(Self { inner })
+        Ok(Self::new(inner))
+    }
+
+    fn new(inner: Tokenizer) -> Self {
+        let mut byte_tokens = vec![false; inner.get_vocab_size(true)];
+        for (token, id) in inner.get_vocab(true) {
+            if is_byte_piece(&token)
+                && let Some(slot) = byte_tokens.get_mut(id as usize)
+            {
+                *slot = true;
+            }
+        }
+        Self { inner, byte_tokens }
+    }
+
+    /// Whether `id` is a byte-fallback token (`<0x00>` … `<0xFF>`).
+    pub fn is_byte_token(&self, id: u32) -> bool {
+        self.byte_tokens.get(id as usize).copied().unwrap_or(false)
     }
 
     /// The underlying tokenizer, e.g. to save it as tokenizer.json.
@@ -206,6 +226,17 @@ impl TextTokenizer {
         specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
         specials
     }
+}
+
+/// `<0xNN>` with two upper-case hex digits: SentencePiece's byte pieces.
+fn is_byte_piece(token: &str) -> bool {
+    let b = token.as_bytes();
+    b.len() == 6
+        && b.starts_with(b"<0x")
+        && b[5] == b'>'
+        && b[3..5]
+            .iter()
+            .all(|c| matches!(c, b'0'..=b'9' | b'A'..=b'F'))
 }
 
 /// Adds `content` so it gets exactly `id`, or says why it cannot.

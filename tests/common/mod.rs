@@ -264,3 +264,52 @@ pub fn fails_with(out: &Output, needle: &str) {
     assert!(lines[0].starts_with("error: "), "{stderr}");
     assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
 }
+
+/// A tiny model whose greedy answer to any prompt is exactly `answer`, then
+/// `end`: the golden model's shape and tokenizer with every `o_proj` and
+/// `down_proj` zeroed (each layer passes its input through), each answer
+/// token's embedding a one-hot, and `lm_head` mapping each answer token to
+/// the next. Every other token embeds as one-hot 0, which maps to
+/// `answer[0]`. The ids in `answer` must be distinct, at most hidden - 2.
+pub fn write_scripted_model(dir: &Path, answer: &[u32], end: u32, chat_template: Option<&str>) {
+    let config = golden()["config"].clone();
+    write_model(dir, &config, Tok::Json, chat_template);
+    let parsed = starling::model::Config::from_json(&config.to_string()).unwrap();
+    let hidden = parsed.hidden_size;
+    let vocab = parsed.vocab_size;
+    assert!(answer.len() + 2 <= hidden, "answer too long for the script");
+    let mut tensors = starling::model::synthetic::tensors(&parsed);
+    for (name, _, values) in &mut tensors {
+        if name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight") {
+            values.fill(0.0);
+        } else if name == "model.norm.weight" {
+            values.fill(1.0);
+        } else if name == "model.embed_tokens.weight" {
+            values.fill(0.0);
+            for t in 0..vocab {
+                values[t * hidden] = 1.0;
+            }
+            for (j, &t) in answer.iter().enumerate() {
+                let row = &mut values[t as usize * hidden..][..hidden];
+                row.fill(0.0);
+                row[j + 1] = 1.0;
+            }
+        } else if name == "lm_head.weight" {
+            values.fill(0.0);
+            // Dimension d holds "the previous token was step d - 1".
+            let next: Vec<u32> = answer.iter().copied().chain([end]).collect();
+            for (d, &t) in next.iter().enumerate() {
+                values[t as usize * hidden + d] = 10.0;
+            }
+        }
+    }
+    starling::model::synthetic::save_f32(&tensors, &dir.join("model.safetensors")).unwrap();
+}
+
+/// The tokenizer of a model directory, as the CLI loads it.
+pub fn load_tokenizer(dir: &Path) -> starling::tokenizer::TextTokenizer {
+    let files = starling::source::local_dir(dir).unwrap();
+    let cfg = starling::tokenizer::TokenizerConfig::from_file(&dir.join("tokenizer_config.json"))
+        .unwrap();
+    starling::tokenizer::TextTokenizer::load(&files.tokenizer, Some(&cfg)).unwrap()
+}
