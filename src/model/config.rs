@@ -132,6 +132,43 @@ impl Config {
 
     fn validate(&self) -> Result<()> {
         self.family()?;
+        // Every size is bounded before anything is allocated from it (the
+        // rope tables hold max_position_embeddings × head_dim values), and
+        // the bounds keep every product of two sizes inside a usize.
+        for (name, value) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_kv_heads()),
+            ("head_dim", self.head_dim.unwrap_or(0)),
+        ] {
+            ensure!(
+                value <= MAX_SIZE,
+                "{name} is {value}, more than starling supports ({MAX_SIZE})"
+            );
+        }
+        ensure!(
+            self.num_hidden_layers <= MAX_LAYERS,
+            "num_hidden_layers is {}, more than starling supports ({MAX_LAYERS})",
+            self.num_hidden_layers
+        );
+        ensure!(
+            self.rope_theta.is_finite() && self.rope_theta > 0.0,
+            "rope_theta must be a positive number, not {}",
+            self.rope_theta
+        );
+        ensure!(
+            self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0,
+            "rms_norm_eps must be a number >= 0, not {}",
+            self.rms_norm_eps
+        );
+        ensure!(
+            (1..=MAX_CONTEXT).contains(&self.max_position_embeddings),
+            "max_position_embeddings is {}, outside 1..={MAX_CONTEXT}",
+            self.max_position_embeddings
+        );
         ensure!(
             self.num_attention_heads > 0 && self.num_hidden_layers > 0 && self.hidden_size > 0,
             "num_attention_heads, num_hidden_layers and hidden_size must be positive"
@@ -182,6 +219,13 @@ impl Config {
     }
 }
 
+/// The largest dimension a config may give (vocabularies of 256k tokens and
+/// hidden sizes of 16k are real; this leaves room and keeps products small).
+const MAX_SIZE: usize = 1 << 24;
+const MAX_LAYERS: usize = 1 << 12;
+/// The longest context (Qwen2.5-1M's 1,010,000 fits).
+const MAX_CONTEXT: usize = 1 << 20;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,6 +250,31 @@ mod tests {
         let c = Config::from_json(&text).unwrap();
         assert_eq!(c.family().unwrap(), Family::Llama);
         assert_eq!(c.window(), None);
+    }
+
+    #[test]
+    fn rejects_sizes_that_would_allocate_without_bound() {
+        for (field, value) in [
+            ("vocab_size", "32002", "18446744073709551615"),
+            ("hidden_size", "64", "4294967296"),
+            ("num_hidden_layers", "2", "100000"),
+        ]
+        .map(|(f, old, new)| (f, (old, new)))
+        {
+            let bad = MISTRAL.replace(
+                &format!("\"{field}\":{}", value.0),
+                &format!("\"{field}\":{}", value.1),
+            );
+            assert_ne!(bad, MISTRAL);
+            let err = Config::from_json(&bad).unwrap_err().to_string();
+            assert!(err.contains(field), "{err}");
+        }
+        let huge_context = MISTRAL.replace(
+            "\"vocab_size\"",
+            "\"max_position_embeddings\":1099511627776,\"vocab_size\"",
+        );
+        let err = Config::from_json(&huge_context).unwrap_err().to_string();
+        assert!(err.contains("max_position_embeddings"), "{err}");
     }
 
     #[test]

@@ -147,7 +147,13 @@ impl Meta<'_> {
         let vocab = match self.arch_u64("vocab_size")? {
             Some(v) => v as usize,
             None => match self.content.tensor_infos.get("token_embd.weight") {
-                Some(info) => info.shape.dims()[0],
+                Some(info) => match info.shape.dims() {
+                    [vocab, _] => *vocab,
+                    dims => bail!(
+                        "{}: token_embd.weight has shape {dims:?}, not [vocab, hidden]",
+                        self.path.display()
+                    ),
+                },
                 None => bail!("{}: has no token_embd.weight", self.path.display()),
             },
         };
@@ -188,15 +194,14 @@ impl Meta<'_> {
 
 impl Gguf {
     pub fn open(path: &Path) -> Result<Self> {
-        let mut file =
+        let file =
             std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        let content = Content::read(&mut file).map_err(|e| {
-            anyhow::anyhow!(
-                "{}: not a valid GGUF file (truncated or corrupt?): {}",
-                path.display(),
-                without_backtrace(e)
-            )
-        })?;
+        let size = file
+            .metadata()
+            .with_context(|| format!("reading the size of {}", path.display()))?
+            .len();
+        let content = super::gguf_header::read(&file, size)
+            .map_err(|e| anyhow::anyhow!("{}: not a valid GGUF file: {e}", path.display()))?;
         let arch = content
             .metadata
             .get("general.architecture")
@@ -324,8 +329,9 @@ impl Gguf {
             );
         }
         let dtype = info.ggml_dtype;
-        let elems = info.shape.elem_count();
-        let bytes = elems / dtype.block_size() * dtype.type_size();
+        // The header reader checked that the rows are whole blocks and that
+        // the bytes lie inside the file.
+        let bytes = info.shape.elem_count() / dtype.block_size() * dtype.type_size();
         let mut raw = vec![0u8; bytes];
         {
             let mut file = self.file.lock().expect("GGUF reader poisoned");

@@ -9,6 +9,7 @@
 //! candle's `MmapedSafetensors` and `PthTensors` does.
 
 pub mod gguf;
+mod gguf_header;
 
 use crate::model::linear::{self, Embedding, Linear};
 use anyhow::{Context, Result, bail};
