@@ -337,3 +337,37 @@ fn bf16_weights_on_the_cpu_answer_like_f32_of_the_rounded_weights() {
     let far = max_diff(&bf16, &logits(&tiny_model(), candle_core::DType::F32));
     assert!(near < 1e-4 && far > 1e-3, "near {near}, far {far}");
 }
+
+/// `general.alignment` of 0 made candle divide by zero (a panic, exit 101);
+/// 7 placed the weights wrongly with exit 0. Both are refused in one line.
+#[test]
+fn a_bad_alignment_is_refused_in_one_line() {
+    let good = std::fs::read(twin("gguf-align-src", GgmlDType::F32, None)).unwrap();
+    let dir = common::scratch("gguf-align");
+    for alignment in [0u32, 7] {
+        // candle's writer pads to 32 whatever the metadata says; rewrite the
+        // value of the key in place in a copy of the good file.
+        let mut reader = std::io::Cursor::new(&good);
+        let content = gguf_file::Content::read(&mut reader).unwrap();
+        assert!(!content.metadata.contains_key("general.alignment"));
+        let path = dir.join(format!("align{alignment}.gguf"));
+        let tensors: Vec<(String, QTensor)> = content
+            .tensor_infos
+            .keys()
+            .map(|name| {
+                let t = content.tensor(&mut reader, name, &Device::Cpu).unwrap();
+                (name.clone(), t)
+            })
+            .collect();
+        let mut meta = vec![("general.alignment".to_string(), G::U32(alignment))];
+        meta.extend(content.metadata);
+        let meta: Vec<(&str, &G)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &meta, &tensors).unwrap();
+        let model = path.display().to_string();
+        fails_with(
+            &starling(&["run", "--model", &model, "Hello"], None),
+            "not a valid GGUF file: general.alignment",
+        );
+    }
+}

@@ -540,6 +540,58 @@ mod tests {
         assert_eq!(&permute_rows(&hf, 2, 2, true)[..4], &[0, 1, 4, 5]);
     }
 
+    /// llama.cpp's required keys for a tiny llama, plus `extra`.
+    fn tiny_header(extra: &[(&str, u32)]) -> super::super::gguf_header::tests::RawGguf {
+        use super::super::gguf_header::tests::{RawGguf, string};
+        let mut raw = RawGguf::default().kv("general.architecture", 8, string("llama"));
+        for (key, value) in [
+            ("llama.embedding_length", 64),
+            ("llama.feed_forward_length", 160),
+            ("llama.block_count", 2),
+            ("llama.attention.head_count", 4),
+        ]
+        .iter()
+        .chain(extra)
+        {
+            raw = raw.kv(key, 4, value.to_le_bytes().to_vec());
+        }
+        raw
+    }
+
+    fn open_bytes(name: &str, bytes: &[u8]) -> Result<Gguf> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        Gguf::open(&path)
+    }
+
+    #[test]
+    fn a_vocabulary_size_comes_only_from_a_two_dimensional_embedding() {
+        // No llama.vocab_size, and token_embd.weight with zero dimensions:
+        // this indexed an empty shape before.
+        let mut raw = tiny_header(&[]).tensor("token_embd.weight", &[], 0, 0);
+        raw.data = vec![0u8; 32];
+        let err = open_bytes("scalar.gguf", &raw.bytes())
+            .map(|_| ())
+            .unwrap_err();
+        let err = err.to_string();
+        assert!(err.contains("token_embd.weight has shape []"), "{err}");
+        assert!(!err.contains('\n'));
+        let mut raw = tiny_header(&[]).tensor("token_embd.weight", &[64, 10], 0, 0);
+        raw.data = vec![0u8; 64 * 10 * 4];
+        let gguf = open_bytes("ok.gguf", &raw.bytes()).unwrap();
+        assert_eq!(gguf.config().vocab_size, 10);
+    }
+
+    #[test]
+    fn sizes_in_the_metadata_are_bounded() {
+        let raw = tiny_header(&[("llama.vocab_size", u32::MAX), ("llama.context_length", 8)]);
+        let err = open_bytes("huge.gguf", &raw.bytes())
+            .map(|_| ())
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("vocab_size"), "{err:#}");
+    }
+
     #[test]
     fn names_follow_llama_cpp() {
         assert_eq!(
