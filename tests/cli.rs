@@ -465,6 +465,59 @@ fn pytorch_bin_checkpoints_answer_like_their_safetensors_twin() {
     fails_with(&run_on(&model, None), "not a valid PyTorch checkpoint");
 }
 
+/// A `pytorch_model.bin` zip holding just `data.pkl`.
+fn write_pickle_zip(path: &Path, pickle: &[u8]) {
+    use std::io::Write;
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
+    let stored =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    zip.start_file("archive/data.pkl", stored).unwrap();
+    zip.write_all(pickle).unwrap();
+    zip.finish().unwrap();
+}
+
+/// The memo bomb (each round doubles the object candle's reader copies:
+/// past 7 GB in 20 s before) and two million nested tuples (a stack
+/// overflow, exit 134, before) fail in one line, fast.
+#[test]
+fn hostile_pickles_fail_fast_in_one_line() {
+    let mut bomb = vec![0x80, 2, b')', b'q', 0];
+    for _ in 0..40 {
+        bomb.extend([b'h', 0, b'h', 0, 0x86, b'q', 0]);
+    }
+    bomb.push(b'.');
+    let mut deep = vec![0x80, 2, b')'];
+    deep.extend(std::iter::repeat_n(0x85u8, 2_000_000));
+    deep.push(b'.');
+    for (name, pickle, needle) in [
+        ("pickle-memo-bomb", bomb, "pickle bomb"),
+        ("pickle-deep", deep, "nest deeper"),
+    ] {
+        let model = broken_model(name, |dir| {
+            std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+            write_pickle_zip(&dir.join("pytorch_model.bin"), &pickle);
+        });
+        let start = std::time::Instant::now();
+        let out = run_on(&model, None);
+        fails_with(&out, "not a valid PyTorch checkpoint");
+        fails_with(&out, needle);
+        assert!(
+            start.elapsed().as_secs_f64() < 3.0,
+            "{name} took {:?}",
+            start.elapsed()
+        );
+    }
+    // A storage entry shorter than its tensor is refused before reading.
+    let model = broken_model("pickle-short-storage", |dir| {
+        std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+        let config = starling::model::Config::from_json(&golden()["config"].to_string()).unwrap();
+        let mut tensors = starling::model::synthetic::tensors(&config);
+        tensors[0].2.truncate(10);
+        common::save_pytorch_f32(&tensors, &dir.join("pytorch_model.bin"));
+    });
+    fails_with(&run_on(&model, None), "truncated?");
+}
+
 #[test]
 fn bench_reports_prompt_and_generation_speed() {
     let model = model_arg();

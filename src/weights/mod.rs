@@ -10,6 +10,7 @@
 
 pub mod gguf;
 mod gguf_header;
+mod pickle_guard;
 
 use crate::model::linear::{self, Embedding, Linear};
 use anyhow::{Context, Result, bail};
@@ -27,9 +28,10 @@ enum Store {
         names: HashMap<String, (usize, Vec<usize>)>,
     },
     Safetensors(MmapedSafetensors),
-    /// One lazy reader per shard, and which shard holds each tensor.
+    /// One lazy reader per shard (with its zip entries' sizes), and which
+    /// shard holds each tensor.
     Pickle {
-        shards: Vec<PthTensors>,
+        shards: Vec<(PthTensors, pickle_guard::EntrySizes)>,
         routing: HashMap<String, usize>,
     },
     Gguf(Box<gguf::Gguf>),
@@ -86,16 +88,16 @@ impl Weights {
             let mut shards = Vec::with_capacity(files.len());
             let mut routing = HashMap::new();
             for (i, f) in files.iter().enumerate() {
-                let shard = PthTensors::new(f, None).map_err(|e| {
-                    anyhow::anyhow!(
-                        "{}: not a valid PyTorch checkpoint (truncated or corrupt?): {e}",
-                        f.display()
-                    )
-                })?;
+                let invalid = |e: &dyn std::fmt::Display| {
+                    anyhow::anyhow!("{}: not a valid PyTorch checkpoint: {e}", f.display())
+                };
+                // candle's reader cannot bound its own work: check first.
+                let sizes = pickle_guard::check_file(f).map_err(|e| invalid(&format!("{e:#}")))?;
+                let shard = PthTensors::new(f, None).map_err(|e| invalid(&e))?;
                 for name in shard.tensor_infos().keys() {
                     routing.insert(name.clone(), i);
                 }
-                shards.push(shard);
+                shards.push((shard, sizes));
             }
             Store::Pickle { shards, routing }
         } else {
@@ -254,7 +256,7 @@ impl Weights {
                 }
             }
             Store::Pickle { shards, .. } => {
-                for info in shards.iter().flat_map(|s| s.tensor_infos().values()) {
+                for info in shards.iter().flat_map(|(s, _)| s.tensor_infos().values()) {
                     *counts.entry(info.dtype).or_insert(0usize) += 1;
                 }
             }
@@ -295,11 +297,13 @@ impl Weights {
                     .with_context(|| format!("loading tensor {name}"))?
             }
             Store::Pickle { shards, routing } => {
-                let shard = &shards[*routing.get(name).ok_or_else(missing)?];
+                let (shard, sizes) = &shards[*routing.get(name).ok_or_else(missing)?];
                 let info = &shard.tensor_infos()[name];
                 if info.layout.dims() != shape {
                     return Err(wrong(info.layout.dims()));
                 }
+                check_storage(info, sizes)
+                    .with_context(|| format!("tensor {name} in {}", describe(&self.files)))?;
                 let cpu = shard
                     .get(name)
                     .with_context(|| format!("reading tensor {name}"))?
@@ -315,6 +319,32 @@ impl Weights {
         };
         Ok(tensor.to_dtype(dtype)?)
     }
+}
+
+/// The largest ratio deflate reaches (about 1032:1): a zip entry claiming
+/// more bytes than its compressed data can hold is lying.
+const MAX_DEFLATE_RATIO: u64 = 1032;
+
+/// Checks that a pickled tensor's bytes lie inside its storage entry before
+/// candle allocates the tensor and reads them.
+fn check_storage(
+    info: &candle_core::pickle::TensorInfo,
+    sizes: &pickle_guard::EntrySizes,
+) -> Result<()> {
+    let (size, compressed) = *sizes
+        .get(&info.path)
+        .with_context(|| format!("its data entry {} is missing", info.path))?;
+    let need = (info.layout.shape().elem_count() as u64)
+        .checked_mul(info.dtype.size_in_bytes() as u64)
+        .and_then(|n| n.checked_add(info.layout.start_offset() as u64))
+        .context("its size overflows")?;
+    if need > size || size > compressed.saturating_mul(MAX_DEFLATE_RATIO) {
+        bail!(
+            "it needs {need} bytes but its data entry {} holds {size} ({compressed} stored; truncated?)",
+            info.path
+        );
+    }
+    Ok(())
 }
 
 fn describe(files: &[PathBuf]) -> String {
