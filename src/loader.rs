@@ -176,7 +176,7 @@ fn choose_template(
     }
     if let Some(source) = jinja {
         let specials = tokenizer
-            .special_tokens()
+            .template_tokens()
             .into_iter()
             .map(|(s, _)| s)
             .collect();

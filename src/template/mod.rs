@@ -192,19 +192,11 @@ impl Template {
 }
 
 pub fn encode_segments(tokenizer: &TextTokenizer, segments: &[Segment]) -> Result<Vec<u32>> {
-    let mut ids = Vec::new();
-    for segment in segments {
-        match segment {
-            Segment::Text(text) => ids.extend(tokenizer.encode_text(text)?),
-            Segment::Special(token) => match tokenizer.token_id(token) {
-                Some(id) => ids.push(id),
-                None => bail!(
-                    "the chat template needs the token {token:?}, which this tokenizer does not have"
-                ),
-            },
-        }
-    }
-    Ok(ids)
+    use crate::tokenizer::Segment as S;
+    tokenizer.encode_segments(segments.iter().map(|s| match s {
+        Segment::Text(t) => S::Text(t),
+        Segment::Special(t) => S::Special(t),
+    }))
 }
 
 #[cfg(test)]

@@ -1,8 +1,20 @@
 //! Text ⇄ ids. Loads `tokenizer.json`, or converts `tokenizer.model` when
 //! that is all a model ships, then adds the tokens its configs declare.
 //!
-//! The one rule enforced here: text is always encoded with special-token
-//! parsing off. Only the chat template inserts special ids, by id.
+//! The one rule enforced here: text is never read as an added token, special
+//! or not (`<s>`, `<|end_of_turn|>`, ChatML markers typed USER_DEFINED in a
+//! GGUF or `special: false` in tokenizer.json). Only the chat template
+//! inserts their ids.
+//!
+//! How: plain text goes through a second copy of the tokenizer, the
+//! *encoder*, which has no added tokens at all but one private sentinel. A
+//! rendered prompt is encoded in one call with the sentinel wherever the
+//! template put a special token, and each sentinel id is then replaced by
+//! that token's id. So every text run is encoded exactly as the tokenizer
+//! itself encodes text that follows a special token: with a word-start `▁`
+//! in the legacy SentencePiece layout (a `Prepend` normalizer, applied to
+//! each run), without one in transformers' `legacy: false` layout
+//! (`Metaspace` with `prepend_scheme: "first"`, only at the very start).
 
 pub mod sentencepiece;
 
@@ -11,6 +23,13 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tokenizers::{AddedToken, Tokenizer};
+
+/// A piece of a rendered prompt: text, or a special token by its text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Segment<'s> {
+    Text(&'s str),
+    Special(&'s str),
+}
 
 /// The files a tokenizer can come from, as found in a model directory.
 #[derive(Debug, Clone, Default)]
@@ -94,8 +113,16 @@ impl TokenizerConfig {
     }
 }
 
+/// Stands in for each template-inserted token while a prompt is encoded.
+/// Private-use code points: no text a person types contains this.
+const SENTINEL: &str = "\u{F8FF}starling-special\u{F8FF}";
+
 pub struct TextTokenizer {
+    /// The tokenizer as the model ships it: decoding, token ids.
     inner: Tokenizer,
+    /// Plain-text encoding: no added tokens, only [`SENTINEL`].
+    encoder: Tokenizer,
+    sentinel: u32,
     /// `byte_tokens[id]`: the id is a byte-fallback token (`<0xNN>`), which
     /// the decoder joins with its neighbours into UTF-8 (or U+FFFD per byte).
     byte_tokens: Vec<bool>,
@@ -138,22 +165,34 @@ impl TextTokenizer {
         for (id, (content, special)) in declared {
             add_token_at(&mut inner, id, &content, special)?;
         }
-        // Every added token a template can emit is treated as special, so
-        // user text can never spell one: with this set, encoding leaves
-        // special tokens' text alone.
-        inner.set_encode_special_tokens(true);
-        Ok(Self::new(inner))
+        Self::new(inner)
     }
 
     /// A tokenizer from a bare SentencePiece vocabulary (a GGUF file's),
     /// under the same rule: text never spells a special token.
     pub fn from_vocab(vocab: &sentencepiece::SpmVocab) -> Result<Self> {
-        let mut inner = vocab.to_tokenizer()?;
-        inner.set_encode_special_tokens(true);
-        Ok(Self::new(inner))
+        Self::new(vocab.to_tokenizer()?)
     }
 
-    fn new(inner: Tokenizer) -> Self {
+    fn new(inner: Tokenizer) -> Result<Self> {
+        // The encoder: the same normalizer, pre-tokenizer, model and
+        // post-processor, without the added tokens.
+        let mut json: serde_json::Value = serde_json::from_str(
+            &inner
+                .to_string(false)
+                .map_err(|e| anyhow::anyhow!("serialising the tokenizer: {e}"))?,
+        )?;
+        json["added_tokens"] = serde_json::Value::Array(Vec::new());
+        let mut encoder: Tokenizer = json
+            .to_string()
+            .parse()
+            .map_err(|e| anyhow::anyhow!("copying the tokenizer: {e}"))?;
+        encoder
+            .add_special_tokens([AddedToken::from(SENTINEL.to_string(), true)])
+            .map_err(anyhow::Error::from_boxed)?;
+        let sentinel = encoder
+            .token_to_id(SENTINEL)
+            .context("the segment sentinel did not get an id")?;
         let mut byte_tokens = vec![false; inner.get_vocab_size(true)];
         for (token, id) in inner.get_vocab(true) {
             if is_byte_piece(&token)
@@ -162,7 +201,12 @@ impl TextTokenizer {
                 *slot = true;
             }
         }
-        Self { inner, byte_tokens }
+        Ok(Self {
+            inner,
+            encoder,
+            sentinel,
+            byte_tokens,
+        })
     }
 
     /// Whether `id` is a byte-fallback token (`<0x00>` … `<0xFF>`).
@@ -175,28 +219,80 @@ impl TextTokenizer {
         &self.inner
     }
 
-    /// Ids of plain text (no BOS, no special-token parsing). SentencePiece
-    /// tokenizers prepend their word-start marker to each call's text, so
-    /// callers encode each run of text between special tokens separately.
+    /// Ids of plain text at the start of the input (no BOS; no added token
+    /// is ever recognised in it).
     pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
         if text.is_empty() {
             return Ok(Vec::new());
         }
+        self.encode_plain(text, false)
+    }
+
+    /// Ids of text as `tokenizer(text)` would give them: with the
+    /// tokenizer's own BOS (post-processor), still with no added token
+    /// recognised in the text.
+    pub fn encode_with_bos(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_plain(text, true)
+    }
+
+    fn encode_plain(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
+        if text.contains(SENTINEL) {
+            bail!("the text contains starling's private segment marker (U+F8FF…)");
+        }
         let encoding = self
-            .inner
-            .encode_fast(text, false)
+            .encoder
+            .encode_fast(text, add_bos)
             .map_err(|e| anyhow::anyhow!("tokenizing text: {e}"))?;
         Ok(encoding.get_ids().to_vec())
     }
 
-    /// Ids of text as `tokenizer(text)` would give them: with the tokenizer's
-    /// own BOS (post-processor), still without special-token parsing.
-    pub fn encode_with_bos(&self, text: &str) -> Result<Vec<u32>> {
+    /// Ids of a rendered prompt: each text run as the tokenizer encodes
+    /// text in that place (after a special token, or at the start), each
+    /// special token (any added token, by its text) as its id.
+    pub fn encode_segments<'s>(
+        &self,
+        segments: impl IntoIterator<Item = Segment<'s>>,
+    ) -> Result<Vec<u32>> {
+        let mut joined = String::new();
+        let mut specials = Vec::new();
+        for segment in segments {
+            match segment {
+                Segment::Text(text) => {
+                    if text.contains(SENTINEL) {
+                        bail!("the text contains starling's private segment marker (U+F8FF…)");
+                    }
+                    joined.push_str(text);
+                }
+                Segment::Special(token) => {
+                    let id = self.token_id(token).with_context(|| {
+                        format!("the chat template needs the token {token:?}, which this tokenizer does not have")
+                    })?;
+                    specials.push(id);
+                    joined.push_str(SENTINEL);
+                }
+            }
+        }
+        if joined.is_empty() {
+            return Ok(Vec::new());
+        }
         let encoding = self
-            .inner
-            .encode_fast(text, true)
-            .map_err(|e| anyhow::anyhow!("tokenizing text: {e}"))?;
-        Ok(encoding.get_ids().to_vec())
+            .encoder
+            .encode_fast(joined.as_str(), false)
+            .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
+        let mut specials = specials.into_iter();
+        let ids: Vec<u32> = encoding
+            .get_ids()
+            .iter()
+            .map(|&id| {
+                if id == self.sentinel {
+                    specials.next().expect("one sentinel per special token")
+                } else {
+                    id
+                }
+            })
+            .collect();
+        debug_assert!(specials.next().is_none());
+        Ok(ids)
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
@@ -213,8 +309,21 @@ impl TextTokenizer {
         self.inner.get_vocab_size(true)
     }
 
-    /// Contents of the special added tokens, longest first (for splitting
-    /// rendered templates on them).
+    /// Contents of every added token, special or not, longest first: the
+    /// tokens a chat template may write (rendered templates are split on them).
+    pub fn template_tokens(&self) -> Vec<(String, u32)> {
+        let mut tokens: Vec<(String, u32)> = self
+            .inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .map(|(id, t)| (t.content, id))
+            .filter(|(content, _)| !content.is_empty())
+            .collect();
+        tokens.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        tokens
+    }
+
+    /// Contents of the added tokens marked special, longest first.
     pub fn special_tokens(&self) -> Vec<(String, u32)> {
         let mut specials: Vec<(String, u32)> = self
             .inner
