@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fetches the test assets that cannot be committed or built: the real Mistral
-# v0.1 SentencePiece model, shipped inside the mistral-common wheel on PyPI.
+# v0.1 SentencePiece model, shipped inside the mistral-common wheel on PyPI,
+# and real chat templates from the llama-cpp-python source package.
 # Idempotent: a cached, verified copy means no network at all.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -8,12 +9,47 @@ dest="${STARLING_TEST_ASSETS:-$root/target/test-assets}"
 model="$dest/tokenizer.model.v1"
 want_size=493443
 
-if [ -f "$model" ] && [ "$(stat -c %s "$model")" = "$want_size" ]; then
-  exit 0
-fi
 mkdir -p "$dest"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
+
+# Real chat templates as models publish them: llama.cpp's collection in the
+# llama-cpp-python 0.3.36 source package (tests/templates.rs renders them).
+# Downloaded from PyPI's file host and checked against the index's sha256.
+if [ ! -f "$dest/templates/.complete" ]; then
+  python3 - "$dest" "$tmp" <<'PY'
+import hashlib, os, pathlib, sys, tarfile, urllib.request
+dest, tmp = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+url = ("https://files.pythonhosted.org/packages/ec/e9/"
+       "e7de2b0463ea3ffbf0ede6cb21b58c1258a8f6521aae45ca773a59fe7cf3/"
+       "llama_cpp_python-0.3.36.tar.gz")
+sha = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+sdist = tmp / "llama_cpp_python-0.3.36.tar.gz"
+urllib.request.urlretrieve(url, sdist)
+digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
+if digest != sha:
+    sys.exit(f"fetch-test-assets: {sdist.name} has sha256 {digest}, expected {sha}")
+prefix = "llama_cpp_python-0.3.36/vendor/llama.cpp/models/templates/"
+out = dest / "templates.partial"
+out.mkdir(parents=True, exist_ok=True)
+with tarfile.open(sdist) as tar:
+    for member in tar.getmembers():
+        name = member.name
+        if name.startswith(prefix) and name.endswith(".jinja") and member.isfile():
+            data = tar.extractfile(member).read()
+            (out / os.path.basename(name)).write_bytes(data)
+(out / ".complete").write_text("llama-cpp-python==0.3.36\n")
+final = dest / "templates"
+if final.exists():
+    import shutil
+    shutil.rmtree(final)
+out.rename(final)
+PY
+fi
+
+if [ -f "$model" ] && [ "$(stat -c %s "$model")" = "$want_size" ]; then
+  exit 0
+fi
 python3 -m pip download --quiet --no-deps --disable-pip-version-check \
   mistral-common==1.13.1 -d "$tmp" >&2
 wheel=$(ls "$tmp"/mistral_common-1.13.1-*.whl)

@@ -98,6 +98,18 @@ pub fn load_text(files: &ModelFiles, template: &str) -> Result<Text> {
         config.eos_token_id.as_ref(),
     ];
     let stop_ids = stop_ids(&template, &tokenizer, eos.into_iter().flatten());
+    // The other special-token strings transformers passes to templates.
+    let template = match (template, &tok_config) {
+        (Template::Jinja(mut j), Some(c)) => {
+            for (name, token) in [("unk_token", &c.unk_token), ("pad_token", &c.pad_token)] {
+                if let Some(t) = token {
+                    j = j.with_variable(name, t.content());
+                }
+            }
+            Template::Jinja(j)
+        }
+        (template, _) => template,
+    };
     Ok(Text {
         tokenizer,
         template,

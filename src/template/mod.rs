@@ -2,7 +2,9 @@
 //! a special token, never one string that gets re-parsed for specials. That
 //! is what keeps `<|end_of_turn|>` typed by a user from ending a turn.
 
+mod clock;
 mod jinja;
+mod pyjson;
 
 pub use jinja::JinjaTemplate;
 

@@ -51,6 +51,10 @@ pub struct TokenizerConfig {
     pub bos_token: Option<TokenField>,
     #[serde(default)]
     pub eos_token: Option<TokenField>,
+    #[serde(default)]
+    pub unk_token: Option<TokenField>,
+    #[serde(default)]
+    pub pad_token: Option<TokenField>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -14,6 +14,29 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+fn assets_dir() -> PathBuf {
+    std::env::var_os("STARLING_TEST_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target/test-assets"))
+}
+
+fn fetch_assets() {
+    let status = Command::new("bash")
+        .arg(root().join("scripts/fetch-test-assets.sh"))
+        .status()
+        .expect("running scripts/fetch-test-assets.sh");
+    assert!(status.success(), "scripts/fetch-test-assets.sh failed");
+}
+
+/// Real chat templates (llama.cpp's collection), fetched on first use.
+pub fn templates_dir() -> PathBuf {
+    let dir = assets_dir().join("templates");
+    if !dir.join(".complete").is_file() {
+        fetch_assets();
+    }
+    dir
+}
+
 /// tokenizer.model.v1 from the mistral-common wheel, fetched on first use.
 pub fn tokenizer_model() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
