@@ -29,7 +29,9 @@ pub fn model_files(args: &ModelArgs) -> Result<(ModelFiles, String)> {
 /// The error chain as the one line the user sees: each cause's message,
 /// joined by ": ". candle attaches a backtrace to its errors whenever
 /// RUST_BACKTRACE is set (GPU images often set it), and its message then
-/// carries the whole trace; only the error inside is kept.
+/// carries the whole trace; only the error inside is kept. A cause longer
+/// than [`MAX_CAUSE`] characters is cut: parsers (serde, safetensors) quote
+/// the offending text, and a corrupt file can make that megabytes.
 pub fn error_line(e: &anyhow::Error) -> String {
     e.chain()
         .map(|cause| {
@@ -38,14 +40,32 @@ pub fn error_line(e: &anyhow::Error) -> String {
                 candle = Some(inner);
             }
             let text = candle.map_or_else(|| cause.to_string(), |c| c.to_string());
-            text.lines().next().unwrap_or_default().to_string()
+            let line = text.lines().next().unwrap_or_default();
+            match line.char_indices().nth(MAX_CAUSE) {
+                Some((cut, _)) => format!("{}…", &line[..cut]),
+                None => line.to_string(),
+            }
         })
         .collect::<Vec<_>>()
         .join(": ")
 }
 
+/// The most characters one cause of an error shows.
+pub const MAX_CAUSE: usize = 300;
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_long_cause_is_cut() {
+        let e = anyhow::anyhow!("x".repeat(10_000)).context("reading a file");
+        let line = super::error_line(&e);
+        assert!(line.starts_with("reading a file: xxx") && line.ends_with('…'));
+        assert_eq!(
+            line.chars().count(),
+            "reading a file: ".len() + super::MAX_CAUSE + 1
+        );
+    }
+
     use super::*;
 
     #[test]

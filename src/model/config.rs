@@ -122,10 +122,14 @@ impl Config {
             .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
-    /// The attention window, only for Mistral (transformers' Llama has none).
+    /// The attention window, only for Mistral (transformers' Llama has
+    /// none). A window as long as the context hides nothing, so it is none:
+    /// that also keeps `position + window` from overflowing.
     pub fn window(&self) -> Option<usize> {
         match self.family() {
-            Ok(Family::Mistral) => self.sliding_window,
+            Ok(Family::Mistral) => self
+                .sliding_window
+                .filter(|&w| w < self.max_position_embeddings),
             _ => None,
         }
     }
@@ -232,7 +236,8 @@ mod tests {
 
     const MISTRAL: &str = r#"{"architectures":["MistralForCausalLM"],"vocab_size":32002,
         "hidden_size":64,"intermediate_size":160,"num_hidden_layers":2,"num_attention_heads":4,
-        "num_key_value_heads":2,"head_dim":16,"sliding_window":4096,"eos_token_id":32000}"#;
+        "num_key_value_heads":2,"head_dim":16,"sliding_window":4096,"eos_token_id":32000,
+        "max_position_embeddings":8192}"#;
 
     #[test]
     fn reads_a_mistral_config() {
@@ -242,6 +247,18 @@ mod tests {
         assert_eq!(c.head_dim(), 16);
         assert_eq!(c.window(), Some(4096));
         assert_eq!(c.eos_token_id, Some(TokenIds::One(32000)));
+    }
+
+    #[test]
+    fn a_window_no_shorter_than_the_context_is_none() {
+        let long = MISTRAL.replace(
+            "\"sliding_window\":4096",
+            "\"sliding_window\":18446744073709551615",
+        );
+        assert_eq!(Config::from_json(&long).unwrap().window(), None);
+        assert_eq!(Config::from_json(MISTRAL).unwrap().window(), Some(4096));
+        let equal = MISTRAL.replace("8192", "4096");
+        assert_eq!(Config::from_json(&equal).unwrap().window(), None);
     }
 
     #[test]

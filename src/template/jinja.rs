@@ -264,7 +264,7 @@ fn without_generation_tags(source: &str) -> String {
     while let Some(start) = rest.find("{%") {
         out.push_str(&rest[..start]);
         let tag = &rest[start..];
-        let Some(end) = tag.find("%}") else {
+        let Some(end) = tag[2..].find("%}").map(|i| i + 2) else {
             out.push_str(tag);
             return out;
         };
@@ -509,6 +509,19 @@ mod tests {
             .render_text(&[Message::new("user", "a"), Message::new("user", "b")])
             .unwrap();
         assert_eq!(out, "<a>None True [1, 'a'] {'k': None}");
+    }
+
+    #[test]
+    fn generation_tags_become_ifs_and_broken_tags_stay_broken() {
+        assert_eq!(
+            without_generation_tags("a{%- generation %}b{% endgeneration -%}c"),
+            "a{%- if true %}b{% endif -%}c"
+        );
+        // "{%}" once made the rewrite slice backwards (found by the fuzzer).
+        for broken in ["{%}", "{%", "x{%}{{ y }}", "{%-}%}"] {
+            assert_eq!(without_generation_tags(broken), broken);
+            assert!(JinjaTemplate::new(broken, None, None, vec![]).is_err());
+        }
     }
 
     #[test]

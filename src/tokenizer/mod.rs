@@ -117,6 +117,9 @@ impl TokenizerConfig {
     }
 }
 
+/// The largest vocabulary id accepted (the config's limit on vocab_size).
+const MAX_VOCAB: usize = 1 << 24;
+
 /// Stands in for each template-inserted token while a prompt is encoded.
 /// Private-use code points: no text a person types contains this.
 const SENTINEL: &str = "\u{F8FF}starling-special\u{F8FF}";
@@ -135,7 +138,10 @@ pub struct TextTokenizer {
 impl TextTokenizer {
     pub fn load(files: &TokenizerFiles, config: Option<&TokenizerConfig>) -> Result<Self> {
         let mut inner = if let Some(json) = &files.tokenizer_json {
-            Tokenizer::from_file(json)
+            let text = std::fs::read_to_string(json)
+                .with_context(|| format!("reading {}", json.display()))?;
+            check_bpe_merges(&text).with_context(|| format!("loading {}", json.display()))?;
+            text.parse::<Tokenizer>()
                 .map_err(|e| anyhow::anyhow!("{}: {e}", json.display()))
                 .context("loading tokenizer.json")?
         } else if let Some(model) = &files.sentencepiece_model {
@@ -179,6 +185,28 @@ impl TextTokenizer {
     }
 
     fn new(inner: Tokenizer) -> Result<Self> {
+        // Ids come from the file: a vocabulary's ids are (nearly) 0..n, and
+        // the tokenizers crate allocates per missing id when it serialises
+        // or orders the vocabulary, so a stray id of 2^31 would ask for
+        // gigabytes.
+        let entries = inner.get_vocab_size(true);
+        let vocab = inner.get_vocab(true);
+        let max_id = vocab.values().copied().max().unwrap_or(0) as usize;
+        if max_id >= (2 * entries + 1024).min(MAX_VOCAB) {
+            bail!(
+                "the vocabulary has {entries} tokens but an id of {max_id}: ids must run from 0 to about the number of tokens"
+            );
+        }
+        // Two tokens with one id: the crate keeps one of them when it
+        // writes the vocabulary out, and its merges then no longer fit.
+        let distinct: std::collections::HashSet<u32> = vocab.values().copied().collect();
+        if distinct.len() != vocab.len() {
+            bail!(
+                "the vocabulary gives {} tokens only {} distinct ids",
+                vocab.len(),
+                distinct.len()
+            );
+        }
         // The encoder: the same normalizer, pre-tokenizer, model and
         // post-processor, without the added tokens.
         let mut json: serde_json::Value = serde_json::from_str(
@@ -187,8 +215,9 @@ impl TextTokenizer {
                 .map_err(|e| anyhow::anyhow!("serialising the tokenizer: {e}"))?,
         )?;
         json["added_tokens"] = serde_json::Value::Array(Vec::new());
-        let mut encoder: Tokenizer = json
-            .to_string()
+        let text = json.to_string();
+        check_bpe_merges(&text)?;
+        let mut encoder: Tokenizer = text
             .parse()
             .map_err(|e| anyhow::anyhow!("copying the tokenizer: {e}"))?;
         encoder
@@ -283,19 +312,20 @@ impl TextTokenizer {
             .encoder
             .encode_fast(joined.as_str(), false)
             .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
+        let mut ids = encoding.get_ids().to_vec();
+        let found = ids.iter().filter(|&&id| id == self.sentinel).count();
+        if found != specials.len() {
+            // Only a tokenizer whose post-processor or model rewrites added
+            // tokens could do this; its ids would not be trustworthy.
+            bail!(
+                "the tokenizer did not keep the template's {} special tokens apart (found {found})",
+                specials.len()
+            );
+        }
         let mut specials = specials.into_iter();
-        let ids: Vec<u32> = encoding
-            .get_ids()
-            .iter()
-            .map(|&id| {
-                if id == self.sentinel {
-                    specials.next().expect("one sentinel per special token")
-                } else {
-                    id
-                }
-            })
-            .collect();
-        debug_assert!(specials.next().is_none());
+        for id in ids.iter_mut().filter(|id| **id == self.sentinel) {
+            *id = specials.next().unwrap_or(*id);
+        }
         Ok(ids)
     }
 
@@ -341,6 +371,61 @@ impl TextTokenizer {
     }
 }
 
+/// Checks a tokenizer.json's BPE merges the way the tokenizers crate needs
+/// them before it is given the file: it copies each merge into a buffer as
+/// long as the longest vocabulary token and subtracts the continuing-subword
+/// prefix's length, so a merge longer than every token (or shorter than the
+/// prefix) makes it panic (tokenizers 0.23, `BpeBuilder::build`) instead of
+/// returning its "merge token out of vocabulary" error.
+fn check_bpe_merges(text: &str) -> Result<()> {
+    #[derive(Deserialize)]
+    struct File {
+        model: Model,
+    }
+    #[derive(Deserialize)]
+    struct Model {
+        #[serde(rename = "type")]
+        kind: Option<String>,
+        #[serde(default)]
+        vocab: Option<serde_json::Value>,
+        #[serde(default)]
+        merges: Vec<serde_json::Value>,
+        #[serde(default)]
+        continuing_subword_prefix: Option<String>,
+    }
+    let Ok(file) = serde_json::from_str::<File>(text) else {
+        return Ok(()); // the tokenizers crate reports what is wrong
+    };
+    let model = file.model;
+    if model.kind.as_deref().is_some_and(|k| k != "BPE") {
+        return Ok(());
+    }
+    let Some(serde_json::Value::Object(vocab)) = model.vocab else {
+        return Ok(());
+    };
+    let longest = vocab.keys().map(String::len).max().unwrap_or(0);
+    let prefix = model.continuing_subword_prefix.map_or(0, |p| p.len());
+    for (i, merge) in model.merges.iter().enumerate() {
+        let (a, b) = match merge {
+            serde_json::Value::String(s) => match s.split_once(' ') {
+                Some((a, b)) => (a.to_string(), b.to_string()),
+                None => continue,
+            },
+            serde_json::Value::Array(pair) => match pair.as_slice() {
+                [serde_json::Value::String(a), serde_json::Value::String(b)] => {
+                    (a.clone(), b.clone())
+                }
+                _ => continue,
+            },
+            _ => continue,
+        };
+        if b.len() < prefix || a.len() + b.len() - prefix > longest {
+            bail!("merge {i} ({a:?} + {b:?}) makes a token longer than any in the vocabulary");
+        }
+    }
+    Ok(())
+}
+
 /// `<0xNN>` with two upper-case hex digits: SentencePiece's byte pieces.
 fn is_byte_piece(token: &str) -> bool {
     let b = token.as_bytes();
@@ -377,4 +462,88 @@ fn add_token_at(tokenizer: &mut Tokenizer, id: u32, content: &str, special: bool
         .add_special_tokens([token])
         .map_err(anyhow::Error::from_boxed)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sentencepiece::{Piece, PieceKind, SpmVocab};
+    use super::*;
+
+    /// A tokenizer.json of a tiny vocabulary, edited by `edit`, loaded as
+    /// the CLI loads one.
+    fn load_edited(edit: impl FnOnce(&mut serde_json::Value)) -> Result<TextTokenizer> {
+        let mut pieces = vec![
+            Piece {
+                text: "<unk>".into(),
+                score: 0.0,
+                kind: PieceKind::Unknown,
+            },
+            Piece {
+                text: "<s>".into(),
+                score: 0.0,
+                kind: PieceKind::Control,
+            },
+        ];
+        for b in 0..=255u8 {
+            pieces.push(Piece {
+                text: format!("<0x{b:02X}>"),
+                score: 0.0,
+                kind: PieceKind::Byte,
+            });
+        }
+        for (i, w) in [
+            "▁", "h", "e", "l", "o", "he", "ll", "▁he", "▁hell", "▁hello",
+        ]
+        .iter()
+        .enumerate()
+        {
+            pieces.push(Piece {
+                text: (*w).into(),
+                score: -(i as f32),
+                kind: PieceKind::Normal,
+            });
+        }
+        let vocab = SpmVocab {
+            pieces,
+            add_dummy_prefix: true,
+        };
+        let mut json: serde_json::Value = serde_json::from_str(
+            &vocab
+                .to_tokenizer()?
+                .to_string(false)
+                .map_err(anyhow::Error::msg)?,
+        )?;
+        edit(&mut json);
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("tokenizer.json");
+        std::fs::write(&path, json.to_string())?;
+        let files = TokenizerFiles {
+            tokenizer_json: Some(path),
+            ..Default::default()
+        };
+        let t = TextTokenizer::load(&files, None)?;
+        t.encode_text("hello hello")?;
+        Ok(t)
+    }
+
+    #[test]
+    fn hostile_vocabularies_are_errors_not_panics() {
+        load_edited(|_| {}).unwrap();
+        // Two tokens with one id; an id far past the vocabulary; a merge
+        // longer than every token.
+        for edit in [
+            Box::new(|j: &mut serde_json::Value| j["model"]["vocab"]["▁hello"] = 0.into())
+                as Box<dyn FnOnce(&mut serde_json::Value)>,
+            Box::new(|j| j["model"]["vocab"]["▁hell"] = 0.into()),
+            Box::new(|j| j["model"]["vocab"]["▁hello"] = (1u64 << 31).into()),
+            Box::new(|j| j["model"]["merges"][0] = serde_json::json!(["▁hello", "▁hello"])),
+        ] {
+            let outcome =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load_edited(edit)));
+            let result = outcome.expect("loading panicked");
+            if let Err(e) = result {
+                assert!(!format!("{e:#}").contains('\n'));
+            }
+        }
+    }
 }

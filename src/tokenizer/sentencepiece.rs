@@ -130,6 +130,40 @@ impl SpmVocab {
     /// piece into two vocab pieces, ordered by the piece's score, descending
     /// (ties keep piece order, and within a piece the (left id, right id)
     /// order), exactly as transformers' legacy converter wrote the published files.
+    /// The vocabulary as a SentencePiece `tokenizer.model` (a BPE model
+    /// with byte fallback): what [`Self::from_model_bytes`] reads. Tests
+    /// build tiny vocabularies with it.
+    pub fn to_model_bytes(&self) -> Vec<u8> {
+        use prost::Message;
+        let kind = |k: PieceKind| match k {
+            PieceKind::Normal => 1,
+            PieceKind::Unknown => 2,
+            PieceKind::Control => 3,
+            PieceKind::UserDefined => 4,
+            PieceKind::Unused => 5,
+            PieceKind::Byte => 6,
+        };
+        proto::ModelProto {
+            pieces: self
+                .pieces
+                .iter()
+                .map(|p| proto::SentencePiece {
+                    piece: Some(p.text.clone()),
+                    score: Some(p.score),
+                    r#type: Some(kind(p.kind)),
+                })
+                .collect(),
+            trainer_spec: Some(proto::TrainerSpec {
+                model_type: Some(2),
+                byte_fallback: Some(true),
+            }),
+            normalizer_spec: Some(proto::NormalizerSpec {
+                add_dummy_prefix: Some(self.add_dummy_prefix),
+            }),
+        }
+        .encode_to_vec()
+    }
+
     pub fn to_tokenizer(&self) -> Result<Tokenizer> {
         let ids: HashMap<&str, u32> = self
             .pieces

@@ -121,7 +121,12 @@ impl Meta<'_> {
         self.meta(&full)
             .map(|v| v.to_u64().or_else(|_| v.to_u32().map(u64::from)))
             .transpose()
-            .map_err(|e| anyhow::anyhow!("{}: metadata {full}: {e}", self.path.display()))
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "{}: metadata {full} is not an unsigned integer",
+                    self.path.display()
+                )
+            })
     }
 
     fn required(&self, key: &str) -> Result<u64> {
@@ -210,8 +215,9 @@ impl Gguf {
             .unwrap_or_default();
         if !matches!(arch.as_str(), "llama" | "mistral") {
             bail!(
-                "{}: architecture {arch:?} is not supported (llama or mistral)",
-                path.display()
+                "{}: architecture {} is not supported (llama or mistral)",
+                path.display(),
+                super::shown(&arch)
             );
         }
         let config = Meta {
@@ -251,14 +257,15 @@ impl Gguf {
             .unwrap_or("");
         if model != "llama" {
             bail!(
-                "{path}: tokenizer {model:?} is not supported (only SentencePiece vocabularies, \"llama\")"
+                "{path}: tokenizer {} is not supported (only SentencePiece vocabularies, \"llama\")",
+                super::shown(model)
             );
         }
         let list = |key: &str| -> Result<&Vec<Value>> {
             self.meta(key)
                 .with_context(|| format!("{path}: metadata {key} is missing"))?
                 .to_vec()
-                .map_err(|e| anyhow::anyhow!("{path}: metadata {key}: {e}"))
+                .map_err(|_| anyhow::anyhow!("{path}: metadata {key} is not an array"))
         };
         let tokens = list("tokenizer.ggml.tokens")?;
         let scores = self
@@ -271,7 +278,7 @@ impl Gguf {
         for (i, token) in tokens.iter().enumerate() {
             let text = token
                 .to_string()
-                .map_err(|e| anyhow::anyhow!("{path}: token {i}: {e}"))?
+                .map_err(|_| anyhow::anyhow!("{path}: token {i} is not a string"))?
                 .clone();
             let score = scores
                 .and_then(|s| s.get(i))

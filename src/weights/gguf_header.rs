@@ -147,6 +147,16 @@ fn ggml_type(kind: u32) -> Option<GgmlDType> {
     })
 }
 
+/// A value's type, in a word (messages never print a whole value).
+fn kind_name(value: &Value) -> &'static str {
+    match value {
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::U32(_) => "a u32 that is not a power of two",
+        _ => "a number of another type",
+    }
+}
+
 /// The fewest bytes a value of type `kind` takes in the file.
 fn min_size(kind: u32) -> Result<u64> {
     Ok(match kind {
@@ -185,23 +195,28 @@ pub fn read(inner: impl Read, size: u64) -> Result<Content> {
         let kind = r.u32("a metadata type")?;
         let value = r
             .value(kind, 0)
-            .map_err(|e| anyhow::anyhow!("metadata {key}: {e}"))?;
-        if metadata.insert(key.clone(), value).is_some() {
-            bail!("metadata {key} appears twice");
+            .map_err(|e| anyhow::anyhow!("metadata {}: {e}", super::shown(&key)))?;
+        if metadata.contains_key(&key) {
+            bail!("metadata {} appears twice", super::shown(&key));
         }
+        metadata.insert(key, value);
     }
     let alignment = match metadata.get("general.alignment") {
         None => DEFAULT_ALIGNMENT,
         Some(Value::U32(a)) if a.is_power_of_two() => u64::from(*a),
         Some(other) => {
-            bail!("general.alignment is {other:?}, not a power of two as a u32")
+            bail!(
+                "general.alignment is not a power of two as a u32 ({})",
+                kind_name(other)
+            )
         }
     };
 
     let mut tensor_infos = HashMap::new();
     let mut extents = Vec::with_capacity(tensor_count.min(4096) as usize);
     for _ in 0..tensor_count {
-        let name = r.string("a tensor name's length")?;
+        let raw_name = r.string("a tensor name's length")?;
+        let name = super::shown(&raw_name);
         let n_dims = r.u32("a tensor's dimension count")?;
         ensure!(
             n_dims <= MAX_DIMS,
@@ -234,6 +249,7 @@ pub fn read(inner: impl Read, size: u64) -> Result<Content> {
             "tensor {name}: offset {offset} is not a multiple of the alignment {alignment}"
         );
         extents.push((offset, bytes, name.clone()));
+        let name = raw_name;
         // candle's shapes list the outermost dimension first.
         let shape: Vec<usize> = dims.iter().rev().map(|&d| d as usize).collect();
         let info = TensorInfo {
@@ -241,9 +257,10 @@ pub fn read(inner: impl Read, size: u64) -> Result<Content> {
             shape: shape.into(),
             offset,
         };
-        if tensor_infos.insert(name.clone(), info).is_some() {
-            bail!("tensor {name} appears twice");
+        if tensor_infos.contains_key(&name) {
+            bail!("tensor {} appears twice", super::shown(&name));
         }
+        tensor_infos.insert(name, info);
     }
 
     let data_start = r

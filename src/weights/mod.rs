@@ -6,15 +6,14 @@
 //!
 //! candle's VarBuilder would do the lookup, but its errors name neither the
 //! file nor both shapes in a sentence a user can act on; this thin layer over
-//! candle's `MmapedSafetensors` and `PthTensors` does.
+//! candle's `MmapedSafetensors` and starling's own pickle reader does.
 
 pub mod gguf;
 mod gguf_header;
-mod pickle_guard;
+pub mod pickle;
 
 use crate::model::linear::{self, Embedding, Linear};
 use anyhow::{Context, Result, bail};
-use candle_core::pickle::PthTensors;
 use candle_core::quantized::GgmlDType;
 use candle_core::safetensors::{Load, MmapedSafetensors};
 use candle_core::{DType, Device, Tensor};
@@ -28,10 +27,9 @@ enum Store {
         names: HashMap<String, (usize, Vec<usize>)>,
     },
     Safetensors(MmapedSafetensors),
-    /// One lazy reader per shard (with its zip entries' sizes), and which
-    /// shard holds each tensor.
+    /// One lazy reader per shard, and which shard holds each tensor.
     Pickle {
-        shards: Vec<(PthTensors, pickle_guard::EntrySizes)>,
+        shards: Vec<pickle::PthFile>,
         routing: HashMap<String, usize>,
     },
     Gguf(Box<gguf::Gguf>),
@@ -88,16 +86,13 @@ impl Weights {
             let mut shards = Vec::with_capacity(files.len());
             let mut routing = HashMap::new();
             for (i, f) in files.iter().enumerate() {
-                let invalid = |e: &dyn std::fmt::Display| {
-                    anyhow::anyhow!("{}: not a valid PyTorch checkpoint: {e}", f.display())
-                };
-                // candle's reader cannot bound its own work: check first.
-                let sizes = pickle_guard::check_file(f).map_err(|e| invalid(&format!("{e:#}")))?;
-                let shard = PthTensors::new(f, None).map_err(|e| invalid(&e))?;
-                for name in shard.tensor_infos().keys() {
+                let shard = pickle::PthFile::open(f).map_err(|e| {
+                    anyhow::anyhow!("{}: not a valid PyTorch checkpoint: {e:#}", f.display())
+                })?;
+                for name in shard.tensors().keys() {
                     routing.insert(name.clone(), i);
                 }
-                shards.push((shard, sizes));
+                shards.push(shard);
             }
             Store::Pickle { shards, routing }
         } else {
@@ -256,7 +251,7 @@ impl Weights {
                 }
             }
             Store::Pickle { shards, .. } => {
-                for info in shards.iter().flat_map(|(s, _)| s.tensor_infos().values()) {
+                for info in shards.iter().flat_map(|s| s.tensors().values()) {
                     *counts.entry(info.dtype).or_insert(0usize) += 1;
                 }
             }
@@ -297,17 +292,14 @@ impl Weights {
                     .with_context(|| format!("loading tensor {name}"))?
             }
             Store::Pickle { shards, routing } => {
-                let (shard, sizes) = &shards[*routing.get(name).ok_or_else(missing)?];
-                let info = &shard.tensor_infos()[name];
-                if info.layout.dims() != shape {
-                    return Err(wrong(info.layout.dims()));
+                let shard = &shards[*routing.get(name).ok_or_else(missing)?];
+                let info = &shard.tensors()[name];
+                if info.shape != shape {
+                    return Err(wrong(&info.shape));
                 }
-                check_storage(info, sizes)
-                    .with_context(|| format!("tensor {name} in {}", describe(&self.files)))?;
                 let cpu = shard
                     .get(name)
-                    .with_context(|| format!("reading tensor {name}"))?
-                    .ok_or_else(missing)?;
+                    .with_context(|| format!("tensor {name} in {}", describe(&self.files)))?;
                 // Convert on the CPU first so only the run's dtype reaches the device.
                 return Ok(cpu.to_dtype(dtype)?.to_device(device)?);
             }
@@ -321,30 +313,15 @@ impl Weights {
     }
 }
 
-/// The largest ratio deflate reaches (about 1032:1): a zip entry claiming
-/// more bytes than its compressed data can hold is lying.
-const MAX_DEFLATE_RATIO: u64 = 1032;
-
-/// Checks that a pickled tensor's bytes lie inside its storage entry before
-/// candle allocates the tensor and reads them.
-fn check_storage(
-    info: &candle_core::pickle::TensorInfo,
-    sizes: &pickle_guard::EntrySizes,
-) -> Result<()> {
-    let (size, compressed) = *sizes
-        .get(&info.path)
-        .with_context(|| format!("its data entry {} is missing", info.path))?;
-    let need = (info.layout.shape().elem_count() as u64)
-        .checked_mul(info.dtype.size_in_bytes() as u64)
-        .and_then(|n| n.checked_add(info.layout.start_offset() as u64))
-        .context("its size overflows")?;
-    if need > size || size > compressed.saturating_mul(MAX_DEFLATE_RATIO) {
-        bail!(
-            "it needs {need} bytes but its data entry {} holds {size} ({compressed} stored; truncated?)",
-            info.path
-        );
+/// Text from a file, for an error message: quoted and escaped (so it stays
+/// on one line) and cut to 64 characters (a corrupt length can make a
+/// "name" swallow megabytes).
+pub(crate) fn shown(text: &str) -> String {
+    let mut cut: String = text.chars().take(64).collect();
+    if cut.len() < text.len() {
+        cut.push('…');
     }
-    Ok(())
+    format!("{cut:?}")
 }
 
 fn describe(files: &[PathBuf]) -> String {
