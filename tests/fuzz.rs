@@ -320,6 +320,53 @@ fn bases(root: &Path) -> Bases {
     }
 }
 
+/// One valid input per cargo-fuzz target (fuzz/fuzz_targets), and the real
+/// chat templates when they have been fetched.
+fn write_seeds(dir: &Path, b: &Bases) {
+    let put = |target: &str, name: &str, bytes: &[u8]| {
+        let d = dir.join(target);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join(name), bytes).unwrap();
+    };
+    for (name, path) in &b.gguf {
+        put(
+            "gguf",
+            &format!("{name}.gguf"),
+            &std::fs::read(path).unwrap(),
+        );
+    }
+    let mut z =
+        zip::ZipArchive::new(std::fs::File::open(b.pytorch.join("pytorch_model.bin")).unwrap())
+            .unwrap();
+    let mut pickle = Vec::new();
+    std::io::Read::read_to_end(&mut z.by_name("archive/data.pkl").unwrap(), &mut pickle).unwrap();
+    put("pickle", "data.pkl", &pickle);
+    put(
+        "safetensors",
+        "model.safetensors",
+        &std::fs::read(b.dense.join("model.safetensors")).unwrap(),
+    );
+    put(
+        "sentencepiece",
+        "tokenizer.model",
+        &std::fs::read(b.spm.join("tokenizer.model")).unwrap(),
+    );
+    put(
+        "tokenizer_json",
+        "tokenizer.json",
+        &std::fs::read(b.dense.join("tokenizer.json")).unwrap(),
+    );
+    put("template", "tiny.jinja", TEMPLATE.as_bytes());
+    let templates = common::root().join("target/test-assets/templates");
+    for entry in std::fs::read_dir(templates).into_iter().flatten().flatten() {
+        put(
+            "template",
+            &entry.file_name().to_string_lossy(),
+            &std::fs::read(entry.path()).unwrap(),
+        );
+    }
+}
+
 // ---- Mutators ----
 
 fn flip_bits(base: &[u8], rng: &mut Rng) -> (String, Vec<u8>) {
@@ -640,6 +687,11 @@ fn mutated_inputs_fail_cleanly() {
         n += 1;
         n
     };
+
+    // scripts/fuzz.sh seeds cargo-fuzz's corpora with these valid files.
+    if let Some(seeds) = std::env::var_os("STARLING_FUZZ_SEEDS") {
+        write_seeds(Path::new(&seeds), &b);
+    }
 
     // The unmutated bases load: the harness itself works.
     for model in [&b.dense, &b.sharded, &b.pytorch, &b.spm]

@@ -9,7 +9,7 @@
 //! candle's `MmapedSafetensors` and starling's own pickle reader does.
 
 pub mod gguf;
-mod gguf_header;
+pub mod gguf_header;
 pub mod pickle;
 
 use crate::model::linear::{self, Embedding, Linear};

@@ -156,6 +156,14 @@ impl PthFile {
     }
 }
 
+/// The tensors a `data.pkl` describes (storage entries under `dir`), with
+/// every limit of [`PthFile::open`]: what the fuzz targets drive.
+pub fn tensors_in(pickle: &[u8], dir: &str) -> Result<HashMap<String, PthTensor>> {
+    let mut tensors = HashMap::new();
+    collect_tensors(unpickle(pickle)?, dir, &mut tensors)?;
+    Ok(tensors)
+}
+
 /// A pickled value, with the semantics candle's reader (and torch's
 /// `weights_only` unpickler, for what state dicts use) gives it. Payloads
 /// that nothing reads are not kept.
