@@ -172,19 +172,19 @@ pub struct SamplingArgs {
     #[arg(long = "max-tokens", short = 'n', default_value_t = 512)]
     pub max_tokens: usize,
     /// 0 = greedy. Default: generation_config.json's, else 0.8.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub temperature: Option<f64>,
     /// Keep the k most likely tokens (0 = off). Default 40.
     #[arg(long)]
     pub top_k: Option<usize>,
     /// Keep the most likely tokens up to this probability mass (1 = off). Default 0.95.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub top_p: Option<f64>,
     /// Drop tokens less likely than min_p × the most likely one (0 = off). Default 0.05.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub min_p: Option<f64>,
     /// Penalise recently seen tokens (1 = off). Default 1.0.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub repeat_penalty: Option<f32>,
     /// How many recent tokens the penalty looks at.
     #[arg(long, default_value_t = 64)]

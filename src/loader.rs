@@ -81,10 +81,10 @@ pub fn load_text(files: &ModelFiles, template: &str) -> Result<Text> {
         Some(p) => read_json::<GenerationConfig>(p)?,
         None => GenerationConfig::default(),
     };
-    let jinja = tok_config
-        .as_ref()
-        .and_then(|c| c.chat_template.as_ref())
-        .and_then(|t| t.default_template());
+    let jinja = match tok_config.as_ref().and_then(|c| c.chat_template.as_ref()) {
+        Some(t) if template == "auto" => Some(t.default_template()?),
+        _ => None,
+    };
     let content = |t: Option<&crate::tokenizer::TokenField>| t.map(|t| t.content().to_string());
     let template = choose_template(
         template,
@@ -124,8 +124,32 @@ pub fn load_text(files: &ModelFiles, template: &str) -> Result<Text> {
 /// chat template when the file has one.
 pub fn text_from_gguf(gguf: &Gguf, template: &str) -> Result<Text> {
     let config = gguf.config().clone();
-    let tokenizer = TextTokenizer::from_vocab(&gguf.vocab()?)
-        .with_context(|| format!("building the tokenizer of {}", gguf.path().display()))?;
+    let vocab = gguf.vocab()?;
+    // As llama.cpp requires: one token per row of the embedding, and the
+    // BOS/EOS ids among them (else answers would hold ids with no text).
+    let path = gguf.path().display();
+    if vocab.pieces.len() != config.vocab_size {
+        bail!(
+            "{path}: the vocabulary has {} tokens but the model {}",
+            vocab.pieces.len(),
+            config.vocab_size
+        );
+    }
+    let eos_ids = config
+        .eos_token_id
+        .as_ref()
+        .map(|e| e.to_vec())
+        .unwrap_or_default();
+    for id in config.bos_token_id.iter().chain(&eos_ids) {
+        if *id as usize >= vocab.pieces.len() {
+            bail!(
+                "{path}: BOS/EOS id {id} is not in the vocabulary of {} tokens",
+                vocab.pieces.len()
+            );
+        }
+    }
+    let tokenizer = TextTokenizer::from_vocab(&vocab)
+        .with_context(|| format!("building the tokenizer of {path}"))?;
     let name = |id: Option<u32>| id.and_then(|id| tokenizer.inner().id_to_token(id));
     let (bos, eos) = (
         name(config.bos_token_id),

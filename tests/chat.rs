@@ -355,3 +355,14 @@ fn piped_input_that_ends_inside_a_block_or_continuation_is_the_last_turn() {
     let out = stdout(&chat(&tiny_model(), "one \\\ntwo \\\n"));
     assert_eq!(out, format!("{continued}\n"));
 }
+
+#[test]
+fn a_block_or_continued_line_is_a_message_even_when_it_starts_with_a_slash() {
+    let dir = common::scratch("chat-slash-block");
+    let answer = run_messages(&dir, &[Message::new("user", "/exit\n/help")]);
+    let out = stdout(&chat(&tiny_model(), "\"\"\"\n/exit\n/help\n\"\"\"\n"));
+    assert_eq!(out, format!("{answer}\n"));
+    let out = stdout(&chat(&tiny_model(), "/exit \\\n/help\n"));
+    let continued = run_messages(&dir, &[Message::new("user", "/exit \n/help")]);
+    assert_eq!(out, format!("{continued}\n"));
+}

@@ -586,3 +586,31 @@ fn weights_that_cannot_fit_in_memory_are_refused_before_loading() {
     fails_with(&out, "the weights need 28.97 GB in F32");
     assert!(String::from_utf8_lossy(&out.stderr).contains("try --dtype f16"));
 }
+
+/// Argument errors are one line too (clap's usage text is not repeated),
+/// and a negative sampling value reaches the check that explains it.
+#[test]
+fn argument_errors_are_one_line() {
+    use std::os::unix::ffi::OsStrExt;
+    let bad = std::ffi::OsStr::from_bytes(b"caf\xe9");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_starling"))
+        .arg("run")
+        .arg(bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    let model = model_arg();
+    for (flag, value, needle) in [
+        ("--temperature", "-1", "temperature"),
+        ("--top-p", "-0.5", "top_p"),
+        ("--repeat-penalty", "1e-45", "repeat_penalty"),
+    ] {
+        fails_with(
+            &starling(&["run", "--model", &model, flag, value, "hi"], None),
+            needle,
+        );
+    }
+}

@@ -312,6 +312,15 @@ fn every_tokenizer_layout_encodes_prompts_as_the_tokenizer_does() {
         }
         let ids = Template::OpenChat.encode(&t, &conversations[0]).unwrap();
         after_bos.push(ids[1]);
+        // A raw prompt is what `tokenizer(text)` gives: BOS, then the text
+        // as the start of the input.
+        let text = "The quick brown fox";
+        let raw = Template::Raw
+            .encode(&t, &[Message::new("user", text)])
+            .unwrap();
+        let reference = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+        let want = reference.encode(text, true).unwrap().get_ids().to_vec();
+        assert_eq!(raw, want, "{}", dir.display());
     }
     // "▁G" after <s> in the legacy layout; "G" where only the start is prefixed.
     assert_eq!(after_bos, [420, 28777, 28777]);

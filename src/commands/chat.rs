@@ -115,7 +115,7 @@ impl Repl {
             let line = String::from_utf8(line)
                 .map_err(|_| anyhow::anyhow!("standard input is not valid UTF-8"))?;
             if let Some(input) = lines.push(line.trim_end_matches('\r'))
-                && let Next::Exit = self.handle(&input)
+                && let Next::Exit = self.handle(input)
             {
                 return self.batch_result();
             }
@@ -123,7 +123,7 @@ impl Repl {
         // Input ended inside a """ block or after a trailing \: what was
         // typed is still the user's last turn, not something to drop.
         if let Some(input) = lines.finish() {
-            self.handle(&input);
+            self.handle(input);
         }
         self.batch_result()
     }
@@ -154,8 +154,8 @@ impl Repl {
             match editor.readline(prompt) {
                 Ok(line) => {
                     if let Some(input) = lines.push(&line) {
-                        let _ = editor.add_history_entry(input.as_str());
-                        if let Next::Exit = self.handle(&input) {
+                        let _ = editor.add_history_entry(input.text.as_str());
+                        if let Next::Exit = self.handle(input) {
                             break;
                         }
                     }
@@ -165,8 +165,8 @@ impl Repl {
                 Err(ReadlineError::Eof) => {
                     // Ctrl-D inside an open block sends it rather than losing it.
                     if let Some(input) = lines.finish() {
-                        let _ = editor.add_history_entry(input.as_str());
-                        self.handle(&input);
+                        let _ = editor.add_history_entry(input.text.as_str());
+                        self.handle(input);
                     }
                     break;
                 }
@@ -184,13 +184,15 @@ impl Repl {
         Ok(())
     }
 
-    /// One complete input: a slash command or a user message.
-    fn handle(&mut self, input: &str) -> Next {
-        let trimmed = input.trim();
+    /// One complete input: a slash command or a user message. Only a single
+    /// typed line can be a command: a """ block or a continued line is
+    /// always a message, whatever its first line says.
+    fn handle(&mut self, input: Input) -> Next {
+        let trimmed = input.text.trim();
         if trimmed.is_empty() {
             return Next::Continue;
         }
-        if trimmed.starts_with('/') && !trimmed.starts_with("//") {
+        if !input.multi_line && trimmed.starts_with('/') && !trimmed.starts_with("//") {
             return match self.command(trimmed) {
                 Ok(next) => next,
                 Err(e) => {
@@ -199,6 +201,7 @@ impl Repl {
                 }
             };
         }
+        let input = input.text.as_str();
         self.answer(|chat, out, interrupt| chat.say(input, out, interrupt));
         Next::Continue
     }
@@ -405,30 +408,54 @@ struct Assembler {
     continued: bool,
 }
 
+/// A complete input: what the user wrote, and whether it spans lines (a
+/// """ block or a line continued with a backslash).
+#[derive(Debug, PartialEq, Eq)]
+struct Input {
+    text: String,
+    multi_line: bool,
+}
+
+impl Input {
+    fn line(text: impl Into<String>) -> Self {
+        Input {
+            text: text.into(),
+            multi_line: false,
+        }
+    }
+
+    fn multi_line(text: impl Into<String>) -> Self {
+        Input {
+            text: text.into(),
+            multi_line: true,
+        }
+    }
+}
+
 impl Assembler {
     fn is_open(&self) -> bool {
         self.in_block || self.continued
     }
 
     /// What an open block or continuation holds when input ends, as the
-    /// message it would have become (without the last line's newline).
-    fn finish(&mut self) -> Option<String> {
+    /// message it would have become.
+    fn finish(&mut self) -> Option<Input> {
         let open = self.is_open();
         self.in_block = false;
         self.continued = false;
-        let mut text = std::mem::take(&mut self.buffer);
-        if text.ends_with('\n') {
-            text.pop();
-        }
-        (open && !text.trim().is_empty()).then_some(text)
+        let text = take_without_last_newline(&mut self.buffer);
+        (open && !text.trim().is_empty()).then(|| Input::multi_line(text))
     }
 
-    fn push(&mut self, line: &str) -> Option<String> {
+    fn push(&mut self, line: &str) -> Option<Input> {
         if self.in_block {
             if let Some(before) = line.strip_suffix("\"\"\"") {
                 self.buffer.push_str(before);
                 self.in_block = false;
-                return Some(std::mem::take(&mut self.buffer));
+                // A closing """ on its own line ends the text at the line before.
+                return Some(Input::multi_line(take_without_last_newline(
+                    &mut self.buffer,
+                )));
             }
             self.buffer.push_str(line);
             self.buffer.push('\n');
@@ -437,7 +464,7 @@ impl Assembler {
         if !self.continued && line.trim_start().starts_with("\"\"\"") {
             let after = &line.trim_start()[3..];
             if let Some(inner) = after.strip_suffix("\"\"\"") {
-                return Some(inner.to_string());
+                return Some(Input::multi_line(inner));
             }
             self.in_block = true;
             if !after.is_empty() {
@@ -452,10 +479,24 @@ impl Assembler {
             self.continued = true;
             return None;
         }
+        let multi = self.continued;
         self.continued = false;
         self.buffer.push_str(line);
-        Some(std::mem::take(&mut self.buffer))
+        let text = std::mem::take(&mut self.buffer);
+        Some(if multi {
+            Input::multi_line(text)
+        } else {
+            Input::line(text)
+        })
     }
+}
+
+fn take_without_last_newline(buffer: &mut String) -> String {
+    let mut text = std::mem::take(buffer);
+    if text.ends_with('\n') {
+        text.pop();
+    }
+    text
 }
 
 /// Tab completion of slash commands.
@@ -494,15 +535,23 @@ mod tests {
     fn assembles_continued_lines_and_blocks() {
         let mut a = Assembler::default();
         assert_eq!(a.push("one \\"), None);
-        assert_eq!(a.push("two"), Some("one \ntwo".to_string()));
+        assert_eq!(a.push("two"), Some(Input::multi_line("one \ntwo")));
         assert_eq!(a.push("\"\"\"first"), None);
         assert_eq!(a.push("  second"), None);
         assert_eq!(
             a.push("third\"\"\""),
-            Some("first\n  second\nthird".to_string())
+            Some(Input::multi_line("first\n  second\nthird"))
         );
-        assert_eq!(a.push("\"\"\"inline\"\"\""), Some("inline".to_string()));
-        assert_eq!(a.push("plain"), Some("plain".to_string()));
+        assert_eq!(
+            a.push("\"\"\"inline\"\"\""),
+            Some(Input::multi_line("inline"))
+        );
+        assert_eq!(a.push("plain"), Some(Input::line("plain")));
+        // A closing """ on its own line adds no newline: the same text as
+        // a block cut off by the end of input.
+        assert_eq!(a.push("\"\"\""), None);
+        assert_eq!(a.push("A"), None);
+        assert_eq!(a.push("\"\"\""), Some(Input::multi_line("A")));
     }
 
     #[test]
@@ -511,11 +560,11 @@ mod tests {
         assert_eq!(a.push("\"\"\""), None);
         assert_eq!(a.push("line one"), None);
         assert_eq!(a.push("line two"), None);
-        assert_eq!(a.finish(), Some("line one\nline two".to_string()));
+        assert_eq!(a.finish(), Some(Input::multi_line("line one\nline two")));
         assert!(!a.is_open());
         assert_eq!(a.push("last \\"), None);
-        assert_eq!(a.finish(), Some("last ".to_string()));
-        assert_eq!(a.push("closed"), Some("closed".to_string()));
+        assert_eq!(a.finish(), Some(Input::multi_line("last ")));
+        assert_eq!(a.push("closed"), Some(Input::line("closed")));
         assert_eq!(a.finish(), None, "nothing pending after a complete line");
     }
 

@@ -110,9 +110,10 @@ fn read_model(args: &QuantizeArgs) -> Result<Model> {
     };
     let vocab = padded(with_added_tokens(spm, &text.tokenizer), &text.config);
     let template = match &files.tokenizer.tokenizer_config {
-        Some(p) => TokenizerConfig::from_file(p)?
-            .chat_template
-            .and_then(|t| t.default_template().map(str::to_string)),
+        Some(p) => match TokenizerConfig::from_file(p)?.chat_template {
+            Some(t) => Some(t.default_template()?.to_string()),
+            None => None,
+        },
         None => None,
     };
     Ok((args.model.clone(), text.config, weights, vocab, template))

@@ -63,8 +63,13 @@ impl SamplerConfig {
         if !(0.0..=1.0).contains(&self.min_p) {
             bail!("min_p must be in [0, 1]");
         }
-        if !(self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite()) {
-            bail!("repeat_penalty must be a positive number");
+        // Dividing logits by a penalty near 0 (or multiplying by a huge
+        // one) overflows them to infinities: keep it where it means something.
+        if !(0.001..=1000.0).contains(&self.repeat_penalty) {
+            bail!(
+                "repeat_penalty must be between 0.001 and 1000 (1 = off), not {:e}",
+                self.repeat_penalty
+            );
         }
         Ok(())
     }
@@ -108,6 +113,7 @@ impl Sampler {
     }
 
     fn sample_from_buffer(&mut self, history: &[u32]) -> Result<u32> {
+        self.apply_repeat_penalty(history);
         // NaN and +inf logits are not a distribution: they are dropped, so
         // one broken value cannot become a certain (or NaN) draw.
         let mut finite = false;
@@ -121,7 +127,6 @@ impl Sampler {
         if !finite {
             bail!("the model produced no finite logits (NaN or infinite weights?)");
         }
-        self.apply_repeat_penalty(history);
         // The temperature is used as an f32: one that rounds to 0 is greedy.
         let t = self.config.temperature as f32;
         if t == 0.0 {
@@ -325,7 +330,7 @@ mod tests {
             }
         };
         let (mut drawn, mut refused) = (0, 0);
-        for case in 0..3000 {
+        for case in 0..5000 {
             let n = rng.random_range(1..40);
             let logits: Vec<f32> = (0..n)
                 .map(|_| match rng.random_range(0..20) {
@@ -343,7 +348,7 @@ mod tests {
                 top_k: [0, 1, 2, 5, 100][rng.random_range(0..5)],
                 top_p: pick(&mut rng, 0.0, 1.0),
                 min_p: pick(&mut rng, 0.0, 1.0),
-                repeat_penalty: 1.0,
+                repeat_penalty: [1.0, 1e-45, 0.5, 2.0, 1e30][rng.random_range(0..5)],
                 repeat_last_n: 0,
                 seed: case,
             };
@@ -411,6 +416,29 @@ mod tests {
             for _ in 0..50 {
                 assert_eq!(s.sample_slice(&logits, &[]).unwrap(), 1, "temperature {t}");
             }
+        }
+    }
+
+    #[test]
+    fn a_repeat_penalty_that_would_overflow_the_logits_is_refused() {
+        for p in [1e-45f32, 1e-4, 1e4, f32::MAX] {
+            let c = SamplerConfig {
+                repeat_penalty: p,
+                ..config(1.0)
+            };
+            assert!(c.validate().is_err(), "{p}");
+        }
+        let c = SamplerConfig {
+            repeat_penalty: 0.001,
+            repeat_last_n: 64,
+            ..config(1.0)
+        };
+        c.validate().unwrap();
+        // Penalised logits stay finite, so every draw is a real token.
+        let mut s = Sampler::new(c);
+        for _ in 0..50 {
+            let t = s.sample_slice(&[30.0, -30.0, 29.0], &[0, 1]).unwrap();
+            assert!(t < 3);
         }
     }
 

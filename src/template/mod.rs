@@ -187,8 +187,16 @@ impl Template {
     }
 
     /// Renders and encodes: each text run with special parsing off, each
-    /// special token by its id.
+    /// special token by its id. A raw prompt is encoded as
+    /// `tokenizer(text)` encodes it: the tokenizer's own BOS, then the text
+    /// as the start of the input (so the `legacy: false` layout gives it
+    /// its word-start `▁`, as llama.cpp and transformers do).
     pub fn encode(&self, tokenizer: &TextTokenizer, messages: &[Message]) -> Result<Vec<u32>> {
+        if let Self::Raw = self {
+            self.render(messages)?; // the same role checks
+            let texts: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
+            return tokenizer.encode_with_bos(&texts.join("\n\n"));
+        }
         encode_segments(tokenizer, &self.render(messages)?)
     }
 }

@@ -79,15 +79,19 @@ pub struct NamedTemplate {
 }
 
 impl ChatTemplateField {
-    /// The default template (the only one, or the one named "default").
-    pub fn default_template(&self) -> Option<&str> {
+    /// The default template: the only one, or the one named "default" (a
+    /// list without one is an error, as in transformers).
+    pub fn default_template(&self) -> Result<&str> {
         match self {
-            Self::One(t) => Some(t),
+            Self::One(t) => Ok(t),
             Self::Named(list) => list
                 .iter()
                 .find(|t| t.name == "default")
-                .or(list.first())
-                .map(|t| t.template.as_str()),
+                .map(|t| t.template.as_str())
+                .with_context(|| {
+                    let names: Vec<&str> = list.iter().take(5).map(|t| t.name.as_str()).collect();
+                    format!("the model has several chat templates ({names:?}) and none named \"default\"")
+                }),
         }
     }
 }
@@ -140,7 +144,7 @@ impl TextTokenizer {
         let mut inner = if let Some(json) = &files.tokenizer_json {
             let text = std::fs::read_to_string(json)
                 .with_context(|| format!("reading {}", json.display()))?;
-            check_bpe_merges(&text).with_context(|| format!("loading {}", json.display()))?;
+            check_tokenizer_json(&text).with_context(|| format!("loading {}", json.display()))?;
             text.parse::<Tokenizer>()
                 .map_err(|e| anyhow::anyhow!("{}: {e}", json.display()))
                 .context("loading tokenizer.json")?
@@ -216,7 +220,7 @@ impl TextTokenizer {
         )?;
         json["added_tokens"] = serde_json::Value::Array(Vec::new());
         let text = json.to_string();
-        check_bpe_merges(&text)?;
+        check_tokenizer_json(&text)?;
         let mut encoder: Tokenizer = text
             .parse()
             .map_err(|e| anyhow::anyhow!("copying the tokenizer: {e}"))?;
@@ -371,13 +375,14 @@ impl TextTokenizer {
     }
 }
 
-/// Checks a tokenizer.json's BPE merges the way the tokenizers crate needs
-/// them before it is given the file: it copies each merge into a buffer as
+/// Checks what the tokenizers crate trusts in a tokenizer.json before it
+/// is given the file: how much its normalizer and decoder can grow a text
+/// ([`expansion`]), and its BPE merges: it copies each merge into a buffer as
 /// long as the longest vocabulary token and subtracts the continuing-subword
 /// prefix's length, so a merge longer than every token (or shorter than the
 /// prefix) makes it panic (tokenizers 0.23, `BpeBuilder::build`) instead of
 /// returning its "merge token out of vocabulary" error.
-fn check_bpe_merges(text: &str) -> Result<()> {
+fn check_tokenizer_json(text: &str) -> Result<()> {
     #[derive(Deserialize)]
     struct File {
         model: Model,
@@ -392,6 +397,14 @@ fn check_bpe_merges(text: &str) -> Result<()> {
         merges: Vec<serde_json::Value>,
         #[serde(default)]
         continuing_subword_prefix: Option<String>,
+    }
+    if let Ok(json) = serde_json::from_str::<serde_json::Value>(text) {
+        for part in ["normalizer", "decoder"] {
+            let factor = expansion(&json[part], 0);
+            if factor > MAX_EXPANSION {
+                bail!("its {part} can make text {factor} times longer (at most {MAX_EXPANSION})");
+            }
+        }
     }
     let Ok(file) = serde_json::from_str::<File>(text) else {
         return Ok(()); // the tokenizers crate reports what is wrong
@@ -425,6 +438,46 @@ fn check_bpe_merges(text: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// How many times longer a normalizer or decoder can make a text, at most
+/// (real ones: `▁` for a space, 3 bytes for 1; NFKC 18 for one ligature).
+/// The tokenizers crate applies chained `Replace` rules with no bound, so
+/// eight rules that each turn one character into ten ask for 10^8 bytes per
+/// character typed.
+fn expansion(part: &serde_json::Value, depth: usize) -> u64 {
+    let obj = match part {
+        serde_json::Value::Object(o) => o,
+        _ => return 1,
+    };
+    if depth > 16 {
+        return u64::MAX;
+    }
+    let text_len =
+        |v: Option<&serde_json::Value>| v.and_then(|v| v.as_str()).map_or(0, str::len) as u64;
+    match obj.get("type").and_then(|t| t.as_str()) {
+        Some("Sequence") => ["normalizers", "decoders"]
+            .iter()
+            .filter_map(|k| obj.get(*k).and_then(|v| v.as_array()))
+            .flatten()
+            .fold(1u64, |f, p| f.saturating_mul(expansion(p, depth + 1))),
+        Some("Replace") => {
+            let content = text_len(obj.get("content"));
+            let pattern = obj.get("pattern");
+            let from = text_len(pattern.and_then(|p| p.get("String")));
+            // A regex may match one character, or the empty string between two.
+            let per_char = if from > 0 {
+                content.div_ceil(from)
+            } else {
+                content + 1
+            };
+            per_char.max(1)
+        }
+        Some("NFKC" | "NFKD") => 18,
+        _ => 1,
+    }
+}
+
+const MAX_EXPANSION: u64 = 256;
 
 /// `<0xNN>` with two upper-case hex digits: SentencePiece's byte pieces.
 fn is_byte_piece(token: &str) -> bool {
@@ -537,6 +590,11 @@ mod tests {
             Box::new(|j| j["model"]["vocab"]["▁hell"] = 0.into()),
             Box::new(|j| j["model"]["vocab"]["▁hello"] = (1u64 << 31).into()),
             Box::new(|j| j["model"]["merges"][0] = serde_json::json!(["▁hello", "▁hello"])),
+            Box::new(|j| {
+                let rule = serde_json::json!({"type": "Replace", "pattern": {"String": "h"}, "content": "hhhhhhhhhh"});
+                j["normalizer"] =
+                    serde_json::json!({"type": "Sequence", "normalizers": vec![rule; 8]});
+            }),
         ] {
             let outcome =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load_edited(edit)));
@@ -545,5 +603,16 @@ mod tests {
                 assert!(!format!("{e:#}").contains('\n'));
             }
         }
+        let err = load_edited(|j| {
+            let rule =
+                serde_json::json!({"type": "Replace", "pattern": {"String": "h"}, "content": "hh"});
+            j["normalizer"] = serde_json::json!({"type": "Sequence", "normalizers": vec![rule; 9]});
+        })
+        .err()
+        .expect("a normalizer that grows text 512 times is refused");
+        assert!(
+            format!("{err:#}").contains("normalizer can make text 512 times longer"),
+            "{err:#}"
+        );
     }
 }

@@ -17,6 +17,12 @@ use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, Tokenizer};
 
 /// What SentencePiece says a piece is.
+/// The longest piece accepted, and the most split lookups (the sum of the
+/// squares of the pieces' lengths) a conversion may do: a 256k vocabulary
+/// of 16-byte pieces needs 2^26.
+const MAX_PIECE_BYTES: u64 = 1024;
+const MAX_SPLIT_WORK: u64 = 1 << 30;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PieceKind {
     Normal,
@@ -165,6 +171,20 @@ impl SpmVocab {
     }
 
     pub fn to_tokenizer(&self) -> Result<Tokenizer> {
+        // Finding each piece's merges looks up every split of it: quadratic
+        // in its length. Real pieces are a few dozen bytes; a hostile one of
+        // megabytes would take hours.
+        let mut work = 0u64;
+        for (i, p) in self.pieces.iter().enumerate() {
+            let n = p.text.len() as u64;
+            if n > MAX_PIECE_BYTES {
+                bail!("piece {i} is {n} bytes long (at most {MAX_PIECE_BYTES})");
+            }
+            work += n * n;
+        }
+        if work > MAX_SPLIT_WORK {
+            bail!("the vocabulary's pieces are too long in total to convert");
+        }
         let ids: HashMap<&str, u32> = self
             .pieces
             .iter()
@@ -268,5 +288,36 @@ impl SpmVocab {
             tokenizer.with_post_processor(Some(processor));
         }
         Ok(tokenizer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_huge_piece_is_refused_before_the_quadratic_split_search() {
+        let piece = |text: String| Piece {
+            text,
+            score: 0.0,
+            kind: PieceKind::Normal,
+        };
+        let long = SpmVocab {
+            pieces: vec![piece("a".repeat(200_000))],
+            add_dummy_prefix: true,
+        };
+        let start = std::time::Instant::now();
+        let Err(err) = long.to_tokenizer() else {
+            panic!("a 200,000-byte piece was accepted")
+        };
+        assert!(err.to_string().contains("bytes long"), "{err}");
+        assert!(start.elapsed().as_secs_f64() < 0.5);
+        let many = SpmVocab {
+            pieces: (0..2000)
+                .map(|i| piece(format!("{i}{}", "b".repeat(1000))))
+                .collect(),
+            add_dummy_prefix: true,
+        };
+        assert!(many.to_tokenizer().is_err());
     }
 }

@@ -139,13 +139,42 @@ impl Meta<'_> {
         })
     }
 
-    fn arch_f32(&self, key: &str) -> Option<f32> {
-        self.meta(&format!("{}.{key}", self.arch))
-            .and_then(|v| v.to_f32().ok())
+    /// A float from the metadata; NaN or an infinity is an error.
+    fn arch_f32(&self, key: &str) -> Result<Option<f32>> {
+        let full = format!("{}.{key}", self.arch);
+        match self.meta(&full).and_then(|v| v.to_f32().ok()) {
+            Some(x) if !x.is_finite() => bail!(
+                "{}: metadata {full} is {x}, not a finite number",
+                self.path.display()
+            ),
+            other => Ok(other),
+        }
     }
 
-    fn token_id(&self, key: &str) -> Option<u32> {
-        self.meta(key).and_then(|v| v.to_u32().ok())
+    /// A token id from the metadata: absent, or a u32 (an id of another
+    /// type, like -1, is an error rather than silently no BOS).
+    fn token_id(&self, key: &str) -> Result<Option<u32>> {
+        let id = |v: &Value| -> Option<u32> {
+            let n: i128 = match *v {
+                Value::U8(x) => x.into(),
+                Value::U16(x) => x.into(),
+                Value::U32(x) => x.into(),
+                Value::U64(x) => x.into(),
+                Value::I8(x) => x.into(),
+                Value::I16(x) => x.into(),
+                Value::I32(x) => x.into(),
+                Value::I64(x) => x.into(),
+                _ => return None,
+            };
+            u32::try_from(n).ok()
+        };
+        self.meta(key)
+            .map(|v| {
+                id(v).ok_or_else(|| {
+                    anyhow::anyhow!("{}: metadata {key} is not a token id", self.path.display())
+                })
+            })
+            .transpose()
     }
 
     fn config(&self) -> Result<Config> {
@@ -172,8 +201,8 @@ impl Meta<'_> {
             "num_attention_heads": heads,
             "num_key_value_heads": self.arch_u64("attention.head_count_kv")?.unwrap_or(heads),
             "max_position_embeddings": self.arch_u64("context_length")?.unwrap_or(4096),
-            "rms_norm_eps": self.arch_f32("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
-            "rope_theta": self.arch_f32("rope.freq_base").unwrap_or(10_000.0),
+            "rms_norm_eps": self.arch_f32("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5),
+            "rope_theta": self.arch_f32("rope.freq_base")?.unwrap_or(10_000.0),
             "tie_word_embeddings": !self.content.tensor_infos.contains_key("output.weight"),
         });
         if let Some(hd) = self.arch_u64("attention.key_length")? {
@@ -182,10 +211,10 @@ impl Meta<'_> {
         if let Some(w) = self.arch_u64("attention.sliding_window")? {
             json["sliding_window"] = w.into();
         }
-        if let Some(bos) = self.token_id("tokenizer.ggml.bos_token_id") {
+        if let Some(bos) = self.token_id("tokenizer.ggml.bos_token_id")? {
             json["bos_token_id"] = bos.into();
         }
-        if let Some(eos) = self.token_id("tokenizer.ggml.eos_token_id") {
+        if let Some(eos) = self.token_id("tokenizer.ggml.eos_token_id")? {
             json["eos_token_id"] = eos.into();
         }
         Config::from_json(&json.to_string()).with_context(|| {
@@ -588,6 +617,32 @@ mod tests {
         raw.data = vec![0u8; 64 * 10 * 4];
         let gguf = open_bytes("ok.gguf", &raw.bytes()).unwrap();
         assert_eq!(gguf.config().vocab_size, 10);
+    }
+
+    #[test]
+    fn nan_floats_and_negative_token_ids_are_refused() {
+        let mut raw = tiny_header(&[("llama.vocab_size", 10)]).kv(
+            "llama.rope.freq_base",
+            6,
+            f32::NAN.to_le_bytes().to_vec(),
+        );
+        raw.data = vec![];
+        let err = open_bytes("nan.gguf", &raw.bytes())
+            .map(|_| ())
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("not a finite number"),
+            "{err:#}"
+        );
+        let raw = tiny_header(&[("llama.vocab_size", 10)]).kv(
+            "tokenizer.ggml.bos_token_id",
+            5,
+            (-1i32).to_le_bytes().to_vec(),
+        );
+        let err = open_bytes("bos.gguf", &raw.bytes())
+            .map(|_| ())
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("not a token id"), "{err:#}");
     }
 
     #[test]
