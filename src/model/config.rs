@@ -100,6 +100,17 @@ impl Config {
 
     pub fn family(&self) -> Result<Family> {
         let arch = |name: &str| self.architectures.iter().any(|a| a == name);
+        let known = arch("MistralForCausalLM") || arch("LlamaForCausalLM");
+        if let Some(t) = self.model_type.as_deref()
+            && known
+            && !matches!(t, "mistral" | "llama")
+        {
+            let shown: String = t.chars().take(64).collect();
+            bail!(
+                "model_type {shown:?} does not match architectures {:?} (mistral or llama)",
+                self.architectures
+            );
+        }
         if arch("MistralForCausalLM") || self.model_type.as_deref() == Some("mistral") {
             Ok(Family::Mistral)
         } else if arch("LlamaForCausalLM") || self.model_type.as_deref() == Some("llama") {

@@ -117,7 +117,14 @@ impl TokenizerConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+        // serde would read a struct from a JSON array too (`[]` as "no
+        // settings"): a tokenizer_config.json must be an object.
+        let value: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        if !value.is_object() {
+            bail!("{}: expected a JSON object", path.display());
+        }
+        serde_json::from_value(value).with_context(|| format!("parsing {}", path.display()))
     }
 }
 
