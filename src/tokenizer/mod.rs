@@ -405,12 +405,16 @@ fn check_tokenizer_json(text: &str) -> Result<()> {
         #[serde(default)]
         continuing_subword_prefix: Option<String>,
     }
-    if let Ok(json) = serde_json::from_str::<serde_json::Value>(text) {
-        for part in ["normalizer", "decoder"] {
-            let factor = expansion(&json[part], 0);
-            if factor > MAX_EXPANSION {
-                bail!("its {part} can make text {factor} times longer (at most {MAX_EXPANSION})");
-            }
+    // The crate's decoder and normalizer deserialisers `expect` on what
+    // they parse: text that is not JSON, or a precompiled normalizer whose
+    // data does not parse, makes them panic (found by scripts/fuzz.sh).
+    let json: serde_json::Value =
+        serde_json::from_str(text).context("the file is not valid JSON")?;
+    check_precompiled(&json["normalizer"], 0)?;
+    for part in ["normalizer", "decoder"] {
+        let factor = expansion(&json[part], 0);
+        if factor > MAX_EXPANSION {
+            bail!("its {part} can make text {factor} times longer (at most {MAX_EXPANSION})");
         }
     }
     let Ok(file) = serde_json::from_str::<File>(text) else {
@@ -442,6 +446,29 @@ fn check_tokenizer_json(text: &str) -> Result<()> {
         if b.len() < prefix || a.len() + b.len() - prefix > longest {
             bail!("merge {i} ({a:?} + {b:?}) makes a token longer than any in the vocabulary");
         }
+    }
+    Ok(())
+}
+
+/// Parses every `Precompiled` normalizer the way the crate will, but with
+/// an error where the crate's wrapper would panic.
+fn check_precompiled(normalizer: &serde_json::Value, depth: usize) -> Result<()> {
+    if depth > 16 {
+        bail!("its normalizer nests too deeply");
+    }
+    match normalizer.get("type").and_then(|t| t.as_str()) {
+        Some("Sequence") => {
+            for n in normalizer["normalizers"].as_array().into_iter().flatten() {
+                check_precompiled(n, depth + 1)?;
+            }
+        }
+        Some("Precompiled") => {
+            serde_json::from_value::<tokenizers::normalizers::precompiled::Precompiled>(
+                normalizer.clone(),
+            )
+            .context("its precompiled normalizer does not parse")?;
+        }
+        _ => {}
     }
     Ok(())
 }
@@ -584,6 +611,37 @@ mod tests {
         let t = TextTokenizer::load(&files, None)?;
         t.encode_text("hello hello")?;
         Ok(t)
+    }
+
+    /// Both made the tokenizers crate panic inside its deserialiser (the
+    /// first was found by scripts/fuzz.sh).
+    #[test]
+    fn broken_json_and_precompiled_normalizers_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        let good = load_edited(|_| {})
+            .unwrap()
+            .inner()
+            .to_string(false)
+            .unwrap();
+        let cut = good.find("\"decoder\"").unwrap() + 20;
+        let broken = format!("{}{{\"type\" 5}}", &good[..cut]);
+        let garbage = good.replace(
+            "\"normalizer\":{",
+            "\"normalizer\":{\"type\":\"Sequence\",\"normalizers\":[{\"type\":\"Precompiled\",\"precompiled_charsmap\":\"!!\"}]},\"x\":{",
+        );
+        assert_ne!(garbage, good);
+        for text in [broken, garbage] {
+            std::fs::write(&path, &text).unwrap();
+            let files = TokenizerFiles {
+                tokenizer_json: Some(path.clone()),
+                ..Default::default()
+            };
+            let outcome =
+                std::panic::catch_unwind(|| TextTokenizer::load(&files, None).map(|_| ()));
+            let err = outcome.expect("loading panicked").unwrap_err();
+            assert!(!format!("{err:#}").contains('\n'));
+        }
     }
 
     #[test]
