@@ -411,6 +411,7 @@ fn check_tokenizer_json(text: &str) -> Result<()> {
     let json: serde_json::Value =
         serde_json::from_str(text).context("the file is not valid JSON")?;
     check_precompiled(&json["normalizer"], 0)?;
+    check_post_processor(&json["post_processor"], 0)?;
     for part in ["normalizer", "decoder"] {
         let factor = expansion(&json[part], 0);
         if factor > MAX_EXPANSION {
@@ -467,6 +468,52 @@ fn check_precompiled(normalizer: &serde_json::Value, depth: usize) -> Result<()>
                 normalizer.clone(),
             )
             .context("its precompiled normalizer does not parse")?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// A `TemplateProcessing` post-processor (the one that adds BOS) must
+/// define every special token its templates name, with as many tokens as
+/// ids: the crate assumes both and panics when encoding otherwise (found by
+/// scripts/fuzz.sh).
+fn check_post_processor(processor: &serde_json::Value, depth: usize) -> Result<()> {
+    if depth > 16 {
+        bail!("its post-processor nests too deeply");
+    }
+    match processor.get("type").and_then(|t| t.as_str()) {
+        Some("Sequence") => {
+            for p in processor["processors"].as_array().into_iter().flatten() {
+                check_post_processor(p, depth + 1)?;
+            }
+        }
+        Some("TemplateProcessing") => {
+            let specials = &processor["special_tokens"];
+            for piece in ["single", "pair"]
+                .iter()
+                .filter_map(|k| processor[*k].as_array())
+                .flatten()
+            {
+                let Some(id) = piece.pointer("/SpecialToken/id") else {
+                    continue;
+                };
+                let name = id.as_str().unwrap_or_default();
+                let token = specials.get(name).with_context(|| {
+                    format!(
+                        "its post-processor uses the undefined special token {}",
+                        crate::weights::shown(name)
+                    )
+                })?;
+                let ids = token["ids"].as_array().map_or(0, Vec::len);
+                let tokens = token["tokens"].as_array().map_or(0, Vec::len);
+                if ids != tokens {
+                    bail!(
+                        "its post-processor's special token {} has {ids} ids and {tokens} tokens",
+                        crate::weights::shown(name)
+                    );
+                }
+            }
         }
         _ => {}
     }
@@ -631,7 +678,12 @@ mod tests {
             "\"normalizer\":{\"type\":\"Sequence\",\"normalizers\":[{\"type\":\"Precompiled\",\"precompiled_charsmap\":\"!!\"}]},\"x\":{",
         );
         assert_ne!(garbage, good);
-        for text in [broken, garbage] {
+        let undefined = good.replace(
+            "\"SpecialToken\":{\"id\":\"<s>\"",
+            "\"SpecialToken\":{\"id\":\"<t>\"",
+        );
+        assert_ne!(undefined, good);
+        for text in [broken, garbage, undefined] {
             std::fs::write(&path, &text).unwrap();
             let files = TokenizerFiles {
                 tokenizer_json: Some(path.clone()),
