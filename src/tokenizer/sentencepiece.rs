@@ -34,7 +34,20 @@ pub enum PieceKind {
 }
 
 impl PieceKind {
-    fn from_proto(t: Option<i32>) -> Self {
+    /// SentencePiece's type number, which GGUF's `tokenizer.ggml.token_type` shares.
+    pub fn to_proto(self) -> i32 {
+        match self {
+            Self::Normal => 1,
+            Self::Unknown => 2,
+            Self::Control => 3,
+            Self::UserDefined => 4,
+            Self::Unused => 5,
+            Self::Byte => 6,
+        }
+    }
+
+    /// The kind of a type number; absent or unknown numbers are normal pieces.
+    pub fn from_proto(t: Option<i32>) -> Self {
         match t.unwrap_or(1) {
             2 => Self::Unknown,
             3 => Self::Control,
@@ -141,14 +154,6 @@ impl SpmVocab {
     /// build tiny vocabularies with it.
     pub fn to_model_bytes(&self) -> Vec<u8> {
         use prost::Message;
-        let kind = |k: PieceKind| match k {
-            PieceKind::Normal => 1,
-            PieceKind::Unknown => 2,
-            PieceKind::Control => 3,
-            PieceKind::UserDefined => 4,
-            PieceKind::Unused => 5,
-            PieceKind::Byte => 6,
-        };
         proto::ModelProto {
             pieces: self
                 .pieces
@@ -156,7 +161,7 @@ impl SpmVocab {
                 .map(|p| proto::SentencePiece {
                     piece: Some(p.text.clone()),
                     score: Some(p.score),
-                    r#type: Some(kind(p.kind)),
+                    r#type: Some(p.kind.to_proto()),
                 })
                 .collect(),
             trainer_spec: Some(proto::TrainerSpec {

@@ -313,14 +313,8 @@ impl Gguf {
                 .and_then(|s| s.get(i))
                 .and_then(|v| v.to_f32().ok())
                 .unwrap_or(0.0);
-            let kind = match types.and_then(|t| t.get(i)).and_then(|v| v.to_i32().ok()) {
-                Some(2) => PieceKind::Unknown,
-                Some(3) => PieceKind::Control,
-                Some(4) => PieceKind::UserDefined,
-                Some(5) => PieceKind::Unused,
-                Some(6) => PieceKind::Byte,
-                _ => PieceKind::Normal,
-            };
+            let kind =
+                PieceKind::from_proto(types.and_then(|t| t.get(i)).and_then(|v| v.to_i32().ok()));
             pieces.push(Piece { text, score, kind });
         }
         let add_dummy_prefix = self
@@ -467,17 +461,14 @@ pub fn write(path: &Path, header: &GgufHeader, tensors: Vec<(String, QTensor)>) 
         "tokenizer.ggml.scores".into(),
         Value::Array(pieces.iter().map(|p| Value::F32(p.score)).collect()),
     ));
-    let kind = |k: PieceKind| match k {
-        PieceKind::Normal => 1,
-        PieceKind::Unknown => 2,
-        PieceKind::Control => 3,
-        PieceKind::UserDefined => 4,
-        PieceKind::Unused => 5,
-        PieceKind::Byte => 6,
-    };
     meta.push((
         "tokenizer.ggml.token_type".into(),
-        Value::Array(pieces.iter().map(|p| Value::I32(kind(p.kind))).collect()),
+        Value::Array(
+            pieces
+                .iter()
+                .map(|p| Value::I32(p.kind.to_proto()))
+                .collect(),
+        ),
     ));
     meta.push((
         "tokenizer.ggml.add_space_prefix".into(),
