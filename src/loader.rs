@@ -270,7 +270,7 @@ fn decide_dtype(
         DTypeChoice::Auto => match (cpu, stored) {
             (false, Some(d @ (DType::F32 | DType::F16 | DType::BF16))) => d,
             // bf16 weights widened in registers give exactly what f32 would,
-            // from half the memory (see model/bf16.rs).
+            // from half the memory (see kernels/bf16.rs).
             (true, Some(d @ (DType::F16 | DType::BF16))) => d,
             _ => DType::F32,
         },

@@ -7,8 +7,8 @@
 //! lacks is a dense variant that reads the Hugging Face `[out, in]` layout
 //! without a transpose copy and in any dtype, which `Dense` adds.
 
-use super::bf16::Bf16Matrix;
-use super::qmatmul::QuantMatrix;
+use crate::kernels::bf16::Bf16Matrix;
+use crate::kernels::qmatmul::QuantMatrix;
 use anyhow::Result;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
