@@ -78,6 +78,10 @@ pub struct BenchArgs {
     /// Repetitions (the median and the spread are reported).
     #[arg(short = 'r', long = "repetitions", default_value_t = 3)]
     pub repetitions: usize,
+    /// The machine's memory read bandwidth in GB/s, for the generation
+    /// ceiling (default: measured by a short read probe after the runs).
+    #[arg(long, value_name = "GB/S")]
+    pub bandwidth: Option<f64>,
 }
 
 #[derive(Debug, Args)]

@@ -534,7 +534,41 @@ fn bench_reports_prompt_and_generation_speed() {
             assert!(median > 0.0, "{row}");
         }
         assert!(out.contains("peak RSS"), "{out}");
+        // The generation ceiling: measured bandwidth over the bytes a step reads.
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("bandwidth "))
+            .unwrap_or_else(|| panic!("{out}"));
+        let gbps: f64 = line["bandwidth ".len()..]
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(gbps > 0.5 && gbps < 10_000.0, "{line}");
+        assert!(
+            line.contains("generation ceiling") && line.contains("% of it"),
+            "{line}"
+        );
     }
+    // A given bandwidth is used as given.
+    let given = ok(&starling(
+        &[
+            "bench",
+            "--synthetic",
+            "tiny",
+            "-p",
+            "8",
+            "-n",
+            "4",
+            "-r",
+            "1",
+            "--bandwidth",
+            "20",
+        ],
+        None,
+    ));
+    assert!(given.contains("bandwidth 20.0 GB/s (given)"), "{given}");
     let one = ok(&starling(
         &[
             "bench",

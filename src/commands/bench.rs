@@ -80,6 +80,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
 
     let bytes = model.weight_bytes();
+    let streamed = model.streamed_bytes_per_token();
     let format = model.weight_format();
     println!("| model | weights | size | test | t/s (median) | min – max |");
     println!("|---|---|---|---|---|---|");
@@ -96,6 +97,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             rates[rates.len() - 1]
         );
     }
+    // Before the probe, whose buffer must not count as the model's memory.
     let peak = peak_rss_bytes()
         .map(|b| format!("{:.2} GB", b as f64 / 1e9))
         .unwrap_or_else(|| "n/a".into());
@@ -106,7 +108,50 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         candle_core::utils::get_num_threads(),
         args.repetitions
     );
+    // Generation reads every matrix once per token: bandwidth / bytes is
+    // its ceiling. The KV cache adds its own reads (reported beside it).
+    let kv_per_position = 2
+        * config.num_hidden_layers
+        * config.num_kv_heads()
+        * config.head_dim()
+        * model.compute_dtype().size_in_bytes();
+    if n > 0 && device.is_cpu() {
+        drop(model);
+        let (gbps, how) = match args.bandwidth {
+            Some(b) => (b, "given".to_string()),
+            None => (read_bandwidth_gbps(), "read probe, best of 5".to_string()),
+        };
+        let ceiling = gbps * 1e9 / streamed as f64;
+        let tg_median = tg[tg.len() / 2];
+        println!(
+            "bandwidth {gbps:.1} GB/s ({how}) · {:.2} GB of matrices per token · generation ceiling {ceiling:.2} t/s · tg{n} at {:.0}% of it · KV cache {:.1} MB read per token at position {}",
+            streamed as f64 / 1e9,
+            100.0 * tg_median / ceiling,
+            kv_per_position as f64 * (p + n) as f64 / 1e6,
+            p + n
+        );
+    }
     Ok(())
+}
+
+/// Read bandwidth of main memory in GB/s: every thread of the pool sums a
+/// share of a 512 MiB buffer (far larger than any cache); the best of five
+/// passes, as llama.cpp's and STREAM-style probes report.
+fn read_bandwidth_gbps() -> f64 {
+    use rayon::prelude::*;
+    let words = 64 << 20; // 512 MiB of u64
+    let buffer: Vec<u64> = (0..words as u64).collect();
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let sum: u64 = buffer
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
+            .reduce(|| 0, u64::wrapping_add);
+        std::hint::black_box(sum);
+        best = best.max((words * 8) as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    best
 }
 
 /// The process's peak resident memory (Linux: VmHWM), if the OS says.

@@ -189,6 +189,26 @@ impl Model {
         self.embed.bytes() + layers + dense_bytes(&self.norm) + head
     }
 
+    /// Bytes of weights one decode step reads: every matrix multiplied per
+    /// token (seven per layer and the output head, tied or not), the norms;
+    /// not the embedding table, of which a step reads one row.
+    pub fn streamed_bytes_per_token(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let (a, m) = (&l.attn, &l.mlp);
+                [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down]
+                    .iter()
+                    .map(|w| w.bytes())
+                    .sum::<usize>()
+                    + dense_bytes(&l.input_norm)
+                    + dense_bytes(&l.post_norm)
+            })
+            .sum();
+        layers + self.lm_head.bytes() + dense_bytes(&self.norm)
+    }
+
     /// How the matrices are stored (`F32`, `Q4K`, ...), from the first MLP's.
     pub fn weight_format(&self) -> String {
         self.layers
