@@ -648,3 +648,20 @@ fn argument_errors_are_one_line() {
         );
     }
 }
+
+/// A template that doubles a string in a loop would take a terabyte: the
+/// rendering is stopped past 256 MiB with one line, not by the allocator's
+/// abort or the kernel's OOM killer.
+#[test]
+fn a_template_that_grows_without_bound_is_stopped() {
+    let model = broken_model("template-doubling", |d| {
+        let mut config = common::tokenizer_config(Some(
+            "{% set ns = namespace(s='x') %}{% for i in range(45) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s | length }}",
+        ));
+        config["bos_token"] = "<s>".into();
+        std::fs::write(d.join("tokenizer_config.json"), config.to_string()).unwrap();
+    });
+    let start = std::time::Instant::now();
+    fails_with(&run_on(&model, None), "chat_template used more than");
+    assert!(start.elapsed().as_secs() < 30, "took {:?}", start.elapsed());
+}

@@ -113,8 +113,11 @@ impl JinjaTemplate {
         ctx.insert("add_generation_prompt", Value::from(true));
         ctx.insert("tools", py_none());
         ctx.insert("documents", py_none());
-        let rendered = self.env.get_template("chat")?.render(ctx).map_err(|e| {
-            anyhow::anyhow!("rendering the model's chat_template: {}", one_line(&e))
+        let env = &self.env;
+        let rendered = within_memory_budget(move || {
+            env.get_template("chat")?.render(ctx).map_err(|e| {
+                anyhow::anyhow!("rendering the model's chat_template: {}", one_line(&e))
+            })
         })?;
         let mut segments = Vec::new();
         for piece in split_on_specials(&rendered, &self.specials) {
@@ -125,6 +128,54 @@ impl JinjaTemplate {
         }
         Ok(segments)
     }
+}
+
+/// Memory a template may take while it renders, above what the process
+/// held when it started.
+const RENDER_MEMORY: u64 = 256 << 20;
+
+/// Runs a rendering on a helper thread (with a main-thread-sized stack)
+/// while this thread watches the process's resident memory.
+///
+/// A template is a model file's code, and minijinja bounds neither the size
+/// of a string built with `~` nor of a list built with `+`: doubling one in a
+/// loop of 40 steps asks for a terabyte, and a failed allocation aborts the
+/// process. A rendering cannot be stopped from outside, so when one grows
+/// past [`RENDER_MEMORY`] the process ends with a one-line error (exit 1)
+/// before the allocator aborts it. Real templates take kilobytes.
+fn within_memory_budget<T: Send>(render: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    let Some(base) = resident_bytes() else {
+        return render(); // no /proc: no watch
+    };
+    std::thread::scope(|scope| {
+        let handle = std::thread::Builder::new()
+            .stack_size(8 << 20)
+            .spawn_scoped(scope, render)
+            .context("starting the template renderer")?;
+        let mut pause = std::time::Duration::from_micros(50);
+        while !handle.is_finished() {
+            if resident_bytes().is_some_and(|now| now > base + RENDER_MEMORY) {
+                eprintln!(
+                    "error: the model's chat_template used more than {} MiB of memory while rendering (a hostile template?)",
+                    RENDER_MEMORY >> 20
+                );
+                std::process::exit(1);
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(std::time::Duration::from_millis(2));
+        }
+        handle
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// The process's resident memory (Linux: `VmRSS` of /proc/self/status).
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// An error of minijinja's on one line (its own text, plus the reason).
