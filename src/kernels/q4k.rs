@@ -82,13 +82,13 @@ pub(super) fn nearest_i8(v: f32) -> i8 {
     ((f.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000).clamp(-127, 127) as i8
 }
 
-fn f16(bytes: &[u8]) -> f32 {
+pub(super) fn f16(bytes: &[u8]) -> f32 {
     half::f16::from_bits(u16::from_le_bytes([bytes[0], bytes[1]])).to_f32()
 }
 
 /// The 8 six-bit scales and 8 six-bit mins of a block, as ggml packs them
 /// into 12 bytes (`get_scale_min_k4`).
-fn scales_mins(s: &[u8]) -> ([u8; 8], [u8; 8]) {
+pub(super) fn scales_mins(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     let mut sc = [0u8; 8];
     let mut m = [0u8; 8];
     for j in 0..8 {
@@ -152,7 +152,7 @@ pub fn dot(row: &[u8], x: &[Q8K]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if have_vnni() {
         // SAFETY: the CPU features were detected above.
-        return unsafe { dot_vnni::<1>(row, [x]) }[0];
+        return unsafe { dot_vnni::<1, false>(row, [x]) }[0];
     }
     dot_scalar(row, x)
 }
@@ -164,26 +164,38 @@ pub fn dot4(row: &[u8], xs: [&[Q8K]; 4]) -> [f32; 4] {
     #[cfg(target_arch = "x86_64")]
     if have_vnni() {
         // SAFETY: the CPU features were detected above.
-        return unsafe { dot_vnni::<4>(row, xs) };
+        return unsafe { dot_vnni::<4, false>(row, xs) };
     }
     xs.map(|x| dot_scalar(row, x))
 }
 
+/// The VNNI kernel for Q4_K, and with `Q5` for Q5_K: the same block with a
+/// fifth bit per value (`qh: [u8; 32]` after the scales, the 4-bit `qs`
+/// moved 32 bytes on; see `q5k`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 // `blk` indexes the weight row and each of the N activation rows alike.
 #[allow(clippy::needless_range_loop)]
-unsafe fn dot_vnni<const N: usize>(row: &[u8], xs: [&[Q8K]; N]) -> [f32; N] {
+pub(super) unsafe fn dot_vnni<const N: usize, const Q5: bool>(
+    row: &[u8],
+    xs: [&[Q8K]; N],
+) -> [f32; N] {
     // SAFETY: every pointer read stays inside `row` (`blocks` whole blocks)
     // or inside a `Q8K` (checked long enough); the caller guarantees the CPU
     // features.
     unsafe {
         use std::arch::x86_64::*;
-        let blocks = row.len() / BLOCK_BYTES;
+        let (block_bytes, qs_at) = if Q5 {
+            (super::q5k::BLOCK_BYTES, 48)
+        } else {
+            (BLOCK_BYTES, 16)
+        };
+        let blocks = row.len() / block_bytes;
         for x in &xs {
             assert!(x.len() >= blocks, "activations shorter than the row");
         }
         let nib = _mm512_set1_epi8(0x0F);
+        let one = _mm256_set1_epi8(1);
         let zero = _mm512_setzero_si512();
         // Lanes 0-7 take one sub-block's scale, lanes 8-15 the next-but-one's.
         let i_al = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
@@ -196,12 +208,15 @@ unsafe fn dot_vnni<const N: usize>(row: &[u8], xs: [&[Q8K]; N]) -> [f32; N] {
         let mut facc = [_mm512_setzero_ps(); N];
         let mut macc = [_mm256_setzero_ps(); N];
         for blk in 0..blocks {
-            let b = row.as_ptr().add(blk * BLOCK_BYTES);
+            let b = row.as_ptr().add(blk * block_bytes);
             // Two blocks ahead: the hardware prefetcher alone leaves the
             // threads waiting on memory between blocks.
-            _mm_prefetch::<_MM_HINT_T0>(b.add(2 * BLOCK_BYTES).cast());
-            _mm_prefetch::<_MM_HINT_T0>(b.add(2 * BLOCK_BYTES + 64).cast());
-            _mm_prefetch::<_MM_HINT_T0>(b.add(2 * BLOCK_BYTES + 128).cast());
+            _mm_prefetch::<_MM_HINT_T0>(b.add(2 * block_bytes).cast());
+            _mm_prefetch::<_MM_HINT_T0>(b.add(2 * block_bytes + 64).cast());
+            _mm_prefetch::<_MM_HINT_T0>(b.add(2 * block_bytes + 128).cast());
+            if Q5 {
+                _mm_prefetch::<_MM_HINT_T0>(b.add(2 * block_bytes + 175).cast());
+            }
             // d and dmin, two halves, converted together.
             let dd = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(b.cast::<i32>())));
             let d = _mm_cvtss_f32(dd);
@@ -230,12 +245,30 @@ unsafe fn dot_vnni<const N: usize>(row: &[u8], xs: [&[Q8K]; N]) -> [f32; N] {
                 _mm512_permutexvar_ps(i_bl, scf),
                 _mm512_permutexvar_ps(i_bh, scf),
             );
-            let qa = _mm512_loadu_si512(b.add(16).cast());
-            let qb = _mm512_loadu_si512(b.add(80).cast());
-            let w_al = _mm512_and_si512(qa, nib);
-            let w_ah = _mm512_and_si512(_mm512_srli_epi16::<4>(qa), nib);
-            let w_bl = _mm512_and_si512(qb, nib);
-            let w_bh = _mm512_and_si512(_mm512_srli_epi16::<4>(qb), nib);
+            let qa = _mm512_loadu_si512(b.add(qs_at).cast());
+            let qb = _mm512_loadu_si512(b.add(qs_at + 64).cast());
+            let mut w_al = _mm512_and_si512(qa, nib);
+            let mut w_ah = _mm512_and_si512(_mm512_srli_epi16::<4>(qa), nib);
+            let mut w_bl = _mm512_and_si512(qb, nib);
+            let mut w_bh = _mm512_and_si512(_mm512_srli_epi16::<4>(qb), nib);
+            if Q5 {
+                // Bit k of qh[l] is the fifth bit of value 32k + l: worth 16.
+                let qh = _mm256_loadu_si256(b.add(16).cast());
+                macro_rules! fifth {
+                    ($k:literal) => {
+                        _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<$k>(qh), one))
+                    };
+                }
+                macro_rules! pair {
+                    ($lo:expr, $hi:expr) => {
+                        _mm512_inserti64x4::<1>(_mm512_castsi256_si512($lo), $hi)
+                    };
+                }
+                w_al = _mm512_or_si512(w_al, pair!(fifth!(0), fifth!(2)));
+                w_ah = _mm512_or_si512(w_ah, pair!(fifth!(1), fifth!(3)));
+                w_bl = _mm512_or_si512(w_bl, pair!(fifth!(4), fifth!(6)));
+                w_bh = _mm512_or_si512(w_bh, pair!(fifth!(5), fifth!(7)));
+            }
             for t in 0..N {
                 let xb = &xs[t][blk];
                 let xq = xb.qs.as_ptr();

@@ -7,11 +7,11 @@
 //! token streams the larger (+33%) tiles. Generation on the CPU is bound by
 //! memory bandwidth, so this module reads the compact blocks as stored and
 //! splits the rows over the thread pool itself: generation through this
-//! crate's row kernels (`q4k`, `q6k`, `q8_0`; candle's `GgmlType::vec_dot`
-//! for Q5_K and Q4_0), prompts of 16+ tokens through panels of sixteen rows
+//! crate's row kernels (`q4k`, `q5k`, `q6k`, `q8_0`; candle's
+//! `GgmlType::vec_dot` for Q4_0), prompts of 16+ tokens through panels of sixteen rows
 //! unpacked in cache (`q4k_panel`, `q8_0_panel`).
 
-use super::{q4k, q4k_panel, q6k, q8_0, q8_0_panel};
+use super::{q4k, q4k_panel, q5k, q6k, q8_0, q8_0_panel};
 use anyhow::{Result, bail};
 use candle_core::quantized::k_quants::{
     BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, GgmlType,
@@ -70,6 +70,7 @@ impl QuantMatrix {
                 self.matmul_panels::<q8_0_panel::Panel>(&xs, m)?
             }
             GgmlDType::Q4K if super::q4k::have_vnni() => self.matmul_own::<Q4K>(&xs, m)?,
+            GgmlDType::Q5K if super::q4k::have_vnni() => self.matmul_own::<Q5K>(&xs, m)?,
             GgmlDType::Q6K if super::q4k::have_vnni() => self.matmul_own::<Q6K>(&xs, m)?,
             GgmlDType::Q8_0 if super::q4k::have_vnni() && k % q8_0::PAIR == 0 => {
                 self.matmul_own::<Q8_0>(&xs, m)?
@@ -378,6 +379,27 @@ impl Kernel for Q4K {
     }
     fn dot4(row: &[u8], xs: [&[Self::X]; 4]) -> [f32; 4] {
         q4k::dot4(row, xs)
+    }
+}
+
+struct Q5K;
+
+impl Kernel for Q5K {
+    type X = q4k::Q8K;
+    const X_VALUES: usize = q4k::QK;
+    const BLOCK_BYTES: usize = q5k::BLOCK_BYTES;
+    const BLOCK_VALUES: usize = q4k::QK;
+    fn zeros() -> Self::X {
+        q4k::Q8K::zeros()
+    }
+    fn quantize(x: &[f32], out: &mut [Self::X]) {
+        q4k::quantize_q8k(x, out)
+    }
+    fn dot(row: &[u8], x: &[Self::X]) -> f32 {
+        q5k::dot(row, x)
+    }
+    fn dot4(row: &[u8], xs: [&[Self::X]; 4]) -> [f32; 4] {
+        q5k::dot4(row, xs)
     }
 }
 

@@ -1,0 +1,130 @@
+//! The Q5_K × Q8_K dot product: Q4_K's block with a fifth bit per value,
+//! so the VNNI kernel is `q4k`'s with the high bits or-ed in (values 0..31
+//! stay unsigned, as `vpdpbusd` wants). Q5_K_M files keep most of their
+//! matrices in this format; candle's generic `vec_dot` was their path before.
+//!
+//! Block layout (ggml's `block_q5_K`, 176 bytes for 256 values): `d: f16`,
+//! `dmin: f16`, `scales: [u8; 12]` (packed as Q4_K's), `qh: [u8; 32]`,
+//! `qs: [u8; 128]`. In 64-value group `j`, value `l` is `qs[32j + l]`'s low
+//! nibble plus 16 if bit `2j` of `qh[l]` is set, value `32 + l` the high
+//! nibble plus bit `2j + 1`; the weight is `d·sc·q − dmin·m`.
+
+use super::q4k::{CHUNK_ORDER, Q8K, f16, scales_mins};
+
+/// Bytes of one Q5_K block (256 weights).
+pub const BLOCK_BYTES: usize = 176;
+
+/// Plain-Rust dot product of one row of Q5_K blocks with Q8_K activations:
+/// the reference the SIMD kernel is tested against, and the fallback.
+pub fn dot_scalar(row: &[u8], x: &[Q8K]) -> f32 {
+    let mut sum = 0f32;
+    for (b, xb) in row.chunks_exact(BLOCK_BYTES).zip(x) {
+        let (d, dmin) = (f16(&b[0..2]), f16(&b[2..4]));
+        let (sc, m) = scales_mins(&b[4..16]);
+        let (qh, qs) = (&b[16..48], &b[48..176]);
+        let (mut isum, mut msum) = (0i32, 0i32);
+        for j in 0..4 {
+            let (mut lo, mut hi) = (0i32, 0i32);
+            let (lo_at, hi_at) = (CHUNK_ORDER[2 * j] * 32, CHUNK_ORDER[2 * j + 1] * 32);
+            for l in 0..32 {
+                let q = qs[32 * j + l];
+                let lo_q = (q & 0xF) as i32 + if qh[l] >> (2 * j) & 1 == 1 { 16 } else { 0 };
+                let hi_q = (q >> 4) as i32 + if qh[l] >> (2 * j + 1) & 1 == 1 { 16 } else { 0 };
+                lo += lo_q * xb.qs[lo_at + l] as i32;
+                hi += hi_q * xb.qs[hi_at + l] as i32;
+            }
+            isum += lo * sc[2 * j] as i32 + hi * sc[2 * j + 1] as i32;
+        }
+        for (&m, pair) in m.iter().zip(xb.bsums.chunks_exact(2)) {
+            msum += m as i32 * (pair[0] as i32 + pair[1] as i32);
+        }
+        sum += xb.d * (d * isum as f32 - dmin * msum as f32);
+    }
+    sum
+}
+
+/// Dot product of one row with the fastest kernel this CPU has.
+pub fn dot(row: &[u8], x: &[Q8K]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if super::q4k::have_vnni() {
+        // SAFETY: the CPU features were detected above.
+        return unsafe { super::q4k::dot_vnni::<1, true>(row, [x]) }[0];
+    }
+    dot_scalar(row, x)
+}
+
+/// Dot products of one row with four tokens' activations.
+pub fn dot4(row: &[u8], xs: [&[Q8K]; 4]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if super::q4k::have_vnni() {
+        // SAFETY: the CPU features were detected above.
+        return unsafe { super::q4k::dot_vnni::<4, true>(row, xs) };
+    }
+    xs.map(|x| dot_scalar(row, x))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::q4k::{QK, quantize_q8k};
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn kernels_compute_the_dequantized_dot_product_and_agree() {
+        for seed in 0..6 {
+            let cols = 4096;
+            let w = Tensor::from_vec(values(cols, seed), (1, cols), &Device::Cpu).unwrap();
+            let q = QTensor::quantize(&w, GgmlDType::Q5K).unwrap();
+            let deq: Vec<f32> = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let row = q.data().unwrap().into_owned();
+            assert_eq!(row.len(), cols / QK * BLOCK_BYTES);
+            let xq: Vec<(Vec<f32>, Vec<Q8K>)> = (0..4)
+                .map(|k| {
+                    let x = values(cols, 100 + seed * 4 + k);
+                    let mut q = vec![Q8K::zeros(); cols / QK];
+                    quantize_q8k(&x, &mut q);
+                    (x, q)
+                })
+                .collect();
+            for (x, xq) in &xq {
+                let exact: f32 = deq.iter().zip(x).map(|(a, b)| a * b).sum();
+                let scale: f32 = deq.iter().zip(x).map(|(a, b)| (a * b).abs()).sum();
+                let scalar = dot_scalar(&row, xq);
+                assert!((scalar - exact).abs() < 0.02 * scale, "{scalar} vs {exact}");
+                let one = dot(&row, xq);
+                assert!(
+                    (one - scalar).abs() <= 1e-4 * scalar.abs().max(1.0),
+                    "{one} vs {scalar}"
+                );
+            }
+            let four = dot4(&row, [&xq[0].1, &xq[1].1, &xq[2].1, &xq[3].1]);
+            for (t, (_, xq)) in xq.iter().enumerate() {
+                let scalar = dot_scalar(&row, xq);
+                assert!(
+                    (four[t] - scalar).abs() <= 1e-4 * scalar.abs().max(1.0),
+                    "{} vs {scalar}",
+                    four[t]
+                );
+            }
+        }
+    }
+}
