@@ -24,6 +24,21 @@ impl Q8Pair {
             d: [0.0; 16],
         }
     }
+
+    /// The 64 quantized activations (64-byte aligned).
+    pub(super) fn qs(&self) -> &[i8; PAIR] {
+        &self.qs
+    }
+
+    /// The two halves' scales spread over 16 lanes (64-byte aligned).
+    pub(super) fn scales(&self) -> &[f32; 16] {
+        &self.d
+    }
+
+    /// The scale of half `h` (0 or 1).
+    pub(super) fn scale(&self, h: usize) -> f32 {
+        self.d[8 * h]
+    }
 }
 
 /// Quantizes `x` (a multiple of 64 values) into `out`.

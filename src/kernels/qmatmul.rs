@@ -7,11 +7,11 @@
 //! token streams the larger (+33%) tiles. Generation on the CPU is bound by
 //! memory bandwidth, so this module reads the compact blocks as stored and
 //! splits the rows over the thread pool itself: generation through this
-//! crate's row kernels (`q4k`, `q5k`, `q6k`, `q8_0`; candle's
-//! `GgmlType::vec_dot` for Q4_0), prompts of 16+ tokens through panels of sixteen rows
+//! crate's row kernels (`q4_0`, `q4k`, `q5k`, `q6k`, `q8_0`; candle's
+//! `GgmlType::vec_dot` on CPUs without AVX-512 VNNI), prompts of 16+ tokens through panels of sixteen rows
 //! unpacked in cache (`q4k_panel`, `q8_0_panel`).
 
-use super::{q4k, q4k_panel, q5k, q6k, q8_0, q8_0_panel};
+use super::{q4_0, q4k, q4k_panel, q5k, q6k, q8_0, q8_0_panel};
 use anyhow::{Result, bail};
 use candle_core::quantized::k_quants::{
     BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, GgmlType,
@@ -62,6 +62,9 @@ impl QuantMatrix {
         let x = x.to_dtype(DType::F32)?.contiguous()?;
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let out = match self.q.dtype() {
+            GgmlDType::Q4_0 if super::q4k::have_vnni() && k % q8_0::PAIR == 0 => {
+                self.matmul_own::<Q4_0>(&xs, m)?
+            }
             GgmlDType::Q4_0 => self.matmul::<BlockQ4_0>(&xs, m)?,
             GgmlDType::Q4K if m >= PANEL_MIN_TOKENS && q4k_panel::Panel::available() => {
                 self.matmul_panels::<q4k_panel::Panel>(&xs, m)?
@@ -379,6 +382,27 @@ impl Kernel for Q4K {
     }
     fn dot4(row: &[u8], xs: [&[Self::X]; 4]) -> [f32; 4] {
         q4k::dot4(row, xs)
+    }
+}
+
+struct Q4_0;
+
+impl Kernel for Q4_0 {
+    type X = q8_0::Q8Pair;
+    const X_VALUES: usize = q8_0::PAIR;
+    const BLOCK_BYTES: usize = q4_0::BLOCK_BYTES;
+    const BLOCK_VALUES: usize = 32;
+    fn zeros() -> Self::X {
+        q8_0::Q8Pair::zeros()
+    }
+    fn quantize(x: &[f32], out: &mut [Self::X]) {
+        q8_0::quantize(x, out)
+    }
+    fn dot(row: &[u8], x: &[Self::X]) -> f32 {
+        q4_0::dot(row, x)
+    }
+    fn dot4(row: &[u8], xs: [&[Self::X]; 4]) -> [f32; 4] {
+        q4_0::dot4(row, xs)
     }
 }
 

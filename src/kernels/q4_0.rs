@@ -1,0 +1,170 @@
+//! The Q4_0 × Q8 dot product with AVX-512 VNNI: Q8_0's kernel (`q8_0`) on
+//! weights unpacked from nibbles. A Q4_0 block is `d: f16, qs: [u8; 16]`
+//! (18 bytes) for 32 values: value `j` is `qs[j]`'s low nibble, value
+//! `j + 16` its high nibble, each minus 8. Two blocks fill a 64-byte
+//! register; the activations are `q8_0`'s pairs of 32-value halves.
+
+use super::q8_0::Q8Pair;
+
+/// Bytes of one Q4_0 block (32 weights).
+pub const BLOCK_BYTES: usize = 18;
+
+fn f16(bytes: &[u8]) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes([bytes[0], bytes[1]])).to_f32()
+}
+
+/// Plain-Rust reference and fallback.
+pub fn dot_scalar(row: &[u8], x: &[Q8Pair]) -> f32 {
+    let mut sum = 0f32;
+    for (b, block) in row.chunks_exact(BLOCK_BYTES).enumerate() {
+        let pair = &x[b / 2];
+        let half = b % 2;
+        let xs = &pair.qs()[32 * half..32 * (half + 1)];
+        let mut isum = 0i32;
+        for (j, &q) in block[2..].iter().enumerate() {
+            isum += ((q & 0xF) as i32 - 8) * xs[j] as i32;
+            isum += ((q >> 4) as i32 - 8) * xs[j + 16] as i32;
+        }
+        sum += f16(&block[..2]) * pair.scale(half) * isum as f32;
+    }
+    sum
+}
+
+pub fn dot(row: &[u8], x: &[Q8Pair]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if super::q4k::have_vnni() {
+        // SAFETY: the CPU features were detected above.
+        return unsafe { dot_vnni::<1>(row, [x]) }[0];
+    }
+    dot_scalar(row, x)
+}
+
+/// One row against four tokens' activations (prompts).
+pub fn dot4(row: &[u8], xs: [&[Q8Pair]; 4]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if super::q4k::have_vnni() {
+        // SAFETY: the CPU features were detected above.
+        return unsafe { dot_vnni::<4>(row, xs) };
+    }
+    xs.map(|x| dot_scalar(row, x))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)]
+unsafe fn dot_vnni<const N: usize>(row: &[u8], xs: [&[Q8Pair]; N]) -> [f32; N] {
+    // SAFETY: reads stay inside `row` (whole pairs of blocks) and inside
+    // the activation rows (checked long enough); the caller guarantees the
+    // CPU features.
+    unsafe {
+        use std::arch::x86_64::*;
+        let pairs = row.len() / (2 * BLOCK_BYTES);
+        for x in &xs {
+            assert!(x.len() >= pairs, "activations shorter than the row");
+        }
+        let zero = _mm512_setzero_si512();
+        let nib = _mm_set1_epi8(0x0F);
+        let eight = _mm512_set1_epi8(8);
+        let spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+        let mut facc = [_mm512_setzero_ps(); N];
+        for p in 0..pairs {
+            let b = row.as_ptr().add(p * 2 * BLOCK_BYTES);
+            _mm_prefetch::<_MM_HINT_T0>(b.add(8 * BLOCK_BYTES).cast());
+            // One block's 32 values: the 16 low nibbles, then the 16 high.
+            macro_rules! block {
+                ($at:expr) => {{
+                    let q = _mm_loadu_si128(b.add($at + 2).cast());
+                    let lo = _mm_and_si128(q, nib);
+                    let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), nib);
+                    _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi)
+                }};
+            }
+            let w = _mm512_sub_epi8(
+                _mm512_inserti64x4::<1>(_mm512_castsi256_si512(block!(0)), block!(BLOCK_BYTES)),
+                eight,
+            );
+            let d0 = std::ptr::read_unaligned(b.cast::<u16>()) as i32;
+            let d1 = std::ptr::read_unaligned(b.add(BLOCK_BYTES).cast::<u16>()) as i32;
+            let dw = _mm_cvtph_ps(_mm_cvtsi32_si128(d0 | (d1 << 16)));
+            let dw = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(dw));
+            // vpdpbusd wants unsigned × signed: |w| times x with w's sign.
+            let absw = _mm512_abs_epi8(w);
+            let negative = _mm512_movepi8_mask(w);
+            for t in 0..N {
+                let xp = &xs[t][p];
+                let x = _mm512_load_si512(xp.qs().as_ptr().cast());
+                let signed = _mm512_mask_sub_epi8(x, negative, zero, x);
+                let dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, absw, signed));
+                let scale = _mm512_mul_ps(dw, _mm512_load_ps(xp.scales().as_ptr()));
+                facc[t] = _mm512_fmadd_ps(dot, scale, facc[t]);
+            }
+        }
+        facc.map(|acc| _mm512_reduce_add_ps(acc))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::q8_0::{PAIR, quantize};
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn kernels_compute_the_dequantized_dot_product_and_agree() {
+        for seed in 0..6 {
+            let cols = 4096;
+            let w = Tensor::from_vec(values(cols, seed), (1, cols), &Device::Cpu).unwrap();
+            let q = QTensor::quantize(&w, GgmlDType::Q4_0).unwrap();
+            let deq: Vec<f32> = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let row = q.data().unwrap().into_owned();
+            assert_eq!(row.len(), cols / 32 * BLOCK_BYTES);
+            let xq: Vec<(Vec<f32>, Vec<Q8Pair>)> = (0..4)
+                .map(|k| {
+                    let x = values(cols, 100 + seed * 4 + k);
+                    let mut q = vec![Q8Pair::zeros(); cols / PAIR];
+                    quantize(&x, &mut q);
+                    (x, q)
+                })
+                .collect();
+            for (x, xq) in &xq {
+                let exact: f32 = deq.iter().zip(x).map(|(a, b)| a * b).sum();
+                let scale: f32 = deq.iter().zip(x).map(|(a, b)| (a * b).abs()).sum();
+                let scalar = dot_scalar(&row, xq);
+                assert!((scalar - exact).abs() < 0.02 * scale, "{scalar} vs {exact}");
+                let one = dot(&row, xq);
+                assert!(
+                    (one - scalar).abs() <= 1e-4 * scalar.abs().max(1.0),
+                    "{one} vs {scalar}"
+                );
+            }
+            let four = dot4(&row, [&xq[0].1, &xq[1].1, &xq[2].1, &xq[3].1]);
+            for (t, (_, xq)) in xq.iter().enumerate() {
+                let scalar = dot_scalar(&row, xq);
+                assert!(
+                    (four[t] - scalar).abs() <= 1e-4 * scalar.abs().max(1.0),
+                    "{} vs {scalar}",
+                    four[t]
+                );
+            }
+        }
+    }
+}
