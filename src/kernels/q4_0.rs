@@ -4,14 +4,11 @@
 //! `j + 16` its high nibble, each minus 8. Two blocks fill a 64-byte
 //! register; the activations are `q8_0`'s pairs of 32-value halves.
 
+use super::q4k::f16;
 use super::q8_0::Q8Pair;
 
 /// Bytes of one Q4_0 block (32 weights).
 pub const BLOCK_BYTES: usize = 18;
-
-fn f16(bytes: &[u8]) -> f32 {
-    half::f16::from_bits(u16::from_le_bytes([bytes[0], bytes[1]])).to_f32()
-}
 
 /// Plain-Rust reference and fallback.
 pub fn dot_scalar(row: &[u8], x: &[Q8Pair]) -> f32 {
@@ -110,17 +107,7 @@ mod tests {
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
 
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-        (0..n)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((state >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use super::super::test_values as values;
 
     #[test]
     fn kernels_compute_the_dequantized_dot_product_and_agree() {

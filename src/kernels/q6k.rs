@@ -19,14 +19,10 @@
 //! unsigned side, and the `−32` comes back as `32 · Σx` per 16 values from
 //! the activations' block sums.
 
-use super::q4k::{CHUNK_ORDER, Q8K};
+use super::q4k::{CHUNK_ORDER, Q8K, f16};
 
 /// Bytes of one Q6_K block (256 weights).
 pub const BLOCK_BYTES: usize = 210;
-
-fn f16(bytes: &[u8]) -> f32 {
-    half::f16::from_bits(u16::from_le_bytes([bytes[0], bytes[1]])).to_f32()
-}
 
 /// Plain-Rust dot product of one row of Q6_K blocks with Q8_K activations:
 /// the reference the SIMD kernel is tested against, and the fallback.
@@ -172,17 +168,7 @@ mod tests {
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
 
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-        (0..n)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((state >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use super::super::test_values as values;
 
     #[test]
     fn kernels_compute_the_dequantized_dot_product_and_agree() {

@@ -3,6 +3,8 @@
 //! (34 bytes); the kernel takes two blocks per 64-byte register. `vpdpbusd`
 //! wants unsigned × signed bytes, so it multiplies |w| by x with w's sign.
 
+use super::q4k::f16;
+
 /// Bytes of one Q8_0 block (32 weights).
 pub const BLOCK_BYTES: usize = 34;
 /// Values per pair of blocks, the kernel's step.
@@ -54,10 +56,6 @@ pub fn quantize(x: &[f32], out: &mut [Q8Pair]) {
             pair.d[8 * half..8 * (half + 1)].fill(d);
         }
     }
-}
-
-fn f16(bytes: &[u8]) -> f32 {
-    half::f16::from_bits(u16::from_le_bytes([bytes[0], bytes[1]])).to_f32()
 }
 
 /// Plain-Rust reference and fallback.
@@ -145,17 +143,7 @@ mod tests {
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
 
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-        (0..n)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((state >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use super::super::test_values as values;
 
     #[test]
     fn kernels_compute_the_dequantized_dot_product_and_agree() {
