@@ -27,3 +27,59 @@ pub(crate) fn test_values(n: usize, seed: u64) -> Vec<f32> {
         })
         .collect()
 }
+
+/// What a row kernel for format `dtype` is held to, on six deterministic
+/// rows of 4096 values and four tokens each: its scalar reference equals the
+/// dot product with candle's dequantization up to the activations' 8-bit
+/// rounding (2% of the products' magnitudes), and its `dot` and `dot4`
+/// equal the scalar reference to 1e-4.
+#[cfg(test)]
+pub(crate) struct KernelUnderTest<X> {
+    pub dtype: candle_core::quantized::GgmlDType,
+    pub block_bytes: usize,
+    pub block_values: usize,
+    pub quantize: fn(&[f32]) -> Vec<X>,
+    pub scalar: fn(&[u8], &[X]) -> f32,
+    pub dot: fn(&[u8], &[X]) -> f32,
+    pub dot4: fn(&[u8], [&[X]; 4]) -> [f32; 4],
+}
+
+#[cfg(test)]
+impl<X> KernelUnderTest<X> {
+    pub fn check(&self) {
+        use candle_core::quantized::QTensor;
+        use candle_core::{Device, Tensor};
+        let close = |a: f32, b: f32| (a - b).abs() <= 1e-4 * b.abs().max(1.0);
+        for seed in 0..6 {
+            let cols = 4096;
+            let w = Tensor::from_vec(test_values(cols, seed), (1, cols), &Device::Cpu).unwrap();
+            let q = QTensor::quantize(&w, self.dtype).unwrap();
+            let deq: Vec<f32> = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let row = q.data().unwrap().into_owned();
+            assert_eq!(row.len(), cols / self.block_values * self.block_bytes);
+            let xs: Vec<Vec<f32>> = (0..4)
+                .map(|k| test_values(cols, 100 + seed * 4 + k))
+                .collect();
+            let xq: Vec<Vec<X>> = xs.iter().map(|x| (self.quantize)(x)).collect();
+            for (x, xq) in xs.iter().zip(&xq) {
+                let exact: f32 = deq.iter().zip(x).map(|(a, b)| a * b).sum();
+                let scale: f32 = deq.iter().zip(x).map(|(a, b)| (a * b).abs()).sum();
+                let scalar = (self.scalar)(&row, xq);
+                assert!((scalar - exact).abs() < 0.02 * scale, "{scalar} vs {exact}");
+                let one = (self.dot)(&row, xq);
+                assert!(close(one, scalar), "{one} vs {scalar}");
+            }
+            let four = (self.dot4)(&row, [&xq[0], &xq[1], &xq[2], &xq[3]]);
+            for (got, xq) in four.iter().zip(&xq) {
+                let scalar = (self.scalar)(&row, xq);
+                assert!(close(*got, scalar), "{got} vs {scalar}");
+            }
+        }
+    }
+}

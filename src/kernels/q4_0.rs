@@ -102,56 +102,25 @@ unsafe fn dot_vnni<const N: usize>(row: &[u8], xs: [&[Q8Pair]; N]) -> [f32; N] {
 
 #[cfg(test)]
 mod tests {
+    use super::super::KernelUnderTest;
     use super::super::q8_0::{PAIR, quantize};
     use super::*;
-    use candle_core::quantized::{GgmlDType, QTensor};
-    use candle_core::{Device, Tensor};
-
-    use super::super::test_values as values;
 
     #[test]
     fn kernels_compute_the_dequantized_dot_product_and_agree() {
-        for seed in 0..6 {
-            let cols = 4096;
-            let w = Tensor::from_vec(values(cols, seed), (1, cols), &Device::Cpu).unwrap();
-            let q = QTensor::quantize(&w, GgmlDType::Q4_0).unwrap();
-            let deq: Vec<f32> = q
-                .dequantize(&Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let row = q.data().unwrap().into_owned();
-            assert_eq!(row.len(), cols / 32 * BLOCK_BYTES);
-            let xq: Vec<(Vec<f32>, Vec<Q8Pair>)> = (0..4)
-                .map(|k| {
-                    let x = values(cols, 100 + seed * 4 + k);
-                    let mut q = vec![Q8Pair::zeros(); cols / PAIR];
-                    quantize(&x, &mut q);
-                    (x, q)
-                })
-                .collect();
-            for (x, xq) in &xq {
-                let exact: f32 = deq.iter().zip(x).map(|(a, b)| a * b).sum();
-                let scale: f32 = deq.iter().zip(x).map(|(a, b)| (a * b).abs()).sum();
-                let scalar = dot_scalar(&row, xq);
-                assert!((scalar - exact).abs() < 0.02 * scale, "{scalar} vs {exact}");
-                let one = dot(&row, xq);
-                assert!(
-                    (one - scalar).abs() <= 1e-4 * scalar.abs().max(1.0),
-                    "{one} vs {scalar}"
-                );
-            }
-            let four = dot4(&row, [&xq[0].1, &xq[1].1, &xq[2].1, &xq[3].1]);
-            for (t, (_, xq)) in xq.iter().enumerate() {
-                let scalar = dot_scalar(&row, xq);
-                assert!(
-                    (four[t] - scalar).abs() <= 1e-4 * scalar.abs().max(1.0),
-                    "{} vs {scalar}",
-                    four[t]
-                );
-            }
+        KernelUnderTest {
+            dtype: candle_core::quantized::GgmlDType::Q4_0,
+            block_bytes: BLOCK_BYTES,
+            block_values: 32,
+            quantize: |x| {
+                let mut q = vec![Q8Pair::zeros(); x.len() / PAIR];
+                quantize(x, &mut q);
+                q
+            },
+            scalar: dot_scalar,
+            dot,
+            dot4,
         }
+        .check();
     }
 }

@@ -163,58 +163,25 @@ unsafe fn dot_vnni<const N: usize>(row: &[u8], xs: [&[Q8K]; N]) -> [f32; N] {
 
 #[cfg(test)]
 mod tests {
+    use super::super::KernelUnderTest;
     use super::super::q4k::{QK, quantize_q8k};
     use super::*;
-    use candle_core::quantized::{GgmlDType, QTensor};
-    use candle_core::{Device, Tensor};
-
-    use super::super::test_values as values;
 
     #[test]
     fn kernels_compute_the_dequantized_dot_product_and_agree() {
-        for seed in 0..6 {
-            let cols = 4096;
-            let w = Tensor::from_vec(values(cols, seed), (1, cols), &Device::Cpu).unwrap();
-            let q = QTensor::quantize(&w, GgmlDType::Q6K).unwrap();
-            let deq: Vec<f32> = q
-                .dequantize(&Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let row = q.data().unwrap().into_owned();
-            assert_eq!(row.len(), cols / QK * BLOCK_BYTES);
-            let xs: Vec<Vec<f32>> = (0..4).map(|k| values(cols, 100 + seed * 4 + k)).collect();
-            let xq: Vec<Vec<Q8K>> = xs
-                .iter()
-                .map(|x| {
-                    let mut q = vec![Q8K::zeros(); cols / QK];
-                    quantize_q8k(x, &mut q);
-                    q
-                })
-                .collect();
-            for t in 0..4 {
-                let exact: f32 = deq.iter().zip(&xs[t]).map(|(a, b)| a * b).sum();
-                let scale: f32 = deq.iter().zip(&xs[t]).map(|(a, b)| (a * b).abs()).sum();
-                let scalar = dot_scalar(&row, &xq[t]);
-                // Only the activations' 8-bit rounding separates them.
-                assert!((scalar - exact).abs() < 0.02 * scale, "{scalar} vs {exact}");
-                let one = dot(&row, &xq[t]);
-                assert!(
-                    (one - scalar).abs() <= 1e-4 * scalar.abs().max(1.0),
-                    "{one} vs {scalar}"
-                );
-            }
-            let four = dot4(&row, [&xq[0], &xq[1], &xq[2], &xq[3]]);
-            for t in 0..4 {
-                let scalar = dot_scalar(&row, &xq[t]);
-                assert!(
-                    (four[t] - scalar).abs() <= 1e-4 * scalar.abs().max(1.0),
-                    "{} vs {scalar}",
-                    four[t]
-                );
-            }
+        KernelUnderTest {
+            dtype: candle_core::quantized::GgmlDType::Q6K,
+            block_bytes: BLOCK_BYTES,
+            block_values: QK,
+            quantize: |x| {
+                let mut q = vec![Q8K::zeros(); x.len() / QK];
+                quantize_q8k(x, &mut q);
+                q
+            },
+            scalar: dot_scalar,
+            dot,
+            dot4,
         }
+        .check();
     }
 }

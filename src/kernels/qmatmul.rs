@@ -364,110 +364,52 @@ trait Kernel {
     fn dot4(row: &[u8], xs: [&[Self::X]; 4]) -> [f32; 4];
 }
 
-struct Q4K;
+/// A format's `Kernel`: the module with its `BLOCK_BYTES`, `dot` and
+/// `dot4`, and the activations it pairs with: Q8_K (256 values, shared by
+/// the k-quants) or Q8_0 pairs (64 values, for the 32-value formats).
+macro_rules! kernel {
+    ($name:ident, $module:ident, q8k) => {
+        kernel!(
+            $name,
+            $module,
+            q4k::Q8K,
+            q4k::QK,
+            q4k::QK,
+            q4k::quantize_q8k
+        );
+    };
+    ($name:ident, $module:ident, q8_pair) => {
+        kernel!($name, $module, q8_0::Q8Pair, q8_0::PAIR, 32, q8_0::quantize);
+    };
+    ($name:ident, $module:ident, $x:ty, $x_values:expr, $block_values:expr, $quantize:path) => {
+        struct $name;
 
-impl Kernel for Q4K {
-    type X = q4k::Q8K;
-    const X_VALUES: usize = q4k::QK;
-    const BLOCK_BYTES: usize = q4k::BLOCK_BYTES;
-    const BLOCK_VALUES: usize = q4k::QK;
-    fn zeros() -> Self::X {
-        q4k::Q8K::zeros()
-    }
-    fn quantize(x: &[f32], out: &mut [Self::X]) {
-        q4k::quantize_q8k(x, out)
-    }
-    fn dot(row: &[u8], x: &[Self::X]) -> f32 {
-        q4k::dot(row, x)
-    }
-    fn dot4(row: &[u8], xs: [&[Self::X]; 4]) -> [f32; 4] {
-        q4k::dot4(row, xs)
-    }
+        impl Kernel for $name {
+            type X = $x;
+            const X_VALUES: usize = $x_values;
+            const BLOCK_BYTES: usize = $module::BLOCK_BYTES;
+            const BLOCK_VALUES: usize = $block_values;
+            fn zeros() -> Self::X {
+                <$x>::zeros()
+            }
+            fn quantize(x: &[f32], out: &mut [Self::X]) {
+                $quantize(x, out)
+            }
+            fn dot(row: &[u8], x: &[Self::X]) -> f32 {
+                $module::dot(row, x)
+            }
+            fn dot4(row: &[u8], xs: [&[Self::X]; 4]) -> [f32; 4] {
+                $module::dot4(row, xs)
+            }
+        }
+    };
 }
 
-struct Q4_0;
-
-impl Kernel for Q4_0 {
-    type X = q8_0::Q8Pair;
-    const X_VALUES: usize = q8_0::PAIR;
-    const BLOCK_BYTES: usize = q4_0::BLOCK_BYTES;
-    const BLOCK_VALUES: usize = 32;
-    fn zeros() -> Self::X {
-        q8_0::Q8Pair::zeros()
-    }
-    fn quantize(x: &[f32], out: &mut [Self::X]) {
-        q8_0::quantize(x, out)
-    }
-    fn dot(row: &[u8], x: &[Self::X]) -> f32 {
-        q4_0::dot(row, x)
-    }
-    fn dot4(row: &[u8], xs: [&[Self::X]; 4]) -> [f32; 4] {
-        q4_0::dot4(row, xs)
-    }
-}
-
-struct Q5K;
-
-impl Kernel for Q5K {
-    type X = q4k::Q8K;
-    const X_VALUES: usize = q4k::QK;
-    const BLOCK_BYTES: usize = q5k::BLOCK_BYTES;
-    const BLOCK_VALUES: usize = q4k::QK;
-    fn zeros() -> Self::X {
-        q4k::Q8K::zeros()
-    }
-    fn quantize(x: &[f32], out: &mut [Self::X]) {
-        q4k::quantize_q8k(x, out)
-    }
-    fn dot(row: &[u8], x: &[Self::X]) -> f32 {
-        q5k::dot(row, x)
-    }
-    fn dot4(row: &[u8], xs: [&[Self::X]; 4]) -> [f32; 4] {
-        q5k::dot4(row, xs)
-    }
-}
-
-struct Q6K;
-
-impl Kernel for Q6K {
-    type X = q4k::Q8K;
-    const X_VALUES: usize = q4k::QK;
-    const BLOCK_BYTES: usize = q6k::BLOCK_BYTES;
-    const BLOCK_VALUES: usize = q4k::QK;
-    fn zeros() -> Self::X {
-        q4k::Q8K::zeros()
-    }
-    fn quantize(x: &[f32], out: &mut [Self::X]) {
-        q4k::quantize_q8k(x, out)
-    }
-    fn dot(row: &[u8], x: &[Self::X]) -> f32 {
-        q6k::dot(row, x)
-    }
-    fn dot4(row: &[u8], xs: [&[Self::X]; 4]) -> [f32; 4] {
-        q6k::dot4(row, xs)
-    }
-}
-
-struct Q8_0;
-
-impl Kernel for Q8_0 {
-    type X = q8_0::Q8Pair;
-    const X_VALUES: usize = q8_0::PAIR;
-    const BLOCK_BYTES: usize = q8_0::BLOCK_BYTES;
-    const BLOCK_VALUES: usize = 32;
-    fn zeros() -> Self::X {
-        q8_0::Q8Pair::zeros()
-    }
-    fn quantize(x: &[f32], out: &mut [Self::X]) {
-        q8_0::quantize(x, out)
-    }
-    fn dot(row: &[u8], x: &[Self::X]) -> f32 {
-        q8_0::dot(row, x)
-    }
-    fn dot4(row: &[u8], xs: [&[Self::X]; 4]) -> [f32; 4] {
-        q8_0::dot4(row, xs)
-    }
-}
+kernel!(Q4K, q4k, q8k);
+kernel!(Q5K, q5k, q8k);
+kernel!(Q6K, q6k, q8k);
+kernel!(Q4_0, q4_0, q8_pair);
+kernel!(Q8_0, q8_0, q8_pair);
 
 /// The bytes of a CPU QTensor as its blocks. candle stores them as a
 /// `Vec<T>`, so the alignment holds; it is checked all the same.
