@@ -8,49 +8,90 @@
 
 use super::qmatmul::{in_fours, rows_by_tasks};
 use anyhow::{Result, bail};
+use bytes::Bytes;
 use candle_core::{DType, Device, Tensor};
 use half::bf16;
 
+/// A bf16 `[rows, cols]` matrix: little-endian bf16s, row after row,
+/// usually a slice of the model file's memory map (zero-copy).
+#[derive(Clone)]
 pub struct Bf16Matrix {
-    w: Vec<bf16>,
+    w: Bytes,
     rows: usize,
     cols: usize,
 }
 
 impl Bf16Matrix {
+    /// A copy of `t` in bf16 (a checkpoint in another dtype, run as bf16).
     pub fn new(t: &Tensor) -> Result<Self> {
         let (rows, cols) = t.dims2()?;
-        let w = t
+        let w: Vec<u8> = t
             .to_dtype(DType::BF16)?
             .to_device(&Device::Cpu)?
             .flatten_all()?
-            .to_vec1::<bf16>()?;
-        Ok(Self { w, rows, cols })
+            .to_vec1::<bf16>()?
+            .into_iter()
+            .flat_map(|v| v.to_bits().to_le_bytes())
+            .collect();
+        Self::from_bytes(Bytes::from(w), &[rows, cols])
     }
 
-    pub fn from_bytes(bytes: &[u8], shape: &[usize]) -> Result<Self> {
+    /// The matrix in `bytes` as stored; errors unless they are exactly
+    /// `shape`'s values.
+    pub fn from_bytes(bytes: Bytes, shape: &[usize]) -> Result<Self> {
         let [rows, cols] = shape else {
             bail!("a matrix needs two dimensions, not {shape:?}");
         };
-        if bytes.len() != rows * cols * 2 {
+        if Some(bytes.len()) != rows.checked_mul(*cols).and_then(|n| n.checked_mul(2)) {
             bail!(
                 "{} bytes do not make a {rows}×{cols} bf16 matrix",
                 bytes.len()
             );
         }
-        let w = bytes
-            .chunks_exact(2)
-            .map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])))
-            .collect();
         Ok(Self {
-            w,
+            w: super::aligned(bytes, 2),
             rows: *rows,
             cols: *cols,
         })
     }
 
     pub fn bytes(&self) -> usize {
-        self.w.len() * 2
+        self.w.len()
+    }
+
+    /// The matrix as stored: little-endian bf16s, row after row.
+    pub fn data(&self) -> &[u8] {
+        &self.w
+    }
+
+    /// Values per row.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Rows `ids` widened to f32, `[ids.len(), cols]` row-major (the
+    /// embedding lookup of a bf16 table); errors on an id past the last row.
+    pub fn rows(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let w = self.values();
+        let mut out = Vec::with_capacity(ids.len() * self.cols);
+        for &id in ids {
+            let r = id as usize;
+            if r >= self.rows {
+                bail!("token id {id} is past the {} rows of the table", self.rows);
+            }
+            out.extend(
+                w[r * self.cols..(r + 1) * self.cols]
+                    .iter()
+                    .map(|v| v.to_f32()),
+            );
+        }
+        Ok(out)
+    }
+
+    fn values(&self) -> &[bf16] {
+        // SAFETY: `from_bytes` aligned the bytes to 2 and checked that they
+        // are `rows * cols` bf16s; every bit pattern is a bf16 (x86 is little-endian).
+        unsafe { std::slice::from_raw_parts(self.w.as_ptr().cast::<bf16>(), self.w.len() / 2) }
     }
 
     /// `x @ w.T` for `x: [m, in]`, in f32.
@@ -60,7 +101,8 @@ impl Bf16Matrix {
             bail!("input has {k} features, the matrix {}", self.cols);
         }
         let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let row = |r: usize| &self.w[r * k..(r + 1) * k];
+        let w = self.values();
+        let row = |r: usize| &w[r * k..(r + 1) * k];
         let out = if m == 1 {
             rows_by_tasks(self.rows, 1, k, &xs, |r, x| dot(row(r), x))
         } else {

@@ -13,6 +13,51 @@ pub(crate) mod q8_0;
 pub(crate) mod q8_0_panel;
 pub(crate) mod qmatmul;
 
+use bytes::Bytes;
+
+/// `data` itself when it starts on a multiple of `align` bytes, else a copy
+/// that does (in a buffer of u64s: `Vec<u8>` promises no alignment). The
+/// kernels read weights in place from the model file's memory map, whose
+/// tensors a well-formed file aligns; a file that does not costs one copy.
+pub(crate) fn aligned(data: Bytes, align: usize) -> Bytes {
+    debug_assert!(align.is_power_of_two() && align <= 8);
+    if (data.as_ptr() as usize).is_multiple_of(align) {
+        return data;
+    }
+    struct Words(Vec<u64>, usize);
+    impl AsRef<[u8]> for Words {
+        fn as_ref(&self) -> &[u8] {
+            // SAFETY: the u64s are initialised and at least `self.1` bytes long.
+            unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast::<u8>(), self.1) }
+        }
+    }
+    let mut words = vec![0u64; data.len().div_ceil(8)];
+    // SAFETY: `words` holds at least `data.len()` bytes and does not overlap `data`.
+    unsafe {
+        std::ptr::copy_nonoverlapping(data.as_ptr(), words.as_mut_ptr().cast::<u8>(), data.len())
+    };
+    Bytes::from_owner(Words(words, data.len()))
+}
+
+#[cfg(test)]
+#[test]
+fn misaligned_bytes_are_copied_to_an_aligned_buffer_and_aligned_ones_are_not() {
+    let buf = Bytes::from((0u8..64).collect::<Vec<u8>>());
+    let odd = buf.slice(1..33);
+    assert_eq!(odd.as_ptr() as usize % 2, 1);
+    let fixed = aligned(odd.clone(), 8);
+    assert_eq!(fixed.as_ptr() as usize % 8, 0);
+    assert_eq!(fixed, odd);
+    let even = buf.slice(8..40);
+    if (even.as_ptr() as usize).is_multiple_of(8) {
+        assert_eq!(
+            aligned(even.clone(), 8).as_ptr(),
+            even.as_ptr(),
+            "copied needlessly"
+        );
+    }
+}
+
 /// Deterministic values in [-1, 1) for the kernels' tests (an LCG: the same
 /// inputs on every run, so a tolerance that holds once holds always).
 #[cfg(test)]

@@ -12,14 +12,14 @@
 //! unpacked in cache (`q4k_panel`, `q8_0_panel`).
 
 use super::{q4_0, q4k, q4k_panel, q5k, q6k, q8_0, q8_0_panel};
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
 use candle_core::quantized::k_quants::{
     BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, GgmlType,
 };
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
-use std::sync::Arc;
 
 /// Rows of the weight matrix per parallel task: small enough to balance two
 /// to sixteen threads, large enough that scheduling costs nothing.
@@ -30,27 +30,107 @@ pub(super) const ROWS_PER_TASK: usize = 64;
 /// dozen tokens by them does.
 const PANEL_MIN_TOKENS: usize = 16;
 
-/// A ggml-quantized `[out, in]` matrix in the CPU's memory.
+/// A ggml-quantized `[out, in]` matrix in the CPU's memory: its blocks as
+/// stored, usually a slice of the model file's memory map (`bytes::Bytes`
+/// shares the map, so the weights are the page cache's pages, never copied).
+#[derive(Clone)]
 pub struct QuantMatrix {
-    q: Arc<QTensor>,
+    data: Bytes,
+    dtype: GgmlDType,
     rows: usize,
     cols: usize,
 }
 
 impl QuantMatrix {
-    /// `None` when the format or the device has no kernel here (then candle's
-    /// `QMatMul` does the work).
-    pub fn new(q: Arc<QTensor>) -> Option<Self> {
+    /// `rows × cols` values of `dtype` as ggml blocks, row after row.
+    /// `Ok(None)` when this module has no kernel for `dtype` (then candle's
+    /// `QMatMul` does the work); an error when the bytes are not exactly
+    /// that many whole blocks. Bytes not aligned for the blocks' halves are
+    /// copied once (a GGUF's tensors are aligned to 32 bytes, so a file
+    /// with `general.alignment = 1` is the only way to get there).
+    pub fn new(dtype: GgmlDType, data: Bytes, rows: usize, cols: usize) -> Result<Option<Self>> {
         let supported = matches!(
-            q.dtype(),
+            dtype,
             GgmlDType::Q4_0 | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K | GgmlDType::Q8_0
         );
-        let (rows, cols) = q.shape().dims2().ok()?;
-        (supported && q.device().is_cpu()).then_some(Self { q, rows, cols })
+        if !supported {
+            return Ok(None);
+        }
+        if !cols.is_multiple_of(dtype.block_size()) {
+            bail!(
+                "rows of {cols} values are not whole {dtype:?} blocks of {}",
+                dtype.block_size()
+            );
+        }
+        let expected = rows
+            .checked_mul(cols / dtype.block_size() * dtype.type_size())
+            .context("matrix size overflows")?;
+        if data.len() != expected {
+            bail!(
+                "{dtype:?} data holds {} bytes, a {rows}×{cols} matrix needs {expected}",
+                data.len()
+            );
+        }
+        let data = super::aligned(data, 2);
+        Ok(Some(Self {
+            data,
+            dtype,
+            rows,
+            cols,
+        }))
     }
 
-    pub fn qtensor(&self) -> &Arc<QTensor> {
-        &self.q
+    /// A copy of a CPU `QTensor`'s blocks (a matrix quantized while loading).
+    pub fn from_qtensor(q: &QTensor) -> Result<Option<Self>> {
+        if !q.device().is_cpu() {
+            return Ok(None);
+        }
+        let (rows, cols) = q.shape().dims2()?;
+        let data = Bytes::from(q.data()?.into_owned());
+        Self::new(q.dtype(), data, rows, cols)
+    }
+
+    pub fn dtype(&self) -> GgmlDType {
+        self.dtype
+    }
+
+    /// Values per row (the matrix's input features).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The blocks as stored, row after row.
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// Bytes the blocks occupy.
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Rows `ids` dequantized to f32, `[ids.len(), cols]` row-major: the
+    /// embedding lookup of a quantized table. Errors on an id past the
+    /// last row.
+    pub fn dequantize_rows(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; ids.len() * self.cols];
+        let row_bytes = self.data.len() / self.rows.max(1);
+        for (&id, dst) in ids.iter().zip(out.chunks_exact_mut(self.cols)) {
+            let r = id as usize;
+            if r >= self.rows {
+                bail!("token id {id} is past the {} rows of the table", self.rows);
+            }
+            let row = &self.data[r * row_bytes..(r + 1) * row_bytes];
+            match self.dtype {
+                GgmlDType::Q4_0 => BlockQ4_0::to_float(as_blocks(row)?, dst),
+                GgmlDType::Q4K => BlockQ4K::to_float(as_blocks(row)?, dst),
+                GgmlDType::Q5K => BlockQ5K::to_float(as_blocks(row)?, dst),
+                GgmlDType::Q6K => BlockQ6K::to_float(as_blocks(row)?, dst),
+                GgmlDType::Q8_0 => BlockQ8_0::to_float(as_blocks(row)?, dst),
+                other => bail!("no CPU kernel for {other:?}"),
+            }
+        }
+        Ok(out)
     }
 
     /// `x @ w.T` for f32 `x: [m, in]`.
@@ -61,7 +141,7 @@ impl QuantMatrix {
         }
         let x = x.to_dtype(DType::F32)?.contiguous()?;
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let out = match self.q.dtype() {
+        let out = match self.dtype {
             GgmlDType::Q4_0 if super::q4k::have_vnni() && k % q8_0::PAIR == 0 => {
                 self.matmul_own::<Q4_0>(&xs, m)?
             }
@@ -89,8 +169,7 @@ impl QuantMatrix {
 
     fn matmul<T: GgmlType>(&self, xs: &[f32], m: usize) -> Result<Vec<f32>> {
         let (n, k) = (self.rows, self.cols);
-        let data = self.q.data()?;
-        let blocks = as_blocks::<T>(&data)?;
+        let blocks = as_blocks::<T>(&self.data)?;
         let kb = k / T::BLCK_SIZE;
         if blocks.len() != n * kb {
             bail!(
@@ -109,17 +188,17 @@ impl QuantMatrix {
 }
 
 impl QuantMatrix {
-    /// The matrix's bytes, checked to be `rows` rows of `row_bytes` each.
-    fn row_data(&self, row_bytes: usize) -> Result<std::borrow::Cow<'_, [u8]>> {
-        let data = self.q.data()?;
-        if data.len() != self.rows * row_bytes {
+    /// The matrix's bytes, checked to be `rows` rows of `row_bytes` each
+    /// (`new` checked it for the format; this guards a kernel's constants).
+    fn row_data(&self, row_bytes: usize) -> Result<&[u8]> {
+        if self.data.len() != self.rows * row_bytes {
             bail!(
                 "quantized data holds {} bytes, expected {}",
-                data.len(),
+                self.data.len(),
                 self.rows * row_bytes
             );
         }
-        Ok(data)
+        Ok(&self.data)
     }
 
     /// A format with a kernel in this crate (`q4k`, `q8_0`).
@@ -411,8 +490,8 @@ kernel!(Q6K, q6k, q8k);
 kernel!(Q4_0, q4_0, q8_pair);
 kernel!(Q8_0, q8_0, q8_pair);
 
-/// The bytes of a CPU QTensor as its blocks. candle stores them as a
-/// `Vec<T>`, so the alignment holds; it is checked all the same.
+/// Bytes as ggml blocks; `QuantMatrix::new` aligned them, and the check
+/// stays so a misuse is an error rather than undefined behaviour.
 fn as_blocks<T: GgmlType>(bytes: &[u8]) -> Result<&[T]> {
     let size = std::mem::size_of::<T>();
     if !bytes.len().is_multiple_of(size)
@@ -441,8 +520,8 @@ mod tests {
             GgmlDType::Q6K,
             GgmlDType::Q8_0,
         ] {
-            let q = Arc::new(QTensor::quantize(&w, dtype).unwrap());
-            let ours = QuantMatrix::new(q.clone()).unwrap();
+            let q = std::sync::Arc::new(QTensor::quantize(&w, dtype).unwrap());
+            let ours = QuantMatrix::from_qtensor(&q).unwrap().unwrap();
             let theirs = candle_core::quantized::QMatMul::from_arc(q).unwrap();
             for m in [1, 3, 70] {
                 let x = Tensor::randn(0f32, 1.0, (m, 512), &dev).unwrap();

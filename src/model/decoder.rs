@@ -24,6 +24,19 @@ pub enum Logits {
     All,
 }
 
+/// Which dimensions of a head rope rotates together, as the rows of
+/// `q_proj`/`k_proj` are laid out. The two differ by a permutation of each
+/// head's rows applied to queries and keys alike, so attention scores are
+/// the same; only rope must match the layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeLayout {
+    /// transformers' `rotate_half`: dimension `i` with `i + head_dim/2`.
+    Halves,
+    /// llama.cpp's GGUF layout (its converter permutes the rows so):
+    /// dimension `2i` with `2i + 1`, at the same frequency `i`.
+    AdjacentPairs,
+}
+
 /// Prompts are fed in chunks of this many positions so the attention scores
 /// (`heads × chunk × context` floats) stay bounded for long prompts.
 const PREFILL_CHUNK: usize = 512;
@@ -57,6 +70,7 @@ pub struct Model {
     tied: bool,
     cos: Tensor,
     sin: Tensor,
+    rope_layout: RopeLayout,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -117,10 +131,7 @@ impl Model {
         let lm_head = if !tied {
             weights.linear("lm_head.weight", &[vocab, h], weight_dtype, device, true)?
         } else {
-            match &embed {
-                Embedding::Dense(t) => Linear::dense(t.clone())?,
-                Embedding::Quantized(q) => Linear::quantized(q.clone())?,
-            }
+            embed.tied_head()?
         };
         let (cos, sin) = rope_tables(
             hd,
@@ -137,6 +148,7 @@ impl Model {
             tied,
             cos,
             sin,
+            rope_layout: weights.rope_layout(),
             heads,
             kv_heads,
             head_dim: hd,
@@ -250,8 +262,7 @@ impl Model {
     fn forward_chunk(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
         let seq = ids.len();
         let pos = cache.len();
-        let ids_t = Tensor::from_slice(ids, seq, &self.device)?;
-        let mut x = self.embed.forward(&ids_t, self.dtype)?;
+        let mut x = self.embed.forward(ids, self.dtype, &self.device)?;
         let cos = self.cos.narrow(0, pos, seq)?;
         let sin = self.sin.narrow(0, pos, seq)?;
         // Keys visible to the first query of the chunk; later ones see a subset via the mask.
@@ -341,8 +352,12 @@ impl Model {
         let q = to_heads(w.q.forward(x)?, heads)?;
         let k = to_heads(w.k.forward(x)?, kvh)?;
         let v = to_heads(w.v.forward(x)?, kvh)?.squeeze(0)?;
-        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?.squeeze(0)?;
+        let rope = match self.rope_layout {
+            RopeLayout::Halves => candle_nn::rotary_emb::rope,
+            RopeLayout::AdjacentPairs => candle_nn::rotary_emb::rope_i,
+        };
+        let q = rope(&q, cos, sin)?;
+        let k = rope(&k, cos, sin)?.squeeze(0)?;
         cache.write(layer, &k, &v)?;
         let (k_all, v_all) = cache.view(layer, kv_start, kv_end)?;
         let kv_len = kv_end - kv_start;

@@ -10,6 +10,7 @@
 use crate::kernels::bf16::Bf16Matrix;
 use crate::kernels::qmatmul::QuantMatrix;
 use anyhow::Result;
+use bytes::Bytes;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use std::sync::Arc;
@@ -46,15 +47,56 @@ impl Linear {
         Ok(Self::Dense(w))
     }
 
-    /// A bf16 matrix of `shape` from little-endian bytes (a GGUF's).
-    pub fn bf16_from_bytes(bytes: &[u8], shape: &[usize]) -> Result<Self> {
+    /// A bf16 matrix of `shape` in little-endian bytes, used in place
+    /// (a slice of a GGUF's or safetensors' memory map).
+    pub fn bf16_from_bytes(bytes: Bytes, shape: &[usize]) -> Result<Self> {
         Ok(Self::CpuBf16(Bf16Matrix::from_bytes(bytes, shape)?))
     }
 
+    /// A matrix quantized while loading (`--quantize`), or one of a format
+    /// without a kernel here: this crate's kernels on the CPU (a copy of
+    /// the blocks), candle's `QMatMul` elsewhere.
     pub fn quantized(q: Arc<QTensor>) -> Result<Self> {
-        match QuantMatrix::new(q.clone()) {
+        match QuantMatrix::from_qtensor(&q)? {
             Some(m) => Ok(Self::CpuQuantized(m)),
             None => Ok(Self::Quantized(QMatMul::from_arc(q)?)),
+        }
+    }
+
+    /// Stored ggml blocks `[rows, cols]` of `dtype` on `device`: on the CPU
+    /// used in place when a kernel here reads the format (zero-copy),
+    /// otherwise loaded into a candle `QTensor`.
+    pub fn quantized_bytes(
+        dtype: GgmlDType,
+        data: Bytes,
+        shape: &[usize],
+        device: &Device,
+    ) -> Result<Self> {
+        let [rows, cols] = *shape else {
+            anyhow::bail!("a matrix needs two dimensions, not {shape:?}");
+        };
+        if device.is_cpu()
+            && let Some(m) = QuantMatrix::new(dtype, data.clone(), rows, cols)?
+        {
+            return Ok(Self::CpuQuantized(m));
+        }
+        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            dtype,
+            &data,
+            shape.to_vec(),
+            device,
+        )?;
+        Ok(Self::Quantized(QMatMul::from_arc(Arc::new(q))?))
+    }
+
+    /// The bytes this crate's kernels read in place (bf16 or ggml blocks on
+    /// the CPU; a slice of the model file's memory map when loaded from
+    /// one), `None` for the tensors candle owns.
+    pub fn kernel_bytes(&self) -> Option<&[u8]> {
+        match self {
+            Self::CpuBf16(w) => Some(w.data()),
+            Self::CpuQuantized(q) => Some(q.data()),
+            Self::Dense(_) | Self::Quantized(_) => None,
         }
     }
 
@@ -65,7 +107,7 @@ impl Linear {
                 dense_bytes(t)
             }
             Self::Quantized(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
-            Self::CpuQuantized(q) => q.qtensor().storage_size_in_bytes(),
+            Self::CpuQuantized(q) => q.bytes(),
             Self::CpuBf16(w) => w.bytes(),
         }
     }
@@ -77,7 +119,7 @@ impl Linear {
                 format!("{:?}", t.dtype()).to_uppercase()
             }
             Self::Quantized(QMatMul::QTensor(q)) => format!("{:?}", q.dtype()),
-            Self::CpuQuantized(q) => format!("{:?}", q.qtensor().dtype()),
+            Self::CpuQuantized(q) => format!("{:?}", q.dtype()),
             Self::CpuBf16(_) => "BF16".to_string(),
         }
     }
@@ -92,22 +134,52 @@ pub(crate) fn dense_bytes(t: &Tensor) -> usize {
 /// never holds an f32 copy of its 32k × 4096 embeddings.
 pub enum Embedding {
     Dense(Tensor),
+    /// bf16 on the CPU, in place (usually the file's memory map).
+    CpuBf16(Bf16Matrix),
+    /// Blocks on the CPU, in place (usually the file's memory map).
+    CpuQuantized(QuantMatrix),
+    /// Blocks anywhere else, or of a format `QuantMatrix` does not read.
     Quantized(Arc<QTensor>),
 }
 
 impl Embedding {
     /// Rows `ids` as `[ids.len(), hidden]` in `dtype`.
-    pub fn forward(&self, ids: &Tensor, dtype: DType) -> Result<Tensor> {
+    pub fn forward(&self, ids: &[u32], dtype: DType, device: &Device) -> Result<Tensor> {
         Ok(match self {
-            Self::Dense(table) => table.index_select(ids, 0)?.to_dtype(dtype)?,
-            Self::Quantized(q) => q.embedding(ids)?.to_dtype(dtype)?,
+            Self::Dense(table) => {
+                let ids = Tensor::from_slice(ids, ids.len(), device)?;
+                table.index_select(&ids, 0)?.to_dtype(dtype)?
+            }
+            Self::CpuBf16(m) => {
+                Tensor::from_vec(m.rows(ids)?, (ids.len(), m.cols()), device)?.to_dtype(dtype)?
+            }
+            Self::CpuQuantized(q) => {
+                let rows = q.dequantize_rows(ids)?;
+                Tensor::from_vec(rows, (ids.len(), q.cols()), device)?.to_dtype(dtype)?
+            }
+            Self::Quantized(q) => {
+                let ids = Tensor::from_slice(ids, ids.len(), device)?;
+                q.embedding(&ids)?.to_dtype(dtype)?
+            }
         })
     }
 
     pub fn bytes(&self) -> usize {
         match self {
             Self::Dense(t) => dense_bytes(t),
+            Self::CpuBf16(m) => m.bytes(),
+            Self::CpuQuantized(q) => q.bytes(),
             Self::Quantized(q) => q.storage_size_in_bytes(),
+        }
+    }
+
+    /// The output matrix that shares this table's storage (a tied `lm_head`).
+    pub fn tied_head(&self) -> Result<Linear> {
+        match self {
+            Self::Dense(t) => Linear::dense(t.clone()),
+            Self::CpuBf16(m) => Ok(Linear::CpuBf16(m.clone())),
+            Self::CpuQuantized(q) => Ok(Linear::CpuQuantized(q.clone())),
+            Self::Quantized(q) => Linear::quantized(q.clone()),
         }
     }
 }
@@ -260,17 +332,30 @@ mod tests {
         assert_eq!(q(100), GgmlDType::F16);
     }
 
+    fn in_place_again(table: &Tensor) -> Embedding {
+        let q = quantize(table, GgmlDType::Q8_0, &Device::Cpu).unwrap();
+        Embedding::CpuQuantized(QuantMatrix::from_qtensor(&q).unwrap().unwrap())
+    }
+
     #[test]
     fn quantized_embedding_rows_match_the_dense_table() {
         let dev = Device::Cpu;
         let table = Tensor::randn(0f32, 1.0, (10, 64), &dev).unwrap();
-        let ids = Tensor::new(&[3u32, 7, 3], &dev).unwrap();
+        let ids = [3u32, 7, 3];
         let dense = Embedding::Dense(table.clone())
-            .forward(&ids, DType::F32)
+            .forward(&ids, DType::F32, &dev)
             .unwrap();
-        let q = Embedding::Quantized(quantize(&table, GgmlDType::Q8_0, &dev).unwrap());
-        let got = q.forward(&ids, DType::F32).unwrap();
-        let err = (got - dense).unwrap().abs().unwrap().max_all().unwrap();
-        assert!(err.to_scalar::<f32>().unwrap() < 0.05);
+        let q = quantize(&table, GgmlDType::Q8_0, &dev).unwrap();
+        let in_place = Embedding::CpuQuantized(QuantMatrix::from_qtensor(&q).unwrap().unwrap());
+        for table in [Embedding::Quantized(q), in_place] {
+            let got = table.forward(&ids, DType::F32, &dev).unwrap();
+            let err = (got - &dense).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(err.to_scalar::<f32>().unwrap() < 0.05);
+        }
+        let Embedding::CpuQuantized(q) = &in_place_again(&table) else {
+            unreachable!()
+        };
+        let err = q.dequantize_rows(&[10]).unwrap_err().to_string();
+        assert!(err.contains("token id 10"), "{err}");
     }
 }

@@ -2,29 +2,42 @@
 //! formats, and everything else a run needs in the metadata — the config,
 //! the SentencePiece vocabulary, the chat template.
 //!
-//! candle's `gguf_file` parses the container; this module maps it to the
-//! Hugging Face names and layout the decoder uses. The one subtlety:
-//! llama.cpp's converter permutes the rows of `q_proj` and `k_proj` so its
-//! rope can rotate adjacent pairs; the decoder rotates halves, as
-//! transformers does, so those rows are put back on load (and permuted again
-//! when writing). Rows are whole blocks in every ggml format, so this is a
-//! byte shuffle that works on quantized data unchanged.
+//! `gguf_header` parses the container; this module maps it to the Hugging
+//! Face names the decoder uses, and hands out each tensor's bytes as a
+//! slice of the file's memory map (nothing is read or copied at start: the
+//! weights are the page cache's pages). The one subtlety: llama.cpp's
+//! converter permutes the rows of `q_proj` and `k_proj` so its rope can
+//! rotate adjacent pairs. The model runs them as stored, with rope on
+//! adjacent pairs (`RopeLayout::AdjacentPairs`); only a conversion to
+//! another format (`starling quantize`) puts them back in the Hugging Face
+//! order (`Rows::HuggingFace`), and writing permutes them again. Rows are
+//! whole blocks in every ggml format, so this is a byte shuffle that works
+//! on quantized data unchanged.
 
 use crate::model::Config;
 use crate::tokenizer::sentencepiece::{Piece, PieceKind, SpmVocab};
 use anyhow::{Context, Result, bail};
+use bytes::Bytes;
 use candle_core::Device;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 pub struct Gguf {
     path: PathBuf,
     content: Content,
-    file: Mutex<std::fs::File>,
+    /// The whole file, memory-mapped read-only.
+    map: Bytes,
     config: Config,
+}
+
+/// The row order a `q_proj`/`k_proj` tensor is wanted in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rows {
+    /// As the file stores them (llama.cpp's: rope pairs adjacent).
+    AsStored,
+    /// The Hugging Face order (rope pairs a head's two halves).
+    HuggingFace,
 }
 
 /// The GGUF name of a Hugging Face Llama/Mistral tensor name.
@@ -255,12 +268,23 @@ impl Gguf {
             path,
         }
         .config()?;
+        // SAFETY: mapped read-only; like every mmap-based loader (llama.cpp,
+        // candle, safetensors) this assumes nobody truncates or rewrites the
+        // file while the model runs.
+        let map = unsafe { memmap2::Mmap::map(&file) }
+            .with_context(|| format!("mapping {} into memory", path.display()))?;
         Ok(Self {
             path: path.to_path_buf(),
             content,
-            file: Mutex::new(file),
+            map: Bytes::from_owner(map),
             config,
         })
+    }
+
+    /// The whole file as mapped.
+    #[cfg(test)]
+    pub(crate) fn mapped(&self) -> &Bytes {
+        &self.map
     }
 
     /// The model's dimensions, in `config.json` terms.
@@ -343,9 +367,10 @@ impl Gguf {
         self.stored_type(hf).is_some()
     }
 
-    /// Tensor `hf` (a Hugging Face name) in its stored format, checked
-    /// against `shape`, with llama.cpp's q/k row permutation undone.
-    pub fn tensor(&self, hf: &str, shape: &[usize], device: &Device) -> Result<QTensor> {
+    /// The stored bytes of tensor `hf` (a Hugging Face name) and their
+    /// format, checked against `shape`: a slice of the memory map, no copy,
+    /// rows as stored (`Rows::AsStored`).
+    pub fn tensor_data(&self, hf: &str, shape: &[usize]) -> Result<(GgmlDType, Bytes)> {
         let name = gguf_name(hf).with_context(|| format!("no GGUF name for tensor {hf}"))?;
         let info =
             self.content.tensor_infos.get(&name).with_context(|| {
@@ -360,28 +385,41 @@ impl Gguf {
         }
         let dtype = info.ggml_dtype;
         // The header reader checked that the rows are whole blocks and that
-        // the bytes lie inside the file.
+        // the bytes lie inside the file; the map is checked again in case the
+        // file shrank since.
         let bytes = info.shape.elem_count() / dtype.block_size() * dtype.type_size();
-        let mut raw = vec![0u8; bytes];
-        {
-            let mut file = self.file.lock().expect("GGUF reader poisoned");
-            file.seek(SeekFrom::Start(
-                self.content.tensor_data_offset + info.offset,
-            ))
-            .and_then(|_| file.read_exact(&mut raw))
-            .with_context(|| {
-                format!(
-                    "reading tensor {name} from {} (truncated file?)",
-                    self.path.display()
-                )
-            })?;
+        let start = usize::try_from(self.content.tensor_data_offset + info.offset)
+            .context("tensor offset overflows")?;
+        let end = start.checked_add(bytes).context("tensor size overflows")?;
+        if end > self.map.len() {
+            bail!(
+                "tensor {name} lies past the end of {} (truncated file?)",
+                self.path.display()
+            );
         }
-        if let Some(heads) = permuted_heads(hf, &self.config) {
-            raw = permute_rows(&raw, bytes / shape[0], heads, false);
-        }
-        candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &raw, shape.to_vec(), device)
+        Ok((dtype, self.map.slice(start..end)))
+    }
+
+    /// Tensor `hf` (a Hugging Face name) in its stored format, as a candle
+    /// `QTensor` on `device` (a copy), checked against `shape`, its q/k rows
+    /// in the order `rows` asks for.
+    pub fn tensor(
+        &self,
+        hf: &str,
+        shape: &[usize],
+        device: &Device,
+        rows: Rows,
+    ) -> Result<QTensor> {
+        let (dtype, data) = self.tensor_data(hf, shape)?;
+        let data = match permuted_heads(hf, &self.config) {
+            Some(heads) if rows == Rows::HuggingFace => {
+                Bytes::from(permute_rows(&data, data.len() / shape[0], heads, false))
+            }
+            _ => data,
+        };
+        candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &data, shape.to_vec(), device)
             .map_err(without_backtrace)
-            .with_context(|| format!("loading tensor {name}"))
+            .with_context(|| format!("loading tensor {hf} from {}", self.path.display()))
     }
 }
 

@@ -1,21 +1,29 @@
 //! Checkpoints, handed to the model one named tensor at a time with its
-//! shape checked: safetensors (single or sharded, memory-mapped) or PyTorch
-//! `.bin` pickles (single or sharded), read lazily so that each tensor is
-//! converted to the run's dtype on its own: a 27 GB f32 checkpoint becomes
-//! bf16 without ever being whole in memory.
+//! shape checked: GGUF and safetensors (single or sharded, memory-mapped)
+//! or PyTorch `.bin` pickles (single or sharded), read lazily so that each
+//! tensor is converted to the run's dtype on its own: a 27 GB f32
+//! checkpoint becomes bf16 without ever being whole in memory.
+//!
+//! Matrices the kernels read as stored (ggml blocks, bf16) are handed over
+//! as slices of the memory map (`bytes::Bytes`): a cached 7B model starts
+//! without reading or copying its weights. Everything else (f32/f16
+//! matrices, norms, a `--quantize` or `--dtype` conversion) is a copy.
 //!
 //! candle's VarBuilder would do the lookup, but its errors name neither the
-//! file nor both shapes in a sentence a user can act on; this thin layer over
-//! candle's `MmapedSafetensors` and starling's own pickle reader does.
+//! file nor both shapes in a sentence a user can act on, and its storage
+//! owns a `Vec` (a copy of every mapped tensor); this thin layer over the
+//! `safetensors` crate, the GGUF reader and the pickle reader does neither.
 
 pub mod gguf;
 pub mod gguf_header;
 pub mod pickle;
 
+use crate::model::RopeLayout;
 use crate::model::linear::{self, Embedding, Linear};
 use anyhow::{Context, Result, bail};
+use bytes::Bytes;
 use candle_core::quantized::GgmlDType;
-use candle_core::safetensors::{Load, MmapedSafetensors};
+use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 use std::collections::{BTreeSet, HashMap};
@@ -26,13 +34,62 @@ enum Store {
     Synthetic {
         names: HashMap<String, (usize, Vec<usize>)>,
     },
-    Safetensors(MmapedSafetensors),
+    /// Every tensor of every shard, as a slice of its file's memory map.
+    Safetensors(HashMap<String, SafeTensor>),
     /// One lazy reader per shard, and which shard holds each tensor.
     Pickle {
         shards: Vec<pickle::PthFile>,
         routing: HashMap<String, usize>,
     },
     Gguf(Box<gguf::Gguf>),
+}
+
+/// One tensor of a safetensors file: its header entry and its bytes in the map.
+struct SafeTensor {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    data: Bytes,
+}
+
+impl SafeTensor {
+    /// A copy on `device`, in the stored dtype (candle's conversions).
+    fn load(&self, device: &Device) -> Result<Tensor> {
+        let view =
+            safetensors::tensor::TensorView::new(self.dtype, self.shape.clone(), &self.data)?;
+        Ok(view.load(device)?)
+    }
+}
+
+/// Maps `files` and indexes their tensors; the `safetensors` crate checks
+/// each header (offsets inside the file, sizes matching shapes and dtypes).
+fn open_safetensors(files: &[PathBuf]) -> Result<HashMap<String, SafeTensor>> {
+    let mut all = HashMap::new();
+    for path in files {
+        let invalid = |e: &dyn std::fmt::Display| {
+            anyhow::anyhow!(
+                "{}: not a valid safetensors file (truncated or corrupt?): {e}",
+                path.display()
+            )
+        };
+        let file =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        // SAFETY: mapped read-only; like every mmap-based loader (candle,
+        // safetensors, llama.cpp) this assumes nobody truncates or rewrites
+        // the file while the model runs.
+        let map = unsafe { memmap2::Mmap::map(&file) }
+            .with_context(|| format!("mapping {} into memory", path.display()))?;
+        let map = Bytes::from_owner(map);
+        let parsed = safetensors::SafeTensors::deserialize(&map).map_err(|e| invalid(&e))?;
+        for (name, view) in parsed.tensors() {
+            let entry = SafeTensor {
+                dtype: view.dtype(),
+                shape: view.shape().to_vec(),
+                data: map.slice_ref(view.data()),
+            };
+            all.insert(name, entry);
+        }
+    }
+    Ok(all)
 }
 
 /// The tensor whose stored type stands for a GGUF file's matrices.
@@ -96,16 +153,7 @@ impl Weights {
             }
             Store::Pickle { shards, routing }
         } else {
-            // SAFETY: the files are mapped read-only; like every mmap-based loader
-            // (candle, safetensors, llama.cpp) we assume nobody truncates them while
-            // the model runs.
-            let tensors = unsafe { MmapedSafetensors::multi(files) }.map_err(|e| {
-                anyhow::anyhow!(
-                    "{}: not a valid safetensors file (truncated or corrupt?): {e}",
-                    describe(files)
-                )
-            })?;
-            Store::Safetensors(tensors)
+            Store::Safetensors(open_safetensors(files)?)
         };
         Ok(Self {
             store,
@@ -137,9 +185,21 @@ impl Weights {
                 .is_some_and(linear::is_block_format)
     }
 
+    /// How the rows of the `q_proj`/`k_proj` matrices that `linear` hands
+    /// out pair the dimensions rope rotates: a GGUF's as llama.cpp stores
+    /// them, everything else as transformers does.
+    pub fn rope_layout(&self) -> RopeLayout {
+        match self.store {
+            Store::Gguf(_) => RopeLayout::AdjacentPairs,
+            _ => RopeLayout::Halves,
+        }
+    }
+
     /// Matrix `name` `[out, in]`: dense in `dtype`, or quantized when the
     /// file stores it so or `--quantize` asks; `output` marks `lm_head`,
-    /// which k-quant mixes keep at Q6_K or better.
+    /// which k-quant mixes keep at Q6_K or better. Rows in the order of
+    /// `rope_layout`. Stored blocks and bf16 on the CPU stay in the memory
+    /// map (zero-copy).
     pub fn linear(
         &self,
         name: &str,
@@ -152,30 +212,52 @@ impl Weights {
             .quantize
             .map(|q| if output { linear::output_quant(q) } else { q });
         if let (Store::Gguf(g), None) = (&self.store, target) {
-            let q = g.tensor(name, shape, device)?;
-            return match q.dtype() {
-                // Straight from the file's bytes: no f32 copy of a 7B model's matrices.
+            let (stored, data) = g.tensor_data(name, shape)?;
+            return match stored {
                 GgmlDType::BF16 if dtype == DType::BF16 && device.is_cpu() => {
-                    Linear::bf16_from_bytes(&q.data()?, shape)
+                    Linear::bf16_from_bytes(data, shape)
                 }
                 GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
-                    Linear::dense(q.dequantize(device)?.to_dtype(dtype)?)
+                    Linear::dense(self.matrix(name, shape, dtype, device)?)
                 }
-                _ => Linear::quantized(std::sync::Arc::new(q)),
+                _ => Linear::quantized_bytes(stored, data, shape, device)
+                    .with_context(|| format!("loading tensor {name}")),
             };
+        }
+        if let (Store::Safetensors(st), None) = (&self.store, target)
+            && let Some(t) = st.get(name)
+            && t.dtype == safetensors::Dtype::BF16
+            && t.shape == shape
+            && dtype == DType::BF16
+            && device.is_cpu()
+        {
+            return Linear::bf16_from_bytes(t.data.clone(), shape);
         }
         match target {
             Some(q) if linear::is_block_format(q) => {
-                let dense = self.tensor(name, shape, DType::F32, &Device::Cpu)?;
+                let dense = self.matrix(name, shape, DType::F32, &Device::Cpu)?;
                 let quantized = linear::quantize(&dense, q, device)
                     .with_context(|| format!("quantizing {name}"))?;
                 Linear::quantized(quantized)
             }
-            _ => Linear::dense(self.tensor(name, shape, dtype, device)?),
+            _ => Linear::dense(self.matrix(name, shape, dtype, device)?),
         }
     }
 
-    /// The embedding table: quantized rows stay quantized (see `Embedding`).
+    /// A matrix as a dense tensor, rows in the order of `rope_layout`.
+    fn matrix(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        match &self.store {
+            Store::Gguf(g) => Ok(g
+                .tensor(name, shape, &Device::Cpu, gguf::Rows::AsStored)?
+                .dequantize(&Device::Cpu)?
+                .to_dtype(dtype)?
+                .to_device(device)?),
+            _ => self.tensor(name, shape, dtype, device),
+        }
+    }
+
+    /// The embedding table: quantized rows stay quantized (see `Embedding`),
+    /// and bf16 on the CPU stays bf16; both in the memory map.
     pub fn embedding(
         &self,
         name: &str,
@@ -183,27 +265,18 @@ impl Weights {
         dtype: DType,
         device: &Device,
     ) -> Result<Embedding> {
-        // A bf16 run on the CPU only indexes the table: keep it a bf16
-        // tensor rather than building the matrix kernel's copy of it.
-        let stored_blocks = self
-            .gguf()
-            .and_then(|g| g.stored_type(name))
-            .is_some_and(linear::is_block_format);
-        if dtype == DType::BF16 && device.is_cpu() && self.quantize.is_none() && !stored_blocks {
-            return Ok(Embedding::Dense(self.tensor(name, shape, dtype, device)?));
-        }
-        match self.linear(name, shape, dtype, device, false)? {
-            Linear::Dense(t) => Ok(Embedding::Dense(t)),
-            Linear::CpuBf16(_) => unreachable!("bf16 tables on the CPU return above"),
-            Linear::CpuQuantized(q) => Ok(Embedding::Quantized(q.qtensor().clone())),
+        Ok(match self.linear(name, shape, dtype, device, false)? {
+            Linear::Dense(t) => Embedding::Dense(t),
+            Linear::CpuBf16(m) => Embedding::CpuBf16(m),
+            Linear::CpuQuantized(q) => Embedding::CpuQuantized(q),
             Linear::Quantized(q) => match q {
-                candle_core::quantized::QMatMul::QTensor(q) => Ok(Embedding::Quantized(q)),
+                candle_core::quantized::QMatMul::QTensor(q) => Embedding::Quantized(q),
                 candle_core::quantized::QMatMul::Tensor(t)
                 | candle_core::quantized::QMatMul::TensorF16(t) => {
-                    Ok(Embedding::Dense(t.to_dtype(dtype)?))
+                    Embedding::Dense(t.to_dtype(dtype)?)
                 }
             },
-        }
+        })
     }
 
     /// Weights for `config` computed on demand from the deterministic-weights
@@ -225,7 +298,7 @@ impl Weights {
     pub fn contains(&self, name: &str) -> bool {
         match &self.store {
             Store::Synthetic { names } => names.contains_key(name),
-            Store::Safetensors(st) => st.get(name).is_ok(),
+            Store::Safetensors(st) => st.contains_key(name),
             Store::Pickle { routing, .. } => routing.contains_key(name),
             Store::Gguf(g) => g.contains(name),
         }
@@ -244,8 +317,8 @@ impl Weights {
                 };
             }
             Store::Safetensors(st) => {
-                for (_, view) in st.tensors() {
-                    if let Ok(dtype) = DType::try_from(view.dtype()) {
+                for t in st.values() {
+                    if let Ok(dtype) = DType::try_from(t.dtype) {
                         *counts.entry(dtype).or_insert(0usize) += 1;
                     }
                 }
@@ -259,7 +332,8 @@ impl Weights {
         counts.into_iter().max_by_key(|(_, n)| *n).map(|(d, _)| d)
     }
 
-    /// Tensor `name`, checked against `shape`, converted to `dtype` on `device`.
+    /// Tensor `name`, checked against `shape`, converted to `dtype` on
+    /// `device`, in the Hugging Face layout (a copy).
     pub fn tensor(
         &self,
         name: &str,
@@ -284,11 +358,11 @@ impl Weights {
                     .to_device(device)?);
             }
             Store::Safetensors(st) => {
-                let view = st.get(name).map_err(|_| missing())?;
-                if view.shape() != shape {
-                    return Err(wrong(view.shape()));
+                let t = st.get(name).ok_or_else(missing)?;
+                if t.shape != shape {
+                    return Err(wrong(&t.shape));
                 }
-                view.load(device)
+                t.load(device)
                     .with_context(|| format!("loading tensor {name}"))?
             }
             Store::Pickle { shards, routing } => {
@@ -304,7 +378,7 @@ impl Weights {
                 return Ok(cpu.to_dtype(dtype)?.to_device(device)?);
             }
             Store::Gguf(g) => g
-                .tensor(name, shape, &Device::Cpu)?
+                .tensor(name, shape, &Device::Cpu, gguf::Rows::HuggingFace)?
                 .dequantize(&Device::Cpu)?
                 .to_dtype(dtype)?
                 .to_device(device)?,
@@ -333,5 +407,116 @@ fn describe(files: &[PathBuf]) -> String {
             many.len(),
             many[0].parent().unwrap_or(Path::new(".")).display()
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::QTensor;
+    use candle_core::quantized::gguf_file::{self, Value};
+
+    /// Whether `inner` lies inside the file at `path` as mapped by `weights`
+    /// (so the kernels read the page cache's pages, not a copy).
+    fn in_file(inner: &[u8], path: &Path, weights: &Weights) -> bool {
+        let size = std::fs::metadata(path).unwrap().len() as usize;
+        let start = match &weights.store {
+            Store::Gguf(g) => g.mapped().as_ptr() as usize,
+            Store::Safetensors(st) => {
+                // Every tensor of a one-file store shares one map: the lowest
+                // address is at most the start of its data.
+                st.values().map(|t| t.data.as_ptr() as usize).min().unwrap()
+                    - (size - st.values().map(|t| t.data.len()).sum::<usize>())
+            }
+            _ => unreachable!(),
+        };
+        let p = inner.as_ptr() as usize;
+        p >= start && p + inner.len() <= start + size
+    }
+
+    #[test]
+    fn stored_blocks_and_bf16_are_read_in_place_from_the_memory_map() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (64, 64), &dev).unwrap();
+        let q8 = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let bf16 = QTensor::quantize(&w, GgmlDType::BF16).unwrap();
+        let meta = [
+            ("general.architecture", Value::String("llama".into())),
+            ("llama.vocab_size", Value::U32(64)),
+            ("llama.embedding_length", Value::U32(64)),
+            ("llama.feed_forward_length", Value::U32(64)),
+            ("llama.block_count", Value::U32(1)),
+            ("llama.attention.head_count", Value::U32(4)),
+        ];
+        let meta: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+        let gguf = dir.path().join("m.gguf");
+        gguf_file::write(
+            &mut std::fs::File::create(&gguf).unwrap(),
+            &meta,
+            &[
+                ("blk.0.attn_q.weight", &q8),
+                ("blk.0.ffn_up.weight", &bf16),
+                ("token_embd.weight", &q8),
+            ],
+        )
+        .unwrap();
+        let weights = Weights::open(std::slice::from_ref(&gguf)).unwrap();
+        assert_eq!(weights.rope_layout(), RopeLayout::AdjacentPairs);
+        let shape = [64, 64];
+        for (name, dtype) in [
+            ("model.layers.0.self_attn.q_proj.weight", DType::F32),
+            ("model.layers.0.mlp.up_proj.weight", DType::BF16),
+        ] {
+            let m = weights.linear(name, &shape, dtype, &dev, false).unwrap();
+            let bytes = m.kernel_bytes().expect("read by this crate's kernels");
+            assert!(in_file(bytes, &gguf, &weights), "{name} was copied");
+        }
+        let table = weights
+            .embedding("model.embed_tokens.weight", &shape, DType::F32, &dev)
+            .unwrap();
+        assert!(matches!(table, Embedding::CpuQuantized(_)));
+        // Asking for another format is a conversion: a copy.
+        let f32 = weights
+            .linear(
+                "model.layers.0.mlp.up_proj.weight",
+                &shape,
+                DType::F32,
+                &dev,
+                false,
+            )
+            .unwrap();
+        assert!(f32.kernel_bytes().is_none());
+
+        let st = dir.path().join("m.safetensors");
+        let data = bf16.data().unwrap().into_owned();
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, vec![64, 64], &data)
+                .unwrap();
+        safetensors::serialize_to_file([("w", view)], None, &st).unwrap();
+        let weights = Weights::open(std::slice::from_ref(&st)).unwrap();
+        assert_eq!(weights.rope_layout(), RopeLayout::Halves);
+        let m = weights
+            .linear("w", &shape, DType::BF16, &dev, false)
+            .unwrap();
+        assert!(in_file(m.kernel_bytes().unwrap(), &st, &weights), "copied");
+        // The same numbers as the copying path.
+        let x = Tensor::randn(0f32, 1.0, (3, 64), &dev).unwrap();
+        let copied =
+            Linear::dense(weights.tensor("w", &shape, DType::BF16, &dev).unwrap()).unwrap();
+        assert!(
+            copied
+                .kernel_bytes()
+                .is_some_and(|b| !in_file(b, &st, &weights))
+        );
+        let diff = (m.forward(&x).unwrap() - copied.forward(&x).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0);
     }
 }
