@@ -108,6 +108,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         candle_core::utils::get_num_threads(),
         args.repetitions
     );
+    if device.is_cpu() {
+        println!("cpu {}", cpu_description());
+    }
     // Generation reads every matrix once per token: bandwidth / bytes is
     // its ceiling. The KV cache adds its own reads (reported beside it).
     let kv_per_position = 2
@@ -155,6 +158,32 @@ fn read_bandwidth_gbps() -> f64 {
         .collect();
     rates.sort_by(f64::total_cmp);
     rates[2]
+}
+
+/// The CPU's model name and the vector features the kernels choose by
+/// (speeds differ between machines: every race names its CPU).
+fn cpu_description() -> String {
+    let name = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    #[cfg(target_arch = "x86_64")]
+    let features: Vec<&str> = [
+        ("avx512f", std::is_x86_feature_detected!("avx512f")),
+        ("avx512_vnni", std::is_x86_feature_detected!("avx512vnni")),
+        ("avx512_bf16", std::is_x86_feature_detected!("avx512bf16")),
+    ]
+    .into_iter()
+    .filter_map(|(name, on)| on.then_some(name))
+    .collect();
+    #[cfg(not(target_arch = "x86_64"))]
+    let features: Vec<&str> = Vec::new();
+    format!("{name} · {}", features.join(" "))
 }
 
 /// The process's peak resident memory (Linux: VmHWM), if the OS says.
