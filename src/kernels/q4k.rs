@@ -152,7 +152,7 @@ pub fn dot(row: &[u8], x: &[Q8K]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if have_vnni() {
         // SAFETY: the CPU features were detected above.
-        return unsafe { dot_vnni::<1, false>(row, [x]) }[0];
+        return unsafe { dot_vnni::<1, 1, false>([row], [x]) }[0][0];
     }
     dot_scalar(row, x)
 }
@@ -164,25 +164,39 @@ pub fn dot4(row: &[u8], xs: [&[Q8K]; 4]) -> [f32; 4] {
     #[cfg(target_arch = "x86_64")]
     if have_vnni() {
         // SAFETY: the CPU features were detected above.
-        return unsafe { dot_vnni::<4, false>(row, xs) };
+        return unsafe { dot_vnni::<1, 4, false>([row], xs) }[0];
     }
     xs.map(|x| dot_scalar(row, x))
 }
 
+/// Dot products of two rows with one token's activations (generation):
+/// the two rows' blocks are unpacked side by side, sharing the activation
+/// loads and giving the core two independent chains to overlap.
+pub fn dot2(rows: [&[u8]; 2], x: &[Q8K]) -> [f32; 2] {
+    #[cfg(target_arch = "x86_64")]
+    if have_vnni() {
+        // SAFETY: the CPU features were detected above.
+        let [[a], [b]] = unsafe { dot_vnni::<2, 1, false>(rows, [x]) };
+        return [a, b];
+    }
+    rows.map(|row| dot_scalar(row, x))
+}
+
 /// The VNNI kernel for Q4_K, and with `Q5` for Q5_K: the same block with a
 /// fifth bit per value (`qh: [u8; 32]` after the scales, the 4-bit `qs`
-/// moved 32 bytes on; see `q5k`).
+/// moved 32 bytes on; see `q5k`). `R` rows (of equal length) times `N`
+/// tokens' activations: `out[r][t]`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-// `blk` indexes the weight row and each of the N activation rows alike.
+// `blk`, `r` and `t` index the weight rows and the activation rows alike.
 #[allow(clippy::needless_range_loop)]
-pub(super) unsafe fn dot_vnni<const N: usize, const Q5: bool>(
-    row: &[u8],
+pub(super) unsafe fn dot_vnni<const R: usize, const N: usize, const Q5: bool>(
+    rows: [&[u8]; R],
     xs: [&[Q8K]; N],
-) -> [f32; N] {
-    // SAFETY: every pointer read stays inside `row` (`blocks` whole blocks)
-    // or inside a `Q8K` (checked long enough); the caller guarantees the CPU
-    // features.
+) -> [[f32; N]; R] {
+    // SAFETY: every pointer read stays inside a row (`blocks` whole blocks,
+    // every row as long as the first) or inside a `Q8K` (checked long
+    // enough); the caller guarantees the CPU features.
     unsafe {
         use std::arch::x86_64::*;
         let (block_bytes, qs_at) = if Q5 {
@@ -190,7 +204,10 @@ pub(super) unsafe fn dot_vnni<const N: usize, const Q5: bool>(
         } else {
             (BLOCK_BYTES, 16)
         };
-        let blocks = row.len() / block_bytes;
+        let blocks = rows[0].len() / block_bytes;
+        for row in &rows {
+            assert_eq!(row.len(), rows[0].len(), "rows of different lengths");
+        }
         for x in &xs {
             assert!(x.len() >= blocks, "activations shorter than the row");
         }
@@ -205,98 +222,105 @@ pub(super) unsafe fn dot_vnni<const N: usize, const Q5: bool>(
         const KMASK1: u32 = 0x3f3f3f3f;
         const KMASK2: u32 = 0x0f0f0f0f;
         const KMASK3: u32 = 0x03030303;
-        let mut facc = [_mm512_setzero_ps(); N];
-        let mut macc = [_mm256_setzero_ps(); N];
+        let mut facc = [[_mm512_setzero_ps(); N]; R];
+        let mut macc = [[_mm256_setzero_ps(); N]; R];
         for blk in 0..blocks {
-            let b = row.as_ptr().add(blk * block_bytes);
-            // Two blocks ahead: the hardware prefetcher alone leaves the
-            // threads waiting on memory between blocks.
-            _mm_prefetch::<_MM_HINT_T0>(b.add(2 * block_bytes).cast());
-            _mm_prefetch::<_MM_HINT_T0>(b.add(2 * block_bytes + 64).cast());
-            _mm_prefetch::<_MM_HINT_T0>(b.add(2 * block_bytes + 128).cast());
-            if Q5 {
-                _mm_prefetch::<_MM_HINT_T0>(b.add(2 * block_bytes + 175).cast());
-            }
-            // d and dmin, two halves, converted together.
-            let dd = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(b.cast::<i32>())));
-            let d = _mm_cvtss_f32(dd);
-            let dmin = _mm_cvtss_f32(_mm_shuffle_ps::<1>(dd, dd));
-            // ggml's unpacking of the 12 scale bytes: u0,u1 = scales, u2,u3 = mins.
-            let s = b.add(4).cast::<u32>();
-            let (s0, s1, s2) = (
-                std::ptr::read_unaligned(s),
-                std::ptr::read_unaligned(s.add(1)),
-                std::ptr::read_unaligned(s.add(2)),
-            );
-            let u3 = ((s2 >> 4) & KMASK2) | (((s1 >> 6) & KMASK3) << 4);
-            let u2 = s1 & KMASK1;
-            let u1 = (s2 & KMASK2) | (((s0 >> 6) & KMASK3) << 4);
-            let u0 = s0 & KMASK1;
-            // The sub-block scales times d, as floats: scaling the integer
-            // dot products in f32 (convert + fma) keeps port 0 freer than
-            // an integer multiply (two port-0 uops on AVX-512 cores) would.
-            let sc32 = _mm512_cvtepu8_epi32(_mm_set_epi32(0, 0, u1 as i32, u0 as i32));
-            let scf = _mm512_mul_ps(_mm512_cvtepi32_ps(sc32), _mm512_set1_ps(d));
-            let m8 = _mm_set_epi32(0, 0, u3 as i32, u2 as i32);
-            let m16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8));
-            let (s_al, s_ah, s_bl, s_bh) = (
-                _mm512_permutexvar_ps(i_al, scf),
-                _mm512_permutexvar_ps(i_ah, scf),
-                _mm512_permutexvar_ps(i_bl, scf),
-                _mm512_permutexvar_ps(i_bh, scf),
-            );
-            let qa = _mm512_loadu_si512(b.add(qs_at).cast());
-            let qb = _mm512_loadu_si512(b.add(qs_at + 64).cast());
-            let mut w_al = _mm512_and_si512(qa, nib);
-            let mut w_ah = _mm512_and_si512(_mm512_srli_epi16::<4>(qa), nib);
-            let mut w_bl = _mm512_and_si512(qb, nib);
-            let mut w_bh = _mm512_and_si512(_mm512_srli_epi16::<4>(qb), nib);
-            if Q5 {
-                // Bit k of qh[l] is the fifth bit of value 32k + l: worth 16.
-                let qh = _mm256_loadu_si256(b.add(16).cast());
-                macro_rules! fifth {
-                    ($k:literal) => {
-                        _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<$k>(qh), one))
-                    };
+            for r in 0..R {
+                let b = rows[r].as_ptr().add(blk * block_bytes);
+                // Two blocks ahead: the hardware prefetcher alone leaves the
+                // threads waiting on memory between blocks.
+                _mm_prefetch::<_MM_HINT_T0>(b.add(2 * block_bytes).cast());
+                _mm_prefetch::<_MM_HINT_T0>(b.add(2 * block_bytes + 64).cast());
+                _mm_prefetch::<_MM_HINT_T0>(b.add(2 * block_bytes + 128).cast());
+                if Q5 {
+                    _mm_prefetch::<_MM_HINT_T0>(b.add(2 * block_bytes + 175).cast());
                 }
-                macro_rules! pair {
-                    ($lo:expr, $hi:expr) => {
-                        _mm512_inserti64x4::<1>(_mm512_castsi256_si512($lo), $hi)
-                    };
+                // d and dmin, two halves, converted together.
+                let dd = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(b.cast::<i32>())));
+                let d = _mm_cvtss_f32(dd);
+                let dmin = _mm_cvtss_f32(_mm_shuffle_ps::<1>(dd, dd));
+                // ggml's unpacking of the 12 scale bytes: u0,u1 = scales, u2,u3 = mins.
+                let s = b.add(4).cast::<u32>();
+                let (s0, s1, s2) = (
+                    std::ptr::read_unaligned(s),
+                    std::ptr::read_unaligned(s.add(1)),
+                    std::ptr::read_unaligned(s.add(2)),
+                );
+                let u3 = ((s2 >> 4) & KMASK2) | (((s1 >> 6) & KMASK3) << 4);
+                let u2 = s1 & KMASK1;
+                let u1 = (s2 & KMASK2) | (((s0 >> 6) & KMASK3) << 4);
+                let u0 = s0 & KMASK1;
+                // The sub-block scales times d, as floats: scaling the integer
+                // dot products in f32 (convert + fma) keeps port 0 freer than
+                // an integer multiply (two port-0 uops on AVX-512 cores) would.
+                let sc32 = _mm512_cvtepu8_epi32(_mm_set_epi32(0, 0, u1 as i32, u0 as i32));
+                let scf = _mm512_mul_ps(_mm512_cvtepi32_ps(sc32), _mm512_set1_ps(d));
+                let m8 = _mm_set_epi32(0, 0, u3 as i32, u2 as i32);
+                let m16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8));
+                let (s_al, s_ah, s_bl, s_bh) = (
+                    _mm512_permutexvar_ps(i_al, scf),
+                    _mm512_permutexvar_ps(i_ah, scf),
+                    _mm512_permutexvar_ps(i_bl, scf),
+                    _mm512_permutexvar_ps(i_bh, scf),
+                );
+                let qa = _mm512_loadu_si512(b.add(qs_at).cast());
+                let qb = _mm512_loadu_si512(b.add(qs_at + 64).cast());
+                let mut w_al = _mm512_and_si512(qa, nib);
+                let mut w_ah = _mm512_and_si512(_mm512_srli_epi16::<4>(qa), nib);
+                let mut w_bl = _mm512_and_si512(qb, nib);
+                let mut w_bh = _mm512_and_si512(_mm512_srli_epi16::<4>(qb), nib);
+                if Q5 {
+                    // Bit k of qh[l] is the fifth bit of value 32k + l: worth 16.
+                    let qh = _mm256_loadu_si256(b.add(16).cast());
+                    macro_rules! fifth {
+                        ($k:literal) => {
+                            _mm256_slli_epi16::<4>(_mm256_and_si256(
+                                _mm256_srli_epi16::<$k>(qh),
+                                one,
+                            ))
+                        };
+                    }
+                    macro_rules! pair {
+                        ($lo:expr, $hi:expr) => {
+                            _mm512_inserti64x4::<1>(_mm512_castsi256_si512($lo), $hi)
+                        };
+                    }
+                    w_al = _mm512_or_si512(w_al, pair!(fifth!(0), fifth!(2)));
+                    w_ah = _mm512_or_si512(w_ah, pair!(fifth!(1), fifth!(3)));
+                    w_bl = _mm512_or_si512(w_bl, pair!(fifth!(4), fifth!(6)));
+                    w_bh = _mm512_or_si512(w_bh, pair!(fifth!(5), fifth!(7)));
                 }
-                w_al = _mm512_or_si512(w_al, pair!(fifth!(0), fifth!(2)));
-                w_ah = _mm512_or_si512(w_ah, pair!(fifth!(1), fifth!(3)));
-                w_bl = _mm512_or_si512(w_bl, pair!(fifth!(4), fifth!(6)));
-                w_bh = _mm512_or_si512(w_bh, pair!(fifth!(5), fifth!(7)));
-            }
-            for t in 0..N {
-                let xb = &xs[t][blk];
-                let xq = xb.qs.as_ptr();
-                macro_rules! dp {
-                    ($w:expr, $at:expr) => {
-                        _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(
-                            zero,
-                            $w,
-                            _mm512_load_si512(xq.add($at).cast()),
-                        ))
-                    };
+                for t in 0..N {
+                    let xb = &xs[t][blk];
+                    let xq = xb.qs.as_ptr();
+                    macro_rules! dp {
+                        ($w:expr, $at:expr) => {
+                            _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(
+                                zero,
+                                $w,
+                                _mm512_load_si512(xq.add($at).cast()),
+                            ))
+                        };
+                    }
+                    let mut acc = _mm512_mul_ps(dp!(w_al, 0), s_al);
+                    acc = _mm512_fmadd_ps(dp!(w_ah, 64), s_ah, acc);
+                    acc = _mm512_fmadd_ps(dp!(w_bl, 128), s_bl, acc);
+                    acc = _mm512_fmadd_ps(dp!(w_bh, 192), s_bh, acc);
+                    facc[r][t] = _mm512_fmadd_ps(acc, _mm512_set1_ps(xb.d), facc[r][t]);
+                    // Mins: each of the 8 mins times the sum of its 32 activations.
+                    let bs = _mm256_load_si256(xb.bsums.as_ptr().cast());
+                    let mins = _mm256_cvtepi32_ps(_mm256_madd_epi16(bs, m16));
+                    macc[r][t] = _mm256_fmadd_ps(mins, _mm256_set1_ps(xb.d * dmin), macc[r][t]);
                 }
-                let mut acc = _mm512_mul_ps(dp!(w_al, 0), s_al);
-                acc = _mm512_fmadd_ps(dp!(w_ah, 64), s_ah, acc);
-                acc = _mm512_fmadd_ps(dp!(w_bl, 128), s_bl, acc);
-                acc = _mm512_fmadd_ps(dp!(w_bh, 192), s_bh, acc);
-                facc[t] = _mm512_fmadd_ps(acc, _mm512_set1_ps(xb.d), facc[t]);
-                // Mins: each of the 8 mins times the sum of its 32 activations.
-                let bs = _mm256_load_si256(xb.bsums.as_ptr().cast());
-                let mins = _mm256_cvtepi32_ps(_mm256_madd_epi16(bs, m16));
-                macc[t] = _mm256_fmadd_ps(mins, _mm256_set1_ps(xb.d * dmin), macc[t]);
             }
         }
-        let mut out = [0f32; N];
-        for t in 0..N {
-            let mut lanes = [0f32; 8];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), macc[t]);
-            out[t] = _mm512_reduce_add_ps(facc[t]) - lanes.iter().sum::<f32>();
+        let mut out = [[0f32; N]; R];
+        for r in 0..R {
+            for t in 0..N {
+                let mut lanes = [0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), macc[r][t]);
+                out[r][t] = _mm512_reduce_add_ps(facc[r][t]) - lanes.iter().sum::<f32>();
+            }
         }
         out
     }
@@ -378,6 +402,10 @@ mod tests {
                 .collect();
             let four = dot4(&row, [&xq, &others[0], &others[1], &others[2]]);
             assert_eq!(four[0], b);
+            // Two rows at once give each row's own product, exactly.
+            let (other_row, _, _) = row_and_x(4096, seed + 100);
+            let two = dot2([&row, &other_row], &xq);
+            assert_eq!(two, [b, dot(&other_row, &xq)]);
             for (k, x) in others.iter().enumerate() {
                 let want = dot_scalar(&row, x);
                 assert!((four[k + 1] - want).abs() <= 1e-4 * want.abs().max(1.0));

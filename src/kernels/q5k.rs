@@ -48,7 +48,7 @@ pub fn dot(row: &[u8], x: &[Q8K]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if super::q4k::have_vnni() {
         // SAFETY: the CPU features were detected above.
-        return unsafe { super::q4k::dot_vnni::<1, true>(row, [x]) }[0];
+        return unsafe { super::q4k::dot_vnni::<1, 1, true>([row], [x]) }[0][0];
     }
     dot_scalar(row, x)
 }
@@ -58,7 +58,7 @@ pub fn dot4(row: &[u8], xs: [&[Q8K]; 4]) -> [f32; 4] {
     #[cfg(target_arch = "x86_64")]
     if super::q4k::have_vnni() {
         // SAFETY: the CPU features were detected above.
-        return unsafe { super::q4k::dot_vnni::<4, true>(row, xs) };
+        return unsafe { super::q4k::dot_vnni::<1, 4, true>([row], xs) }[0];
     }
     xs.map(|x| dot_scalar(row, x))
 }

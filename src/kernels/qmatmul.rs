@@ -210,7 +210,26 @@ impl QuantMatrix {
         let xq = quantize_tokens(xs, k, per_row, K::zeros(), K::quantize);
         let row = |r: usize| &data[r * row_bytes..(r + 1) * row_bytes];
         if m == 1 {
-            return Ok(rows_by_tasks(n, 1, per_row, &xq, |r, x| K::dot(row(r), x)));
+            // Generation: rows in pairs (`Kernel::dot2`), row `i` of the
+            // task's first half with row `i` of its second, so that each of
+            // the two streams reads memory in order (adjacent rows paired
+            // halved the streamed rate: the prefetchers lose the pattern).
+            let mut out = vec![0f32; n];
+            out.par_chunks_mut(ROWS_PER_TASK)
+                .enumerate()
+                .for_each(|(task, dst)| {
+                    let r0 = task * ROWS_PER_TASK;
+                    let half = dst.len() / 2;
+                    for i in 0..half {
+                        let [a, b] = K::dot2([row(r0 + i), row(r0 + half + i)], &xq);
+                        dst[i] = a;
+                        dst[half + i] = b;
+                    }
+                    if dst.len() % 2 == 1 {
+                        dst[2 * half] = K::dot(row(r0 + 2 * half), &xq);
+                    }
+                });
+            return Ok(out);
         }
         let xs: Vec<&[K::X]> = xq.chunks_exact(per_row).collect();
         Ok(in_fours(
@@ -374,7 +393,7 @@ pub(super) fn rows_by_tasks<X: Sync>(
 /// task (it stays in cache while the activation rows pass over it):
 /// `fill(rows, band, width)` writes the output of weight row `r` for
 /// activation row `i` at `band[i * width + r - rows.start]`.
-fn bands(
+pub(super) fn bands(
     n: usize,
     m: usize,
     fill: impl Fn(std::ops::Range<usize>, &mut [f32], usize) + Sync,
@@ -441,13 +460,18 @@ trait Kernel {
     fn quantize(x: &[f32], out: &mut [Self::X]);
     fn dot(row: &[u8], x: &[Self::X]) -> f32;
     fn dot4(row: &[u8], xs: [&[Self::X]; 4]) -> [f32; 4];
+    /// Two rows times one token's activations (generation); a kernel with
+    /// a two-row loop overrides this.
+    fn dot2(rows: [&[u8]; 2], x: &[Self::X]) -> [f32; 2] {
+        rows.map(|row| Self::dot(row, x))
+    }
 }
 
 /// A format's `Kernel`: the module with its `BLOCK_BYTES`, `dot` and
 /// `dot4`, and the activations it pairs with: Q8_K (256 values, shared by
 /// the k-quants) or Q8_0 pairs (64 values, for the 32-value formats).
 macro_rules! kernel {
-    ($name:ident, $module:ident, q8k) => {
+    ($name:ident, $module:ident, q8k $(, $dot2:ident)?) => {
         kernel!(
             $name,
             $module,
@@ -455,12 +479,13 @@ macro_rules! kernel {
             q4k::QK,
             q4k::QK,
             q4k::quantize_q8k
+            $(, $dot2)?
         );
     };
     ($name:ident, $module:ident, q8_pair) => {
         kernel!($name, $module, q8_0::Q8Pair, q8_0::PAIR, 32, q8_0::quantize);
     };
-    ($name:ident, $module:ident, $x:ty, $x_values:expr, $block_values:expr, $quantize:path) => {
+    ($name:ident, $module:ident, $x:ty, $x_values:expr, $block_values:expr, $quantize:path $(, $dot2:ident)?) => {
         struct $name;
 
         impl Kernel for $name {
@@ -480,11 +505,16 @@ macro_rules! kernel {
             fn dot4(row: &[u8], xs: [&[Self::X]; 4]) -> [f32; 4] {
                 $module::dot4(row, xs)
             }
+            $(
+                fn $dot2(rows: [&[u8]; 2], x: &[Self::X]) -> [f32; 2] {
+                    $module::$dot2(rows, x)
+                }
+            )?
         }
     };
 }
 
-kernel!(Q4K, q4k, q8k);
+kernel!(Q4K, q4k, q8k, dot2);
 kernel!(Q5K, q5k, q8k);
 kernel!(Q6K, q6k, q8k);
 kernel!(Q4_0, q4_0, q8_pair);
@@ -512,7 +542,7 @@ mod tests {
     #[test]
     fn matches_candles_qmatmul_for_every_format_and_batch() {
         let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (200, 512), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (201, 512), &dev).unwrap();
         for dtype in [
             GgmlDType::Q4_0,
             GgmlDType::Q4K,
