@@ -7,7 +7,7 @@
 //! is not well above the read rate is compute-bound and leaves bandwidth
 //! unused.
 //!
-//! Run: `cargo bench --bench kernels`.
+//! Run: `cargo bench --bench kernels [-- FORMAT...]` (e.g. `-- Q4K BF16`).
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
@@ -59,6 +59,11 @@ fn read_rate(buffer: &[u64]) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    let only: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .map(|a| a.to_uppercase())
+        .collect();
     let x = Tensor::randn(0f32, 1.0, (1, 4096), &Device::Cpu)?;
     let buffer: Vec<u64> = (0..(96u64 << 20)).collect(); // 768 MB
     for threads in [1, 2] {
@@ -76,6 +81,9 @@ fn main() -> anyhow::Result<()> {
                 GgmlDType::Q4_0,
                 GgmlDType::BF16,
             ] {
+                if !only.is_empty() && !only.contains(&format!("{format:?}").to_uppercase()) {
+                    continue;
+                }
                 // ~2 MB in cache; ~600-800 MB streamed.
                 let cached = matrices(format, 512, 1)?;
                 let per = cached[0].bytes();

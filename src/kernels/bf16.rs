@@ -14,7 +14,7 @@
 //! a prompt's products differ from f32's by up to about 2⁻⁸ of the sum of
 //! the magnitudes of their terms (tested below); generation stays exact.
 
-use super::qmatmul::{bands, in_fours, rows_by_tasks};
+use super::qmatmul::{bands, in_fours, rows_in_pairs};
 use anyhow::{Result, bail};
 use bytes::Bytes;
 use candle_core::{DType, Device, Tensor};
@@ -114,7 +114,11 @@ impl Bf16Matrix {
         let out = if m >= PROMPT_MIN_TOKENS && k.is_multiple_of(32) && have_avx512_bf16() {
             self.prompt_product(&xs, m)
         } else if m == 1 {
-            rows_by_tasks(self.rows, 1, k, &xs, |r, x| dot(row(r), x))
+            rows_in_pairs(
+                self.rows,
+                |r| dot(row(r), &xs),
+                |a, b| dot2([row(a), row(b)], &xs),
+            )
         } else {
             let xr: Vec<&[f32]> = xs.chunks_exact(k).collect();
             in_fours(
@@ -240,8 +244,8 @@ unsafe fn dot_dpbf16<const R: usize, const N: usize>(
 
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn dot_dpbf16<const R: usize, const N: usize>(
-    rows: [&[bf16]; R],
-    xs: [&[bf16]; N],
+    _rows: [&[bf16]; R],
+    _xs: [&[bf16]; N],
 ) -> [[f32; N]; R] {
     unreachable!("have_avx512_bf16() is false off x86-64")
 }
@@ -252,6 +256,45 @@ pub fn dot_scalar(w: &[bf16], x: &[f32]) -> f32 {
 
 fn dot(w: &[bf16], x: &[f32]) -> f32 {
     dot4_any::<1>(w, [x])[0]
+}
+
+/// Two rows times one token (generation): two streams in flight.
+fn dot2(w: [&[bf16]; 2], x: &[f32]) -> [f32; 2] {
+    #[cfg(target_arch = "x86_64")]
+    if w[0].len().is_multiple_of(32)
+        && w[1].len() == w[0].len()
+        && std::is_x86_feature_detected!("avx512f")
+        && x.len() >= w[0].len()
+    {
+        // SAFETY: the CPU feature was detected; lengths were checked.
+        return unsafe { dot2_avx512(w, x) };
+    }
+    w.map(|w| dot_scalar(w, x))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot2_avx512(w: [&[bf16]; 2], x: &[f32]) -> [f32; 2] {
+    // SAFETY: 32-value chunks of both rows and of `x` (at least as long).
+    unsafe {
+        use std::arch::x86_64::*;
+        let widen = |p: *const half::bf16| {
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                _mm256_loadu_si256(p.cast()),
+            )))
+        };
+        let mut acc = [_mm512_setzero_ps(); 4];
+        for c in 0..w[0].len() / 32 {
+            let x0 = _mm512_loadu_ps(x.as_ptr().add(c * 32));
+            let x1 = _mm512_loadu_ps(x.as_ptr().add(c * 32 + 16));
+            for (r, w) in w.iter().enumerate() {
+                let p = w.as_ptr().add(c * 32);
+                acc[2 * r] = _mm512_fmadd_ps(widen(p), x0, acc[2 * r]);
+                acc[2 * r + 1] = _mm512_fmadd_ps(widen(p.add(16)), x1, acc[2 * r + 1]);
+            }
+        }
+        [0, 1].map(|r| _mm512_reduce_add_ps(_mm512_add_ps(acc[2 * r], acc[2 * r + 1])))
+    }
 }
 
 fn dot4(w: &[bf16], xs: [&[f32]; 4]) -> [f32; 4] {
@@ -305,14 +348,15 @@ mod tests {
     #[test]
     fn matches_an_f32_matmul_of_the_rounded_weights() {
         let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (70, 320), &dev).unwrap();
+        // 71 rows: a task of 64 and one of 7 (generation's odd row out).
+        let w = Tensor::randn(0f32, 1.0, (71, 320), &dev).unwrap();
         let rounded = w
             .to_dtype(DType::BF16)
             .unwrap()
             .to_dtype(DType::F32)
             .unwrap();
         let matrix = Bf16Matrix::new(&w).unwrap();
-        assert_eq!(matrix.bytes(), 70 * 320 * 2);
+        assert_eq!(matrix.bytes(), 71 * 320 * 2);
         for m in [1, 6] {
             let x = Tensor::randn(0f32, 1.0, (m, 320), &dev).unwrap();
             let want = x.matmul(&rounded.t().unwrap()).unwrap();

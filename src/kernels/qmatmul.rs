@@ -210,25 +210,11 @@ impl QuantMatrix {
         let xq = quantize_tokens(xs, k, per_row, K::zeros(), K::quantize);
         let row = |r: usize| &data[r * row_bytes..(r + 1) * row_bytes];
         if m == 1 {
-            // Generation: rows in pairs (`Kernel::dot2`), row `i` of the
-            // task's first half with row `i` of its second, so that each of
-            // the two streams reads memory in order (adjacent rows paired
-            // halved the streamed rate: the prefetchers lose the pattern).
-            let mut out = vec![0f32; n];
-            out.par_chunks_mut(ROWS_PER_TASK)
-                .enumerate()
-                .for_each(|(task, dst)| {
-                    let r0 = task * ROWS_PER_TASK;
-                    let half = dst.len() / 2;
-                    for i in 0..half {
-                        let [a, b] = K::dot2([row(r0 + i), row(r0 + half + i)], &xq);
-                        dst[i] = a;
-                        dst[half + i] = b;
-                    }
-                    if dst.len() % 2 == 1 {
-                        dst[2 * half] = K::dot(row(r0 + 2 * half), &xq);
-                    }
-                });
+            let out = rows_in_pairs(
+                n,
+                |r| K::dot(row(r), &xq),
+                |a, b| K::dot2([row(a), row(b)], &xq),
+            );
             return Ok(out);
         }
         let xs: Vec<&[K::X]> = xq.chunks_exact(per_row).collect();
@@ -356,6 +342,34 @@ fn quantize_tokens<X: Clone>(
         quantize(row, dst);
     }
     xq
+}
+
+/// Generation's `[1, n]` product: each task's rows in pairs, row `i` of its
+/// first half with row `i` of its second (`dot2(a, b)`), so each thread
+/// reads two in-order streams at once; an odd row out takes `dot`. Paired
+/// adjacent rows halved the streamed rate (the prefetchers lose the
+/// pattern); two distant streams keep more reads in flight than one.
+pub(super) fn rows_in_pairs(
+    n: usize,
+    dot: impl Fn(usize) -> f32 + Sync,
+    dot2: impl Fn(usize, usize) -> [f32; 2] + Sync,
+) -> Vec<f32> {
+    let mut out = vec![0f32; n];
+    out.par_chunks_mut(ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(task, dst)| {
+            let r0 = task * ROWS_PER_TASK;
+            let half = dst.len() / 2;
+            for i in 0..half {
+                let [a, b] = dot2(r0 + i, r0 + half + i);
+                dst[i] = a;
+                dst[half + i] = b;
+            }
+            if dst.len() % 2 == 1 {
+                dst[2 * half] = dot(r0 + 2 * half);
+            }
+        });
+    out
 }
 
 /// `out[i, r] = dot(r, activations of row i)`, weight rows split over
