@@ -2,7 +2,7 @@
 //! step's product (`[1, k] @ w.T`) on weights that sit in the L3 cache
 //! (the kernel's own speed) and on weights far larger than any cache (what
 //! generation sees), in GB of stored weights per second, on 1 and 2
-//! threads, beside a plain read of the same large buffer (the machine's
+//! threads, beside the read probe of `starling bench` (the machine's
 //! bandwidth, measured in the same sitting). A kernel whose in-cache rate
 //! is not well above the read rate is compute-bound and leaves bandwidth
 //! unused.
@@ -43,21 +43,6 @@ fn rate(ms: &[Linear], x: &Tensor, passes: usize) -> f64 {
     bytes as f64 / best / 1e9
 }
 
-fn read_rate(buffer: &[u64]) -> f64 {
-    use rayon::prelude::*;
-    let mut best = f64::MAX;
-    for _ in 0..3 {
-        let t = Instant::now();
-        let sum: u64 = buffer
-            .par_chunks(1 << 16)
-            .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
-            .reduce(|| 0, u64::wrapping_add);
-        std::hint::black_box(sum);
-        best = best.min(t.elapsed().as_secs_f64());
-    }
-    std::mem::size_of_val(buffer) as f64 / best / 1e9
-}
-
 fn main() -> anyhow::Result<()> {
     let only: Vec<String> = std::env::args()
         .skip(1)
@@ -65,13 +50,12 @@ fn main() -> anyhow::Result<()> {
         .map(|a| a.to_uppercase())
         .collect();
     let x = Tensor::randn(0f32, 1.0, (1, 4096), &Device::Cpu)?;
-    let buffer: Vec<u64> = (0..(96u64 << 20)).collect(); // 768 MB
     for threads in [1, 2] {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()?;
         pool.install(|| -> anyhow::Result<()> {
-            let read = read_rate(&buffer);
+            let read = starling::commands::bench::read_bandwidth_gbps();
             println!("{threads} thread(s): plain read {read:.1} GB/s");
             for format in [
                 GgmlDType::Q4K,

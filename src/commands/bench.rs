@@ -141,7 +141,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 /// share of a 1 GiB buffer (far larger than any cache); the median of five
 /// passes (the best of five once read 61 GB/s on a machine whose other
 /// passes read 36: a median is not fooled by one lucky pass).
-fn read_bandwidth_gbps() -> f64 {
+pub fn read_bandwidth_gbps() -> f64 {
     use rayon::prelude::*;
     let words = 128 << 20; // 1 GiB of u64
     let buffer: Vec<u64> = (0..words as u64).collect();

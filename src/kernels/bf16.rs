@@ -345,17 +345,19 @@ unsafe fn dot_avx512<const N: usize>(w: &[bf16], xs: [&[f32]; N]) -> [f32; N] {
 mod tests {
     use super::*;
 
+    /// A random `[n, k]` matrix in bf16, and its values in f32.
+    fn random_matrix(n: usize, k: usize) -> (Bf16Matrix, Tensor) {
+        let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
+        let rounded = w.to_dtype(DType::BF16).unwrap();
+        let rounded = rounded.to_dtype(DType::F32).unwrap();
+        (Bf16Matrix::new(&w).unwrap(), rounded)
+    }
+
     #[test]
     fn matches_an_f32_matmul_of_the_rounded_weights() {
         let dev = Device::Cpu;
         // 71 rows: a task of 64 and one of 7 (generation's odd row out).
-        let w = Tensor::randn(0f32, 1.0, (71, 320), &dev).unwrap();
-        let rounded = w
-            .to_dtype(DType::BF16)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap();
-        let matrix = Bf16Matrix::new(&w).unwrap();
+        let (matrix, rounded) = random_matrix(71, 320);
         assert_eq!(matrix.bytes(), 71 * 320 * 2);
         for m in [1, 6] {
             let x = Tensor::randn(0f32, 1.0, (m, 320), &dev).unwrap();
@@ -369,18 +371,13 @@ mod tests {
     /// Prompts: with AVX512_BF16 the activations are rounded to bf16, and
     /// each product stays within 2⁻⁸ of the sum of its terms' magnitudes
     /// of f32's (the stated tolerance); rows and tokens that do not fill a
-    /// pair or a four (71 rows, 23 tokens) take the smaller kernels.
+    /// tile of four (71 rows, 23 tokens) take the single-row and
+    /// single-token passes.
     #[test]
     fn prompts_stay_within_the_stated_tolerance_of_f32() {
         let dev = Device::Cpu;
-        let (n, k, m) = (71, 320, 23);
-        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
-        let rounded = w
-            .to_dtype(DType::BF16)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap();
-        let matrix = Bf16Matrix::new(&w).unwrap();
+        let (k, m) = (320, 23);
+        let (matrix, rounded) = random_matrix(71, k);
         let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
         let want = x.matmul(&rounded.t().unwrap()).unwrap();
         let magnitude = x
