@@ -131,8 +131,10 @@ pub struct DeviceArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Compute dtype. Default: the checkpoint's own on CUDA; f32 on CPU (f16 for f16
-    /// checkpoints, or when f32 would not fit in memory).
+    /// Weights dtype. Default: the checkpoint's own on CUDA; on CPU f16 and bf16
+    /// checkpoints keep theirs (bf16: f32 activations, prompts of 16+ tokens through
+    /// bf16 products on AVX512_BF16 CPUs), f32 ones run in f32 (f16 when f32 would
+    /// not fit in memory).
     #[arg(long, value_enum)]
     pub dtype: Option<DTypeArg>,
     /// CPU threads for the model. Default: the physical cores (or RAYON_NUM_THREADS).

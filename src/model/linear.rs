@@ -27,15 +27,18 @@ pub enum Linear {
 }
 
 impl Linear {
-    /// `x @ w.T` for `x: [seq, in]`; the transpose of a dense weight is a
-    /// view that gemm reads strided.
+    /// `x @ w.T` for `x: [seq, in]`, in `x`'s dtype whatever the matrix's
+    /// kind (this crate's kernels compute in f32: a file that mixes f16 and
+    /// quantized matrices runs in f16 all the same). The transpose of a
+    /// dense weight is a view that gemm reads strided.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(match self {
+        let out = match self {
             Self::Dense(w) => x.matmul(&w.t()?)?,
             Self::CpuBf16(w) => w.forward(x)?,
             Self::CpuQuantized(q) => q.forward(x)?,
             Self::Quantized(q) => q.forward(x)?,
-        })
+        };
+        Ok(out.to_dtype(x.dtype())?)
     }
 
     /// A dense matrix: bf16 on the CPU goes to this crate's kernel (candle
@@ -307,6 +310,34 @@ mod tests {
                 "{dtype:?}: relative error {}",
                 err / scale
             );
+        }
+    }
+
+    /// A model mixing f16 and quantized matrices computes in f16: every
+    /// kind answers in the activations' dtype (it failed with "dtype
+    /// mismatch in add" before).
+    #[test]
+    fn every_kind_answers_in_the_activations_dtype() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (64, 256), &dev).unwrap();
+        let kinds = [
+            Linear::quantized(quantize(&w, GgmlDType::Q8_0, &dev).unwrap()).unwrap(),
+            Linear::dense(w.to_dtype(DType::BF16).unwrap()).unwrap(),
+            Linear::dense(w.to_dtype(DType::F16).unwrap()).unwrap(),
+        ];
+        let x = Tensor::randn(0f32, 1.0, (3, 256), &dev).unwrap();
+        for dtype in [DType::F16, DType::F32] {
+            let x = x.to_dtype(dtype).unwrap();
+            for kind in &kinds {
+                let out = kind.forward(&x);
+                // candle has no f32 × f16 matmul: the dense f16 matrix
+                // takes f16 activations only; the kernels take either.
+                if let Ok(out) = out {
+                    assert_eq!(out.dtype(), dtype, "{}", kind.format());
+                } else {
+                    assert!(matches!(kind, Linear::Dense(_)) && dtype == DType::F32);
+                }
+            }
         }
     }
 
