@@ -255,89 +255,65 @@ pub fn dot_scalar(w: &[bf16], x: &[f32]) -> f32 {
 }
 
 fn dot(w: &[bf16], x: &[f32]) -> f32 {
-    dot4_any::<1>(w, [x])[0]
+    dot_rows::<1, 1>([w], [x])[0][0]
 }
 
 /// Two rows times one token (generation): two streams in flight.
 fn dot2(w: [&[bf16]; 2], x: &[f32]) -> [f32; 2] {
-    #[cfg(target_arch = "x86_64")]
-    if w[0].len().is_multiple_of(32)
-        && w[1].len() == w[0].len()
-        && std::is_x86_feature_detected!("avx512f")
-        && x.len() >= w[0].len()
-    {
-        // SAFETY: the CPU feature was detected; lengths were checked.
-        return unsafe { dot2_avx512(w, x) };
-    }
-    w.map(|w| dot_scalar(w, x))
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn dot2_avx512(w: [&[bf16]; 2], x: &[f32]) -> [f32; 2] {
-    // SAFETY: 32-value chunks of both rows and of `x` (at least as long).
-    unsafe {
-        use std::arch::x86_64::*;
-        let widen = |p: *const half::bf16| {
-            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
-                _mm256_loadu_si256(p.cast()),
-            )))
-        };
-        let mut acc = [_mm512_setzero_ps(); 4];
-        for c in 0..w[0].len() / 32 {
-            let x0 = _mm512_loadu_ps(x.as_ptr().add(c * 32));
-            let x1 = _mm512_loadu_ps(x.as_ptr().add(c * 32 + 16));
-            for (r, w) in w.iter().enumerate() {
-                let p = w.as_ptr().add(c * 32);
-                acc[2 * r] = _mm512_fmadd_ps(widen(p), x0, acc[2 * r]);
-                acc[2 * r + 1] = _mm512_fmadd_ps(widen(p.add(16)), x1, acc[2 * r + 1]);
-            }
-        }
-        [0, 1].map(|r| _mm512_reduce_add_ps(_mm512_add_ps(acc[2 * r], acc[2 * r + 1])))
-    }
+    dot_rows::<2, 1>(w, [x]).map(|[v]| v)
 }
 
 fn dot4(w: &[bf16], xs: [&[f32]; 4]) -> [f32; 4] {
-    dot4_any::<4>(w, xs)
+    dot_rows::<1, 4>([w], xs)[0]
 }
 
-fn dot4_any<const N: usize>(w: &[bf16], xs: [&[f32]; N]) -> [f32; N] {
+/// `R` rows (of one length) times `N` tokens' f32 activations: `out[r][t]`.
+fn dot_rows<const R: usize, const N: usize>(ws: [&[bf16]; R], xs: [&[f32]; N]) -> [[f32; N]; R] {
+    let k = ws[0].len();
     #[cfg(target_arch = "x86_64")]
-    if w.len().is_multiple_of(32)
+    if k.is_multiple_of(32)
+        && ws.iter().all(|w| w.len() == k)
         && std::is_x86_feature_detected!("avx512f")
-        && xs.iter().all(|x| x.len() >= w.len())
+        && xs.iter().all(|x| x.len() >= k)
     {
         // SAFETY: the CPU feature was detected; lengths were checked.
-        return unsafe { dot_avx512::<N>(w, xs) };
+        return unsafe { dot_avx512::<R, N>(ws, xs) };
     }
-    xs.map(|x| dot_scalar(w, x))
+    ws.map(|w| xs.map(|x| dot_scalar(w, x)))
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-// `c` indexes the weights and each of the N activation rows alike.
+// `c`, `r` and `t` index the weights and the activation rows alike.
 #[allow(clippy::needless_range_loop)]
-unsafe fn dot_avx512<const N: usize>(w: &[bf16], xs: [&[f32]; N]) -> [f32; N] {
-    // SAFETY: 32-value chunks of `w` and of each `x` (at least as long).
+unsafe fn dot_avx512<const R: usize, const N: usize>(
+    ws: [&[bf16]; R],
+    xs: [&[f32]; N],
+) -> [[f32; N]; R] {
+    // SAFETY: 32-value chunks of each row and of each `x` (all at least as
+    // long as the first row).
     unsafe {
         use std::arch::x86_64::*;
-        let mut acc0 = [_mm512_setzero_ps(); N];
-        let mut acc1 = [_mm512_setzero_ps(); N];
-        let wp = w.as_ptr().cast::<u8>();
-        for c in 0..w.len() / 32 {
-            let at = wp.add(c * 64);
-            _mm_prefetch::<_MM_HINT_T0>(at.add(512).cast());
-            let lo = _mm256_loadu_si256(at.cast());
-            let hi = _mm256_loadu_si256(at.add(32).cast());
-            let w0 = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(lo)));
-            let w1 = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(hi)));
-            for t in 0..N {
-                let x = xs[t].as_ptr().add(c * 32);
-                acc0[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x), acc0[t]);
-                acc1[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x.add(16)), acc1[t]);
+        let mut acc0 = [[_mm512_setzero_ps(); N]; R];
+        let mut acc1 = [[_mm512_setzero_ps(); N]; R];
+        for c in 0..ws[0].len() / 32 {
+            for r in 0..R {
+                let at = ws[r].as_ptr().cast::<u8>().add(c * 64);
+                _mm_prefetch::<_MM_HINT_T0>(at.add(512).cast());
+                let lo = _mm256_loadu_si256(at.cast());
+                let hi = _mm256_loadu_si256(at.add(32).cast());
+                let w0 = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(lo)));
+                let w1 = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(hi)));
+                for t in 0..N {
+                    let x = xs[t].as_ptr().add(c * 32);
+                    acc0[r][t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x), acc0[r][t]);
+                    acc1[r][t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x.add(16)), acc1[r][t]);
+                }
             }
         }
-        std::array::from_fn(|t| _mm512_reduce_add_ps(_mm512_add_ps(acc0[t], acc1[t])))
+        std::array::from_fn(|r| {
+            std::array::from_fn(|t| _mm512_reduce_add_ps(_mm512_add_ps(acc0[r][t], acc1[r][t])))
+        })
     }
 }
 

@@ -183,30 +183,20 @@ impl Model {
 
     /// Bytes of all weights as held in memory (a tied `lm_head` counts once).
     pub fn weight_bytes(&self) -> usize {
-        let layers: usize = self
-            .layers
-            .iter()
-            .map(|l| {
-                let a = &l.attn;
-                let m = &l.mlp;
-                [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down]
-                    .iter()
-                    .map(|w| w.bytes())
-                    .sum::<usize>()
-                    + dense_bytes(&l.input_norm)
-                    + dense_bytes(&l.post_norm)
-            })
-            .sum();
         let head = if self.tied { 0 } else { self.lm_head.bytes() };
-        self.embed.bytes() + layers + dense_bytes(&self.norm) + head
+        self.embed.bytes() + self.layer_bytes() + dense_bytes(&self.norm) + head
     }
 
     /// Bytes of weights one decode step reads: every matrix multiplied per
     /// token (seven per layer and the output head, tied or not), the norms;
     /// not the embedding table, of which a step reads one row.
     pub fn streamed_bytes_per_token(&self) -> usize {
-        let layers: usize = self
-            .layers
+        self.layer_bytes() + self.lm_head.bytes() + dense_bytes(&self.norm)
+    }
+
+    /// Bytes of every layer's seven matrices and two norms.
+    fn layer_bytes(&self) -> usize {
+        self.layers
             .iter()
             .map(|l| {
                 let (a, m) = (&l.attn, &l.mlp);
@@ -217,8 +207,7 @@ impl Model {
                     + dense_bytes(&l.input_norm)
                     + dense_bytes(&l.post_norm)
             })
-            .sum();
-        layers + self.lm_head.bytes() + dense_bytes(&self.norm)
+            .sum()
     }
 
     /// How the matrices are stored (`F32`, `Q4K`, ...), from the first MLP's.
