@@ -6,6 +6,7 @@ use crate::loader::{DTypeChoice, GenerationConfig};
 use anyhow::Result;
 use candle_core::DType;
 use candle_core::quantized::GgmlDType;
+use clap::builder::TypedValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
@@ -161,6 +162,35 @@ fn parse_block_quant(s: &str) -> Result<GgmlDType, String> {
     Ok(q)
 }
 
+/// How the engine shares the model between sequences.
+#[derive(Debug, Args)]
+pub struct EngineArgs {
+    /// Sequences decoded together, one KV slot each (`run --each-line` answers
+    /// this many lines at once). Default: 4 for run, 1 for chat.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub parallel: Option<u16>,
+    /// Rows per forward pass: a decode row for every running sequence, then
+    /// prompt chunks up to this total (a smaller value shortens the pause a long
+    /// prompt causes in running answers).
+    #[arg(long, value_name = "N", default_value_t = crate::engine::DEFAULT_BATCH_TOKENS,
+          value_parser = clap::value_parser!(u32).range(1..=65536).map(|n| n as usize))]
+    pub batch_tokens: usize,
+    /// Positions per sequence, prompt and answer. Default: the model's context,
+    /// capped so that every slot fits in half the available memory.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
+    pub ctx_size: Option<usize>,
+}
+
+impl EngineArgs {
+    pub fn config(&self, default_parallel: usize) -> crate::engine::EngineConfig {
+        crate::engine::EngineConfig {
+            parallel: self.parallel.map_or(default_parallel, usize::from),
+            batch_tokens: self.batch_tokens,
+            context: self.ctx_size,
+        }
+    }
+}
+
 impl DeviceArgs {
     pub fn dtype(&self) -> DTypeChoice {
         match self.dtype {
@@ -240,6 +270,8 @@ pub struct RunArgs {
     #[command(flatten)]
     pub device: DeviceArgs,
     #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
     pub sampling: SamplingArgs,
     /// The prompt. With stdin too, the prompt comes first, then a blank line, then stdin.
     pub prompt: Option<String>,
@@ -288,6 +320,8 @@ pub struct ChatArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub device: DeviceArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
     #[command(flatten)]

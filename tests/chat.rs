@@ -6,7 +6,7 @@ mod common;
 
 use candle_core::Device;
 use common::{golden, tiny_model};
-use starling::engine::{Chat, ChatSettings, SamplerConfig, Session, Stats};
+use starling::engine::{Chat, ChatSettings, Engine, EngineConfig, SamplerConfig, Stats};
 use starling::template::Message;
 use std::io::Write;
 use std::path::Path;
@@ -147,13 +147,14 @@ fn library_chat(model: &Path) -> Chat {
         stop_texts: vec![],
     };
     let text = loaded.text;
-    Chat::new(
-        Session::new(loaded.model),
-        text.tokenizer,
-        text.template,
-        text.stop_ids,
-        settings,
+    let tokenizer = std::sync::Arc::new(text.tokenizer);
+    let engine = Engine::start(
+        loaded.model,
+        Some(tokenizer.clone()),
+        EngineConfig::default(),
     )
+    .unwrap();
+    Chat::new(engine, tokenizer, text.template, text.stop_ids, settings)
 }
 
 #[test]

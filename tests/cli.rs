@@ -110,6 +110,23 @@ fn each_line_json_answers_every_line_independently() {
     );
 }
 
+/// Twenty lines answered four at a time (prompt chunks mixed with other
+/// lines' decode rows) print, in input order, what twenty runs print.
+#[test]
+fn each_line_in_flight_together_answers_as_separate_runs_in_input_order() {
+    let lines: Vec<String> = (0..20)
+        .map(|i| format!("Question {i}: {}", "why is the sky blue? ".repeat(i % 5)))
+        .collect();
+    let stdin = lines.join("\n") + "\n";
+    let together = run(
+        &["--each-line", "--parallel", "4", "--batch-tokens", "5"],
+        Some(stdin.as_bytes()),
+    );
+    let separate: String = lines.iter().map(|l| run(&[l.as_str()], None)).collect();
+    assert_eq!(together.lines().count(), 20, "{together}");
+    assert_eq!(together, separate);
+}
+
 #[test]
 fn seeds_make_sampling_reproducible() {
     let model = model_arg();
@@ -176,11 +193,12 @@ fn verbose_prints_logfmt_stats_on_stderr() {
     ok(&out);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let fields: std::collections::HashMap<&str, &str> = stderr
-        .trim()
-        .split(' ')
+        .split_whitespace()
         .filter_map(|kv| kv.split_once('='))
         .collect();
     for key in [
+        "kv_slots",
+        "kv_context",
         "load_s",
         "prompt_tokens",
         "prompt_tps",

@@ -9,10 +9,17 @@ use starling::engine::{Prefill, Request, Sampler, SamplerConfig, Session, genera
 use starling::model::{Config, Model, synthetic};
 use starling::tokenizer::TextTokenizer;
 
+/// A fresh session on the golden model, whose file is written once per
+/// test binary (tests run in parallel; rewriting it under another test's
+/// map would feed that test a half-written file).
 fn session() -> Session {
-    let dir = common::scratch("session-model");
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
     let cfg = Config::from_json(&golden()["config"].to_string()).unwrap();
-    synthetic::write_safetensors(&cfg, &dir).unwrap();
+    let dir = DIR.get_or_init(|| {
+        let dir = common::scratch("session-model");
+        synthetic::write_safetensors(&cfg, &dir).unwrap();
+        dir
+    });
     let weights = starling::weights::Weights::open(&[dir.join("model.safetensors")]).unwrap();
     Session::new(Model::load(&cfg, &weights, DType::F32, &Device::Cpu).unwrap())
 }

@@ -5,7 +5,7 @@
 
 use super::input;
 use crate::cli::ChatArgs;
-use crate::engine::{Chat, ChatSettings, Session, TurnReport};
+use crate::engine::{Chat, ChatSettings, Engine, TurnReport};
 use crate::loader;
 use crate::template::Template;
 use anyhow::{Context, Result, bail};
@@ -54,13 +54,12 @@ pub fn run(args: &ChatArgs) -> Result<()> {
         stop_texts: args.answer.stop.clone(),
     };
     let text = loaded.text;
-    let mut chat = Chat::new(
-        Session::new(loaded.model),
-        text.tokenizer,
-        text.template,
-        text.stop_ids,
-        settings,
-    );
+    let tokenizer = Arc::new(text.tokenizer);
+    let engine = Engine::start(loaded.model, Some(tokenizer.clone()), args.engine.config(1))?;
+    if args.answer.verbose {
+        eprintln!("{}", engine.describe());
+    }
+    let mut chat = Chat::new(engine, tokenizer, text.template, text.stop_ids, settings);
     chat.set_system(args.answer.system.clone());
     if let Some(messages) = start_conversation {
         chat.load(messages)?;

@@ -3,11 +3,12 @@
 
 use super::input;
 use crate::cli::RunArgs;
-use crate::engine::{Request, Sampler, Session, generate};
+use crate::engine::{Engine, GenerateRequest};
 use crate::loader;
 use crate::template::{Message, Template};
 use anyhow::{Result, bail};
 use std::io::Write;
+use std::sync::Arc;
 
 pub fn run(args: &RunArgs) -> Result<()> {
     let conversations = conversations(args)?;
@@ -21,43 +22,56 @@ pub fn run(args: &RunArgs) -> Result<()> {
         &device,
     )?;
     let sampling = args.sampling.resolve(&loaded.text.generation)?;
-    let text = &loaded.text;
-    let mut session = Session::new(loaded.model);
+    let text = loaded.text;
+    let tokenizer = Arc::new(text.tokenizer);
+    let engine = Engine::start(loaded.model, Some(tokenizer.clone()), args.engine.config(4))?;
+    if args.answer.verbose {
+        eprintln!("{}", engine.describe());
+    }
+
+    // Every prompt is queued at once (the engine answers --parallel of them
+    // together); answers are printed in input order, the first one streaming.
+    let mut handles = Vec::with_capacity(conversations.len());
+    let mut refused = None;
+    for messages in &conversations {
+        let submitted = text
+            .template
+            .encode(&tokenizer, messages)
+            .and_then(|prompt| {
+                engine.submit(GenerateRequest {
+                    prompt,
+                    // Each prompt starts from the seed, so an answer never depends on the others.
+                    sampling: sampling.clone(),
+                    max_tokens: args.sampling.max_tokens,
+                    stop_ids: text.stop_ids.clone(),
+                    stop_texts: args.answer.stop.clone(),
+                    // A raw prompt is continued, not answered: keep the first space.
+                    continuation: matches!(text.template, Template::Raw),
+                })
+            });
+        match submitted {
+            Ok(handle) => handles.push((messages, handle)),
+            Err(e) => {
+                // The answers before it are still given, as when they ran one by one.
+                refused = Some(e);
+                break;
+            }
+        }
+    }
 
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    for messages in &conversations {
-        let prompt = text.template.encode(&text.tokenizer, messages)?;
-        // Each prompt starts from the seed, so an answer never depends on the lines before it.
-        let mut sampler = Sampler::new(sampling.clone());
-        let request = Request {
-            prompt: &prompt,
-            max_tokens: args.sampling.max_tokens,
-            stop_ids: &text.stop_ids,
-            stop_texts: &args.answer.stop,
-            interrupt: None,
-            // A raw prompt is continued, not answered: keep the first space.
-            continuation: matches!(text.template, Template::Raw),
-        };
+    for (messages, handle) in handles {
         let outcome = if args.json {
-            generate(
-                &mut session,
-                &text.tokenizer,
-                &mut sampler,
-                &request,
-                &mut |_| Ok(()),
-            )?
+            handle.wait(&mut |_| Ok(()), None)?
         } else {
-            let outcome = generate(
-                &mut session,
-                &text.tokenizer,
-                &mut sampler,
-                &request,
+            let outcome = handle.wait(
                 &mut |piece| {
                     out.write_all(piece.as_bytes())?;
                     out.flush()?;
                     Ok(())
                 },
+                None,
             )?;
             writeln!(out)?;
             outcome
@@ -77,7 +91,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
             eprintln!("load_s={:.3} {}", loaded.load_s, outcome.stats.logfmt());
         }
     }
-    Ok(())
+    match refused {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// The conversations to answer, from the argument, stdin and files.

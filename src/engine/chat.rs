@@ -1,6 +1,6 @@
-//! A conversation on top of a session: each turn renders the conversation
-//! with the template and lets the session feed only what its cache has not
-//! seen. Because every prompt is the plain re-rendering of the conversation,
+//! A conversation on top of the engine: each turn renders the conversation
+//! with the template and submits it whole; the engine feeds only what the
+//! kept cache of the previous turn has not seen. Because every prompt is the plain re-rendering of the conversation,
 //! an answer here is exactly what `starling run --messages` gives for the
 //! same conversation; the cache only saves work.
 //!
@@ -8,12 +8,14 @@
 //! the rendered window (the system message stays); they stay in the history,
 //! so `/save` never loses them.
 
-use super::generate::{Request, Stats, StopReason, generate};
-use super::sampler::{Sampler, SamplerConfig};
-use super::session::Session;
+use super::generate::{Stats, StopReason};
+use super::request::GenerateRequest;
+use super::sampler::SamplerConfig;
+use super::scheduler::Engine;
 use crate::template::{Message, Template};
 use crate::tokenizer::TextTokenizer;
 use anyhow::{Result, bail};
+use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 #[derive(Debug, Clone)]
@@ -32,8 +34,10 @@ pub struct TurnReport {
 }
 
 pub struct Chat {
-    session: Session,
-    tokenizer: TextTokenizer,
+    engine: Engine,
+    tokenizer: Arc<TextTokenizer>,
+    /// Positions the conversation's cache holds after the last answer.
+    held: usize,
     template: Template,
     stop_ids: Vec<u32>,
     system: Option<String>,
@@ -48,16 +52,18 @@ pub struct Chat {
 }
 
 impl Chat {
+    /// `tokenizer` is the one the engine's model was loaded with.
     pub fn new(
-        session: Session,
-        tokenizer: TextTokenizer,
+        engine: Engine,
+        tokenizer: Arc<TextTokenizer>,
         template: Template,
         stop_ids: Vec<u32>,
         settings: ChatSettings,
     ) -> Self {
         Self {
-            session,
+            engine,
             tokenizer,
+            held: 0,
             template,
             stop_ids,
             system: None,
@@ -177,7 +183,7 @@ impl Chat {
 
     /// Positions the cache holds, and the model's context.
     pub fn context(&self) -> (usize, usize) {
-        (self.session.fed().len(), self.session.max_len())
+        (self.held, self.engine.context())
     }
 
     pub fn last_stats(&self) -> Option<&Stats> {
@@ -199,21 +205,16 @@ impl Chat {
             ..self.settings.sampling.clone()
         };
         self.answers += 1;
-        let request = Request {
-            prompt: &prompt,
+        let request = GenerateRequest {
+            prompt,
+            sampling,
             max_tokens: self.settings.max_tokens,
-            stop_ids: &self.stop_ids,
-            stop_texts: &self.settings.stop_texts,
-            interrupt,
+            stop_ids: self.stop_ids.clone(),
+            stop_texts: self.settings.stop_texts.clone(),
             continuation: false,
         };
-        let outcome = generate(
-            &mut self.session,
-            &self.tokenizer,
-            &mut Sampler::new(sampling),
-            &request,
-            on_text,
-        )?;
+        let outcome = self.engine.submit(request)?.wait(on_text, interrupt)?;
+        self.held = outcome.context_len;
         // Even an interrupted answer is part of the conversation.
         self.messages
             .push(Message::new("assistant", outcome.text.clone()));
@@ -239,7 +240,7 @@ impl Chat {
     /// The prompt for the next answer, leaving room for it: drops the
     /// oldest exchanges from the window until the prompt fits.
     fn fit(&mut self) -> Result<(Vec<u32>, usize)> {
-        let max = self.session.max_len();
+        let max = self.engine.context();
         let room = self.settings.max_tokens.clamp(1, (max / 4).max(1));
         let budget = max.saturating_sub(room);
         let mut dropped = 0;

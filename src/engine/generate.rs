@@ -2,10 +2,9 @@
 //! prefix), then sample → stream → feed, one token at a time, until an end
 //! token, a stop text, the token budget, the context, or an interrupt.
 
-use super::detokenizer::StreamDecoder;
 use super::sampler::Sampler;
+use super::sequence::{Next, Sequence};
 use super::session::Session;
-use super::stop::StopMatcher;
 use crate::tokenizer::TextTokenizer;
 use anyhow::Result;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -85,11 +84,15 @@ fn rate(n: usize, s: f64) -> f64 {
     if s > 0.0 { n as f64 / s } else { 0.0 }
 }
 
+#[derive(Debug, Clone)]
 pub struct Outcome {
     pub text: String,
     pub ids: Vec<u32>,
     pub stop: StopReason,
     pub stats: Stats,
+    /// Positions the sequence's cache holds at the end (prompt and the
+    /// answer's fed tokens).
+    pub context_len: usize,
 }
 
 /// Generates an answer to `req.prompt`, calling `on_text` with each piece of
@@ -106,80 +109,46 @@ pub fn generate(
     let prompt_s = start.elapsed().as_secs_f64();
     let gen_start = Instant::now();
     let mut ttft_s = 0.0;
-
-    let mut decoder = if req.continuation {
-        StreamDecoder::continuing(tokenizer, req.prompt)
-    } else {
-        StreamDecoder::new(tokenizer)
-    };
-    let mut stops = StopMatcher::new(req.stop_texts);
-    let mut text = String::new();
-    let mut emit = |piece: &str, text: &mut String| -> Result<()> {
-        if !piece.is_empty() {
-            text.push_str(piece);
-            on_text(piece)?;
-        }
-        Ok(())
-    };
-    let mut stop = StopReason::MaxTokens;
-    let mut generated = 0;
-    while generated < req.max_tokens {
+    let mut sequence = Sequence::new(
+        Some(tokenizer),
+        std::mem::replace(sampler, Sampler::new(Default::default())),
+        req.stop_ids,
+        req.stop_texts,
+        req.max_tokens,
+        req.continuation.then_some(req.prompt),
+    );
+    let reason = loop {
         if req.interrupt.is_some_and(|f| f.load(Ordering::Relaxed)) {
-            stop = StopReason::Interrupted;
-            break;
+            break StopReason::Interrupted;
         }
-        let token = sampler.sample(&logits, session.fed())?;
-        if generated == 0 {
+        let room = session.fed().len() < session.max_len();
+        let next = sequence.advance(&logits, session.fed(), room, on_text)?;
+        if ttft_s == 0.0 {
             ttft_s = start.elapsed().as_secs_f64();
         }
-        if req.stop_ids.contains(&token) {
-            stop = StopReason::EndToken;
-            break;
+        match next {
+            Next::Feed(token) => logits = session.step(token)?,
+            Next::Stop(reason) => break reason,
         }
-        generated += 1;
-        if let Some(piece) = decoder.push(token)? {
-            let (out, stopped) = stops.push(&piece).into_parts();
-            emit(&out, &mut text)?;
-            if stopped {
-                stop = StopReason::StopText;
-                break;
-            }
-        }
-        if generated == req.max_tokens {
-            break;
-        }
-        if session.fed().len() + 1 > session.max_len() {
-            stop = StopReason::ContextFull;
-            break;
-        }
-        logits = session.step(token)?;
-    }
-    if stop != StopReason::StopText {
-        if let Some(rest) = decoder.finish()? {
-            let (out, stopped) = stops.push(&rest).into_parts();
-            emit(&out, &mut text)?;
-            if stopped {
-                stop = StopReason::StopText;
-            }
-        }
-        if stop != StopReason::StopText {
-            let held = stops.finish();
-            emit(&held, &mut text)?;
-        }
-    }
+    };
+    let stop = sequence.finish(reason, on_text)?;
     let stats = Stats {
         prompt_tokens: req.prompt.len(),
         cached_tokens: prefill.cached,
         new_tokens: prefill.new,
         prompt_s,
-        gen_tokens: generated,
+        gen_tokens: sequence.generated(),
         gen_s: gen_start.elapsed().as_secs_f64(),
         ttft_s,
     };
-    Ok(Outcome {
-        text,
-        ids: decoder.ids().to_vec(),
+    let outcome = Outcome {
+        text: sequence.text().to_string(),
+        ids: sequence.ids().to_vec(),
         stop,
         stats,
-    })
+        context_len: session.fed().len(),
+    };
+    // The caller's sampler carries on from where this answer left it.
+    *sampler = sequence.into_sampler();
+    Ok(outcome)
 }

@@ -6,12 +6,17 @@
 pub mod chat;
 pub mod detokenizer;
 pub mod generate;
+pub mod request;
 pub mod sampler;
+pub mod scheduler;
+pub mod sequence;
 pub mod session;
 pub mod stop;
 
 pub use chat::{Chat, ChatSettings, TurnReport};
 pub use detokenizer::StreamDecoder;
 pub use generate::{Outcome, Request, Stats, StopReason, generate};
+pub use request::{Event, GenerateRequest, Handle};
 pub use sampler::{Sampler, SamplerConfig};
+pub use scheduler::{DEFAULT_BATCH_TOKENS, Engine, EngineConfig};
 pub use session::{Prefill, Session};

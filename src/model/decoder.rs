@@ -160,16 +160,27 @@ impl Model {
         })
     }
 
-    /// An empty cache sized for this model.
+    /// An empty cache sized for this model's context.
     pub fn new_cache(&self) -> KvCache {
+        self.new_cache_of(self.max_len)
+    }
+
+    /// An empty cache that holds at most `positions` (capped at the model's
+    /// context); its memory grows as it fills.
+    pub fn new_cache_of(&self, positions: usize) -> KvCache {
         KvCache::new(
             self.layers.len(),
             self.kv_heads,
             self.head_dim,
-            self.max_len,
+            positions.min(self.max_len),
             self.dtype,
             &self.device,
         )
+    }
+
+    /// Bytes of KV cache one position takes (keys and values, every layer).
+    pub fn kv_bytes_per_position(&self) -> usize {
+        2 * self.layers.len() * self.kv_heads * self.head_dim * self.dtype.size_in_bytes()
     }
 
     pub fn max_len(&self) -> usize {
@@ -225,7 +236,11 @@ impl Model {
         let mut outputs = Vec::new();
         let mut last = None;
         for chunk in ids.chunks(PREFILL_CHUNK) {
-            let hidden = self.forward_chunk(chunk, cache)?;
+            let hidden = self.forward_hidden(&mut [Chunk {
+                ids: chunk,
+                cache: &mut *cache,
+                logits: true,
+            }])?;
             match which {
                 Logits::All => outputs.push(self.head(&hidden)?),
                 Logits::Last => last = Some(hidden),
@@ -241,40 +256,78 @@ impl Model {
         }
     }
 
+    /// One pass over the weights for the chunks of many sequences: each
+    /// chunk's ids follow what its own cache holds (its own positions,
+    /// attending only to its own keys), and every matrix multiplies all
+    /// the chunks' rows at once, so each weight block is read once per
+    /// step whatever the batch. Returns `[chunks with logits, vocab]` in
+    /// f32 (`None` when no chunk asks): the logits of the last position of
+    /// each chunk that asks, in the batch's order.
+    ///
+    /// Errors when a chunk is empty or its cache cannot hold it; then no
+    /// cache has committed anything.
+    pub fn forward_batch(&self, batch: &mut [Chunk<'_>]) -> Result<Option<Tensor>> {
+        let hidden = self.forward_hidden(batch)?;
+        let mut rows = Vec::new();
+        let mut end = 0;
+        for chunk in batch.iter() {
+            end += chunk.ids.len();
+            if chunk.logits {
+                rows.push(end as u32 - 1);
+            }
+        }
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let last = if rows.len() == end {
+            hidden
+        } else {
+            let index = Tensor::from_vec(rows.clone(), rows.len(), &self.device)?;
+            hidden.index_select(&index, 0)?
+        };
+        Ok(Some(self.head(&last)?))
+    }
+
     fn head(&self, hidden: &Tensor) -> Result<Tensor> {
         let x = candle_nn::ops::rms_norm(hidden, &self.norm, self.eps)?;
         Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
     }
 
-    /// Runs one chunk through every layer, writing its keys and values to the
-    /// cache; returns the final hidden states `[seq, hidden]` before the norm.
-    fn forward_chunk(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
-        let seq = ids.len();
-        let pos = cache.len();
-        let mut x = self.embed.forward(ids, self.dtype, &self.device)?;
-        let cos = self.cos.narrow(0, pos, seq)?;
-        let sin = self.sin.narrow(0, pos, seq)?;
-        // Keys visible to the first query of the chunk; later ones see a subset via the mask.
-        let kv_start = match self.window {
-            Some(w) => (pos + 1).saturating_sub(w),
-            None => 0,
-        };
-        let kv_end = pos + seq;
-        let mask = self.mask(pos, seq, kv_start, kv_end)?;
+    /// Runs the chunks through every layer, writing their keys and values
+    /// to their caches; returns the final hidden states `[rows, hidden]`
+    /// (the chunks' rows in order) before the norm.
+    fn forward_hidden(&self, batch: &mut [Chunk<'_>]) -> Result<Tensor> {
+        for chunk in batch.iter_mut() {
+            anyhow::ensure!(!chunk.ids.is_empty(), "forward needs at least one token");
+            chunk.cache.reserve(chunk.ids.len())?;
+        }
+        let ids: Vec<u32> = batch.iter().flat_map(|c| c.ids.iter().copied()).collect();
+        let mut x = self.embed.forward(&ids, self.dtype, &self.device)?;
+        let mut segments = Vec::with_capacity(batch.len());
+        let mut start = 0;
+        for chunk in batch.iter() {
+            let (seq, pos) = (chunk.ids.len(), chunk.cache.len());
+            // Keys visible to the first query of the chunk; later ones see a subset via the mask.
+            let kv_start = match self.window {
+                Some(w) => (pos + 1).saturating_sub(w),
+                None => 0,
+            };
+            let kv_end = pos + seq;
+            segments.push(Segment {
+                start,
+                seq,
+                cos: self.cos.narrow(0, pos, seq)?,
+                sin: self.sin.narrow(0, pos, seq)?,
+                kv_start,
+                kv_end,
+                mask: self.mask(pos, seq, kv_start, kv_end)?,
+            });
+            start += seq;
+        }
         for (l, layer) in self.layers.iter().enumerate() {
             let residual = &x;
             let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, self.eps)?;
-            let h = self.attention(
-                l,
-                &layer.attn,
-                &h,
-                &cos,
-                &sin,
-                cache,
-                kv_start,
-                kv_end,
-                mask.as_ref(),
-            )?;
+            let h = self.attention(l, &layer.attn, &h, &segments, batch)?;
             let x1 = (residual + h)?;
             let h = candle_nn::ops::rms_norm(&x1, &layer.post_norm, self.eps)?;
             let gate = candle_nn::ops::silu(&layer.mlp.gate.forward(&h)?)?;
@@ -282,7 +335,9 @@ impl Model {
             let h = layer.mlp.down.forward(&(gate * up)?)?;
             x = (x1 + h)?;
         }
-        cache.commit(seq);
+        for chunk in batch.iter_mut() {
+            chunk.cache.commit(chunk.ids.len());
+        }
         Ok(x)
     }
 
@@ -315,20 +370,58 @@ impl Model {
         Ok(Some(Tensor::from_vec(data, (seq, kv_len), &self.device)?))
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Attention for every chunk of the batch: the projections run once
+    /// over all rows; rope, the cache and the scores per chunk.
     fn attention(
         &self,
         layer: usize,
         w: &Attention,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        cache: &mut KvCache,
-        kv_start: usize,
-        kv_end: usize,
-        mask: Option<&Tensor>,
+        segments: &[Segment],
+        batch: &mut [Chunk<'_>],
     ) -> Result<Tensor> {
-        let seq = x.dim(0)?;
+        let q_all = w.q.forward(x)?;
+        let k_all = w.k.forward(x)?;
+        let v_all = w.v.forward(x)?;
+        let mut outs = Vec::with_capacity(segments.len());
+        for (s, chunk) in segments.iter().zip(batch.iter_mut()) {
+            let rows = |t: &Tensor| -> Result<Tensor> {
+                Ok(if segments.len() == 1 {
+                    t.clone()
+                } else {
+                    t.narrow(0, s.start, s.seq)?
+                })
+            };
+            outs.push(self.attend(
+                layer,
+                rows(&q_all)?,
+                rows(&k_all)?,
+                rows(&v_all)?,
+                s,
+                chunk.cache,
+            )?);
+        }
+        let out = if outs.len() == 1 {
+            outs.pop().expect("one segment")
+        } else {
+            Tensor::cat(&outs, 0)?
+        };
+        w.o.forward(&out).context("attention output projection")
+    }
+
+    /// One chunk's attention over its own cache: `q`, `k`, `v` are its rows
+    /// of the projections (`[seq, heads*hd]`, `[seq, kv_heads*hd]`);
+    /// returns `[seq, heads*hd]`.
+    fn attend(
+        &self,
+        layer: usize,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        s: &Segment,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let seq = s.seq;
         let (hd, heads, kvh) = (self.head_dim, self.heads, self.kv_heads);
         let n_rep = heads / kvh;
         // [seq, heads*hd] -> [1, heads, seq, hd] for rope.
@@ -338,24 +431,24 @@ impl Model {
                 .contiguous()?
                 .unsqueeze(0)?)
         };
-        let q = to_heads(w.q.forward(x)?, heads)?;
-        let k = to_heads(w.k.forward(x)?, kvh)?;
-        let v = to_heads(w.v.forward(x)?, kvh)?.squeeze(0)?;
+        let q = to_heads(q, heads)?;
+        let k = to_heads(k, kvh)?;
+        let v = to_heads(v, kvh)?.squeeze(0)?;
         let rope = match self.rope_layout {
             RopeLayout::Halves => candle_nn::rotary_emb::rope,
             RopeLayout::AdjacentPairs => candle_nn::rotary_emb::rope_i,
         };
-        let q = rope(&q, cos, sin)?;
-        let k = rope(&k, cos, sin)?.squeeze(0)?;
+        let q = rope(&q, &s.cos, &s.sin)?;
+        let k = rope(&k, &s.cos, &s.sin)?.squeeze(0)?;
         cache.write(layer, &k, &v)?;
-        let (k_all, v_all) = cache.view(layer, kv_start, kv_end)?;
-        let kv_len = kv_end - kv_start;
+        let (k_all, v_all) = cache.view(layer, s.kv_start, s.kv_end)?;
+        let kv_len = s.kv_end - s.kv_start;
 
         // Query heads h*n_rep..(h+1)*n_rep share kv head h: regroup the queries.
         let q = q.reshape((kvh, n_rep * seq, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
         let scores = (q.matmul(&k_all.t()?)? * scale)?.to_dtype(DType::F32)?;
-        let scores = match mask {
+        let scores = match &s.mask {
             Some(mask) => scores
                 .reshape((kvh, n_rep, seq, kv_len))?
                 .broadcast_add(mask)?
@@ -364,13 +457,32 @@ impl Model {
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
         let out = probs.matmul(&v_all)?; // [kvh, n_rep*seq, hd]
-        let out = out
+        Ok(out
             .reshape((heads, seq, hd))?
             .transpose(0, 1)?
             .contiguous()?
-            .reshape((seq, heads * hd))?;
-        w.o.forward(&out).context("attention output projection")
+            .reshape((seq, heads * hd))?)
     }
+}
+
+/// One sequence's part of a batch: ids fed after what its cache holds.
+pub struct Chunk<'a> {
+    pub ids: &'a [u32],
+    pub cache: &'a mut KvCache,
+    /// Whether the last position's logits are wanted (a prefill chunk
+    /// that does not end its prompt needs none).
+    pub logits: bool,
+}
+
+/// Where a chunk's rows sit in the batch, and its positions' rope and mask.
+struct Segment {
+    start: usize,
+    seq: usize,
+    cos: Tensor,
+    sin: Tensor,
+    kv_start: usize,
+    kv_end: usize,
+    mask: Option<Tensor>,
 }
 
 /// cos/sin tables `[max_len, head_dim/2]` computed as transformers does

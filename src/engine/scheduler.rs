@@ -1,0 +1,552 @@
+//! The engine: one thread owns the model and the KV memory and runs the
+//! step loop; front ends only queue requests and read events (as in
+//! llama.cpp's server, where HTTP threads queue tasks and one loop owns
+//! the slots).
+//!
+//! Each step builds one batch: a decode row for every running sequence,
+//! then prefill chunks of the sequences still reading their prompts, up to
+//! `batch_tokens` rows in all, and runs one forward pass over it (every
+//! weight block read once for all rows). Long prompts are thus prefilled
+//! across steps while the running streams keep producing tokens.
+//!
+//! KV memory is `parallel` slots, each a contiguous cache of up to
+//! `context` positions that grows as it fills. A contiguous slot per
+//! sequence (rather than shared blocks) keeps attention a strided view of
+//! one buffer, lets a sequence's cache be cut back to any prefix for
+//! free, and is what llama.cpp's server does. A finished sequence leaves its
+//! cache in its slot as a kept prefix: a new request goes to the idle slot
+//! whose cache shares the longest prefix with its prompt (the least
+//! recently used one when none does) and feeds only the rest. That is how a
+//! chat turn feeds only its new tokens, and how a common system prompt is
+//! read once.
+
+use super::generate::{Outcome, Stats, StopReason};
+use super::request::{Event, GenerateRequest, Handle};
+use super::sampler::Sampler;
+use super::sequence::{Next, Sequence};
+use crate::model::{Chunk, KvCache, Model};
+use crate::tokenizer::TextTokenizer;
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+/// Rows per step when none is given: a 7B model prefills about 20-30
+/// tokens/s on two cores, so 16 rows keep a step near half a second
+/// (a running stream's longest pause while a long prompt arrives), and 16
+/// rows fill one panel of the prompt kernels.
+pub const DEFAULT_BATCH_TOKENS: usize = 16;
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Sequences decoded at once (KV slots).
+    pub parallel: usize,
+    /// Rows per forward pass: every running sequence's decode row, and
+    /// prefill chunks up to this total.
+    pub batch_tokens: usize,
+    /// Positions per sequence; `None`: the model's context, capped so that
+    /// all slots fit in half the memory available at start.
+    pub context: Option<usize>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            parallel: 1,
+            batch_tokens: DEFAULT_BATCH_TOKENS,
+            context: None,
+        }
+    }
+}
+
+/// The running engine. Dropping it lets the running sequences finish
+/// their current step, then stops the thread.
+pub struct Engine {
+    queue: Option<Sender<Submission>>,
+    worker: Option<JoinHandle<()>>,
+    context: usize,
+    parallel: usize,
+    kv_bytes_per_position: usize,
+}
+
+struct Submission {
+    request: GenerateRequest,
+    events: Sender<Event>,
+    cancel: Arc<AtomicBool>,
+    submitted: Instant,
+}
+
+impl Engine {
+    /// Starts the step loop on its own thread, with a compute pool of
+    /// `RAYON_NUM_THREADS` (or all) cores that the loop itself is part of.
+    /// Without a tokenizer, answers have ids but no text (stop texts never match).
+    pub fn start(
+        model: impl Into<Arc<Model>>,
+        tokenizer: Option<Arc<TextTokenizer>>,
+        config: EngineConfig,
+    ) -> Result<Self> {
+        let model = model.into();
+        ensure!(config.parallel >= 1, "--parallel must be at least 1");
+        ensure!(
+            config.batch_tokens >= 1,
+            "--batch-tokens must be at least 1"
+        );
+        let per_position = model.kv_bytes_per_position();
+        let context = slot_context(&config, model.max_len(), per_position)?;
+        let (queue, submissions) = mpsc::channel();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .stack_size(8 << 20)
+            .thread_name(|i| format!("starling-compute-{i}"))
+            .build()
+            .context("starting the compute threads")?;
+        let parallel = config.parallel;
+        let batch_tokens = config.batch_tokens;
+        let worker = std::thread::Builder::new()
+            .name("starling-engine".into())
+            .stack_size(8 << 20)
+            .spawn(move || {
+                // The loop runs on a worker of the pool, so each matrix
+                // product splits its rows between it and the other workers
+                // instead of waking them all and sleeping.
+                pool.install(|| {
+                    let mut state = StepLoop::new(
+                        &model,
+                        tokenizer.as_deref(),
+                        parallel,
+                        batch_tokens,
+                        context,
+                    );
+                    state.run(submissions);
+                })
+            })
+            .context("starting the engine thread")?;
+        Ok(Self {
+            queue: Some(queue),
+            worker: Some(worker),
+            context,
+            parallel,
+            kv_bytes_per_position: per_position,
+        })
+    }
+
+    /// Queues `request`; its events arrive on the returned handle. Refused
+    /// at once (nothing queued) when the prompt is empty or longer than a
+    /// sequence's context.
+    pub fn submit(&self, request: GenerateRequest) -> Result<Handle> {
+        if request.prompt.is_empty() {
+            bail!("the prompt is empty");
+        }
+        if request.prompt.len() > self.context {
+            bail!(
+                "the prompt is {} tokens, longer than the model's context of {} tokens",
+                request.prompt.len(),
+                self.context
+            );
+        }
+        request.sampling.validate()?;
+        let (events, rx) = mpsc::channel();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let submission = Submission {
+            request,
+            events,
+            cancel: cancel.clone(),
+            submitted: Instant::now(),
+        };
+        self.queue
+            .as_ref()
+            .and_then(|q| q.send(submission).ok())
+            .ok_or_else(|| anyhow!("the engine has stopped"))?;
+        Ok(Handle { events: rx, cancel })
+    }
+
+    /// Positions each sequence may hold (prompt and answer).
+    pub fn context(&self) -> usize {
+        self.context
+    }
+
+    /// Sequences decoded at once.
+    pub fn parallel(&self) -> usize {
+        self.parallel
+    }
+
+    /// The KV budget, for `--verbose`.
+    pub fn describe(&self) -> String {
+        let total = self.parallel * self.context * self.kv_bytes_per_position;
+        format!(
+            "kv_slots={} kv_context={} kv_bytes_per_position={} kv_budget_gb={:.2}",
+            self.parallel,
+            self.context,
+            self.kv_bytes_per_position,
+            total as f64 / 1e9
+        )
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.queue.take();
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
+        }
+    }
+}
+
+/// Positions per slot: asked for, or the model's, capped so that every
+/// slot full fits in half the memory available now.
+fn slot_context(config: &EngineConfig, max_len: usize, per_position: usize) -> Result<usize> {
+    if let Some(context) = config.context {
+        ensure!(context >= 1, "the context must be at least 1 position");
+        return Ok(context.min(max_len));
+    }
+    let cap = available_memory()
+        .map(|bytes| bytes / 2 / (config.parallel * per_position.max(1)) as u64)
+        .unwrap_or(u64::MAX);
+    let context = (max_len as u64).min(cap) as usize;
+    ensure!(
+        context >= max_len.min(256),
+        "{} sequences of KV cache do not fit in memory (each position takes {per_position} bytes): give a smaller --parallel",
+        config.parallel
+    );
+    Ok(context)
+}
+
+/// MemAvailable from /proc/meminfo, in bytes (Linux).
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// A KV slot: a cache, the ids it holds, and the sequence using it, if any.
+struct Slot<'t> {
+    cache: KvCache,
+    /// Exactly the ids whose keys and values the cache holds, in order.
+    fed: Vec<u32>,
+    /// Step of the last use, for least-recently-used eviction.
+    last_used: u64,
+    active: Option<Active<'t>>,
+}
+
+/// A sequence being prefilled or decoded.
+struct Active<'t> {
+    submission: Submission,
+    sequence: Sequence<'t>,
+    /// Prompt ids the cache holds so far.
+    prompt_done: usize,
+    /// The sampled token to feed next (decode phase).
+    pending: u32,
+    cached: usize,
+    admitted: Instant,
+    prefilled: Option<Instant>,
+    ttft_s: f64,
+}
+
+/// What one slot feeds in a step.
+#[derive(Clone, Copy)]
+enum Feed {
+    Prompt { from: usize, to: usize },
+    Token,
+}
+
+struct StepLoop<'t> {
+    model: &'t Model,
+    tokenizer: Option<&'t TextTokenizer>,
+    slots: Vec<Slot<'t>>,
+    waiting: VecDeque<Submission>,
+    batch_tokens: usize,
+    context: usize,
+    step: u64,
+}
+
+impl<'t> StepLoop<'t> {
+    fn new(
+        model: &'t Model,
+        tokenizer: Option<&'t TextTokenizer>,
+        parallel: usize,
+        batch_tokens: usize,
+        context: usize,
+    ) -> Self {
+        let slots = (0..parallel)
+            .map(|_| Slot {
+                cache: model.new_cache_of(context),
+                fed: Vec::new(),
+                last_used: 0,
+                active: None,
+            })
+            .collect();
+        Self {
+            model,
+            tokenizer,
+            slots,
+            waiting: VecDeque::new(),
+            batch_tokens,
+            context,
+            step: 0,
+        }
+    }
+
+    fn run(&mut self, submissions: Receiver<Submission>) {
+        loop {
+            let busy = !self.waiting.is_empty() || self.slots.iter().any(|s| s.active.is_some());
+            if !busy {
+                match submissions.recv() {
+                    Ok(s) => self.waiting.push_back(s),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(s) = submissions.try_recv() {
+                self.waiting.push_back(s);
+            }
+            self.step += 1;
+            self.cancel_finished_clients();
+            self.admit();
+            self.run_step();
+        }
+    }
+
+    /// Ends the sequences whose client cancelled or went away, and drops
+    /// cancelled requests that never started.
+    fn cancel_finished_clients(&mut self) {
+        self.waiting.retain(|s| {
+            let cancelled = s.cancel.load(Ordering::Relaxed);
+            if cancelled {
+                let _ = s.events.send(Event::Finished(Outcome {
+                    text: String::new(),
+                    ids: Vec::new(),
+                    stop: StopReason::Interrupted,
+                    stats: Stats {
+                        prompt_tokens: s.request.prompt.len(),
+                        ..Stats::default()
+                    },
+                    context_len: 0,
+                }));
+            }
+            !cancelled
+        });
+        for i in 0..self.slots.len() {
+            let cancelled = self.slots[i]
+                .active
+                .as_ref()
+                .is_some_and(|a| a.submission.cancel.load(Ordering::Relaxed));
+            if cancelled {
+                self.finish(i, StopReason::Interrupted);
+            }
+        }
+    }
+
+    /// Moves waiting requests into idle slots, first come first served.
+    fn admit(&mut self) {
+        while !self.waiting.is_empty() {
+            let prompt = &self.waiting[0].request.prompt;
+            // The idle slot sharing the longest prefix, else the least recently used.
+            let best = self
+                .slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.active.is_none())
+                .map(|(i, s)| (i, common_prefix(&s.fed, prompt), s.last_used))
+                .max_by(|a, b| a.1.cmp(&b.1).then(b.2.cmp(&a.2)));
+            let Some((i, common, _)) = best else { return };
+            let submission = self.waiting.pop_front().expect("not empty");
+            let request = &submission.request;
+            // At least the last prompt token is fed again: its logits are needed.
+            let keep = common.min(request.prompt.len() - 1);
+            let slot = &mut self.slots[i];
+            slot.fed.truncate(keep);
+            slot.cache.truncate(keep);
+            let sequence = Sequence::new(
+                self.tokenizer,
+                Sampler::new(request.sampling.clone()),
+                &request.stop_ids,
+                &request.stop_texts,
+                request.max_tokens,
+                request.continuation.then_some(request.prompt.as_slice()),
+            );
+            slot.active = Some(Active {
+                submission,
+                sequence,
+                prompt_done: keep,
+                pending: 0,
+                cached: keep,
+                admitted: Instant::now(),
+                prefilled: None,
+                ttft_s: 0.0,
+            });
+        }
+    }
+
+    /// One forward pass over a decode row for every sequence that has a
+    /// token to feed and prefill chunks up to the batch budget; then
+    /// samples for every sequence whose logits came out.
+    fn run_step(&mut self) {
+        let mut plan: Vec<Option<(Feed, bool)>> = vec![None; self.slots.len()];
+        let mut rows = 0;
+        for (i, slot) in self.slots.iter().enumerate() {
+            if let Some(a) = &slot.active
+                && a.prefilled.is_some()
+            {
+                plan[i] = Some((Feed::Token, true));
+                rows += 1;
+            }
+        }
+        // Prompts in the order they arrived; at least one row a step, so a
+        // prompt advances however many streams run.
+        let mut order: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| {
+                self.slots[i]
+                    .active
+                    .as_ref()
+                    .is_some_and(|a| a.prefilled.is_none())
+            })
+            .collect();
+        order.sort_by_key(|&i| self.slots[i].active.as_ref().map(|a| a.admitted));
+        let mut budget = self.batch_tokens.saturating_sub(rows).max(1);
+        for i in order {
+            if budget == 0 {
+                break;
+            }
+            let a = self.slots[i].active.as_ref().expect("active");
+            let len = a.submission.request.prompt.len();
+            let to = len.min(a.prompt_done + budget);
+            budget -= to - a.prompt_done;
+            plan[i] = Some((
+                Feed::Prompt {
+                    from: a.prompt_done,
+                    to,
+                },
+                to == len,
+            ));
+        }
+        if plan.iter().all(Option::is_none) {
+            return;
+        }
+
+        let result = {
+            let mut chunks = Vec::new();
+            for (slot, p) in self.slots.iter_mut().zip(&plan) {
+                let Some((feed, logits)) = *p else { continue };
+                let Slot { cache, active, .. } = slot;
+                let a = active.as_ref().expect("planned slots are active");
+                let ids = match feed {
+                    Feed::Prompt { from, to } => &a.submission.request.prompt[from..to],
+                    Feed::Token => std::slice::from_ref(&a.pending),
+                };
+                chunks.push(Chunk { ids, cache, logits });
+            }
+            self.model.forward_batch(&mut chunks)
+        };
+        let logits = match result {
+            Ok(logits) => logits,
+            Err(e) => {
+                // The caches committed nothing: fail every sequence of the batch.
+                for (i, p) in plan.iter().enumerate() {
+                    if p.is_some() {
+                        self.fail(i, anyhow!("{e:#}"));
+                    }
+                }
+                return;
+            }
+        };
+
+        let mut row = 0;
+        for (i, p) in plan.iter().enumerate() {
+            let Some((feed, wants_logits)) = *p else {
+                continue;
+            };
+            let slot = &mut self.slots[i];
+            let a = slot.active.as_mut().expect("planned slots are active");
+            match feed {
+                Feed::Prompt { from, to } => {
+                    slot.fed
+                        .extend_from_slice(&a.submission.request.prompt[from..to]);
+                    a.prompt_done = to;
+                    if to == a.submission.request.prompt.len() {
+                        a.prefilled = Some(Instant::now());
+                    }
+                }
+                Feed::Token => slot.fed.push(a.pending),
+            }
+            if !wants_logits {
+                continue;
+            }
+            let next = logits
+                .as_ref()
+                .ok_or_else(|| anyhow!("the forward pass returned no logits"))
+                .and_then(|l| Ok(l.get(row)?));
+            row += 1;
+            let room = slot.fed.len() < self.context;
+            let events = &a.submission.events;
+            let mut gone = false;
+            let mut emit = |piece: &str| -> Result<()> {
+                events.send(Event::Text(piece.to_string())).map_err(|_| {
+                    gone = true;
+                    anyhow!("the client went away")
+                })
+            };
+            let next = next.and_then(|l| a.sequence.advance(&l, &slot.fed, room, &mut emit));
+            if a.ttft_s == 0.0 {
+                a.ttft_s = a.submission.submitted.elapsed().as_secs_f64();
+            }
+            match next {
+                Ok(Next::Feed(token)) => a.pending = token,
+                Ok(Next::Stop(reason)) => self.finish(i, reason),
+                Err(_) if gone => self.finish(i, StopReason::Interrupted),
+                Err(e) => self.fail(i, e),
+            }
+        }
+    }
+
+    /// Ends slot `i`'s sequence and reports it; the cache stays as a kept prefix.
+    fn finish(&mut self, i: usize, reason: StopReason) {
+        let step = self.step;
+        let slot = &mut self.slots[i];
+        let Some(mut a) = slot.active.take() else {
+            return;
+        };
+        slot.last_used = step;
+        let events = &a.submission.events;
+        let mut emit = |piece: &str| -> Result<()> {
+            let _ = events.send(Event::Text(piece.to_string()));
+            Ok(())
+        };
+        let stop = a.sequence.finish(reason, &mut emit).unwrap_or(reason);
+        let now = Instant::now();
+        let prefilled = a.prefilled.unwrap_or(now);
+        let request = &a.submission.request;
+        let stats = Stats {
+            prompt_tokens: request.prompt.len(),
+            cached_tokens: a.cached,
+            new_tokens: request.prompt.len() - a.cached,
+            prompt_s: (prefilled - a.admitted).as_secs_f64(),
+            gen_tokens: a.sequence.generated(),
+            gen_s: (now - prefilled).as_secs_f64(),
+            ttft_s: a.ttft_s,
+        };
+        let outcome = Outcome {
+            text: a.sequence.text().to_string(),
+            ids: a.sequence.ids().to_vec(),
+            stop,
+            stats,
+            context_len: slot.fed.len(),
+        };
+        let _ = a.submission.events.send(Event::Finished(outcome));
+    }
+
+    /// Ends slot `i`'s sequence with an error; its cache stays consistent.
+    fn fail(&mut self, i: usize, error: anyhow::Error) {
+        let step = self.step;
+        let slot = &mut self.slots[i];
+        if let Some(a) = slot.active.take() {
+            slot.last_used = step;
+            let _ = a.submission.events.send(Event::Failed(error));
+        }
+    }
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}

@@ -1,0 +1,338 @@
+//! The engine's continuous batching: a sequence answers the same whether it
+//! runs alone or batched with others that start at different steps, with
+//! and without a sliding window smaller than the prompts; cancelling frees
+//! the slot and leaves a consistent kept prefix.
+
+mod common;
+
+use candle_core::{DType, Device};
+use common::{golden, ids};
+use starling::engine::{
+    Engine, EngineConfig, GenerateRequest, Request, Sampler, SamplerConfig, Session, StopReason,
+    generate,
+};
+use starling::model::{Chunk, Config, Logits, Model, synthetic};
+use starling::tokenizer::TextTokenizer;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+/// The golden model, or with `window` as its sliding window. Each file is
+/// written once per test binary: tests run in parallel and map it.
+fn model(window: Option<usize>) -> Model {
+    static DIRS: Mutex<Vec<(Option<usize>, PathBuf)>> = Mutex::new(Vec::new());
+    let mut dirs = DIRS.lock().unwrap();
+    let dir = match dirs.iter().find(|(w, _)| *w == window) {
+        Some((_, dir)) => dir.clone(),
+        None => {
+            let dir = common::scratch(&format!("engine-model-{}", window.unwrap_or(0)));
+            let config = common::config_json(|c| {
+                if let Some(w) = window {
+                    c["sliding_window"] = w.into();
+                }
+            });
+            let cfg = Config::from_json(&config.to_string()).unwrap();
+            synthetic::write_safetensors(&cfg, &dir).unwrap();
+            std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+            dirs.push((window, dir.clone()));
+            dir
+        }
+    };
+    drop(dirs);
+    let cfg = Config::from_file(&dir.join("config.json")).unwrap();
+    let weights = starling::weights::Weights::open(&[dir.join("model.safetensors")]).unwrap();
+    Model::load(&cfg, &weights, DType::F32, &Device::Cpu).unwrap()
+}
+
+fn tokenizer() -> Arc<TextTokenizer> {
+    Arc::new(common::load_tokenizer(&common::tiny_model()))
+}
+
+/// The golden prompts and others of different lengths (3 to 61 ids).
+fn prompts() -> Vec<Vec<u32>> {
+    let mut all = vec![
+        ids(&golden()["cases"][0]["prompt"]["ids"]),
+        ids(&golden()["cases"][1]["prompt"]["ids"]),
+    ];
+    for (n, len) in [3usize, 9, 23, 61, 30, 12].into_iter().enumerate() {
+        all.push(
+            (0..len as u32)
+                .map(|i| 1 + (i * 7919 + n as u32 * 104729) % 31999)
+                .collect(),
+        );
+    }
+    all
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    starling::engine::sampler::argmax(row)
+}
+
+/// Greedy decode alone: the logits after the prompt and after each of `n` tokens.
+fn alone(model: &Model, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let mut cache = model.new_cache();
+    let mut logits = model.forward(prompt, &mut cache, Logits::Last).unwrap();
+    let (mut out, mut rows) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let row = logits.to_vec1::<f32>().unwrap();
+        let token = argmax(&row);
+        rows.push(row);
+        out.push(token);
+        logits = model.forward(&[token], &mut cache, Logits::Last).unwrap();
+    }
+    (out, rows)
+}
+
+/// All prompts through `forward_batch`: sequence k starts at step k, its
+/// prompt prefilled in chunks of `chunk` ids while the earlier ones decode.
+fn batched(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    n: usize,
+    chunk: usize,
+) -> Vec<(Vec<u32>, Vec<Vec<f32>>)> {
+    let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
+    let mut done = vec![0usize; prompts.len()];
+    let mut pending = vec![0u32; prompts.len()];
+    let mut out: Vec<(Vec<u32>, Vec<Vec<f32>>)> = vec![(Vec::new(), Vec::new()); prompts.len()];
+    for step in 0.. {
+        let mut batch = Vec::new();
+        let mut who = Vec::new();
+        for (k, cache) in caches.iter_mut().enumerate() {
+            if step < k || out[k].0.len() == n {
+                continue;
+            }
+            let p = &prompts[k];
+            if done[k] < p.len() {
+                let to = p.len().min(done[k] + chunk);
+                batch.push(Chunk {
+                    ids: &p[done[k]..to],
+                    cache,
+                    logits: to == p.len(),
+                });
+                who.push((k, to == p.len()));
+                done[k] = to;
+            } else {
+                batch.push(Chunk {
+                    ids: std::slice::from_ref(&pending[k]),
+                    cache,
+                    logits: true,
+                });
+                who.push((k, true));
+            }
+        }
+        if batch.is_empty() {
+            break;
+        }
+        let logits = model.forward_batch(&mut batch).unwrap();
+        drop(batch);
+        let mut row = 0;
+        for (k, wants) in who {
+            if !wants {
+                continue;
+            }
+            let values = logits
+                .as_ref()
+                .unwrap()
+                .get(row)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            row += 1;
+            pending[k] = argmax(&values);
+            out[k].0.push(pending[k]);
+            out[k].1.push(values);
+        }
+    }
+    out
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn batched_matches_alone(window: Option<usize>) {
+    let model = model(window);
+    let prompts = prompts();
+    let n = 10;
+    for chunk in [5, 64] {
+        let together = batched(&model, &prompts, n, chunk);
+        for (k, prompt) in prompts.iter().enumerate() {
+            let (ids, rows) = alone(&model, prompt, n);
+            assert_eq!(
+                together[k].0, ids,
+                "sequence {k} (chunk {chunk}): greedy ids differ"
+            );
+            for (step, (a, b)) in rows.iter().zip(&together[k].1).enumerate() {
+                let d = max_diff(a, b);
+                assert!(
+                    d <= 1e-4,
+                    "sequence {k} step {step} (chunk {chunk}): logits differ by {d}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_sequence_batched_with_others_gives_its_single_run_logits() {
+    batched_matches_alone(None);
+}
+
+#[test]
+fn batched_sequences_keep_a_sliding_window_smaller_than_their_prompts() {
+    // The window must matter here, or this test would not test it.
+    let (windowed, full) = (model(Some(8)), model(None));
+    let prompt = &prompts()[5];
+    let a = windowed
+        .forward(prompt, &mut windowed.new_cache(), Logits::Last)
+        .unwrap();
+    let b = full
+        .forward(prompt, &mut full.new_cache(), Logits::Last)
+        .unwrap();
+    assert!(max_diff(&a.to_vec1().unwrap(), &b.to_vec1().unwrap()) > 1e-3);
+    batched_matches_alone(Some(8));
+}
+
+fn greedy(max_tokens: usize, prompt: Vec<u32>) -> GenerateRequest {
+    GenerateRequest {
+        prompt,
+        sampling: SamplerConfig {
+            temperature: 0.0,
+            ..SamplerConfig::default()
+        },
+        max_tokens,
+        stop_ids: vec![],
+        stop_texts: vec![],
+        continuation: false,
+    }
+}
+
+/// The answer a single-sequence session gives.
+fn session_answer(window: Option<usize>, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
+    let tok = tokenizer();
+    let mut session = Session::new(model(window));
+    let request = Request {
+        prompt,
+        max_tokens,
+        stop_ids: &[],
+        stop_texts: &[],
+        interrupt: None,
+        continuation: false,
+    };
+    let mut sampler = Sampler::new(greedy(0, vec![]).sampling);
+    generate(&mut session, &tok, &mut sampler, &request, &mut |_| Ok(()))
+        .unwrap()
+        .ids
+}
+
+#[test]
+fn the_engine_answers_each_request_as_a_single_run_would() {
+    for window in [None, Some(8)] {
+        let config = EngineConfig {
+            parallel: 4,
+            batch_tokens: 7,
+            context: None,
+        };
+        let engine = Engine::start(model(window), Some(tokenizer()), config).unwrap();
+        let prompts = prompts();
+        // Eight requests on four slots: the later ones wait, then start while
+        // others are mid-answer; a prompt takes several steps to prefill.
+        let mut handles = Vec::new();
+        for p in &prompts {
+            handles.push(engine.submit(greedy(9, p.clone())).unwrap());
+            std::thread::sleep(std::time::Duration::from_millis(3));
+        }
+        for (p, h) in prompts.iter().zip(handles) {
+            let mut streamed = String::new();
+            let mut on_text = |t: &str| {
+                streamed.push_str(t);
+                Ok(())
+            };
+            let outcome = h.wait(&mut on_text, None).unwrap();
+            assert_eq!(
+                outcome.ids,
+                session_answer(window, p, 9),
+                "window {window:?}"
+            );
+            assert_eq!(outcome.text, streamed);
+            assert_eq!(outcome.stop, StopReason::MaxTokens);
+            assert_eq!(outcome.stats.gen_tokens, 9);
+        }
+    }
+}
+
+#[test]
+fn cancelling_frees_the_slot_and_keeps_a_consistent_prefix() {
+    let config = EngineConfig {
+        parallel: 1,
+        batch_tokens: 16,
+        context: None,
+    };
+    let engine = Engine::start(model(None), Some(tokenizer()), config).unwrap();
+    let first = prompts()[3].clone();
+    let long = engine.submit(greedy(100_000, first.clone())).unwrap();
+    let queued = engine.submit(greedy(5, prompts()[4].clone())).unwrap();
+    // Let the long answer run a few tokens, then cancel it.
+    match long.recv() {
+        Some(starling::engine::Event::Text(_)) => {}
+        other => panic!("expected text, got {other:?}"),
+    }
+    long.cancel();
+    let cut = long.wait(&mut |_| Ok(()), None).unwrap();
+    assert_eq!(cut.stop, StopReason::Interrupted);
+    assert!(cut.stats.gen_tokens >= 1 && cut.stats.gen_tokens < 100_000);
+    // The queued request got the slot.
+    let next = queued.wait(&mut |_| Ok(()), None).unwrap();
+    assert_eq!(next.ids, session_answer(None, &prompts()[4], 5));
+
+    // A follow-up on the cancelled answer reuses what is kept and answers as from scratch.
+    let again = engine.submit(greedy(4, first.clone())).unwrap();
+    let again = again.wait(&mut |_| Ok(()), None).unwrap();
+    assert_eq!(
+        again.stats.cached_tokens, 0,
+        "the slot was taken by the queued request"
+    );
+    let mut follow = first.clone();
+    follow.extend(&again.ids);
+    follow.push(13);
+    let reused = engine
+        .submit(greedy(6, follow.clone()))
+        .unwrap()
+        .wait(&mut |_| Ok(()), None)
+        .unwrap();
+    assert!(
+        reused.stats.cached_tokens >= first.len(),
+        "{:?}",
+        reused.stats
+    );
+    assert_eq!(reused.ids, session_answer(None, &follow, 6));
+}
+
+#[test]
+fn a_prompt_longer_than_the_context_is_refused_at_once() {
+    let config = EngineConfig {
+        parallel: 2,
+        batch_tokens: 16,
+        context: Some(32),
+    };
+    let engine = Engine::start(model(None), Some(tokenizer()), config).unwrap();
+    let err = engine
+        .submit(greedy(4, vec![5; 40]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("40 tokens, longer than the model's context of 32"),
+        "{err}"
+    );
+    // The context ends an answer that outgrows it.
+    let out = engine
+        .submit(greedy(100, vec![5; 30]))
+        .unwrap()
+        .wait(&mut |_| Ok(()), None)
+        .unwrap();
+    assert_eq!(out.stop, StopReason::ContextFull);
+    assert_eq!(out.context_len, 32);
+}
