@@ -83,6 +83,19 @@ pub struct BenchArgs {
     /// ceiling (default: measured by a short read probe after the runs).
     #[arg(long, value_name = "GB/S")]
     pub bandwidth: Option<f64>,
+    /// Sequences decoded together through the engine, as llama-batched-bench's
+    /// -npl: a list (1,2,4,8). Each stream has its own prompt of -p tokens and
+    /// answers -n tokens; prints aggregate and per-stream speeds per B.
+    #[arg(long, value_name = "B,...", value_delimiter = ',',
+          value_parser = clap::value_parser!(u16).range(1..=256).map(usize::from))]
+    pub parallel: Vec<usize>,
+    /// With --parallel: rows per engine step. Default: every prompt in one step
+    /// (B × p rows), as llama-batched-bench feeds them.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
+    pub batch_tokens: Option<usize>,
+    /// With --parallel: one JSON object per line and per B instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -609,6 +609,50 @@ fn bench_reports_prompt_and_generation_speed() {
     );
 }
 
+/// `bench --parallel` runs B streams through the engine and reports, per B,
+/// the keys scripts compare (as llama-batched-bench's columns).
+#[test]
+fn bench_parallel_reports_aggregate_and_per_stream_speed_per_batch_size() {
+    let out = ok(&starling(
+        &[
+            "bench",
+            "--synthetic",
+            "tiny",
+            "-p",
+            "12",
+            "-n",
+            "5",
+            "-r",
+            "2",
+            "--parallel",
+            "1,3",
+            "--json",
+        ],
+        None,
+    ));
+    let rows: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    for (row, b) in rows.iter().zip([1.0, 3.0]) {
+        assert_eq!(row["parallel"].as_f64(), Some(b), "{row}");
+        assert_eq!(row["prompt_tokens"], 12);
+        assert_eq!(row["gen_tokens"], 5);
+        for key in [
+            "prompt_tps",
+            "gen_tps",
+            "ttft_s",
+            "peak_rss_bytes",
+            "weights_bytes",
+        ] {
+            assert!(row[key].as_f64().unwrap() > 0.0, "{key} in {row}");
+        }
+        let per_stream = row["gen_tps_per_stream"].as_f64().unwrap();
+        assert!((per_stream * b - row["gen_tps"].as_f64().unwrap()).abs() < 1e-6);
+    }
+}
+
 #[test]
 fn weights_that_cannot_fit_in_memory_are_refused_before_loading() {
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();

@@ -6,10 +6,12 @@
 //! formula, so anyone can measure without a download.
 
 use crate::cli::BenchArgs;
+use crate::engine::{Engine, EngineConfig, GenerateRequest, SamplerConfig};
 use crate::loader;
 use crate::model::{Config, Logits, Model, synthetic};
 use crate::weights::Weights;
 use anyhow::{Result, bail};
+use std::sync::Arc;
 use std::time::Instant;
 
 pub fn run(args: &BenchArgs) -> Result<()> {
@@ -51,6 +53,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         );
     }
     let vocab = config.vocab_size as u32;
+    if !args.parallel.is_empty() {
+        return parallel(args, Arc::new(model), &label, load_s, vocab);
+    }
     let prompt: Vec<u32> = (0..p as u32)
         .map(|i| (i.wrapping_mul(7919) + 13) % vocab)
         .collect();
@@ -133,6 +138,127 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             kv_per_position as f64 * (p + n) as f64 / 1e6,
             p + n
         );
+    }
+    Ok(())
+}
+
+/// `--parallel B,...`: for each B, B streams through the engine, each with
+/// its own prompt (no prefix shared between streams or repetitions), as
+/// llama-batched-bench measures: aggregate prompt speed (all B prompts over
+/// the time to the last stream's first token), aggregate generation speed
+/// (the B × (n-1) decode-step tokens over the time from the last first
+/// token to the end), per stream, time to first token, peak RSS; medians
+/// over the repetitions.
+fn parallel(
+    args: &BenchArgs,
+    model: Arc<Model>,
+    label: &str,
+    load_s: f64,
+    vocab: u32,
+) -> Result<()> {
+    let (p, n) = (args.prompt_tokens, args.gen_tokens);
+    let weights_bytes = model.weight_bytes();
+    if !args.json {
+        println!(
+            "| model | B | pp | tg | prompt t/s | gen t/s | gen t/s per stream | ttft s | peak RSS |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|");
+    }
+    let mut salt = 0u32;
+    for &b in &args.parallel {
+        let config = EngineConfig {
+            parallel: b,
+            batch_tokens: args.batch_tokens.unwrap_or(b * p),
+            context: Some(p + n),
+        };
+        let engine = Engine::start(model.clone(), None, config)?;
+        let mut distinct_prompt = || {
+            salt += 1;
+            let s = salt;
+            (0..p as u32)
+                .map(move |i| (i.wrapping_mul(7919) ^ s.wrapping_mul(104_729)) % vocab)
+                .collect::<Vec<u32>>()
+        };
+        let request = |prompt: Vec<u32>, max_tokens: usize| GenerateRequest {
+            prompt,
+            sampling: SamplerConfig {
+                temperature: 0.0,
+                ..SamplerConfig::default()
+            },
+            max_tokens,
+            stop_ids: Vec::new(),
+            stop_texts: Vec::new(),
+            continuation: false,
+        };
+        // Warm-up outside the measurements.
+        let warm: Vec<u32> = distinct_prompt().into_iter().take(8).collect();
+        engine
+            .submit(request(warm, 2))?
+            .wait(&mut |_| Ok(()), None)?;
+        let (mut pp, mut tg, mut ttft) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..args.repetitions {
+            let start = Instant::now();
+            let handles = (0..b)
+                .map(|_| engine.submit(request(distinct_prompt(), n.max(1))))
+                .collect::<Result<Vec<_>>>()?;
+            let mut last_first = 0f64;
+            for h in handles {
+                let outcome = h.wait(&mut |_| Ok(()), None)?;
+                if outcome.stats.gen_tokens != n.max(1) {
+                    bail!("a stream stopped after {} tokens", outcome.stats.gen_tokens);
+                }
+                last_first = last_first.max(outcome.stats.ttft_s);
+            }
+            let total = start.elapsed().as_secs_f64();
+            ttft.push(last_first);
+            pp.push((b * p) as f64 / last_first);
+            if n > 1 {
+                tg.push((b * (n - 1)) as f64 / (total - last_first));
+            }
+        }
+        let median = |v: &mut Vec<f64>| {
+            if v.is_empty() {
+                return 0.0;
+            }
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (pp, tg, ttft) = (median(&mut pp), median(&mut tg), median(&mut ttft));
+        let peak = peak_rss_bytes().unwrap_or(0);
+        if args.json {
+            let line = serde_json::json!({
+                "model": label,
+                "parallel": b,
+                "prompt_tokens": p,
+                "gen_tokens": n,
+                "prompt_tps": pp,
+                "gen_tps": tg,
+                "gen_tps_per_stream": tg / b as f64,
+                "ttft_s": ttft,
+                "load_s": load_s,
+                "weights_bytes": weights_bytes,
+                "peak_rss_bytes": peak,
+                "threads": candle_core::utils::get_num_threads(),
+            });
+            println!("{line}");
+        } else {
+            println!(
+                "| {label} | {b} | {p} | {n} | {pp:.2} | {tg:.2} | {:.2} | {ttft:.3} | {:.2} GB |",
+                tg / b as f64,
+                peak as f64 / 1e9
+            );
+        }
+    }
+    if !args.json {
+        println!(
+            "\nload {load_s:.2} s · weights {:.2} GB · {} threads · {} repetitions · batch {} rows per step",
+            weights_bytes as f64 / 1e9,
+            candle_core::utils::get_num_threads(),
+            args.repetitions,
+            args.batch_tokens
+                .map_or_else(|| "B × p".to_string(), |t| t.to_string())
+        );
+        println!("cpu {}", cpu_description());
     }
     Ok(())
 }

@@ -24,7 +24,7 @@ use super::generate::{Outcome, Stats, StopReason};
 use super::request::{Event, GenerateRequest, Handle};
 use super::sampler::Sampler;
 use super::sequence::{Next, Sequence};
-use crate::model::{Chunk, KvCache, Model};
+use crate::model::{Chunk, KvCache, Model, PREFILL_CHUNK};
 use crate::tokenizer::TextTokenizer;
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use std::collections::VecDeque;
@@ -411,7 +411,8 @@ impl<'t> StepLoop<'t> {
             }
             let a = self.slots[i].active.as_ref().expect("active");
             let len = a.submission.request.prompt.len();
-            let to = len.min(a.prompt_done + budget);
+            // A chunk's attention scores grow with its length times the context: cap it.
+            let to = len.min(a.prompt_done + budget.min(PREFILL_CHUNK));
             budget -= to - a.prompt_done;
             plan[i] = Some((
                 Feed::Prompt {

@@ -39,7 +39,7 @@ pub enum RopeLayout {
 
 /// Prompts are fed in chunks of this many positions so the attention scores
 /// (`heads × chunk × context` floats) stay bounded for long prompts.
-const PREFILL_CHUNK: usize = 512;
+pub const PREFILL_CHUNK: usize = 512;
 
 struct Attention {
     q: Linear,
