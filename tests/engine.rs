@@ -336,3 +336,53 @@ fn a_prompt_longer_than_the_context_is_refused_at_once() {
     assert_eq!(out.stop, StopReason::ContextFull);
     assert_eq!(out.context_len, 32);
 }
+
+/// n answers to one prompt share its prefill: the prompt is fed once, the
+/// others start from a copy of its cache, each with its own seed.
+#[test]
+fn n_answers_share_one_prefill() {
+    let config = EngineConfig {
+        parallel: 4,
+        batch_tokens: 64,
+        context: None,
+    };
+    let engine = Engine::start(model(None), Some(tokenizer()), config).unwrap();
+    let prompt = prompts()[1].clone();
+    let handles = engine.submit_n(greedy(7, prompt.clone()), 3).unwrap();
+    let outcomes: Vec<_> = handles
+        .into_iter()
+        .map(|h| h.wait(&mut |_| Ok(()), None).unwrap())
+        .collect();
+    let alone = session_answer(None, &prompt, 7);
+    for (i, o) in outcomes.iter().enumerate() {
+        assert_eq!(o.ids, alone, "answer {i}");
+        let fed_here = o.stats.prompt_tokens - o.stats.cached_tokens;
+        assert_eq!(
+            fed_here,
+            if i == 0 { prompt.len() } else { 0 },
+            "answer {i}"
+        );
+    }
+    // Sampled: each answer draws with its own seed, reproducibly.
+    let sampled = |seed: u64| -> Vec<Vec<u32>> {
+        let mut request = greedy(12, prompt.clone());
+        request.sampling = SamplerConfig {
+            temperature: 1.5,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed,
+            ..SamplerConfig::default()
+        };
+        engine
+            .submit_n(request, 3)
+            .unwrap()
+            .into_iter()
+            .map(|h| h.wait(&mut |_| Ok(()), None).unwrap().ids)
+            .collect()
+    };
+    let (a, b) = (sampled(7), sampled(7));
+    assert_eq!(a, b);
+    assert!(a[0] != a[1] && a[1] != a[2], "{a:?}");
+    assert!(engine.submit_n(greedy(1, prompt.clone()), 5).is_err());
+}

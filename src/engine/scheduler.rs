@@ -27,6 +27,7 @@ use super::sequence::{Next, Sequence};
 use crate::model::{Chunk, KvCache, Model, PREFILL_CHUNK};
 use crate::tokenizer::TextTokenizer;
 use anyhow::{Context, Result, anyhow, bail, ensure};
+use candle_core::Tensor;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -77,6 +78,9 @@ struct Submission {
     events: Sender<Event>,
     cancel: Arc<AtomicBool>,
     submitted: Instant,
+    /// Sequences that share this one's prefill (`submit_n`): each gets a
+    /// copy of the prompt's cache and its own seed.
+    followers: Vec<Submission>,
 }
 
 impl Engine {
@@ -136,6 +140,15 @@ impl Engine {
     /// at once (nothing queued) when the prompt is empty or longer than a
     /// sequence's context.
     pub fn submit(&self, request: GenerateRequest) -> Result<Handle> {
+        let mut handles = self.submit_n(request, 1)?;
+        Ok(handles.pop().expect("one handle"))
+    }
+
+    /// Queues `n` answers to one prompt that share its prefill: the prompt
+    /// is fed once and its cache copied (forked) into the other sequences'
+    /// slots. Answer `i` samples with seed `request.sampling.seed + i`.
+    /// `n` may not exceed the engine's `parallel`.
+    pub fn submit_n(&self, request: GenerateRequest, n: usize) -> Result<Vec<Handle>> {
         if request.prompt.is_empty() {
             bail!("the prompt is empty");
         }
@@ -146,20 +159,41 @@ impl Engine {
                 self.context
             );
         }
+        if n == 0 || n > self.parallel {
+            bail!(
+                "n must be between 1 and {} (the sequences decoded at once), not {n}",
+                self.parallel
+            );
+        }
         request.sampling.validate()?;
-        let (events, rx) = mpsc::channel();
-        let cancel = Arc::new(AtomicBool::new(false));
-        let submission = Submission {
-            request,
-            events,
-            cancel: cancel.clone(),
-            submitted: Instant::now(),
-        };
+        let submitted = Instant::now();
+        let mut handles = Vec::with_capacity(n);
+        let mut all: Vec<Submission> = (0..n)
+            .map(|i| {
+                let (events, rx) = mpsc::channel();
+                let cancel = Arc::new(AtomicBool::new(false));
+                handles.push(Handle {
+                    events: rx,
+                    cancel: cancel.clone(),
+                });
+                let mut request = request.clone();
+                request.sampling.seed = request.sampling.seed.wrapping_add(i as u64);
+                Submission {
+                    request,
+                    events,
+                    cancel,
+                    submitted,
+                    followers: Vec::new(),
+                }
+            })
+            .collect();
+        let mut leader = all.remove(0);
+        leader.followers = all;
         self.queue
             .as_ref()
-            .and_then(|q| q.send(submission).ok())
+            .and_then(|q| q.send(leader).ok())
             .ok_or_else(|| anyhow!("the engine has stopped"))?;
-        Ok(Handle { events: rx, cancel })
+        Ok(handles)
     }
 
     /// Positions each sequence may hold (prompt and answer).
@@ -243,6 +277,10 @@ struct Active<'t> {
     admitted: Instant,
     prefilled: Option<Instant>,
     ttft_s: f64,
+    /// Slots of the sequences waiting for this one's prefill.
+    followers: Vec<usize>,
+    /// A follower waits for its leader's prefill instead of feeding its prompt.
+    follows: bool,
 }
 
 /// What one slot feeds in a step.
@@ -328,10 +366,11 @@ impl<'t> StepLoop<'t> {
             !cancelled
         });
         for i in 0..self.slots.len() {
+            // A follower still waiting for its leader's prefill ends after the fork.
             let cancelled = self.slots[i]
                 .active
                 .as_ref()
-                .is_some_and(|a| a.submission.cancel.load(Ordering::Relaxed));
+                .is_some_and(|a| !a.follows && a.submission.cancel.load(Ordering::Relaxed));
             if cancelled {
                 self.finish(i, StopReason::Interrupted);
             }
@@ -340,43 +379,71 @@ impl<'t> StepLoop<'t> {
 
     /// Moves waiting requests into idle slots, first come first served.
     fn admit(&mut self) {
-        while !self.waiting.is_empty() {
-            let prompt = &self.waiting[0].request.prompt;
+        while let Some(next) = self.waiting.front() {
+            let idle: Vec<usize> = (0..self.slots.len())
+                .filter(|&i| self.slots[i].active.is_none())
+                .collect();
+            if idle.len() < 1 + next.followers.len() {
+                return;
+            }
+            let prompt = &next.request.prompt;
             // The idle slot sharing the longest prefix, else the least recently used.
-            let best = self
-                .slots
+            let leader = *idle
                 .iter()
-                .enumerate()
-                .filter(|(_, s)| s.active.is_none())
-                .map(|(i, s)| (i, common_prefix(&s.fed, prompt), s.last_used))
-                .max_by(|a, b| a.1.cmp(&b.1).then(b.2.cmp(&a.2)));
-            let Some((i, common, _)) = best else { return };
-            let submission = self.waiting.pop_front().expect("not empty");
-            let request = &submission.request;
+                .max_by(|&&a, &&b| {
+                    let (sa, sb) = (&self.slots[a], &self.slots[b]);
+                    common_prefix(&sa.fed, prompt)
+                        .cmp(&common_prefix(&sb.fed, prompt))
+                        .then(sb.last_used.cmp(&sa.last_used))
+                })
+                .expect("an idle slot");
+            let common = common_prefix(&self.slots[leader].fed, prompt);
+            let mut submission = self.waiting.pop_front().expect("not empty");
+            // Followers take the least recently used of the other idle slots.
+            let mut others: Vec<usize> = idle.into_iter().filter(|&i| i != leader).collect();
+            others.sort_by_key(|&i| self.slots[i].last_used);
+            let followers: Vec<usize> = others
+                .into_iter()
+                .take(submission.followers.len())
+                .collect();
+            for (&slot, follower) in followers.iter().zip(submission.followers.drain(..)) {
+                self.start(slot, follower, 0, true);
+            }
             // At least the last prompt token is fed again: its logits are needed.
-            let keep = common.min(request.prompt.len() - 1);
-            let slot = &mut self.slots[i];
-            slot.fed.truncate(keep);
-            slot.cache.truncate(keep);
-            let sequence = Sequence::new(
-                self.tokenizer,
-                Sampler::new(request.sampling.clone()),
-                &request.stop_ids,
-                &request.stop_texts,
-                request.max_tokens,
-                request.continuation.then_some(request.prompt.as_slice()),
-            );
-            slot.active = Some(Active {
-                submission,
-                sequence,
-                prompt_done: keep,
-                pending: 0,
-                cached: keep,
-                admitted: Instant::now(),
-                prefilled: None,
-                ttft_s: 0.0,
-            });
+            let keep = common.min(submission.request.prompt.len() - 1);
+            self.start(leader, submission, keep, false);
+            if let Some(a) = self.slots[leader].active.as_mut() {
+                a.followers = followers;
+            }
         }
+    }
+
+    /// Puts `submission` in slot `i`, whose first `keep` positions it reuses.
+    fn start(&mut self, i: usize, submission: Submission, keep: usize, follows: bool) {
+        let request = &submission.request;
+        let slot = &mut self.slots[i];
+        slot.fed.truncate(keep);
+        slot.cache.truncate(keep);
+        let sequence = Sequence::new(
+            self.tokenizer,
+            Sampler::new(request.sampling.clone()),
+            &request.stop_ids,
+            &request.stop_texts,
+            request.max_tokens,
+            request.continuation.then_some(request.prompt.as_slice()),
+        );
+        slot.active = Some(Active {
+            submission,
+            sequence,
+            prompt_done: keep,
+            pending: 0,
+            cached: keep,
+            admitted: Instant::now(),
+            prefilled: None,
+            ttft_s: 0.0,
+            followers: Vec::new(),
+            follows,
+        });
     }
 
     /// One forward pass over a decode row for every sequence that has a
@@ -400,7 +467,7 @@ impl<'t> StepLoop<'t> {
                 self.slots[i]
                     .active
                     .as_ref()
-                    .is_some_and(|a| a.prefilled.is_none())
+                    .is_some_and(|a| a.prefilled.is_none() && !a.follows)
             })
             .collect();
         order.sort_by_key(|&i| self.slots[i].active.as_ref().map(|a| a.admitted));
@@ -479,25 +546,75 @@ impl<'t> StepLoop<'t> {
                 .ok_or_else(|| anyhow!("the forward pass returned no logits"))
                 .and_then(|l| Ok(l.get(row)?));
             row += 1;
-            let room = slot.fed.len() < self.context;
-            let events = &a.submission.events;
-            let mut gone = false;
-            let mut emit = |piece: &str| -> Result<()> {
-                events.send(Event::Text(piece.to_string())).map_err(|_| {
-                    gone = true;
-                    anyhow!("the client went away")
-                })
+            let followers = std::mem::take(&mut a.followers);
+            let next = match next {
+                Ok(next) => next,
+                Err(e) => {
+                    for f in followers {
+                        self.fail(f, anyhow!("{e:#}"));
+                    }
+                    self.fail(i, e);
+                    continue;
+                }
             };
-            let next = next.and_then(|l| a.sequence.advance(&l, &slot.fed, room, &mut emit));
-            if a.ttft_s == 0.0 {
-                a.ttft_s = a.submission.submitted.elapsed().as_secs_f64();
+            for f in followers {
+                self.fork(i, f);
+                self.sample(f, &next);
             }
-            match next {
-                Ok(Next::Feed(token)) => a.pending = token,
-                Ok(Next::Stop(reason)) => self.finish(i, reason),
-                Err(_) if gone => self.finish(i, StopReason::Interrupted),
-                Err(e) => self.fail(i, e),
-            }
+            self.sample(i, &next);
+        }
+    }
+
+    /// Gives follower slot `f` a copy of leader slot `i`'s cache: the
+    /// prompt it shares, fed once.
+    fn fork(&mut self, i: usize, f: usize) {
+        let (leader, follower) = if i < f {
+            let (a, b) = self.slots.split_at_mut(f);
+            (&a[i], &mut b[0])
+        } else {
+            let (a, b) = self.slots.split_at_mut(i);
+            (&b[0], &mut a[f])
+        };
+        let copied = follower.cache.copy_from(&leader.cache, leader.fed.len());
+        follower.fed.clone_from(&leader.fed);
+        if let Err(e) = copied {
+            follower.fed.clear();
+            follower.cache.truncate(0);
+            self.fail(f, e);
+            return;
+        }
+        if let Some(a) = follower.active.as_mut() {
+            a.follows = false;
+            a.prompt_done = a.submission.request.prompt.len();
+            a.cached = a.prompt_done;
+            a.prefilled = Some(Instant::now());
+        }
+    }
+
+    /// Samples slot `i`'s next token from `logits` (`[vocab]`) and sends its text.
+    fn sample(&mut self, i: usize, logits: &Tensor) {
+        let slot = &mut self.slots[i];
+        let Some(a) = slot.active.as_mut() else {
+            return;
+        };
+        let room = slot.fed.len() < self.context;
+        let events = &a.submission.events;
+        let mut gone = false;
+        let mut emit = |piece: &str| -> Result<()> {
+            events.send(Event::Text(piece.to_string())).map_err(|_| {
+                gone = true;
+                anyhow!("the client went away")
+            })
+        };
+        let next = a.sequence.advance(logits, &slot.fed, room, &mut emit);
+        if a.ttft_s == 0.0 {
+            a.ttft_s = a.submission.submitted.elapsed().as_secs_f64();
+        }
+        match next {
+            Ok(Next::Feed(token)) => a.pending = token,
+            Ok(Next::Stop(reason)) => self.finish(i, reason),
+            Err(_) if gone => self.finish(i, StopReason::Interrupted),
+            Err(e) => self.fail(i, e),
         }
     }
 
@@ -509,6 +626,11 @@ impl<'t> StepLoop<'t> {
             return;
         };
         slot.last_used = step;
+        // Followers still waiting for this prefill end with it.
+        for f in std::mem::take(&mut a.followers) {
+            self.finish(f, reason);
+        }
+        let slot = &mut self.slots[i];
         let events = &a.submission.events;
         let mut emit = |piece: &str| -> Result<()> {
             let _ = events.send(Event::Text(piece.to_string()));
@@ -543,6 +665,9 @@ impl<'t> StepLoop<'t> {
         let slot = &mut self.slots[i];
         if let Some(a) = slot.active.take() {
             slot.last_used = step;
+            for f in a.followers {
+                self.fail(f, anyhow!("{error:#}"));
+            }
             let _ = a.submission.events.send(Event::Failed(error));
         }
     }

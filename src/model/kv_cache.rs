@@ -124,6 +124,25 @@ impl KvCache {
         ))
     }
 
+    /// Makes this cache hold a copy of `other`'s first `len` positions (a
+    /// forked prompt: copied, not recomputed).
+    pub(crate) fn copy_from(&mut self, other: &KvCache, len: usize) -> Result<()> {
+        ensure!(len <= other.len, "copying {len} positions of {}", other.len);
+        self.len = 0;
+        if len == 0 {
+            return Ok(());
+        }
+        self.reserve(len)?;
+        for layer in 0..self.num_layers {
+            let (k, v) = other.view(layer, 0, len)?;
+            let (kc, vc) = &self.layers[layer];
+            kc.slice_set(&k.contiguous()?, 1, 0)?;
+            vc.slice_set(&v.contiguous()?, 1, 0)?;
+        }
+        self.len = len;
+        Ok(())
+    }
+
     /// Marks `n` freshly written positions as live.
     pub(crate) fn commit(&mut self, n: usize) {
         self.len += n;
