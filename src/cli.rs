@@ -96,6 +96,10 @@ pub struct BenchArgs {
     /// With --parallel: one JSON object per line and per B instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also measure how long a running stream pauses while a prompt of N
+    /// tokens arrives (read in --batch-tokens chunks between its tokens).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
+    pub gap_prompt: Option<usize>,
 }
 
 #[derive(Debug, Args)]

@@ -651,6 +651,35 @@ fn bench_parallel_reports_aggregate_and_per_stream_speed_per_batch_size() {
         let per_stream = row["gen_tps_per_stream"].as_f64().unwrap();
         assert!((per_stream * b - row["gen_tps"].as_f64().unwrap()).abs() < 1e-6);
     }
+    // A running stream keeps making tokens while a long prompt is read in chunks.
+    let out = ok(&starling(
+        &[
+            "bench",
+            "--synthetic",
+            "tiny",
+            "-p",
+            "8",
+            "--gap-prompt",
+            "600",
+            "--batch-tokens",
+            "8",
+        ],
+        None,
+    ));
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("long-prompt gap"))
+        .expect(&out);
+    let made: usize = line
+        .split("made ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(made >= 600 / 8 - 2, "{line}");
 }
 
 #[test]

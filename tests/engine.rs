@@ -276,9 +276,12 @@ fn cancelling_frees_the_slot_and_keeps_a_consistent_prefix() {
     let long = engine.submit(greedy(100_000, first.clone())).unwrap();
     let queued = engine.submit(greedy(5, prompts()[4].clone())).unwrap();
     // Let the long answer run a few tokens, then cancel it.
-    match long.recv() {
-        Some(starling::engine::Event::Text(_)) => {}
-        other => panic!("expected text, got {other:?}"),
+    loop {
+        match long.recv() {
+            Some(starling::engine::Event::Token(_)) => {}
+            Some(starling::engine::Event::Text(_)) => break,
+            other => panic!("expected text, got {other:?}"),
+        }
     }
     long.cancel();
     let cut = long.wait(&mut |_| Ok(()), None).unwrap();

@@ -6,7 +6,9 @@
 //! formula, so anyone can measure without a download.
 
 use crate::cli::BenchArgs;
-use crate::engine::{Engine, EngineConfig, GenerateRequest, SamplerConfig};
+use crate::engine::{
+    DEFAULT_BATCH_TOKENS, Engine, EngineConfig, Event, GenerateRequest, SamplerConfig,
+};
 use crate::loader;
 use crate::model::{Config, Logits, Model, synthetic};
 use crate::weights::Weights;
@@ -53,8 +55,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         );
     }
     let vocab = config.vocab_size as u32;
-    if !args.parallel.is_empty() {
-        return parallel(args, Arc::new(model), &label, load_s, vocab);
+    if !args.parallel.is_empty() || args.gap_prompt.is_some() {
+        let model = Arc::new(model);
+        if !args.parallel.is_empty() {
+            parallel(args, model.clone(), &label, load_s, vocab)?;
+        }
+        if let Some(long) = args.gap_prompt {
+            gap(args, model, long, vocab)?;
+        }
+        return Ok(());
     }
     let prompt: Vec<u32> = (0..p as u32)
         .map(|i| (i.wrapping_mul(7919) + 13) % vocab)
@@ -260,6 +269,89 @@ fn parallel(
         );
         println!("cpu {}", cpu_description());
     }
+    Ok(())
+}
+
+/// `--gap-prompt N`: one stream generates; after its first tokens a
+/// prompt of N tokens arrives. Prints the stream's longest pause between
+/// two tokens while that prompt was read (about one chunk's prefill if the
+/// engine interleaves, the whole prompt's if it does not).
+fn gap(args: &BenchArgs, model: Arc<Model>, long: usize, vocab: u32) -> Result<()> {
+    let p = args.prompt_tokens;
+    let batch_tokens = args.batch_tokens.unwrap_or(DEFAULT_BATCH_TOKENS);
+    let context = (long + 1).max(p + 64);
+    let config = EngineConfig {
+        parallel: 2,
+        batch_tokens,
+        context: Some(context),
+    };
+    let engine = Engine::start(model, None, config)?;
+    let request = |prompt: Vec<u32>, max_tokens: usize| GenerateRequest {
+        prompt,
+        sampling: SamplerConfig {
+            temperature: 0.0,
+            ..SamplerConfig::default()
+        },
+        max_tokens,
+        stop_ids: Vec::new(),
+        stop_texts: Vec::new(),
+        continuation: false,
+    };
+    let prompt = |len: usize, salt: u32| -> Vec<u32> {
+        (0..len as u32)
+            .map(|i| (i.wrapping_mul(7919) ^ salt.wrapping_mul(104_729)) % vocab)
+            .collect()
+    };
+    let running = engine.submit(request(prompt(p, 1), context - p))?;
+    let mut tokens = 0;
+    while tokens < 3 {
+        match running.recv() {
+            Some(Event::Token(_)) => tokens += 1,
+            Some(Event::Finished(_)) | None => bail!("the running stream ended early"),
+            Some(Event::Failed(e)) => return Err(e),
+            Some(Event::Text(_)) => {}
+        }
+    }
+    let arrived = Instant::now();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let newcomer = engine.submit(request(prompt(long, 2), 1))?;
+    let waiter = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let outcome = newcomer.wait(&mut |_| Ok(()), None);
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            outcome
+        })
+    };
+    let mut last = arrived;
+    let mut gaps = Vec::new();
+    while !done.load(std::sync::atomic::Ordering::SeqCst) {
+        match running.recv() {
+            Some(Event::Token(_)) => {
+                let now = Instant::now();
+                gaps.push((now - last).as_secs_f64());
+                last = now;
+            }
+            Some(Event::Text(_)) => {}
+            Some(Event::Failed(e)) => return Err(e),
+            Some(Event::Finished(_)) | None => {
+                bail!("the running stream ended before the prompt was read")
+            }
+        }
+    }
+    let read_s = waiter
+        .join()
+        .map_err(|_| anyhow::anyhow!("the waiting thread panicked"))??
+        .stats
+        .ttft_s;
+    running.cancel();
+    gaps.sort_by(f64::total_cmp);
+    let longest = gaps.last().copied().unwrap_or(read_s);
+    println!(
+        "long-prompt gap: while a {long}-token prompt was read ({read_s:.2} s, chunks of up to {batch_tokens} rows), the running stream made {} tokens; its longest pause {longest:.3} s, median {:.3} s",
+        gaps.len(),
+        gaps.get(gaps.len() / 2).copied().unwrap_or(0.0)
+    );
     Ok(())
 }
 

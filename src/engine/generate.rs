@@ -122,7 +122,7 @@ pub fn generate(
             break StopReason::Interrupted;
         }
         let room = session.fed().len() < session.max_len();
-        let next = sequence.advance(&logits, session.fed(), room, on_text)?;
+        let next = sequence.advance(&logits, session.fed(), room, &mut |_| Ok(()), on_text)?;
         if ttft_s == 0.0 {
             ttft_s = start.elapsed().as_secs_f64();
         }

@@ -32,6 +32,8 @@ pub struct GenerateRequest {
 /// exactly one `Finished` or `Failed`.
 #[derive(Debug)]
 pub enum Event {
+    /// A generated token (before the text it completes, if any).
+    Token(u32),
     /// Text that is final (valid UTF-8, never taken back).
     Text(String),
     Finished(Outcome),
@@ -79,6 +81,7 @@ impl Handle {
                 },
             };
             match event {
+                Event::Token(_) => {}
                 Event::Text(piece) => {
                     if let Err(e) = on_text(&piece) {
                         self.cancel();

@@ -599,21 +599,27 @@ impl<'t> StepLoop<'t> {
         };
         let room = slot.fed.len() < self.context;
         let events = &a.submission.events;
-        let mut gone = false;
-        let mut emit = |piece: &str| -> Result<()> {
-            events.send(Event::Text(piece.to_string())).map_err(|_| {
-                gone = true;
+        let gone = std::cell::Cell::new(false);
+        let send = |event: Event| -> Result<()> {
+            events.send(event).map_err(|_| {
+                gone.set(true);
                 anyhow!("the client went away")
             })
         };
-        let next = a.sequence.advance(logits, &slot.fed, room, &mut emit);
+        let next = a.sequence.advance(
+            logits,
+            &slot.fed,
+            room,
+            &mut |id| send(Event::Token(id)),
+            &mut |piece| send(Event::Text(piece.to_string())),
+        );
         if a.ttft_s == 0.0 {
             a.ttft_s = a.submission.submitted.elapsed().as_secs_f64();
         }
         match next {
             Ok(Next::Feed(token)) => a.pending = token,
             Ok(Next::Stop(reason)) => self.finish(i, reason),
-            Err(_) if gone => self.finish(i, StopReason::Interrupted),
+            Err(_) if gone.get() => self.finish(i, StopReason::Interrupted),
             Err(e) => self.fail(i, e),
         }
     }

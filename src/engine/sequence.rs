@@ -62,11 +62,14 @@ impl<'t> Sequence<'t> {
     /// its `logits` (`[vocab]`, f32), passes the text it makes final to
     /// `emit`, and says whether to feed it. `room` says whether the
     /// context has a position left for it.
+    ///
+    /// `on_token` hears each generated token before the text it completes.
     pub fn advance(
         &mut self,
         logits: &Tensor,
         history: &[u32],
         room: bool,
+        on_token: &mut dyn FnMut(u32) -> Result<()>,
         emit: &mut dyn FnMut(&str) -> Result<()>,
     ) -> Result<Next> {
         if self.generated >= self.max_tokens {
@@ -78,6 +81,7 @@ impl<'t> Sequence<'t> {
         }
         self.generated += 1;
         self.ids.push(token);
+        on_token(token)?;
         let piece = match &mut self.decoder {
             Some(decoder) => decoder.push(token)?,
             None => None,
