@@ -186,9 +186,9 @@ pub struct EngineArgs {
     /// this many lines at once). Default: 4 for run, 1 for chat.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub parallel: Option<u16>,
-    /// Rows per forward pass: a decode row for every running sequence, then
-    /// prompt chunks up to this total (a smaller value shortens the pause a long
-    /// prompt causes in running answers).
+    /// Prompt rows per forward pass, on top of a decode row for every running
+    /// sequence (a smaller value shortens the pause a long prompt causes in
+    /// running answers; under 16, prompts are read more slowly).
     #[arg(long, value_name = "N", default_value_t = crate::engine::DEFAULT_BATCH_TOKENS,
           value_parser = clap::value_parser!(u32).range(1..=65536).map(|n| n as usize))]
     pub batch_tokens: usize,

@@ -389,3 +389,93 @@ fn n_answers_share_one_prefill() {
     assert!(a[0] != a[1] && a[1] != a[2], "{a:?}");
     assert!(engine.submit_n(greedy(1, prompt.clone()), 5).is_err());
 }
+
+/// A Q4_K model (the golden layout at dimensions its blocks divide).
+fn quantized_model() -> Model {
+    let config = common::config_json(|c| {
+        c["hidden_size"] = 256.into();
+        c["intermediate_size"] = 512.into();
+        c["head_dim"] = 64.into();
+    });
+    let cfg = Config::from_json(&config.to_string()).unwrap();
+    let weights = starling::weights::Weights::synthetic(&cfg)
+        .quantize_to(Some(candle_core::quantized::GgmlDType::Q4K));
+    Model::load(&cfg, &weights, DType::F32, &Device::Cpu).unwrap()
+}
+
+/// The kernels are batch-invariant: with prompts cut at the same places, a
+/// sequence's logits are bitwise those of its run alone, whatever shares
+/// its steps (decode rows of others, their prompt chunks, 16+ rows or not).
+#[test]
+fn a_quantized_sequences_logits_are_bitwise_independent_of_the_batch() {
+    let model = quantized_model();
+    let prompts = prompts();
+    for chunk in [16, 5] {
+        let together = batched(&model, &prompts, 6, chunk);
+        for (k, prompt) in prompts.iter().enumerate() {
+            let alone = batched(&model, std::slice::from_ref(prompt), 6, chunk).remove(0);
+            assert_eq!(together[k].0, alone.0, "sequence {k} (chunks of {chunk})");
+            for (step, (a, b)) in alone.1.iter().zip(&together[k].1).enumerate() {
+                let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(
+                    same,
+                    "sequence {k} step {step} (chunks of {chunk}): logits differ by {}",
+                    max_diff(a, b)
+                );
+            }
+        }
+    }
+}
+
+/// Same seed, same answer, whatever else is in the batch: sampled answers
+/// of eight requests on four slots equal their runs alone.
+#[test]
+fn same_seed_same_answer_whatever_else_is_in_the_batch() {
+    let sampled = |prompt: &Vec<u32>, seed: u64| {
+        let mut r = greedy(10, prompt.clone());
+        r.sampling = SamplerConfig {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed,
+            ..SamplerConfig::default()
+        };
+        r
+    };
+    let engine = |parallel| {
+        let config = EngineConfig {
+            parallel,
+            batch_tokens: 16,
+            context: None,
+        };
+        Engine::start(quantized_model(), None, config).unwrap()
+    };
+    let prompts = prompts();
+    let expected: Vec<Vec<u32>> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            // A fresh slot each time: no kept prefix shifts the chunks.
+            let e = engine(1);
+            e.submit(sampled(p, i as u64))
+                .unwrap()
+                .wait(&mut |_| Ok(()), None)
+                .unwrap()
+                .ids
+        })
+        .collect();
+    let shared = engine(4);
+    let mut handles = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        handles.push(shared.submit(sampled(p, i as u64)).unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    for (i, h) in handles.into_iter().enumerate() {
+        assert_eq!(
+            h.wait(&mut |_| Ok(()), None).unwrap().ids,
+            expected[i],
+            "request {i}"
+        );
+    }
+}

@@ -35,18 +35,18 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-/// Rows per step when none is given: a 7B model prefills about 20-30
-/// tokens/s on two cores, so 16 rows keep a step near half a second
+/// Prompt rows per step when none is given: a 7B model prefills about
+/// 20-30 tokens/s on two cores, so 16 rows keep a step near half a second
 /// (a running stream's longest pause while a long prompt arrives), and 16
-/// rows fill one panel of the prompt kernels.
+/// rows are the fewest the prompt kernels take.
 pub const DEFAULT_BATCH_TOKENS: usize = 16;
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     /// Sequences decoded at once (KV slots).
     pub parallel: usize,
-    /// Rows per forward pass: every running sequence's decode row, and
-    /// prefill chunks up to this total.
+    /// Prompt rows per forward pass, on top of every running sequence's
+    /// decode row; also the size of a prompt's chunks.
     pub batch_tokens: usize,
     /// Positions per sequence; `None`: the model's context, capped so that
     /// all slots fit in half the memory available at start.
@@ -451,17 +451,14 @@ impl<'t> StepLoop<'t> {
     /// samples for every sequence whose logits came out.
     fn run_step(&mut self) {
         let mut plan: Vec<Option<(Feed, bool)>> = vec![None; self.slots.len()];
-        let mut rows = 0;
         for (i, slot) in self.slots.iter().enumerate() {
             if let Some(a) = &slot.active
                 && a.prefilled.is_some()
             {
                 plan[i] = Some((Feed::Token, true));
-                rows += 1;
             }
         }
-        // Prompts in the order they arrived; at least one row a step, so a
-        // prompt advances however many streams run.
+        // Prompts in the order they arrived.
         let mut order: Vec<usize> = (0..self.slots.len())
             .filter(|&i| {
                 self.slots[i]
@@ -471,16 +468,22 @@ impl<'t> StepLoop<'t> {
             })
             .collect();
         order.sort_by_key(|&i| self.slots[i].active.as_ref().map(|a| a.admitted));
-        let mut budget = self.batch_tokens.saturating_sub(rows).max(1);
+        // A prompt is cut into chunks of `batch_tokens` from where its cache
+        // ends, whatever else runs, so its rows take the kernels they would
+        // alone (see `kernels::RowClass`); up to `batch_tokens` prompt rows a
+        // step, first come first served, on top of the decode rows. A chunk's
+        // attention scores grow with its length times the context: capped.
+        let chunk = self.batch_tokens.min(PREFILL_CHUNK);
+        let mut budget = self.batch_tokens;
         for i in order {
-            if budget == 0 {
-                break;
-            }
             let a = self.slots[i].active.as_ref().expect("active");
             let len = a.submission.request.prompt.len();
-            // A chunk's attention scores grow with its length times the context: cap it.
-            let to = len.min(a.prompt_done + budget.min(PREFILL_CHUNK));
-            budget -= to - a.prompt_done;
+            let take = (len - a.prompt_done).min(chunk);
+            if take > budget {
+                break;
+            }
+            budget -= take;
+            let to = a.prompt_done + take;
             plan[i] = Some((
                 Feed::Prompt {
                     from: a.prompt_done,

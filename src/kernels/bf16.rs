@@ -15,6 +15,7 @@
 //! the magnitudes of their terms (tested below); generation stays exact.
 
 use super::qmatmul::{bands, in_fours, rows_in_pairs};
+use super::{PROMPT_ROWS, RowClass};
 use anyhow::{Result, bail};
 use bytes::Bytes;
 use candle_core::{DType, Device, Tensor};
@@ -104,6 +105,17 @@ impl Bf16Matrix {
 
     /// `x @ w.T` for `x: [m, in]`, in f32.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_as(x, RowClass::Prompt)
+    }
+
+    /// Whether `Prompt` rows take other kernels than `Rows` rows here.
+    pub fn has_prompt_kernel(&self) -> bool {
+        self.cols.is_multiple_of(32) && have_avx512_bf16()
+    }
+
+    /// `x @ w.T` for `x: [m, in]` through the kernels of `class`, in f32:
+    /// `Rows` is exactly f32's result.
+    pub fn forward_as(&self, x: &Tensor, class: RowClass) -> Result<Tensor> {
         let (m, k) = x.dims2()?;
         if k != self.cols {
             bail!("input has {k} features, the matrix {}", self.cols);
@@ -111,7 +123,7 @@ impl Bf16Matrix {
         let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let w = self.values();
         let row = |r: usize| &w[r * k..(r + 1) * k];
-        let out = if m >= PROMPT_MIN_TOKENS && k.is_multiple_of(32) && have_avx512_bf16() {
+        let out = if class == RowClass::Prompt && m >= PROMPT_ROWS && self.has_prompt_kernel() {
             self.prompt_product(&xs, m)
         } else if m == 1 {
             rows_in_pairs(
@@ -131,9 +143,6 @@ impl Bf16Matrix {
         Ok(Tensor::from_vec(out, (m, self.rows), &Device::Cpu)?)
     }
 }
-
-/// Prompts at least this long take `vdpbf16ps` (`prompt_product`).
-const PROMPT_MIN_TOKENS: usize = 16;
 
 /// Whether this CPU has AVX512_BF16 (checked once).
 fn have_avx512_bf16() -> bool {
@@ -369,5 +378,35 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(excess <= 0.0, "past the tolerance by {excess}");
+    }
+
+    /// Generation rows give exactly f32's result, bitwise the same however
+    /// many rows share the pass; prompt rows (16+) are the same for any count.
+    #[test]
+    fn each_row_is_bitwise_independent_of_the_batch() {
+        let dev = Device::Cpu;
+        let (matrix, _) = random_matrix(71, 320);
+        let x = Tensor::randn(0f32, 1.0, (37, 320), &dev).unwrap();
+        let bits = |t: Tensor| -> Vec<u32> {
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v.into_iter().map(f32::to_bits).collect()
+        };
+        let rows = |from: usize, m: usize, class| {
+            bits(
+                matrix
+                    .forward_as(&x.narrow(0, from, m).unwrap(), class)
+                    .unwrap(),
+            )
+        };
+        let alone: Vec<Vec<u32>> = (0..37).map(|i| rows(i, 1, RowClass::Rows)).collect();
+        for m in [2, 3, 4, 5, 16, 37] {
+            for (i, row) in rows(0, m, RowClass::Rows).chunks(71).enumerate() {
+                assert_eq!(row, alone[i], "row {i} of {m}");
+            }
+        }
+        assert_eq!(
+            rows(0, 16, RowClass::Prompt)[..],
+            rows(0, 37, RowClass::Prompt)[..16 * 71]
+        );
     }
 }

@@ -15,6 +15,30 @@ pub(crate) mod qmatmul;
 
 use bytes::Bytes;
 
+/// Fewest rows a product hands to the prompt kernels (panels, `vdpbf16ps`):
+/// unpacking sixteen rows of a panel costs about what multiplying a dozen
+/// tokens by them does.
+pub const PROMPT_ROWS: usize = 16;
+
+/// Which kernels the rows of one product may take.
+///
+/// The row kernels (`dot`, `dot2`, `dot4` of each format) sum every output
+/// in the same order whatever the number of rows and tokens they are given,
+/// so a row's result does not depend on what else shares the pass; bf16's
+/// are exactly f32's. The prompt kernels (Q4_K and Q8_0 panels, bf16's
+/// `vdpbf16ps`) are faster for 16+ rows but sum differently (bf16's round
+/// the activations). A batch from many sequences keeps each sequence's rows
+/// in the class it would have alone: generation rows and short chunks in
+/// `Rows`, prompt chunks of 16+ positions in `Prompt`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowClass {
+    /// The row kernels, whatever the count.
+    Rows,
+    /// The prompt kernels when there are `PROMPT_ROWS` or more rows and the
+    /// format has them; the row kernels otherwise.
+    Prompt,
+}
+
 /// `data` itself when it starts on a multiple of `align` bytes, else a copy
 /// that does (in a buffer of u64s: `Vec<u8>` promises no alignment). The
 /// kernels read weights in place from the model file's memory map, whose

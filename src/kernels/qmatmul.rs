@@ -11,7 +11,7 @@
 //! `GgmlType::vec_dot` on CPUs without AVX-512 VNNI), prompts of 16+ tokens through panels of sixteen rows
 //! unpacked in cache (`q4k_panel`, `q8_0_panel`).
 
-use super::{q4_0, q4k, q4k_panel, q5k, q6k, q8_0, q8_0_panel};
+use super::{PROMPT_ROWS, RowClass, q4_0, q4k, q4k_panel, q5k, q6k, q8_0, q8_0_panel};
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use candle_core::quantized::k_quants::{
@@ -24,11 +24,6 @@ use rayon::prelude::*;
 /// Rows of the weight matrix per parallel task: small enough to balance two
 /// to sixteen threads, large enough that scheduling costs nothing.
 pub(super) const ROWS_PER_TASK: usize = 64;
-
-/// Prompts at least this long go through the panels (`q4k_panel`,
-/// `q8_0_panel`): unpacking sixteen rows costs about what multiplying a
-/// dozen tokens by them does.
-const PANEL_MIN_TOKENS: usize = 16;
 
 /// A ggml-quantized `[out, in]` matrix in the CPU's memory: its blocks as
 /// stored, usually a slice of the model file's memory map (`bytes::Bytes`
@@ -135,7 +130,22 @@ impl QuantMatrix {
 
     /// `x @ w.T` for f32 `x: [m, in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_as(x, RowClass::Prompt)
+    }
+
+    /// Whether `Prompt` rows take other kernels than `Rows` rows here.
+    pub fn has_prompt_kernel(&self) -> bool {
+        match self.dtype {
+            GgmlDType::Q4K => q4k_panel::Panel::available(),
+            GgmlDType::Q8_0 => q8_0_panel::Panel::available(),
+            _ => false,
+        }
+    }
+
+    /// `x @ w.T` for `x: [m, in]` through the kernels of `class`, in f32.
+    pub fn forward_as(&self, x: &Tensor, class: RowClass) -> Result<Tensor> {
         let (m, k) = x.dims2()?;
+        let panels = class == RowClass::Prompt && m >= PROMPT_ROWS;
         if k != self.cols {
             bail!("input has {k} features, the matrix {}", self.cols);
         }
@@ -146,10 +156,10 @@ impl QuantMatrix {
                 self.matmul_own::<Q4_0>(&xs, m)?
             }
             GgmlDType::Q4_0 => self.matmul::<BlockQ4_0>(&xs, m)?,
-            GgmlDType::Q4K if m >= PANEL_MIN_TOKENS && q4k_panel::Panel::available() => {
+            GgmlDType::Q4K if panels && q4k_panel::Panel::available() => {
                 self.matmul_panels::<q4k_panel::Panel>(&xs, m)?
             }
-            GgmlDType::Q8_0 if m >= PANEL_MIN_TOKENS && q8_0_panel::Panel::available() => {
+            GgmlDType::Q8_0 if panels && q8_0_panel::Panel::available() => {
                 self.matmul_panels::<q8_0_panel::Panel>(&xs, m)?
             }
             GgmlDType::Q4K if super::q4k::have_vnni() => self.matmul_own::<Q4K>(&xs, m)?,
@@ -576,6 +586,63 @@ mod tests {
                 let rel = diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap();
                 assert!(rel < 1e-3, "{dtype:?} m={m}: relative difference {rel}");
             }
+        }
+    }
+
+    /// A row's result is bitwise the same whatever else shares the pass:
+    /// the row kernels for any number of rows, the panels for any number
+    /// of 16+ rows. (What lets a batch of many sequences answer each as alone.)
+    #[test]
+    fn each_row_is_bitwise_independent_of_the_batch_for_every_format() {
+        let dev = Device::Cpu;
+        // 131 rows: tasks of 64 and an odd row out; 512 columns: two Q8_K blocks.
+        let w = Tensor::randn(0f32, 1.0, (131, 512), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (37, 512), &dev).unwrap();
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+            GgmlDType::Q8_0,
+        ] {
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let matrix = QuantMatrix::from_qtensor(&q).unwrap().unwrap();
+            let bits = |t: Tensor| -> Vec<u32> {
+                let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                v.into_iter().map(f32::to_bits).collect()
+            };
+            let rows = |m: usize, class| {
+                bits(
+                    matrix
+                        .forward_as(&x.narrow(0, 0, m).unwrap(), class)
+                        .unwrap(),
+                )
+            };
+            let alone: Vec<Vec<u32>> = (0..37)
+                .map(|i| {
+                    bits(
+                        matrix
+                            .forward_as(&x.narrow(0, i, 1).unwrap(), RowClass::Rows)
+                            .unwrap(),
+                    )
+                })
+                .collect();
+            for m in [2, 3, 4, 5, 8, 15, 16, 37] {
+                let together = rows(m, RowClass::Rows);
+                for (i, row) in together.chunks(131).enumerate() {
+                    assert_eq!(
+                        row, alone[i],
+                        "{dtype:?}: row {i} of {m} through the row kernels"
+                    );
+                }
+            }
+            let sixteen = rows(16, RowClass::Prompt);
+            let more = rows(37, RowClass::Prompt);
+            assert_eq!(
+                sixteen[..],
+                more[..16 * 131],
+                "{dtype:?}: prompt rows of 16 and of 37"
+            );
         }
     }
 }

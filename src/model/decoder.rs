@@ -11,6 +11,7 @@
 use super::config::Config;
 use super::kv_cache::KvCache;
 use super::linear::{Embedding, Linear, dense_bytes};
+use crate::kernels::{PROMPT_ROWS, RowClass};
 use crate::weights::Weights;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -236,13 +237,13 @@ impl Model {
         let mut outputs = Vec::new();
         let mut last = None;
         for chunk in ids.chunks(PREFILL_CHUNK) {
-            let hidden = self.forward_hidden(&mut [Chunk {
+            let (hidden, _) = self.forward_hidden(&mut [Chunk {
                 ids: chunk,
                 cache: &mut *cache,
                 logits: true,
             }])?;
             match which {
-                Logits::All => outputs.push(self.head(&hidden)?),
+                Logits::All => outputs.push(self.head(&hidden, RowClass::Prompt)?),
                 Logits::Last => last = Some(hidden),
             }
         }
@@ -251,7 +252,9 @@ impl Model {
             Logits::Last => {
                 let hidden = last.expect("at least one chunk");
                 let n = hidden.dim(0)?;
-                Ok(self.head(&hidden.narrow(0, n - 1, 1)?)?.squeeze(0)?)
+                Ok(self
+                    .head(&hidden.narrow(0, n - 1, 1)?, RowClass::Rows)?
+                    .squeeze(0)?)
             }
         }
     }
@@ -267,45 +270,66 @@ impl Model {
     /// Errors when a chunk is empty or its cache cannot hold it; then no
     /// cache has committed anything.
     pub fn forward_batch(&self, batch: &mut [Chunk<'_>]) -> Result<Option<Tensor>> {
-        let hidden = self.forward_hidden(batch)?;
-        let mut rows = Vec::new();
-        let mut end = 0;
-        for chunk in batch.iter() {
-            end += chunk.ids.len();
-            if chunk.logits {
-                rows.push(end as u32 - 1);
-            }
-        }
+        let (hidden, segments) = self.forward_hidden(batch)?;
+        let rows: Vec<u32> = batch
+            .iter()
+            .zip(&segments)
+            .filter(|(c, _)| c.logits)
+            .map(|(_, s)| (s.start + s.seq - 1) as u32)
+            .collect();
         if rows.is_empty() {
             return Ok(None);
         }
-        let last = if rows.len() == end {
+        let last = if rows.len() == hidden.dim(0)?
+            && rows.iter().enumerate().all(|(i, &r)| r == i as u32)
+        {
             hidden
         } else {
             let index = Tensor::from_vec(rows.clone(), rows.len(), &self.device)?;
             hidden.index_select(&index, 0)?
         };
-        Ok(Some(self.head(&last)?))
+        // One row per sequence, as alone: the row kernels.
+        Ok(Some(self.head(&last, RowClass::Rows)?))
     }
 
-    fn head(&self, hidden: &Tensor) -> Result<Tensor> {
+    fn head(&self, hidden: &Tensor, class: RowClass) -> Result<Tensor> {
         let x = candle_nn::ops::rms_norm(hidden, &self.norm, self.eps)?;
-        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+        Ok(self.lm_head.forward_as(&x, class)?.to_dtype(DType::F32)?)
     }
 
     /// Runs the chunks through every layer, writing their keys and values
     /// to their caches; returns the final hidden states `[rows, hidden]`
-    /// (the chunks' rows in order) before the norm.
-    fn forward_hidden(&self, batch: &mut [Chunk<'_>]) -> Result<Tensor> {
+    /// before the norm, and where each chunk's rows are in it.
+    ///
+    /// The rows of short chunks (generation rows, chunks under
+    /// `PROMPT_ROWS` positions) come first and take the row kernels; long
+    /// chunks follow and take the prompt kernels: every row goes through
+    /// the kernels it would alone, so its result does not depend on the batch.
+    fn forward_hidden(&self, batch: &mut [Chunk<'_>]) -> Result<(Tensor, Vec<Segment>)> {
         for chunk in batch.iter_mut() {
             anyhow::ensure!(!chunk.ids.is_empty(), "forward needs at least one token");
             chunk.cache.reserve(chunk.ids.len())?;
         }
-        let ids: Vec<u32> = batch.iter().flat_map(|c| c.ids.iter().copied()).collect();
+        let mut order: Vec<usize> = (0..batch.len()).collect();
+        order.sort_by_key(|&c| batch[c].ids.len() >= PROMPT_ROWS);
+        let short_rows: usize = batch
+            .iter()
+            .map(|c| c.ids.len())
+            .filter(|&n| n < PROMPT_ROWS)
+            .sum();
+        let ids: Vec<u32> = order
+            .iter()
+            .flat_map(|&c| batch[c].ids.iter().copied())
+            .collect();
         let mut x = self.embed.forward(&ids, self.dtype, &self.device)?;
-        let mut segments = Vec::with_capacity(batch.len());
+        let mut starts = vec![0; batch.len()];
         let mut start = 0;
-        for chunk in batch.iter() {
+        for &c in &order {
+            starts[c] = start;
+            start += batch[c].ids.len();
+        }
+        let mut segments = Vec::with_capacity(batch.len());
+        for (chunk, &start) in batch.iter().zip(&starts) {
             let (seq, pos) = (chunk.ids.len(), chunk.cache.len());
             // Keys visible to the first query of the chunk; later ones see a subset via the mask.
             let kv_start = match self.window {
@@ -322,23 +346,23 @@ impl Model {
                 kv_end,
                 mask: self.mask(pos, seq, kv_start, kv_end)?,
             });
-            start += seq;
         }
         for (l, layer) in self.layers.iter().enumerate() {
             let residual = &x;
             let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, self.eps)?;
-            let h = self.attention(l, &layer.attn, &h, &segments, batch)?;
+            let h = self.attention(l, &layer.attn, &h, &segments, &order, short_rows, batch)?;
             let x1 = (residual + h)?;
             let h = candle_nn::ops::rms_norm(&x1, &layer.post_norm, self.eps)?;
-            let gate = candle_nn::ops::silu(&layer.mlp.gate.forward(&h)?)?;
-            let up = layer.mlp.up.forward(&h)?;
-            let h = layer.mlp.down.forward(&(gate * up)?)?;
+            let mlp = &layer.mlp;
+            let gate = candle_nn::ops::silu(&mlp.gate.forward_split(&h, short_rows)?)?;
+            let up = mlp.up.forward_split(&h, short_rows)?;
+            let h = mlp.down.forward_split(&(gate * up)?, short_rows)?;
             x = (x1 + h)?;
         }
         for chunk in batch.iter_mut() {
             chunk.cache.commit(chunk.ids.len());
         }
-        Ok(x)
+        Ok((x, segments))
     }
 
     /// Additive mask `[seq, kv_end - kv_start]`: query at `pos + i` sees key `k`
@@ -371,20 +395,25 @@ impl Model {
     }
 
     /// Attention for every chunk of the batch: the projections run once
-    /// over all rows; rope, the cache and the scores per chunk.
+    /// over all rows (`short_rows` of them first, through the row
+    /// kernels); rope, the cache and the scores per chunk, in row order.
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         layer: usize,
         w: &Attention,
         x: &Tensor,
         segments: &[Segment],
+        order: &[usize],
+        short_rows: usize,
         batch: &mut [Chunk<'_>],
     ) -> Result<Tensor> {
-        let q_all = w.q.forward(x)?;
-        let k_all = w.k.forward(x)?;
-        let v_all = w.v.forward(x)?;
+        let q_all = w.q.forward_split(x, short_rows)?;
+        let k_all = w.k.forward_split(x, short_rows)?;
+        let v_all = w.v.forward_split(x, short_rows)?;
         let mut outs = Vec::with_capacity(segments.len());
-        for (s, chunk) in segments.iter().zip(batch.iter_mut()) {
+        for &c in order {
+            let s = &segments[c];
             let rows = |t: &Tensor| -> Result<Tensor> {
                 Ok(if segments.len() == 1 {
                     t.clone()
@@ -398,7 +427,7 @@ impl Model {
                 rows(&k_all)?,
                 rows(&v_all)?,
                 s,
-                chunk.cache,
+                batch[c].cache,
             )?);
         }
         let out = if outs.len() == 1 {
@@ -406,7 +435,8 @@ impl Model {
         } else {
             Tensor::cat(&outs, 0)?
         };
-        w.o.forward(&out).context("attention output projection")
+        w.o.forward_split(&out, short_rows)
+            .context("attention output projection")
     }
 
     /// One chunk's attention over its own cache: `q`, `k`, `v` are its rows

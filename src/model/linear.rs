@@ -7,6 +7,7 @@
 //! lacks is a dense variant that reads the Hugging Face `[out, in]` layout
 //! without a transpose copy and in any dtype, which `Dense` adds.
 
+use crate::kernels::RowClass;
 use crate::kernels::bf16::Bf16Matrix;
 use crate::kernels::qmatmul::QuantMatrix;
 use anyhow::Result;
@@ -32,10 +33,40 @@ impl Linear {
     /// quantized matrices runs in f16 all the same). The transpose of a
     /// dense weight is a view that gemm reads strided.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_as(x, RowClass::Prompt)
+    }
+
+    /// `x @ w.T` with the first `rows` rows of `x` through the row kernels
+    /// and the rest (all from chunks of 16+ positions) through the prompt
+    /// kernels, in `x`'s dtype: each row takes the kernels it would alone
+    /// (see [`RowClass`]). Two passes over the weights only when the
+    /// matrix has prompt kernels and both parts are there.
+    pub fn forward_split(&self, x: &Tensor, rows: usize) -> Result<Tensor> {
+        let m = x.dim(0)?;
+        let prompt_kernel = match self {
+            Self::CpuBf16(w) => w.has_prompt_kernel(),
+            Self::CpuQuantized(q) => q.has_prompt_kernel(),
+            // candle's kernels: one pass, as before (not batch-invariant).
+            Self::Dense(_) | Self::Quantized(_) => false,
+        };
+        if rows == 0 || !prompt_kernel {
+            return self.forward_as(x, RowClass::Prompt);
+        }
+        if rows >= m {
+            return self.forward_as(x, RowClass::Rows);
+        }
+        let head = self.forward_as(&x.narrow(0, 0, rows)?, RowClass::Rows)?;
+        let tail = self.forward_as(&x.narrow(0, rows, m - rows)?, RowClass::Prompt)?;
+        Ok(Tensor::cat(&[head, tail], 0)?)
+    }
+
+    /// `x @ w.T` through the kernels of `class` (this crate's kernels only;
+    /// candle's choose their own), in `x`'s dtype.
+    pub fn forward_as(&self, x: &Tensor, class: RowClass) -> Result<Tensor> {
         let out = match self {
             Self::Dense(w) => x.matmul(&w.t()?)?,
-            Self::CpuBf16(w) => w.forward(x)?,
-            Self::CpuQuantized(q) => q.forward(x)?,
+            Self::CpuBf16(w) => w.forward_as(x, class)?,
+            Self::CpuQuantized(q) => q.forward_as(x, class)?,
             Self::Quantized(q) => q.forward(x)?,
         };
         Ok(out.to_dtype(x.dtype())?)
