@@ -162,6 +162,17 @@ pub struct DeviceArgs {
     /// checkpoint then runs in ~4.5–8.5 bits per weight, no conversion step).
     #[arg(long, value_name = "TYPE", value_parser = parse_block_quant)]
     pub quantize: Option<GgmlDType>,
+    /// KV cache dtype: f16 halves its memory. Default: f16 for quantized and
+    /// half-precision weights on the CPU, else the activations' dtype (f32
+    /// models keep their exact results).
+    #[arg(long, value_enum, value_name = "TYPE")]
+    pub kv_type: Option<KvTypeArg>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum KvTypeArg {
+    F32,
+    F16,
 }
 
 fn parse_quant(s: &str) -> Result<GgmlDType, String> {
@@ -209,6 +220,15 @@ impl EngineArgs {
 }
 
 impl DeviceArgs {
+    /// `--kv-type` applied to a loaded model (nothing when not given).
+    pub fn apply_kv_type(&self, model: &mut crate::model::Model) {
+        match self.kv_type {
+            None => {}
+            Some(KvTypeArg::F32) => model.set_kv_dtype(DType::F32),
+            Some(KvTypeArg::F16) => model.set_kv_dtype(DType::F16),
+        }
+    }
+
     pub fn dtype(&self) -> DTypeChoice {
         match self.dtype {
             None => DTypeChoice::Auto,

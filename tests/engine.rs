@@ -479,3 +479,34 @@ fn same_seed_same_answer_whatever_else_is_in_the_batch() {
         );
     }
 }
+
+/// Quantized weights get an f16 KV cache by default (half the memory), and
+/// their answers stay close to an f32 cache's; f32 models keep f32.
+#[test]
+fn an_f16_kv_cache_is_the_default_for_quantized_weights_and_stays_close_to_f32() {
+    let mut q = quantized_model();
+    assert_eq!(q.kv_dtype(), DType::F16);
+    assert_eq!(model(None).kv_dtype(), DType::F32);
+    let half_bytes = q.kv_bytes_per_position();
+    let prompt = &prompts()[5];
+    let mut half_cache = q.new_cache();
+    let a = q.forward(prompt, &mut half_cache, Logits::Last).unwrap();
+    let a2 = q.forward(&[7], &mut half_cache, Logits::Last).unwrap();
+    q.set_kv_dtype(DType::F32);
+    assert_eq!(q.kv_bytes_per_position(), 2 * half_bytes);
+    let mut full_cache = q.new_cache();
+    let b = q.forward(prompt, &mut full_cache, Logits::Last).unwrap();
+    let b2 = q.forward(&[7], &mut full_cache, Logits::Last).unwrap();
+    for (a, b) in [(a, b), (a2, b2)] {
+        let (a, b) = (a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
+        let spread =
+            b.iter().cloned().fold(f32::MIN, f32::max) - b.iter().cloned().fold(f32::MAX, f32::min);
+        let d = max_diff(&a, &b);
+        assert!(d > 0.0, "the f16 cache was not used");
+        assert!(
+            d < 5e-2 * spread,
+            "f16 cache: logits differ by {d} (spread {spread})"
+        );
+        assert_eq!(argmax(&a), argmax(&b));
+    }
+}

@@ -304,7 +304,8 @@ fn broken_gguf_files_fail_in_one_line() {
 }
 
 /// `--dtype bf16` on the CPU keeps the matrices in bf16 and computes in f32
-/// (norm weights stay as stored): generation and short prompts are an f32
+/// (norm weights stay as stored): with an f32 KV cache (`--kv-type f32`;
+/// the default for bf16 is f16), generation and short prompts are an f32
 /// run of the bf16-rounded matrices, exactly. Prompts of 16+ tokens on a
 /// CPU with AVX512_BF16 round the activations to bf16 too (`vdpbf16ps`):
 /// their logits stay within 5% of the logits' spread (RMS), as Q8_0's do.
@@ -329,7 +330,15 @@ fn bf16_weights_on_the_cpu_answer_like_f32_of_the_rounded_weights() {
     let raw = |model: &Path, dtype: &str| {
         let model = model.display().to_string();
         let args = ["run", "--model", &model, "--temperature", "0", "-n", "24"];
-        let rest = ["--template", "raw", "--dtype", dtype, "Hello"];
+        let rest = [
+            "--template",
+            "raw",
+            "--dtype",
+            dtype,
+            "--kv-type",
+            "f32",
+            "Hello",
+        ];
         ok(&starling(&[&args[..], &rest[..]].concat(), None))
     };
     assert_eq!(raw(&tiny_model(), "bf16"), raw(&dir, "f32"));
@@ -344,9 +353,10 @@ fn bf16_weights_on_the_cpu_answer_like_f32_of_the_rounded_weights() {
     let logits = |model: &Path, dtype, short: bool| {
         let files = starling::source::local_dir(model).unwrap();
         let choice = starling::loader::DTypeChoice::Fixed(dtype);
-        let m = starling::loader::load(&files, "auto", choice, None, &Device::Cpu)
+        let mut m = starling::loader::load(&files, "auto", choice, None, &Device::Cpu)
             .unwrap()
             .model;
+        m.set_kv_dtype(candle_core::DType::F32);
         let mut cache = m.new_cache();
         if !short {
             return m.forward(&prompt, &mut cache, Logits::All).unwrap();

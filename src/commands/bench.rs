@@ -44,7 +44,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     };
     let weights = weights.quantize_to(args.device.quantize);
     let dtype = loader::model_dtype(args.device.dtype(), &weights, &config, &device)?;
-    let model = Model::load(&config, &weights, dtype, &device)?;
+    let mut model = Model::load(&config, &weights, dtype, &device)?;
+    args.device.apply_kv_type(&mut model);
     drop(weights);
     let load_s = start.elapsed().as_secs_f64();
     let (p, n) = (args.prompt_tokens, args.gen_tokens);
@@ -116,8 +117,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         .map(|b| format!("{:.2} GB", b as f64 / 1e9))
         .unwrap_or_else(|| "n/a".into());
     println!(
-        "\nload {load_s:.2} s · peak RSS {peak} · activations {:?} · device {} · {} threads · {} repetitions",
+        "\nload {load_s:.2} s · peak RSS {peak} · activations {:?} · KV cache {:?} · device {} · {} threads · {} repetitions",
         model.compute_dtype(),
+        model.kv_dtype(),
         args.device.device,
         candle_core::utils::get_num_threads(),
         args.repetitions
@@ -127,11 +129,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     // Generation reads every matrix once per token: bandwidth / bytes is
     // its ceiling. The KV cache adds its own reads (reported beside it).
-    let kv_per_position = 2
-        * config.num_hidden_layers
-        * config.num_kv_heads()
-        * config.head_dim()
-        * model.compute_dtype().size_in_bytes();
+    let kv_per_position = model.kv_bytes_per_position();
     if n > 0 && device.is_cpu() {
         drop(model);
         let (gbps, how) = match args.bandwidth {

@@ -55,7 +55,9 @@ pub fn run(args: &ChatArgs) -> Result<()> {
     };
     let text = loaded.text;
     let tokenizer = Arc::new(text.tokenizer);
-    let engine = Engine::start(loaded.model, Some(tokenizer.clone()), args.engine.config(1))?;
+    let mut model = loaded.model;
+    args.device.apply_kv_type(&mut model);
+    let engine = Engine::start(model, Some(tokenizer.clone()), args.engine.config(1))?;
     if args.answer.verbose {
         eprintln!("{}", engine.describe());
     }

@@ -24,7 +24,9 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let sampling = args.sampling.resolve(&loaded.text.generation)?;
     let text = loaded.text;
     let tokenizer = Arc::new(text.tokenizer);
-    let engine = Engine::start(loaded.model, Some(tokenizer.clone()), args.engine.config(4))?;
+    let mut model = loaded.model;
+    args.device.apply_kv_type(&mut model);
+    let engine = Engine::start(model, Some(tokenizer.clone()), args.engine.config(4))?;
     if args.answer.verbose {
         eprintln!("{}", engine.describe());
     }

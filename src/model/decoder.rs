@@ -79,6 +79,7 @@ pub struct Model {
     window: Option<usize>,
     max_len: usize,
     dtype: DType,
+    kv_dtype: DType,
     device: Device,
 }
 
@@ -128,6 +129,7 @@ impl Model {
             });
         }
         let norm = get("model.norm.weight", &[h])?;
+        let quantized = layers.first().is_some_and(|l| l.mlp.up.is_quantized());
         let tied = !weights.contains("lm_head.weight") && config.tie_word_embeddings;
         let lm_head = if !tied {
             weights.linear("lm_head.weight", &[vocab, h], weight_dtype, device, true)?
@@ -157,8 +159,20 @@ impl Model {
             window: config.window(),
             max_len: config.max_position_embeddings,
             dtype,
+            kv_dtype: default_kv_dtype(weight_dtype, quantized, dtype, device),
             device: device.clone(),
         })
+    }
+
+    /// The KV cache's dtype: f16 halves its memory (llama.cpp's default);
+    /// f32 keeps exactly the f32 computation.
+    pub fn kv_dtype(&self) -> DType {
+        self.kv_dtype
+    }
+
+    /// Sets the dtype of the caches made from now on.
+    pub fn set_kv_dtype(&mut self, dtype: DType) {
+        self.kv_dtype = dtype;
     }
 
     /// An empty cache sized for this model's context.
@@ -174,21 +188,21 @@ impl Model {
             self.kv_heads,
             self.head_dim,
             positions.min(self.max_len),
-            self.dtype,
+            self.kv_dtype,
             &self.device,
         )
     }
 
     /// Bytes of KV cache one position takes (keys and values, every layer).
     pub fn kv_bytes_per_position(&self) -> usize {
-        2 * self.layers.len() * self.kv_heads * self.head_dim * self.dtype.size_in_bytes()
+        2 * self.layers.len() * self.kv_heads * self.head_dim * self.kv_dtype.size_in_bytes()
     }
 
     pub fn max_len(&self) -> usize {
         self.max_len
     }
 
-    /// The dtype of activations and the KV cache.
+    /// The dtype of activations.
     pub fn compute_dtype(&self) -> DType {
         self.dtype
     }
@@ -472,6 +486,12 @@ impl Model {
         let k = rope(&k, &s.cos, &s.sin)?.squeeze(0)?;
         cache.write(layer, &k, &v)?;
         let (k_all, v_all) = cache.view(layer, s.kv_start, s.kv_end)?;
+        // An f16 cache under f32 activations is widened for the products.
+        let (k_all, v_all) = if k_all.dtype() == self.dtype {
+            (k_all, v_all)
+        } else {
+            (k_all.to_dtype(self.dtype)?, v_all.to_dtype(self.dtype)?)
+        };
         let kv_len = s.kv_end - s.kv_start;
 
         // Query heads h*n_rep..(h+1)*n_rep share kv head h: regroup the queries.
@@ -513,6 +533,18 @@ struct Segment {
     kv_start: usize,
     kv_end: usize,
     mask: Option<Tensor>,
+}
+
+/// f16 on the CPU for quantized and half-precision weights (their
+/// activations are already approximations: the cache need not be f32),
+/// the activations' dtype otherwise (f32 models keep their exact results;
+/// GPU models compute in their own dtype).
+fn default_kv_dtype(weights: DType, quantized: bool, compute: DType, device: &Device) -> DType {
+    if device.is_cpu() && (quantized || weights != DType::F32) {
+        DType::F16
+    } else {
+        compute
+    }
 }
 
 /// cos/sin tables `[max_len, head_dim/2]` computed as transformers does

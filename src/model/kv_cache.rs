@@ -110,8 +110,8 @@ impl KvCache {
     /// the current end. The caller reserves first and commits after all layers.
     pub(crate) fn write(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
         let (kc, vc) = &self.layers[layer];
-        kc.slice_set(k, 1, self.len)?;
-        vc.slice_set(v, 1, self.len)?;
+        kc.slice_set(&k.to_dtype(self.dtype)?, 1, self.len)?;
+        vc.slice_set(&v.to_dtype(self.dtype)?, 1, self.len)?;
         Ok(())
     }
 
