@@ -8,7 +8,7 @@
 # aggregate prompt and generation tok/s, per stream, peak RSS of the process.
 #
 #   scripts/race-batched.sh WORKDIR
-#   ROUNDS=1 P=128 N=64 NPL=1,2,4,8 FORMATS="q4_k_m q8_0" scripts/race-batched.sh WORKDIR
+#   ROUNDS=1 P=128 N=64 NPL=1,2,4,8 FORMATS="q4_k_m q8_0" ST=starling-binary scripts/race-batched.sh WORKDIR
 set -euo pipefail
 work=${1:?usage: $0 WORKDIR}
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -16,8 +16,9 @@ cd "$work"
 bin=llama.cpp/build/bin
 p=${P:-128} n=${N:-64} npl=${NPL:-1,2,4,8}
 [ -x $bin/llama-batched-bench ] || cmake --build llama.cpp/build -j2 --target llama-batched-bench
-(cd "$root" && cargo build --release)
-st="$root/target/release/starling"
+# ST=path races a binary built beforehand (then nothing is built here).
+if [ -z "${ST:-}" ]; then (cd "$root" && cargo build --release); fi
+st=${ST:-$root/target/release/starling}
 # Enough context for every stream of the largest B.
 maxb=$(echo "$npl" | tr ',' '\n' | sort -n | tail -1)
 ctx=$(( maxb * (p + n) + 64 ))
