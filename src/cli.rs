@@ -89,12 +89,12 @@ pub struct BenchArgs {
     #[arg(long, value_name = "B,...", value_delimiter = ',',
           value_parser = clap::value_parser!(u16).range(1..=256).map(usize::from))]
     pub parallel: Vec<usize>,
-    /// With --parallel: rows per engine step. Default: every prompt in one step
-    /// (B × p rows), as llama-batched-bench feeds them.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
+    /// With --parallel: prompt rows per engine step. Default: every prompt in one
+    /// step (B × p rows), as llama-batched-bench feeds them; with --gap-prompt: 16.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=65536).map(|n| n as usize))]
     pub batch_tokens: Option<usize>,
-    /// With --parallel: one JSON object per line and per B instead of a table.
-    #[arg(long)]
+    /// With --parallel (and --gap-prompt): one JSON object per line instead of a table.
+    #[arg(long, requires = "parallel")]
     pub json: bool,
     /// Also measure how long a running stream pauses while a prompt of N
     /// tokens arrives (read in --batch-tokens chunks between its tokens).
@@ -162,9 +162,8 @@ pub struct DeviceArgs {
     /// checkpoint then runs in ~4.5–8.5 bits per weight, no conversion step).
     #[arg(long, value_name = "TYPE", value_parser = parse_block_quant)]
     pub quantize: Option<GgmlDType>,
-    /// KV cache dtype: f16 halves its memory. Default: f16 for quantized and
-    /// half-precision weights on the CPU, else the activations' dtype (f32
-    /// models keep their exact results).
+    /// KV cache dtype. Default: the activations' (f32 on the CPU). f16 halves the
+    /// cache's memory but is widened to f32 for attention (slower decode).
     #[arg(long, value_enum, value_name = "TYPE")]
     pub kv_type: Option<KvTypeArg>,
 }

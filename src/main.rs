@@ -37,7 +37,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // A reader that went away (`| head`) is not an error worth a message.
-        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) if starling::commands::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", starling::commands::error_line(&e));
             ExitCode::FAILURE
@@ -62,12 +62,6 @@ fn argument_error(e: clap::Error) -> ExitCode {
     let first = first.strip_prefix("error: ").unwrap_or(first);
     eprintln!("error: {first} (see starling --help)");
     ExitCode::from(2)
-}
-
-fn is_broken_pipe(e: &anyhow::Error) -> bool {
-    e.chain()
-        .filter_map(|c| c.downcast_ref::<std::io::Error>())
-        .any(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
 /// candle asks for the thread count on every CPU matmul, and without

@@ -263,6 +263,87 @@ fn a_message_longer_than_the_context_is_refused_and_the_chat_goes_on() {
     );
 }
 
+/// A refused message leaves the conversation as it was (the exchanges
+/// dropped while trying to fit it come back), and a message that fits with
+/// its answer exactly is not refused.
+#[test]
+fn a_refused_message_keeps_the_history_and_an_exact_fit_is_answered() {
+    let m = tiny_model().display().to_string();
+    let verbose = |script: &str| {
+        let args = ["chat", "--model", &m, "--temperature", "0", "-n", "8"];
+        let out = starling(
+            &[&args[..], &["--ctx-size", "64", "--verbose"]].concat(),
+            script.as_bytes(),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        // The token counts (not the timings) of the last turn.
+        let last: Vec<String> = stderr
+            .lines()
+            .rfind(|l| l.contains("prompt_tokens="))
+            .unwrap()
+            .split(' ')
+            .take(3)
+            .map(String::from)
+            .collect();
+        (stdout_lossy(&out), last)
+    };
+    let long = "word ".repeat(60);
+    let (with_refusal, stats_after) = verbose(&format!("one\n{long}\ntwo words\n"));
+    let (without, stats_plain) = verbose("one\ntwo words\n");
+    assert_eq!(stats_after, stats_plain);
+    assert_eq!(with_refusal, without);
+    // "Hello" renders to 17 tokens: 17 + 4 - 1 = 20 positions hold it and a 4-token answer.
+    let args = [
+        "chat",
+        "--model",
+        &m,
+        "--temperature",
+        "0",
+        "-n",
+        "4",
+        "--ctx-size",
+        "20",
+    ];
+    let out = starling(&args, b"Hello\n");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
+}
+
+fn stdout_lossy(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// A reader that goes away (`| head -1`) ends the chat quietly, at once,
+/// with success, as it does `run`.
+#[test]
+fn a_closed_stdout_ends_the_chat_quietly() {
+    let m = tiny_model().display().to_string();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_starling"))
+        .args(["chat", "--model", &m, "--temperature", "0", "-n", "16"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    std::thread::spawn(move || {
+        let lines = "tell me more\n".repeat(200);
+        let _ = stdin.write_all(lines.as_bytes());
+    });
+    let mut out = child.stdout.take().unwrap();
+    let mut first = [0u8; 8];
+    std::io::Read::read_exact(&mut out, &mut first).unwrap();
+    drop(out);
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(!stderr.contains("error"), "{stderr}");
+}
+
 #[test]
 fn terminal_session_with_retry_undo_save_load_ctrl_c_and_ctrl_d() {
     use rexpect::session::spawn_command;

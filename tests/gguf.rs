@@ -304,9 +304,9 @@ fn broken_gguf_files_fail_in_one_line() {
 }
 
 /// `--dtype bf16` on the CPU keeps the matrices in bf16 and computes in f32
-/// (norm weights stay as stored): with an f32 KV cache (`--kv-type f32`;
-/// the default for bf16 is f16), generation and short prompts are an f32
-/// run of the bf16-rounded matrices, exactly. Prompts of 16+ tokens on a
+/// (norm weights stay as stored): with an f32 KV cache (the default, asked
+/// for here all the same), generation and short prompts are an f32 run of
+/// the bf16-rounded matrices, exactly. Prompts of 16+ tokens on a
 /// CPU with AVX512_BF16 round the activations to bf16 too (`vdpbf16ps`):
 /// their logits stay within 5% of the logits' spread (RMS), as Q8_0's do.
 #[test]

@@ -56,16 +56,22 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         );
     }
     let vocab = config.vocab_size as u32;
-    if !args.parallel.is_empty() || args.gap_prompt.is_some() {
-        let model = Arc::new(model);
+    let model = if args.parallel.is_empty() && args.gap_prompt.is_none() {
+        model
+    } else {
+        let shared = Arc::new(model);
         if !args.parallel.is_empty() {
-            parallel(args, model.clone(), &label, load_s, vocab)?;
+            parallel(args, shared.clone(), &label, load_s, vocab)?;
         }
         if let Some(long) = args.gap_prompt {
-            gap(args, model, long, vocab)?;
+            gap(args, shared.clone(), long, vocab)?;
         }
-        return Ok(());
-    }
+        if !args.parallel.is_empty() {
+            return Ok(());
+        }
+        // The gap's engine has stopped: the single-stream figures follow.
+        Arc::try_unwrap(shared).map_err(|_| anyhow::anyhow!("the engine still holds the model"))?
+    };
     let prompt: Vec<u32> = (0..p as u32)
         .map(|i| (i.wrapping_mul(7919) + 13) % vocab)
         .collect();
@@ -277,7 +283,8 @@ fn parallel(
 fn gap(args: &BenchArgs, model: Arc<Model>, long: usize, vocab: u32) -> Result<()> {
     let p = args.prompt_tokens;
     let batch_tokens = args.batch_tokens.unwrap_or(DEFAULT_BATCH_TOKENS);
-    let context = (long + 1).max(p + 64);
+    // Room for the running stream to go on for as long as the prompt takes.
+    let context = (long + 1).max(p + 64).max(2 * long + p);
     let config = EngineConfig {
         parallel: 2,
         batch_tokens,
@@ -301,55 +308,64 @@ fn gap(args: &BenchArgs, model: Arc<Model>, long: usize, vocab: u32) -> Result<(
             .collect()
     };
     let running = engine.submit(request(prompt(p, 1), context - p))?;
+    let tick = std::time::Duration::from_millis(1);
+    // The stream is under way after three tokens; what it queued so far
+    // does not count.
     let mut tokens = 0;
     while tokens < 3 {
-        match running.recv() {
+        match running.recv_timeout(tick)? {
             Some(Event::Token(_)) => tokens += 1,
-            Some(Event::Finished(_)) | None => bail!("the running stream ended early"),
+            Some(Event::Finished(_)) => bail!("the running stream ended early"),
             Some(Event::Failed(e)) => return Err(e),
-            Some(Event::Text(_)) => {}
+            Some(Event::Text(_)) | None => {}
         }
     }
+    while running.recv_timeout(std::time::Duration::ZERO)?.is_some() {}
     let arrived = Instant::now();
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let newcomer = engine.submit(request(prompt(long, 2), 1))?;
-    let waiter = {
-        let done = done.clone();
-        std::thread::spawn(move || {
-            let outcome = newcomer.wait(&mut |_| Ok(()), None);
-            done.store(true, std::sync::atomic::Ordering::SeqCst);
-            outcome
-        })
-    };
     let mut last = arrived;
     let mut gaps = Vec::new();
-    while !done.load(std::sync::atomic::Ordering::SeqCst) {
-        match running.recv() {
+    // One thread watches both: the stream's tokens until the newcomer's
+    // first (and only) token, which ends its prompt.
+    let read_s = loop {
+        match newcomer.recv_timeout(std::time::Duration::ZERO)? {
+            Some(Event::Finished(outcome)) => break outcome.stats.ttft_s,
+            Some(Event::Failed(e)) => return Err(e),
+            _ => {}
+        }
+        match running.recv_timeout(tick)? {
             Some(Event::Token(_)) => {
                 let now = Instant::now();
                 gaps.push((now - last).as_secs_f64());
                 last = now;
             }
-            Some(Event::Text(_)) => {}
             Some(Event::Failed(e)) => return Err(e),
-            Some(Event::Finished(_)) | None => {
+            Some(Event::Finished(_)) => {
                 bail!("the running stream ended before the prompt was read")
             }
+            Some(Event::Text(_)) | None => {}
         }
-    }
-    let read_s = waiter
-        .join()
-        .map_err(|_| anyhow::anyhow!("the waiting thread panicked"))??
-        .stats
-        .ttft_s;
+    };
     running.cancel();
     gaps.sort_by(f64::total_cmp);
     let longest = gaps.last().copied().unwrap_or(read_s);
-    println!(
-        "long-prompt gap: while a {long}-token prompt was read ({read_s:.2} s, chunks of up to {batch_tokens} rows), the running stream made {} tokens; its longest pause {longest:.3} s, median {:.3} s",
-        gaps.len(),
-        gaps.get(gaps.len() / 2).copied().unwrap_or(0.0)
-    );
+    let median = gaps.get(gaps.len() / 2).copied().unwrap_or(read_s);
+    if args.json {
+        let line = serde_json::json!({
+            "gap_prompt": long,
+            "batch_tokens": batch_tokens,
+            "prompt_s": read_s,
+            "stream_tokens": gaps.len(),
+            "longest_pause_s": longest,
+            "median_pause_s": median,
+        });
+        println!("{line}");
+    } else {
+        println!(
+            "long-prompt gap: while a {long}-token prompt was read ({read_s:.2} s, chunks of {batch_tokens} rows), the running stream made {} tokens; its longest pause {longest:.3} s, median {median:.3} s",
+            gaps.len(),
+        );
+    }
     Ok(())
 }
 

@@ -83,6 +83,7 @@ pub fn run(args: &ChatArgs) -> Result<()> {
         model: files.dir.display().to_string(),
         color: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
         failed: false,
+        output_closed: false,
     };
     if std::io::stdin().is_terminal() {
         repl.interactive()
@@ -98,6 +99,8 @@ struct Repl {
     model: String,
     color: bool,
     failed: bool,
+    /// Standard output was closed by its reader.
+    output_closed: bool,
 }
 
 enum Next {
@@ -204,6 +207,9 @@ impl Repl {
         }
         let input = input.text.as_str();
         self.answer(|chat, out, interrupt| chat.say(input, out, interrupt));
+        if self.output_closed {
+            return Next::Exit;
+        }
         Next::Continue
     }
 
@@ -252,6 +258,8 @@ impl Repl {
                     eprintln!("{}", report.stats.logfmt());
                 }
             }
+            // The reader went away (`| head`): stop answering, quietly.
+            Err(e) if super::is_broken_pipe(&e) => self.output_closed = true,
             Err(e) => {
                 let _ = out.flush();
                 eprintln!("error: {e:#}");

@@ -19,10 +19,11 @@ pub fn piped_stdin() -> Result<Option<String>> {
         .context("reading standard input")?;
     match String::from_utf8(bytes) {
         Ok(text) => Ok(Some(text)),
-        Err(e) => bail!(
-            "standard input is not valid UTF-8 (invalid byte at offset {})",
-            e.utf8_error().valid_up_to()
-        ),
+        Err(e) => {
+            let at = e.utf8_error().valid_up_to();
+            let line = 1 + e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count();
+            bail!("standard input is not valid UTF-8 (line {line}, invalid byte at offset {at})")
+        }
     }
 }
 

@@ -32,6 +32,14 @@ pub fn model_files(args: &ModelArgs) -> Result<(ModelFiles, String)> {
 /// carries the whole trace; only the error inside is kept. A cause longer
 /// than [`MAX_CAUSE`] characters is cut: parsers (serde, safetensors) quote
 /// the offending text, and a corrupt file can make that megabytes.
+/// Whether `e` is a write to a reader that went away (`| head`): not an
+/// error worth a message.
+pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .any(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
 pub fn error_line(e: &anyhow::Error) -> String {
     e.chain()
         .map(|cause| {

@@ -6,7 +6,7 @@ use crate::cli::RunArgs;
 use crate::engine::{Engine, GenerateRequest};
 use crate::loader;
 use crate::template::{Message, Template};
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use std::io::Write;
 use std::sync::Arc;
 
@@ -35,7 +35,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     // together); answers are printed in input order, the first one streaming.
     let mut handles = Vec::with_capacity(conversations.len());
     let mut refused = None;
-    for messages in &conversations {
+    for (line, messages) in &conversations {
         let submitted = text
             .template
             .encode(&tokenizer, messages)
@@ -51,6 +51,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
                     continuation: matches!(text.template, Template::Raw),
                 })
             });
+        let submitted = match line {
+            Some(n) => submitted.with_context(|| format!("line {n} of standard input")),
+            None => submitted,
+        };
         match submitted {
             Ok(handle) => handles.push((messages, handle)),
             Err(e) => {
@@ -99,8 +103,9 @@ pub fn run(args: &RunArgs) -> Result<()> {
     }
 }
 
-/// The conversations to answer, from the argument, stdin and files.
-fn conversations(args: &RunArgs) -> Result<Vec<Vec<Message>>> {
+/// The conversations to answer, from the argument, stdin and files, with
+/// the stdin line each came from (`--each-line`).
+fn conversations(args: &RunArgs) -> Result<Vec<(Option<usize>, Vec<Message>)>> {
     let system = args.answer.system.as_deref();
     if let Some(path) = &args.messages {
         if args.prompt.is_some() {
@@ -111,7 +116,7 @@ fn conversations(args: &RunArgs) -> Result<Vec<Vec<Message>>> {
             Some(m) if m.role == "user" => {}
             _ => bail!("{}: the last message must be from the user", path.display()),
         }
-        return Ok(vec![messages]);
+        return Ok(vec![(None, messages)]);
     }
     let single = |user: String| input::with_system(vec![Message::new("user", user)], system);
     let stdin = input::piped_stdin()?;
@@ -124,10 +129,11 @@ fn conversations(args: &RunArgs) -> Result<Vec<Vec<Message>>> {
             .as_deref()
             .map(|p| format!("{p}\n\n"))
             .unwrap_or_default();
-        let lines: Vec<Vec<Message>> = stdin
+        let lines: Vec<(Option<usize>, Vec<Message>)> = stdin
             .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| single(format!("{prefix}{l}")))
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(n, l)| (Some(n + 1), single(format!("{prefix}{l}"))))
             .collect();
         if lines.is_empty() {
             bail!("--each-line: stdin holds no prompts");
@@ -146,5 +152,5 @@ fn conversations(args: &RunArgs) -> Result<Vec<Vec<Message>>> {
     if prompt.trim().is_empty() {
         bail!("the prompt is empty");
     }
-    Ok(vec![single(prompt)])
+    Ok(vec![(None, single(prompt))])
 }

@@ -242,8 +242,10 @@ impl Chat {
     fn fit(&mut self) -> Result<(Vec<u32>, usize)> {
         let max = self.engine.context();
         let room = self.settings.max_tokens.clamp(1, (max / 4).max(1));
-        let budget = max.saturating_sub(room);
+        // `room` tokens need room - 1 positions after the prompt: the last is never fed.
+        let budget = (max + 1).saturating_sub(room);
         let mut dropped = 0;
+        let window_start = self.window_start;
         loop {
             let prompt = self.render(self.window_start)?;
             if prompt.len() <= budget {
@@ -260,10 +262,14 @@ impl Chat {
                     self.window_start = next;
                     dropped += 1;
                 }
-                _ => bail!(
-                    "the message is too long: the prompt is {} tokens and the model's context is {max} (keeping {room} for the answer)",
-                    prompt.len()
-                ),
+                _ => {
+                    // Refused: the conversation stays as it was.
+                    self.window_start = window_start;
+                    bail!(
+                        "the message is too long: the prompt is {} tokens and the context is {max} (keeping {room} for the answer)",
+                        prompt.len()
+                    )
+                }
             }
         }
     }

@@ -53,6 +53,16 @@ impl Handle {
         self.events.recv().ok()
     }
 
+    /// The next event if one comes within `timeout` (`Ok(None)` if not);
+    /// an error once the engine has said everything or is gone.
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Option<Event>> {
+        match self.events.recv_timeout(timeout) {
+            Ok(event) => Ok(Some(event)),
+            Err(RecvTimeoutError::Timeout) => Ok(None),
+            Err(RecvTimeoutError::Disconnected) => Err(engine_gone()),
+        }
+    }
+
     /// Ends the sequence at the engine's next step: it finishes with
     /// `StopReason::Interrupted` and the text so far.
     pub fn cancel(&self) {

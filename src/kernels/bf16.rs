@@ -14,7 +14,7 @@
 //! a prompt's products differ from f32's by up to about 2⁻⁸ of the sum of
 //! the magnitudes of their terms (tested below); generation stays exact.
 
-use super::qmatmul::{bands, in_fours, rows_in_pairs};
+use super::qmatmul::{bands, in_tiles, rows_in_pairs};
 use super::{PROMPT_ROWS, RowClass};
 use anyhow::{Result, bail};
 use bytes::Bytes;
@@ -133,11 +133,12 @@ impl Bf16Matrix {
             )
         } else {
             let xr: Vec<&[f32]> = xs.chunks_exact(k).collect();
-            in_fours(
+            in_tiles(
                 self.rows,
                 &xr,
                 |r, x| dot(row(r), x),
                 |r, x4| dot4(row(r), x4),
+                |r, x8| dot_rows::<1, 8>([row(r)], x8)[0],
             )
         };
         Ok(Tensor::from_vec(out, (m, self.rows), &Device::Cpu)?)

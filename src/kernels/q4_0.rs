@@ -38,10 +38,15 @@ pub fn dot(row: &[u8], x: &[Q8Pair]) -> f32 {
 
 /// One row against four tokens' activations (prompts).
 pub fn dot4(row: &[u8], xs: [&[Q8Pair]; 4]) -> [f32; 4] {
+    dot_n(row, xs)
+}
+
+/// Dot products of one row with `N` tokens' activations.
+pub fn dot_n<const N: usize>(row: &[u8], xs: [&[Q8Pair]; N]) -> [f32; N] {
     #[cfg(target_arch = "x86_64")]
     if super::q4k::have_vnni() {
         // SAFETY: the CPU features were detected above.
-        return unsafe { dot_vnni::<4>(row, xs) };
+        return unsafe { dot_vnni::<N>(row, xs) };
     }
     xs.map(|x| dot_scalar(row, x))
 }

@@ -161,10 +161,16 @@ pub fn dot(row: &[u8], x: &[Q8K]) -> f32 {
 /// weight block is loaded and unpacked once for all four, which is what
 /// makes prompt processing cheaper per token than generation.
 pub fn dot4(row: &[u8], xs: [&[Q8K]; 4]) -> [f32; 4] {
+    dot_n(row, xs)
+}
+
+/// Dot products of one row with the activations of `N` tokens (a batch's
+/// rows), each weight block unpacked once for all of them.
+pub fn dot_n<const N: usize>(row: &[u8], xs: [&[Q8K]; N]) -> [f32; N] {
     #[cfg(target_arch = "x86_64")]
     if have_vnni() {
         // SAFETY: the CPU features were detected above.
-        return unsafe { dot_vnni::<1, 4, false>([row], xs) }[0];
+        return unsafe { dot_vnni::<1, N, false>([row], xs) }[0];
     }
     xs.map(|x| dot_scalar(row, x))
 }

@@ -228,11 +228,12 @@ impl QuantMatrix {
             return Ok(out);
         }
         let xs: Vec<&[K::X]> = xq.chunks_exact(per_row).collect();
-        Ok(in_fours(
+        Ok(in_tiles(
             n,
             &xs,
             |r, x| K::dot(row(r), x),
             |r, x4| K::dot4(row(r), x4),
+            |r, x8| K::dot8(row(r), x8),
         ))
     }
 }
@@ -444,18 +445,30 @@ pub(super) fn bands(
     out
 }
 
-/// The `[m, n]` product for prompts (m > 1): four activation rows per pass
-/// over each weight row (`dot4`), and each band of weight rows (in L2)
-/// swept once per four activation rows (in L1); `dot` takes the rest.
-pub(super) fn in_fours<X: ?Sized + Sync>(
+/// The `[m, n]` product for several rows (m > 1): eight activation rows per
+/// pass over each weight row (`dot8`), then four (`dot4`), then one
+/// (`dot`), each band of weight rows (in L2) swept once per tile of
+/// activation rows (in L1). Every kernel sums an output in the same order,
+/// so the tiling does not change a row's result.
+pub(super) fn in_tiles<X: ?Sized + Sync>(
     n: usize,
     xs: &[&X],
     dot: impl Fn(usize, &X) -> f32 + Sync,
     dot4: impl Fn(usize, [&X; 4]) -> [f32; 4] + Sync,
+    dot8: impl Fn(usize, [&X; 8]) -> [f32; 8] + Sync,
 ) -> Vec<f32> {
     let m = xs.len();
     bands(n, m, |rows, band, width| {
         let mut i = 0;
+        while i + 8 <= m {
+            let x8: [&X; 8] = std::array::from_fn(|t| xs[i + t]);
+            for r in rows.clone() {
+                for (t, v) in dot8(r, x8).into_iter().enumerate() {
+                    band[(i + t) * width + r - rows.start] = v;
+                }
+            }
+            i += 8;
+        }
         while i + 4 <= m {
             for r in rows.clone() {
                 let four = dot4(r, [xs[i], xs[i + 1], xs[i + 2], xs[i + 3]]);
@@ -484,6 +497,7 @@ trait Kernel {
     fn quantize(x: &[f32], out: &mut [Self::X]);
     fn dot(row: &[u8], x: &[Self::X]) -> f32;
     fn dot4(row: &[u8], xs: [&[Self::X]; 4]) -> [f32; 4];
+    fn dot8(row: &[u8], xs: [&[Self::X]; 8]) -> [f32; 8];
     /// Two rows times one token's activations (generation); a kernel with
     /// a two-row loop overrides this.
     fn dot2(rows: [&[u8]; 2], x: &[Self::X]) -> [f32; 2] {
@@ -528,6 +542,9 @@ macro_rules! kernel {
             }
             fn dot4(row: &[u8], xs: [&[Self::X]; 4]) -> [f32; 4] {
                 $module::dot4(row, xs)
+            }
+            fn dot8(row: &[u8], xs: [&[Self::X]; 8]) -> [f32; 8] {
+                $module::dot_n(row, xs)
             }
             $(
                 fn $dot2(rows: [&[u8]; 2], x: &[Self::X]) -> [f32; 2] {

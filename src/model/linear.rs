@@ -146,14 +146,6 @@ impl Linear {
         }
     }
 
-    /// Whether the matrix is stored in ggml blocks.
-    pub fn is_quantized(&self) -> bool {
-        matches!(
-            self,
-            Self::CpuQuantized(_) | Self::Quantized(QMatMul::QTensor(_))
-        )
-    }
-
     /// The storage format, as bench reports it (`F16`, `Q4K`, ...).
     pub fn format(&self) -> String {
         match self {
