@@ -14,7 +14,7 @@
 //! a prompt's products differ from f32's by up to about 2⁻⁸ of the sum of
 //! the magnitudes of their terms (tested below); generation stays exact.
 
-use super::qmatmul::{bands, in_tiles, rows_in_pairs};
+use super::qmatmul::{RowDot, bands, in_tiles, rows_in_pairs};
 use super::{PROMPT_ROWS, RowClass};
 use anyhow::{Result, bail};
 use bytes::Bytes;
@@ -133,13 +133,7 @@ impl Bf16Matrix {
             )
         } else {
             let xr: Vec<&[f32]> = xs.chunks_exact(k).collect();
-            in_tiles(
-                self.rows,
-                &xr,
-                |r, x| dot(row(r), x),
-                |r, x4| dot4(row(r), x4),
-                |r, x8| dot_rows::<1, 8>([row(r)], x8)[0],
-            )
+            in_tiles(self.rows, &xr, &Rows { w, k })
         };
         Ok(Tensor::from_vec(out, (m, self.rows), &Device::Cpu)?)
     }
@@ -273,8 +267,17 @@ fn dot2(w: [&[bf16]; 2], x: &[f32]) -> [f32; 2] {
     dot_rows::<2, 1>(w, [x]).map(|[v]| v)
 }
 
-fn dot4(w: &[bf16], xs: [&[f32]; 4]) -> [f32; 4] {
-    dot_rows::<1, 4>([w], xs)[0]
+/// The bf16 rows of a matrix, `k` values each.
+struct Rows<'a> {
+    w: &'a [bf16],
+    k: usize,
+}
+
+impl RowDot for Rows<'_> {
+    type X = [f32];
+    fn dot_n<const N: usize>(&self, r: usize, xs: [&[f32]; N]) -> [f32; N] {
+        dot_rows::<1, N>([&self.w[r * self.k..(r + 1) * self.k]], xs)[0]
+    }
 }
 
 /// `R` rows (of one length) times `N` tokens' f32 activations: `out[r][t]`.

@@ -22,7 +22,7 @@ pub const PROMPT_ROWS: usize = 16;
 
 /// Which kernels the rows of one product may take.
 ///
-/// The row kernels (`dot`, `dot2`, `dot4` of each format) sum every output
+/// The row kernels (`dot`, `dot2`, `dot_n` of each format) sum every output
 /// in the same order whatever the number of rows and tokens they are given,
 /// so a row's result does not depend on what else shares the pass; bf16's
 /// are exactly f32's. The prompt kernels (Q4_K and Q8_0 panels, bf16's

@@ -36,11 +36,6 @@ pub fn dot(row: &[u8], x: &[Q8Pair]) -> f32 {
     dot_scalar(row, x)
 }
 
-/// One row against four tokens' activations (prompts).
-pub fn dot4(row: &[u8], xs: [&[Q8Pair]; 4]) -> [f32; 4] {
-    dot_n(row, xs)
-}
-
 /// Dot products of one row with `N` tokens' activations.
 pub fn dot_n<const N: usize>(row: &[u8], xs: [&[Q8Pair]; N]) -> [f32; N] {
     #[cfg(target_arch = "x86_64")]
@@ -124,7 +119,7 @@ mod tests {
             },
             scalar: dot_scalar,
             dot,
-            dot4,
+            dot4: dot_n::<4>,
         }
         .check();
     }

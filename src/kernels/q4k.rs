@@ -157,13 +157,6 @@ pub fn dot(row: &[u8], x: &[Q8K]) -> f32 {
     dot_scalar(row, x)
 }
 
-/// Dot products of one row with the activations of four tokens: each
-/// weight block is loaded and unpacked once for all four, which is what
-/// makes prompt processing cheaper per token than generation.
-pub fn dot4(row: &[u8], xs: [&[Q8K]; 4]) -> [f32; 4] {
-    dot_n(row, xs)
-}
-
 /// Dot products of one row with the activations of `N` tokens (a batch's
 /// rows), each weight block unpacked once for all of them.
 pub fn dot_n<const N: usize>(row: &[u8], xs: [&[Q8K]; N]) -> [f32; N] {
@@ -406,7 +399,7 @@ mod tests {
                     q
                 })
                 .collect();
-            let four = dot4(&row, [&xq, &others[0], &others[1], &others[2]]);
+            let four = dot_n(&row, [&xq, &others[0], &others[1], &others[2]]);
             assert_eq!(four[0], b);
             // Two rows at once give each row's own product, exactly.
             let (other_row, _, _) = row_and_x(4096, seed + 100);

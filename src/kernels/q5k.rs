@@ -53,11 +53,6 @@ pub fn dot(row: &[u8], x: &[Q8K]) -> f32 {
     dot_scalar(row, x)
 }
 
-/// Dot products of one row with four tokens' activations.
-pub fn dot4(row: &[u8], xs: [&[Q8K]; 4]) -> [f32; 4] {
-    dot_n(row, xs)
-}
-
 /// Dot products of one row with `N` tokens' activations.
 pub fn dot_n<const N: usize>(row: &[u8], xs: [&[Q8K]; N]) -> [f32; N] {
     #[cfg(target_arch = "x86_64")]
@@ -87,7 +82,7 @@ mod tests {
             },
             scalar: dot_scalar,
             dot,
-            dot4,
+            dot4: dot_n::<4>,
         }
         .check();
     }

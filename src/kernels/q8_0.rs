@@ -83,11 +83,6 @@ pub fn dot(row: &[u8], x: &[Q8Pair]) -> f32 {
     dot_scalar(row, x)
 }
 
-/// One row against four tokens' activations (prompts).
-pub fn dot4(row: &[u8], xs: [&[Q8Pair]; 4]) -> [f32; 4] {
-    dot_n(row, xs)
-}
-
 /// Dot products of one row with `N` tokens' activations.
 pub fn dot_n<const N: usize>(row: &[u8], xs: [&[Q8Pair]; N]) -> [f32; N] {
     #[cfg(target_arch = "x86_64")]
@@ -183,7 +178,7 @@ mod tests {
                 (one - scalar).abs() <= 1e-4 * scalar.abs().max(1.0),
                 "{one} vs {scalar}"
             );
-            let four = dot4(&row, [&xq[0], &xq[1], &xq[2], &xq[3]]);
+            let four = dot_n(&row, [&xq[0], &xq[1], &xq[2], &xq[3]]);
             for (k, x) in xq.iter().enumerate() {
                 let want = dot_scalar(&row, x);
                 assert!((four[k] - want).abs() <= 1e-4 * want.abs().max(1.0));

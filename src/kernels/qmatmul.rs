@@ -228,13 +228,26 @@ impl QuantMatrix {
             return Ok(out);
         }
         let xs: Vec<&[K::X]> = xq.chunks_exact(per_row).collect();
-        Ok(in_tiles(
-            n,
-            &xs,
-            |r, x| K::dot(row(r), x),
-            |r, x4| K::dot4(row(r), x4),
-            |r, x8| K::dot8(row(r), x8),
-        ))
+        let kernel = Rows::<K> {
+            data,
+            row_bytes,
+            kernel: std::marker::PhantomData,
+        };
+        Ok(in_tiles(n, &xs, &kernel))
+    }
+}
+
+/// A quantized matrix's rows through kernel `K`.
+struct Rows<'a, K> {
+    data: &'a [u8],
+    row_bytes: usize,
+    kernel: std::marker::PhantomData<fn() -> K>,
+}
+
+impl<K: Kernel> RowDot for Rows<'_, K> {
+    type X = [K::X];
+    fn dot_n<const N: usize>(&self, r: usize, xs: [&[K::X]; N]) -> [f32; N] {
+        K::dot_n(&self.data[r * self.row_bytes..(r + 1) * self.row_bytes], xs)
     }
 }
 
@@ -445,43 +458,50 @@ pub(super) fn bands(
     out
 }
 
+/// A matrix's row kernel, `N` tokens at a time: row `r` times `N` tokens'
+/// activations, each weight block unpacked once for all of them.
+pub(super) trait RowDot: Sync {
+    type X: ?Sized + Sync;
+    fn dot_n<const N: usize>(&self, r: usize, xs: [&Self::X; N]) -> [f32; N];
+}
+
 /// The `[m, n]` product for several rows (m > 1): eight activation rows per
-/// pass over each weight row (`dot8`), then four (`dot4`), then one
-/// (`dot`), each band of weight rows (in L2) swept once per tile of
-/// activation rows (in L1). Every kernel sums an output in the same order,
-/// so the tiling does not change a row's result.
-pub(super) fn in_tiles<X: ?Sized + Sync>(
-    n: usize,
-    xs: &[&X],
-    dot: impl Fn(usize, &X) -> f32 + Sync,
-    dot4: impl Fn(usize, [&X; 4]) -> [f32; 4] + Sync,
-    dot8: impl Fn(usize, [&X; 8]) -> [f32; 8] + Sync,
-) -> Vec<f32> {
+/// pass over each weight row, then four, then the 1 to 3 left in one pass,
+/// each band of weight rows (in L2) swept once per tile of activation rows
+/// (in L1). Every kernel sums an output in the same order, so the tiling
+/// does not change a row's result.
+pub(super) fn in_tiles<D: RowDot>(n: usize, xs: &[&D::X], kernel: &D) -> Vec<f32> {
+    fn tile<D: RowDot, const N: usize>(
+        kernel: &D,
+        xs: &[&D::X],
+        i: usize,
+        rows: std::ops::Range<usize>,
+        band: &mut [f32],
+        width: usize,
+    ) {
+        let tile: [&D::X; N] = std::array::from_fn(|t| xs[i + t]);
+        for r in rows.clone() {
+            for (t, v) in kernel.dot_n(r, tile).into_iter().enumerate() {
+                band[(i + t) * width + r - rows.start] = v;
+            }
+        }
+    }
     let m = xs.len();
     bands(n, m, |rows, band, width| {
         let mut i = 0;
         while i + 8 <= m {
-            let x8: [&X; 8] = std::array::from_fn(|t| xs[i + t]);
-            for r in rows.clone() {
-                for (t, v) in dot8(r, x8).into_iter().enumerate() {
-                    band[(i + t) * width + r - rows.start] = v;
-                }
-            }
+            tile::<D, 8>(kernel, xs, i, rows.clone(), band, width);
             i += 8;
         }
-        while i + 4 <= m {
-            for r in rows.clone() {
-                let four = dot4(r, [xs[i], xs[i + 1], xs[i + 2], xs[i + 3]]);
-                for (t, v) in four.into_iter().enumerate() {
-                    band[(i + t) * width + r - rows.start] = v;
-                }
-            }
+        if i + 4 <= m {
+            tile::<D, 4>(kernel, xs, i, rows.clone(), band, width);
             i += 4;
         }
-        for (t, x) in xs.iter().enumerate().skip(i) {
-            for r in rows.clone() {
-                band[t * width + r - rows.start] = dot(r, x);
-            }
+        match m - i {
+            3 => tile::<D, 3>(kernel, xs, i, rows, band, width),
+            2 => tile::<D, 2>(kernel, xs, i, rows, band, width),
+            1 => tile::<D, 1>(kernel, xs, i, rows, band, width),
+            _ => {}
         }
     })
 }
@@ -496,8 +516,7 @@ trait Kernel {
     fn zeros() -> Self::X;
     fn quantize(x: &[f32], out: &mut [Self::X]);
     fn dot(row: &[u8], x: &[Self::X]) -> f32;
-    fn dot4(row: &[u8], xs: [&[Self::X]; 4]) -> [f32; 4];
-    fn dot8(row: &[u8], xs: [&[Self::X]; 8]) -> [f32; 8];
+    fn dot_n<const N: usize>(row: &[u8], xs: [&[Self::X]; N]) -> [f32; N];
     /// Two rows times one token's activations (generation); a kernel with
     /// a two-row loop overrides this.
     fn dot2(rows: [&[u8]; 2], x: &[Self::X]) -> [f32; 2] {
@@ -506,7 +525,7 @@ trait Kernel {
 }
 
 /// A format's `Kernel`: the module with its `BLOCK_BYTES`, `dot` and
-/// `dot4`, and the activations it pairs with: Q8_K (256 values, shared by
+/// `dot_n`, and the activations it pairs with: Q8_K (256 values, shared by
 /// the k-quants) or Q8_0 pairs (64 values, for the 32-value formats).
 macro_rules! kernel {
     ($name:ident, $module:ident, q8k $(, $dot2:ident)?) => {
@@ -540,10 +559,7 @@ macro_rules! kernel {
             fn dot(row: &[u8], x: &[Self::X]) -> f32 {
                 $module::dot(row, x)
             }
-            fn dot4(row: &[u8], xs: [&[Self::X]; 4]) -> [f32; 4] {
-                $module::dot4(row, xs)
-            }
-            fn dot8(row: &[u8], xs: [&[Self::X]; 8]) -> [f32; 8] {
+            fn dot_n<const N: usize>(row: &[u8], xs: [&[Self::X]; N]) -> [f32; N] {
                 $module::dot_n(row, xs)
             }
             $(
