@@ -37,6 +37,8 @@ pub enum Command {
     Rm(RmArgs),
     /// Measure prompt-processing and generation speed (like llama-bench).
     Bench(BenchArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API.
+    Serve(ServeArgs),
     /// Write a model as a GGUF file of quantized weights (llama.cpp loads it too).
     Quantize(QuantizeArgs),
 }
@@ -367,6 +369,35 @@ pub struct ChatArgs {
     pub load: Option<PathBuf>,
 }
 
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Address to listen on (another than 127.0.0.1 opens the server to the network).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port, printed at start).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// An API key clients must send (`Authorization: Bearer KEY`); repeatable.
+    /// Also read from STARLING_API_KEY. /health needs none.
+    #[arg(long = "api-key", value_name = "KEY")]
+    pub api_keys: Vec<String>,
+    /// Another name clients may give as `model`.
+    #[arg(long, value_name = "NAME")]
+    pub alias: Option<String>,
+    /// Largest request body in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = 4 << 20)]
+    pub max_body: usize,
+    /// Seconds in-flight requests may run after SIGTERM or SIGINT.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub shutdown_timeout: u64,
+}
+
 impl Command {
     /// `--threads`, for the commands that run a model.
     pub fn threads(&self) -> Option<u16> {
@@ -374,6 +405,7 @@ impl Command {
             Command::Run(a) => a.device.threads,
             Command::Chat(a) => a.device.threads,
             Command::Bench(a) => a.device.threads,
+            Command::Serve(a) => a.device.threads,
             _ => None,
         }
     }

@@ -10,6 +10,7 @@ pub mod engine;
 pub mod kernels;
 pub mod loader;
 pub mod model;
+pub mod server;
 pub mod source;
 pub mod template;
 pub mod tokenizer;

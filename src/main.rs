@@ -18,6 +18,7 @@ fn main() -> ExitCode {
         Command::List => starling::commands::models::list(),
         Command::Rm(args) => starling::commands::models::rm(args),
         Command::Bench(args) => starling::commands::bench::run(args),
+        Command::Serve(args) => starling::commands::serve::run(args),
         Command::Quantize(args) => starling::commands::quantize::run(args),
     };
     // The command runs on a worker of the compute pool, so the matrix

@@ -1,0 +1,66 @@
+//! `starling serve`: loads the model once, starts the engine, and serves
+//! the OpenAI-compatible API until SIGINT or SIGTERM.
+
+use crate::cli::ServeArgs;
+use crate::engine::Engine;
+use crate::loader;
+use crate::server::{self, Listen, routes::AppState};
+use anyhow::Result;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+pub fn run(args: &ServeArgs) -> Result<()> {
+    let mut api_keys = args.api_keys.clone();
+    if let Ok(key) = std::env::var("STARLING_API_KEY")
+        && !key.is_empty()
+    {
+        api_keys.push(key);
+    }
+    let (files, template) = super::model_files(&args.model)?;
+    let device = loader::device(&args.device.device)?;
+    let loaded = loader::load(
+        &files,
+        &template,
+        args.device.dtype(),
+        args.device.quantize,
+        &device,
+    )?;
+    let text = loaded.text;
+    let tokenizer = Arc::new(text.tokenizer);
+    let mut model = loaded.model;
+    args.device.apply_kv_type(&mut model);
+    let engine = Engine::start(model, Some(tokenizer.clone()), args.engine.config(4))?;
+    eprintln!("starling serve: {}", engine.describe());
+    // The model's id: the last part of what --model named (a file's or a
+    // directory's name, a repo's name), as llama.cpp's server names it.
+    let id = args
+        .model
+        .model
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or(&args.model.model)
+        .to_string();
+    let mut names = vec![id];
+    names.extend(args.alias.clone());
+    let state = AppState {
+        engine,
+        tokenizer,
+        template: text.template,
+        stop_ids: text.stop_ids,
+        generation: text.generation,
+        names,
+        api_keys,
+        next_id: AtomicU64::new(1),
+    };
+    server::serve(
+        state,
+        Listen {
+            host: args.host.clone(),
+            port: args.port,
+            max_body: args.max_body,
+            shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
+        },
+    )
+}

@@ -1,0 +1,147 @@
+//! `starling serve`: an OpenAI-compatible HTTP front end on the engine
+//! (axum on tokio). As in llama.cpp's server, the HTTP side only queues
+//! work; the engine's one step loop owns the model and batches every
+//! client's sequences.
+
+pub mod error;
+pub mod openai;
+pub mod routes;
+
+use anyhow::{Context, Result};
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use error::ApiError;
+use routes::{AppState, Served, Shared};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Where and how to listen.
+pub struct Listen {
+    pub host: String,
+    pub port: u16,
+    /// Largest request body, in bytes.
+    pub max_body: usize,
+    /// How long in-flight requests may run after SIGTERM/SIGINT.
+    pub shutdown_timeout: Duration,
+}
+
+/// The routes over `state`: `/health` open to all, the rest behind the API
+/// key when one is set; every request logged on stderr.
+pub fn router(state: Shared, max_body: usize) -> Router {
+    let api = Router::new()
+        .route("/v1/chat/completions", post(routes::chat_completions))
+        .route("/v1/completions", post(routes::completions))
+        .route("/v1/models", get(routes::models))
+        .fallback(routes::not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), require_key));
+    Router::new()
+        .route("/health", get(routes::health))
+        .merge(api)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn(log_request))
+        .with_state(state)
+}
+
+/// Serves until SIGINT or SIGTERM, then lets in-flight requests finish
+/// (for at most `shutdown_timeout`) and returns.
+pub fn serve(state: AppState, listen: Listen) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        // The model runs on the engine's own threads: HTTP needs few.
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the HTTP runtime")?;
+    let state = Arc::new(state);
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind((listen.host.as_str(), listen.port))
+            .await
+            .with_context(|| format!("listening on {}:{}", listen.host, listen.port))?;
+        let address = listener.local_addr().context("reading the bound address")?;
+        eprintln!("starling serve: {} on http://{address}", state.names[0]);
+        let app = router(state.clone(), listen.max_body);
+        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            eprintln!("starling serve: shutting down (in-flight requests may finish)");
+            let _ = stop_tx.send(true);
+        });
+        let server = tokio::spawn(async move { server.await });
+        // After the signal, in-flight requests get `shutdown_timeout`.
+        let _ = stop_rx.changed().await;
+        match tokio::time::timeout(listen.shutdown_timeout, server).await {
+            Ok(joined) => joined.context("the server task")?.context("serving")?,
+            Err(_) => {
+                eprintln!("starling serve: in-flight requests cut off after the shutdown timeout")
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// `Authorization: Bearer KEY` with one of the keys, when any is set.
+async fn require_key(State(state): State<Shared>, request: Request, next: Next) -> Response {
+    if state.api_keys.is_empty() {
+        return next.run(request).await;
+    }
+    let given = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(key) if state.api_keys.iter().any(|k| k == key) => next.run(request).await,
+        _ => ApiError::unauthorized().into_response(),
+    }
+}
+
+/// One line per request on stderr: id, method, path, status, tokens, time.
+async fn log_request(request: Request, next: Next) -> Response {
+    static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let (method, path) = (request.method().clone(), request.uri().path().to_string());
+    let start = Instant::now();
+    let response = next.run(request).await;
+    let tokens = response
+        .extensions()
+        .get::<Served>()
+        .map(|s| {
+            format!(
+                " prompt_tokens={} completion_tokens={}",
+                s.prompt, s.completion
+            )
+        })
+        .unwrap_or_default();
+    eprintln!(
+        "request id={id} method={method} path={path} status={}{tokens} ms={}",
+        response.status().as_u16(),
+        start.elapsed().as_millis()
+    );
+    response
+}

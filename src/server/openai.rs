@@ -1,0 +1,318 @@
+//! The OpenAI request shapes the server reads (chat completions and raw
+//! completions), checked and turned into engine requests. Only what
+//! starling implements is read; an OpenAI field it does not implement is
+//! refused by name when set to anything but its default, and fields
+//! OpenAI does not define are ignored, as OpenAI's own server does.
+//! Reference: <https://platform.openai.com/docs/api-reference/chat/create>.
+
+use super::error::ApiError;
+use crate::engine::SamplerConfig;
+use crate::loader::GenerationConfig;
+use crate::template::Message;
+use serde::Deserialize;
+use serde_json::Value;
+
+/// A message's content: a string, or an array of parts of which only
+/// text parts are understood.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Part {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<Content>,
+}
+
+/// `stop`: one string or a list.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// The sampling and length fields both endpoints share.
+#[derive(Debug, Default, Deserialize)]
+pub struct Sampling {
+    pub model: Option<String>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f64>,
+    pub max_tokens: Option<i64>,
+    pub max_completion_tokens: Option<i64>,
+    pub stop: Option<Stop>,
+    pub seed: Option<u64>,
+    pub n: Option<i64>,
+    pub repetition_penalty: Option<f64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub logprobs: Option<Value>,
+    pub top_logprobs: Option<Value>,
+    pub logit_bias: Option<Value>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    // OpenAI fields starling does not implement: refused when set.
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub functions: Option<Value>,
+    pub function_call: Option<Value>,
+    pub response_format: Option<Value>,
+    pub audio: Option<Value>,
+    pub modalities: Option<Value>,
+    pub prediction: Option<Value>,
+    pub echo: Option<Value>,
+    pub best_of: Option<Value>,
+    pub suffix: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    pub messages: Vec<ChatMessage>,
+    #[serde(flatten)]
+    pub sampling: Sampling,
+}
+
+/// `prompt` of `/v1/completions`: text, or token ids.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    pub prompt: Prompt,
+    #[serde(flatten)]
+    pub sampling: Sampling,
+}
+
+/// What a request asks of the engine, checked.
+#[derive(Debug)]
+pub struct Settings {
+    pub sampler: SamplerConfig,
+    /// `None`: to the end of the context.
+    pub max_tokens: Option<usize>,
+    pub stop: Vec<String>,
+    pub n: usize,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+impl Sampling {
+    /// Checks every field and fills the left-out sampling values from the
+    /// model's generation_config.json, else OpenAI's defaults (temperature
+    /// 1, top_p 1, no top-k or min-p).
+    pub fn settings(&self, generation: &GenerationConfig) -> Result<Settings, ApiError> {
+        self.refuse_unimplemented()?;
+        let temperature = self.temperature.or(generation.temperature).unwrap_or(1.0);
+        let top_p = self.top_p.or(generation.top_p).unwrap_or(1.0);
+        let top_k = match self.top_k {
+            Some(k) if k < 0 => return Err(ApiError::invalid_param("top_k", "top_k must be >= 0")),
+            Some(k) => k as usize,
+            None => generation.top_k.unwrap_or(0),
+        };
+        let repeat_penalty = match self.repetition_penalty {
+            Some(p) => p as f32,
+            None => generation.repetition_penalty.unwrap_or(1.0),
+        };
+        let sampler = SamplerConfig {
+            temperature,
+            top_k,
+            top_p,
+            min_p: self.min_p.unwrap_or(0.0),
+            repeat_penalty,
+            repeat_last_n: 64,
+            seed: self.seed.unwrap_or_else(rand::random),
+        };
+        sampler
+            .validate()
+            .map_err(|e| ApiError::invalid(e.to_string()))?;
+        let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
+            None => None,
+            Some(m) if m < 1 => {
+                return Err(ApiError::invalid_param(
+                    "max_tokens",
+                    "max_tokens must be at least 1",
+                ));
+            }
+            Some(m) => Some(m as usize),
+        };
+        let n = match self.n {
+            None => 1,
+            Some(n) if n < 1 => return Err(ApiError::invalid_param("n", "n must be at least 1")),
+            Some(n) => n as usize,
+        };
+        let stop = match &self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(list)) => list.clone(),
+        };
+        if stop.len() > 4 {
+            return Err(ApiError::invalid_param("stop", "at most 4 stop sequences"));
+        }
+        Ok(Settings {
+            sampler,
+            max_tokens,
+            stop,
+            n,
+            stream: self.stream,
+            include_usage: self
+                .stream_options
+                .as_ref()
+                .is_some_and(|o| o.include_usage),
+        })
+    }
+
+    /// A field OpenAI defines and starling does not implement is a 400
+    /// naming it, unless it holds its default (so `tools: []` passes).
+    fn refuse_unimplemented(&self) -> Result<(), ApiError> {
+        let set = |v: &Option<Value>| match v {
+            None | Some(Value::Null) => false,
+            Some(Value::Array(a)) => !a.is_empty(),
+            Some(Value::Object(o)) => !o.is_empty(),
+            Some(Value::Bool(b)) => *b,
+            Some(_) => true,
+        };
+        let text_format = |v: &Option<Value>| {
+            v.as_ref()
+                .and_then(|f| f.get("type"))
+                .is_some_and(|t| t == "text")
+        };
+        let fields: [(&str, bool); 12] = [
+            ("tools", set(&self.tools)),
+            (
+                "tool_choice",
+                set(&self.tool_choice) && self.tool_choice != Some(Value::from("none")),
+            ),
+            ("functions", set(&self.functions)),
+            (
+                "function_call",
+                set(&self.function_call) && self.function_call != Some(Value::from("none")),
+            ),
+            (
+                "response_format",
+                set(&self.response_format) && !text_format(&self.response_format),
+            ),
+            ("audio", set(&self.audio)),
+            (
+                "modalities",
+                set(&self.modalities) && self.modalities != Some(serde_json::json!(["text"])),
+            ),
+            ("prediction", set(&self.prediction)),
+            ("logprobs", set(&self.logprobs)),
+            (
+                "top_logprobs",
+                set(&self.top_logprobs) && self.top_logprobs != Some(Value::from(0)),
+            ),
+            ("logit_bias", set(&self.logit_bias)),
+            ("echo", set(&self.echo)),
+        ];
+        if let Some((name, _)) = fields.iter().find(|(_, on)| *on) {
+            return Err(ApiError::invalid_param(
+                name,
+                format!("`{name}` is not supported by this server"),
+            ));
+        }
+        for (name, value) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if value.is_some_and(|v| v != 0.0) {
+                return Err(ApiError::invalid_param(
+                    name,
+                    format!("`{name}` is not supported by this server (use repetition_penalty)"),
+                ));
+            }
+        }
+        if self
+            .best_of
+            .as_ref()
+            .is_some_and(|b| b != &Value::from(1) && !b.is_null())
+        {
+            return Err(ApiError::invalid_param(
+                "best_of",
+                "`best_of` is not supported by this server",
+            ));
+        }
+        if self
+            .suffix
+            .as_ref()
+            .is_some_and(|s| !s.is_null() && s != "")
+        {
+            return Err(ApiError::invalid_param(
+                "suffix",
+                "`suffix` is not supported by this server",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ChatRequest {
+    /// The conversation as the template renders it. Message text is
+    /// always text: a special token's name typed in it stays text.
+    pub fn conversation(&self) -> Result<Vec<Message>, ApiError> {
+        if self.messages.is_empty() {
+            return Err(ApiError::invalid_param(
+                "messages",
+                "messages must not be empty",
+            ));
+        }
+        self.messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let param = format!("messages[{i}]");
+                if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "developer") {
+                    return Err(ApiError::invalid_param(
+                        &param,
+                        format!("unsupported role {:?} (system, user, assistant)", m.role),
+                    ));
+                }
+                let role = if m.role == "developer" { "system" } else { m.role.as_str() };
+                let text = match &m.content {
+                    None => String::new(),
+                    Some(Content::Text(t)) => t.clone(),
+                    Some(Content::Parts(parts)) => {
+                        let mut text = String::new();
+                        for p in parts {
+                            match (p.kind.as_str(), &p.text) {
+                                ("text", Some(t)) => text.push_str(t),
+                                (kind, _) => {
+                                    return Err(ApiError::invalid_param(
+                                        &param,
+                                        format!("content part of type {kind:?} is not supported (text only)"),
+                                    ));
+                                }
+                            }
+                        }
+                        text
+                    }
+                };
+                Ok(Message::new(role, text))
+            })
+            .collect()
+    }
+}

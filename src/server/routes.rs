@@ -1,0 +1,394 @@
+//! The routes: small async functions over the shared state. They only
+//! check requests and queue them on the engine; the engine's step loop does
+//! the work, and each answer's events come back through a channel (a
+//! blocking forwarder per sequence, since the engine's handles are
+//! synchronous). A client that goes away drops the channel, the forwarder
+//! drops its handle, and the engine cancels the sequence at its next step.
+
+use super::error::ApiError;
+use super::openai::{ChatRequest, CompletionRequest, Prompt, Settings};
+use crate::engine::{Engine, Event, GenerateRequest, Handle, Outcome, StopReason};
+use crate::loader::GenerationConfig;
+use crate::template::Template;
+use crate::tokenizer::TextTokenizer;
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+
+/// What every route shares: the engine and what turns requests into ids.
+pub struct AppState {
+    pub engine: Engine,
+    pub tokenizer: Arc<TextTokenizer>,
+    pub template: Template,
+    pub stop_ids: Vec<u32>,
+    pub generation: GenerationConfig,
+    /// The served model's id first, then its aliases.
+    pub names: Vec<String>,
+    pub api_keys: Vec<String>,
+    pub next_id: AtomicU64,
+}
+
+/// Tokens a response served, for the request log.
+#[derive(Debug, Clone, Copy)]
+pub struct Served {
+    pub prompt: usize,
+    pub completion: usize,
+}
+
+pub type Shared = Arc<AppState>;
+
+pub async fn health() -> Response {
+    Json(json!({"status": "ok"})).into_response()
+}
+
+pub async fn models(State(state): State<Shared>) -> Response {
+    let data: Vec<Value> = state
+        .names
+        .iter()
+        .map(|name| json!({"id": name, "object": "model", "created": 0, "owned_by": "starling"}))
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::not_found("no such route", "not_found")
+}
+
+pub async fn chat_completions(
+    State(state): State<Shared>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let request: ChatRequest = parse(body)?;
+    check_model(&state, request.sampling.model.as_deref())?;
+    let settings = request.sampling.settings(&state.generation)?;
+    let messages = request.conversation()?;
+    let prompt = state
+        .template
+        .encode(&state.tokenizer, &messages)
+        .map_err(|e| ApiError::invalid_param("messages", format!("{e:#}")))?;
+    answer(state, prompt, settings, Kind::Chat).await
+}
+
+/// A raw prompt, no template. Its text is the caller's whole prompt, so
+/// special-token text in it IS read as special tokens: the one place
+/// starling does so (chat messages never).
+pub async fn completions(
+    State(state): State<Shared>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let request: CompletionRequest = parse(body)?;
+    check_model(&state, request.sampling.model.as_deref())?;
+    let settings = request.sampling.settings(&state.generation)?;
+    let prompt = match request.prompt {
+        Prompt::Ids(ids) => {
+            let vocab = state.tokenizer.vocab_size() as u32;
+            if let Some(bad) = ids.iter().find(|&&id| id >= vocab) {
+                return Err(ApiError::invalid_param(
+                    "prompt",
+                    format!("token id {bad} is outside the vocabulary of {vocab}"),
+                ));
+            }
+            ids
+        }
+        Prompt::Text(text) => state
+            .tokenizer
+            .inner()
+            .encode(text.as_str(), true)
+            .map_err(|e| ApiError::invalid_param("prompt", format!("tokenizing the prompt: {e}")))?
+            .get_ids()
+            .to_vec(),
+    };
+    if prompt.is_empty() {
+        return Err(ApiError::invalid_param("prompt", "the prompt is empty"));
+    }
+    answer(state, prompt, settings, Kind::Completion).await
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let body = body.map_err(|e| ApiError {
+        status: e.status(),
+        ..ApiError::invalid(e.body_text())
+    })?;
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid(format!("invalid request body: {e}")))
+}
+
+fn check_model(state: &AppState, model: Option<&str>) -> Result<(), ApiError> {
+    match model {
+        Some(m) if !state.names.iter().any(|n| n == m) => Err(ApiError::not_found(
+            format!(
+                "the model `{m}` does not exist; this server serves `{}`",
+                state.names[0]
+            ),
+            "model_not_found",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Queues the answers and returns them, streamed or whole.
+async fn answer(
+    state: Shared,
+    prompt: Vec<u32>,
+    settings: Settings,
+    kind: Kind,
+) -> Result<Response, ApiError> {
+    let context = state.engine.context();
+    let max_tokens = match settings.max_tokens {
+        // The last token is never fed: prompt + max_tokens - 1 positions.
+        Some(m) if prompt.len() + m - 1 > context => {
+            return Err(ApiError::invalid_param(
+                "max_tokens",
+                format!(
+                    "the prompt ({} tokens) and max_tokens ({m}) exceed the context of {context} tokens",
+                    prompt.len()
+                ),
+            ));
+        }
+        Some(m) => m,
+        None => (context + 1).saturating_sub(prompt.len()).max(1),
+    };
+    let prompt_tokens = prompt.len();
+    let request = GenerateRequest {
+        prompt,
+        sampling: settings.sampler.clone(),
+        max_tokens,
+        stop_ids: state.stop_ids.clone(),
+        stop_texts: settings.stop.clone(),
+        continuation: kind == Kind::Completion,
+    };
+    let handles = state
+        .engine
+        .submit_n(request, settings.n)
+        .map_err(|e| ApiError::invalid(format!("{e:#}")))?;
+    let events = forward(handles);
+    let id = format!(
+        "{}-{}",
+        if kind == Kind::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        },
+        state.next_id.fetch_add(1, Ordering::Relaxed)
+    );
+    let reply = Reply {
+        id,
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        model: state.names[0].clone(),
+        kind,
+        n: settings.n,
+        prompt_tokens,
+    };
+    if settings.stream {
+        Ok(stream(reply, events, settings.include_usage))
+    } else {
+        whole(reply, events).await
+    }
+}
+
+/// Each handle's events, tagged with its choice index, on one channel.
+fn forward(handles: Vec<Handle>) -> mpsc::Receiver<(usize, Event)> {
+    let (tx, rx) = mpsc::channel(256);
+    for (i, handle) in handles.into_iter().enumerate() {
+        let tx = tx.clone();
+        tokio::task::spawn_blocking(move || {
+            while let Some(event) = handle.recv() {
+                let last = matches!(event, Event::Finished(_) | Event::Failed(_));
+                // The client went away: dropping the handle cancels the sequence.
+                if tx.blocking_send((i, event)).is_err() || last {
+                    return;
+                }
+            }
+        });
+    }
+    rx
+}
+
+struct Reply {
+    id: String,
+    created: u64,
+    model: String,
+    kind: Kind,
+    n: usize,
+    prompt_tokens: usize,
+}
+
+fn finish_reason(stop: StopReason) -> &'static str {
+    match stop {
+        StopReason::MaxTokens | StopReason::ContextFull => "length",
+        StopReason::EndToken | StopReason::StopText | StopReason::Interrupted => "stop",
+    }
+}
+
+impl Reply {
+    fn usage(&self, outcomes: &[Option<Outcome>]) -> Value {
+        let completion: usize = outcomes.iter().flatten().map(|o| o.stats.gen_tokens).sum();
+        let cached = outcomes
+            .first()
+            .and_then(|o| o.as_ref())
+            .map_or(0, |o| o.stats.cached_tokens);
+        json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        })
+    }
+
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.kind, chunk) {
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+            (Kind::Completion, _) => "text_completion",
+        }
+    }
+
+    /// One streamed chunk for choice `index`: its text (or the role, for
+    /// the first chat chunk) and its finish reason.
+    fn chunk(&self, index: usize, text: Option<&str>, role: bool, finish: Option<&str>) -> Value {
+        let choice = match self.kind {
+            Kind::Chat => {
+                let mut delta = serde_json::Map::new();
+                if role {
+                    delta.insert("role".into(), "assistant".into());
+                }
+                if let Some(t) = text {
+                    delta.insert("content".into(), t.into());
+                }
+                json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": finish})
+            }
+            Kind::Completion => {
+                json!({"index": index, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish})
+            }
+        };
+        json!({
+            "id": self.id, "object": self.object(true), "created": self.created,
+            "model": self.model, "choices": [choice],
+        })
+    }
+}
+
+/// The whole answer as one JSON body.
+async fn whole(
+    reply: Reply,
+    mut events: mpsc::Receiver<(usize, Event)>,
+) -> Result<Response, ApiError> {
+    let mut outcomes: Vec<Option<Outcome>> = (0..reply.n).map(|_| None).collect();
+    while let Some((i, event)) = events.recv().await {
+        match event {
+            Event::Finished(outcome) => outcomes[i] = Some(outcome),
+            Event::Failed(e) => return Err(ApiError::internal(format!("{e:#}"))),
+            Event::Token(_) | Event::Text(_) => {}
+        }
+    }
+    let mut choices = Vec::with_capacity(reply.n);
+    for (i, outcome) in outcomes.iter().enumerate() {
+        let Some(o) = outcome else {
+            return Err(ApiError::internal(
+                "the engine stopped before the answer was finished",
+            ));
+        };
+        let reason = finish_reason(o.stop);
+        choices.push(match reply.kind {
+            Kind::Chat => json!({
+                "index": i, "message": {"role": "assistant", "content": o.text},
+                "logprobs": null, "finish_reason": reason,
+            }),
+            Kind::Completion => json!({
+                "index": i, "text": o.text, "logprobs": null, "finish_reason": reason,
+            }),
+        });
+    }
+    let served = Served {
+        prompt: reply.prompt_tokens,
+        completion: outcomes.iter().flatten().map(|o| o.stats.gen_tokens).sum(),
+    };
+    let body = json!({
+        "id": reply.id, "object": reply.object(false), "created": reply.created,
+        "model": reply.model, "choices": choices, "usage": reply.usage(&outcomes),
+    });
+    let mut response = Json(body).into_response();
+    response.extensions_mut().insert(served);
+    Ok(response)
+}
+
+/// The answer as server-sent events, as OpenAI streams it: the role first
+/// (chat), content deltas (whole UTF-8, never a possible stop text's
+/// start: the engine holds those back), a chunk with the finish reason per
+/// choice, the usage when asked, then `[DONE]`.
+fn stream(
+    reply: Reply,
+    mut events: mpsc::Receiver<(usize, Event)>,
+    include_usage: bool,
+) -> Response {
+    let (tx, rx) = mpsc::channel::<SseEvent>(256);
+    tokio::spawn(async move {
+        let send = |value: Value| SseEvent::default().data(value.to_string());
+        let mut started = vec![false; reply.n];
+        let mut outcomes: Vec<Option<Outcome>> = (0..reply.n).map(|_| None).collect();
+        while let Some((i, event)) = events.recv().await {
+            let chunk = match event {
+                Event::Token(_) => continue,
+                Event::Text(piece) => {
+                    let role = reply.kind == Kind::Chat && !started[i];
+                    started[i] = true;
+                    reply.chunk(i, Some(&piece), role, None)
+                }
+                Event::Finished(outcome) => {
+                    let role = reply.kind == Kind::Chat && !started[i];
+                    let chunk = reply.chunk(
+                        i,
+                        role.then_some(""),
+                        role,
+                        Some(finish_reason(outcome.stop)),
+                    );
+                    outcomes[i] = Some(outcome);
+                    chunk
+                }
+                Event::Failed(e) => {
+                    let error = ApiError::internal(format!("{e:#}"));
+                    let _ = tx.send(send(error.body())).await;
+                    return;
+                }
+            };
+            // The client went away: dropping `events` cancels the sequences.
+            if tx.send(send(chunk)).await.is_err() {
+                return;
+            }
+        }
+        if include_usage {
+            let usage = json!({
+                "id": reply.id, "object": reply.object(true), "created": reply.created,
+                "model": reply.model, "choices": [], "usage": reply.usage(&outcomes),
+            });
+            let _ = tx.send(send(usage)).await;
+        }
+        let _ = tx.send(SseEvent::default().data("[DONE]")).await;
+    });
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|event| (Ok::<_, Infallible>(event), rx))
+    });
+    Sse::new(body)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}

@@ -1,0 +1,403 @@
+//! `starling serve` over real HTTP on 127.0.0.1 (a free port), the tiny
+//! model behind it: answers equal `starling run`'s, streamed and not;
+//! concurrent clients each get their own answer; OpenAI-shaped errors; the
+//! API key; a client that leaves frees its slot; SIGTERM lets a running
+//! request finish and exits 0.
+
+mod common;
+
+use common::{golden, ok, starling, tiny_model};
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Self {
+        let model = tiny_model().display().to_string();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_starling"))
+            .args(["serve", "--model", &model, "--port", "0"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                if let Some((_, url)) = line.split_once(" on http://") {
+                    let _ = tx.send(format!("http://{url}"));
+                }
+            }
+        });
+        let url = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the server said where it listens");
+        Self { child, url }
+    }
+
+    fn agent() -> ureq::Agent {
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into()
+    }
+
+    /// POSTs `body` (raw text) to `path`; the status and the body.
+    fn post_raw(&self, path: &str, body: &str, key: Option<&str>) -> (u16, String) {
+        let mut request = Self::agent()
+            .post(format!("{}{path}", self.url))
+            .header("content-type", "application/json");
+        if let Some(k) = key {
+            request = request.header("authorization", format!("Bearer {k}"));
+        }
+        let mut response = request.send(body).unwrap();
+        let status = response.status().as_u16();
+        (
+            status,
+            response.body_mut().read_to_string().unwrap_or_default(),
+        )
+    }
+
+    fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let (status, text) = self.post_raw(path, &body.to_string(), None);
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    fn get(&self, path: &str, key: Option<&str>) -> (u16, String) {
+        let mut request = Self::agent().get(format!("{}{path}", self.url));
+        if let Some(k) = key {
+            request = request.header("authorization", format!("Bearer {k}"));
+        }
+        let mut response = request.call().unwrap();
+        let status = response.status().as_u16();
+        (
+            status,
+            response.body_mut().read_to_string().unwrap_or_default(),
+        )
+    }
+
+    /// A streamed request's `data:` payloads, in order.
+    fn stream(&self, path: &str, body: Value) -> Vec<String> {
+        let response = Self::agent()
+            .post(format!("{}{path}", self.url))
+            .header("content-type", "application/json")
+            .send(body.to_string())
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        let reader = BufReader::new(response.into_body().into_reader());
+        reader
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| l.strip_prefix("data: ").map(String::from))
+            .collect()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn golden_text(case: usize) -> String {
+    golden()["cases"][case]["greedy"]["text"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn chat_body(content: &str, max_tokens: usize) -> Value {
+    json!({
+        "messages": [{"role": "user", "content": content}],
+        "temperature": 0,
+        "max_tokens": max_tokens,
+    })
+}
+
+/// What `starling run` prints for one user message (greedy), without the newline.
+fn run_answer(content: &str, max_tokens: usize) -> String {
+    let model = tiny_model().display().to_string();
+    let n = max_tokens.to_string();
+    let out = ok(&starling(
+        &[
+            "run",
+            "--model",
+            &model,
+            "--temperature",
+            "0",
+            "-n",
+            &n,
+            content,
+        ],
+        None,
+    ));
+    out.strip_suffix('\n').unwrap().to_string()
+}
+
+#[test]
+fn chat_answers_equal_run_streamed_and_not_with_usage_and_reuse() {
+    let server = Server::start(&[]);
+    let (status, body) = server.post("/v1/chat/completions", chat_body("Hello", 24));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(body["choices"][0]["message"]["content"], golden_text(0));
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+    assert_eq!(body["usage"]["prompt_tokens"], 17);
+    assert_eq!(body["usage"]["completion_tokens"], 24);
+    assert_eq!(body["usage"]["total_tokens"], 41);
+
+    let mut streamed = chat_body("Hello", 24);
+    streamed["stream"] = true.into();
+    streamed["stream_options"] = json!({"include_usage": true});
+    let events = server.stream("/v1/chat/completions", streamed);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, golden_text(0));
+    let finish = chunks
+        .iter()
+        .find(|c| !c["choices"][0]["finish_reason"].is_null())
+        .unwrap();
+    assert_eq!(finish["choices"][0]["finish_reason"], "length");
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(usage["completion_tokens"], 24);
+    // The same conversation again: its prompt is in the kept cache.
+    assert_eq!(usage["prompt_tokens_details"]["cached_tokens"], 16);
+
+    // Another question answers as `starling run` does.
+    let (_, other) = server.post(
+        "/v1/chat/completions",
+        chat_body("Why is the sky blue?", 12),
+    );
+    assert_eq!(
+        other["choices"][0]["message"]["content"],
+        run_answer("Why is the sky blue?", 12)
+    );
+}
+
+#[test]
+fn completions_continue_a_raw_prompt_as_run_does() {
+    let server = Server::start(&[]);
+    let body = json!({"prompt": "The quick brown fox", "temperature": 0, "max_tokens": 10});
+    let (status, reply) = server.post("/v1/completions", body);
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["object"], "text_completion");
+    let model = tiny_model().display().to_string();
+    let expected = ok(&starling(
+        &[
+            "run",
+            "--model",
+            &model,
+            "--template",
+            "raw",
+            "--temperature",
+            "0",
+            "-n",
+            "10",
+            "The quick brown fox",
+        ],
+        None,
+    ));
+    assert_eq!(
+        reply["choices"][0]["text"].as_str().unwrap(),
+        expected.strip_suffix('\n').unwrap()
+    );
+    let (_, models) = server.get("/v1/models", None);
+    let models: Value = serde_json::from_str(&models).unwrap();
+    assert_eq!(models["object"], "list");
+    assert!(
+        models["data"][0]["id"]
+            .as_str()
+            .unwrap()
+            .starts_with("tiny-mistral")
+    );
+}
+
+#[test]
+fn concurrent_streams_each_get_the_answer_they_get_alone() {
+    let server = Server::start(&["--parallel", "4", "--batch-tokens", "8"]);
+    let questions: Vec<String> = (0..6)
+        .map(|i| format!("Question {i}: {}", "tell me ".repeat(i)))
+        .collect();
+    let alone: Vec<String> = questions
+        .iter()
+        .map(|q| {
+            let (_, body) = server.post("/v1/chat/completions", chat_body(q, 10));
+            body["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let together: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = questions
+            .iter()
+            .map(|q| {
+                let server = &server;
+                s.spawn(move || {
+                    let mut body = chat_body(q, 10);
+                    body["stream"] = true.into();
+                    server
+                        .stream("/v1/chat/completions", body)
+                        .iter()
+                        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+                        .filter_map(|c| {
+                            c["choices"][0]["delta"]["content"]
+                                .as_str()
+                                .map(String::from)
+                        })
+                        .collect::<String>()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(together, alone);
+}
+
+#[test]
+fn bad_requests_get_openai_shaped_errors_never_a_500() {
+    let server = Server::start(&["--max-body", "2000"]);
+    let check = |status: u16, body: &str, expected: u16, needle: &str| {
+        assert_eq!(status, expected, "{body}");
+        let v: Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body}"));
+        let message = v["error"]["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{body}"));
+        assert!(v["error"]["type"].is_string(), "{body}");
+        assert!(
+            message.contains(needle) || v["error"]["param"] == needle,
+            "{needle} in {body}"
+        );
+    };
+    let (s, b) = server.post_raw("/v1/chat/completions", "{not json", None);
+    check(s, &b, 400, "invalid request body");
+    let bad = |edit: &dyn Fn(&mut Value)| {
+        let mut body = chat_body("Hello", 4);
+        edit(&mut body);
+        server.post_raw("/v1/chat/completions", &body.to_string(), None)
+    };
+    let (s, b) = bad(&|b| b["temperature"] = (-1).into());
+    check(s, &b, 400, "temperature");
+    let (s, b) = bad(&|b| b["top_p"] = 0.into());
+    check(s, &b, 400, "top_p");
+    let (s, b) = bad(&|b| b["n"] = 0.into());
+    check(s, &b, 400, "n");
+    let (s, b) = bad(&|b| b["max_tokens"] = 100_000.into());
+    check(s, &b, 400, "max_tokens");
+    let (s, b) = bad(&|b| b["model"] = "gpt-4".into());
+    check(s, &b, 404, "gpt-4");
+    let (s, b) = bad(&|b| b["tools"] = json!([{"type": "function"}]));
+    check(s, &b, 400, "tools");
+    let (s, b) = bad(&|b| b["messages"] = json!([]));
+    check(s, &b, 400, "messages");
+    let (s, b) = bad(&|b| b["messages"][0]["role"] = "wizard".into());
+    check(s, &b, 400, "messages[0]");
+    let (s, b) = bad(&|b| b["messages"][0]["content"] = "x".repeat(5000).into());
+    check(s, &b, 413, "length limit");
+    let (s, _) = bad(&|b| b["tools"] = json!([]));
+    assert_eq!(s, 200, "an empty tools list is the default");
+    let (s, b) = server.post_raw(
+        "/v1/completions",
+        &json!({"prompt": [1, 99999999]}).to_string(),
+        None,
+    );
+    check(s, &b, 400, "prompt");
+    let (s, b) = server.get("/v1/nothing", None);
+    check(s, &b, 404, "no such route");
+}
+
+#[test]
+fn an_api_key_guards_everything_but_health() {
+    let server = Server::start(&["--api-key", "sesame"]);
+    assert_eq!(server.get("/health", None).0, 200);
+    let (s, b) = server.get("/v1/models", None);
+    assert_eq!(s, 401, "{b}");
+    assert!(b.contains("invalid_api_key"), "{b}");
+    assert_eq!(server.get("/v1/models", Some("wrong")).0, 401);
+    assert_eq!(server.get("/v1/models", Some("sesame")).0, 200);
+    let body = chat_body("Hello", 2).to_string();
+    assert_eq!(server.post_raw("/v1/chat/completions", &body, None).0, 401);
+    assert_eq!(
+        server
+            .post_raw("/v1/chat/completions", &body, Some("sesame"))
+            .0,
+        200
+    );
+}
+
+#[test]
+fn a_client_that_leaves_frees_its_slot() {
+    let server = Server::start(&["--parallel", "1"]);
+    let mut long = chat_body("Hello", 6000);
+    long["stream"] = true.into();
+    let response = Server::agent()
+        .post(format!("{}/v1/chat/completions", server.url))
+        .header("content-type", "application/json")
+        .send(long.to_string())
+        .unwrap();
+    let mut reader = BufReader::new(response.into_body().into_reader());
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    assert!(first.starts_with("data: "), "{first}");
+    drop(reader);
+    // The only slot is free again within seconds, not after 6000 tokens.
+    let start = Instant::now();
+    let (status, body) = server.post("/v1/chat/completions", chat_body("Hi", 3));
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn sigterm_lets_a_running_request_finish_then_exits_zero() {
+    let mut server = Server::start(&[]);
+    let url = server.url.clone();
+    let request = std::thread::spawn(move || {
+        let body = chat_body("Hello", 400).to_string();
+        let mut response = Server::agent()
+            .post(format!("{url}/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .send(body)
+            .unwrap();
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_string().unwrap();
+        (status, text)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = server.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let (status, text) = request.join().unwrap();
+    assert_eq!(status, 200, "{text}");
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(body["usage"]["completion_tokens"], 400);
+    let exit = server.child.wait().unwrap();
+    assert_eq!(exit.code(), Some(0));
+}
