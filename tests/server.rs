@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 struct Server {
     child: Child,
     url: String,
+    /// Everything the server wrote on stderr so far.
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Server {
@@ -31,17 +33,20 @@ impl Server {
             .unwrap();
         let stderr = BufReader::new(child.stderr.take().unwrap());
         let (tx, rx) = mpsc::channel();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let lines = log.clone();
         std::thread::spawn(move || {
             for line in stderr.lines().map_while(Result::ok) {
                 if let Some((_, url)) = line.split_once(" on http://") {
                     let _ = tx.send(format!("http://{url}"));
                 }
+                lines.lock().unwrap().push(line);
             }
         });
         let url = rx
             .recv_timeout(Duration::from_secs(60))
             .expect("the server said where it listens");
-        Self { child, url }
+        Self { child, url, log }
     }
 
     fn agent() -> ureq::Agent {
@@ -181,6 +186,13 @@ fn chat_answers_equal_run_streamed_and_not_with_usage_and_reuse() {
     assert_eq!(usage["completion_tokens"], 24);
     // The same conversation again: its prompt is in the kept cache.
     assert_eq!(usage["prompt_tokens_details"]["cached_tokens"], 16);
+    // A stream's log line comes when it ends, with its tokens.
+    std::thread::sleep(Duration::from_millis(200));
+    let log = server.log.lock().unwrap().join("\n");
+    assert!(
+        log.contains("stream=done prompt_tokens=17 completion_tokens=24"),
+        "{log}"
+    );
 
     // Another question answers as `starling run` does.
     let (_, other) = server.post(
@@ -220,6 +232,16 @@ fn completions_continue_a_raw_prompt_as_run_does() {
         reply["choices"][0]["text"].as_str().unwrap(),
         expected.strip_suffix('\n').unwrap()
     );
+    let aliased = Server::start(&["--alias", "my-model"]);
+    let mut asked = json!({"prompt": "hi", "max_tokens": 2, "model": "my-model"});
+    let (status, reply2) = aliased.post("/v1/completions", asked.take());
+    assert_eq!(status, 200, "{reply2}");
+    assert_eq!(
+        reply2["model"], "my-model",
+        "the name the client asked by comes back"
+    );
+    assert_eq!(aliased.get("/v1/models/my-model", None).0, 200);
+    assert_eq!(aliased.get("/v1/models/other", None).0, 404);
     let (_, models) = server.get("/v1/models", None);
     let models: Value = serde_json::from_str(&models).unwrap();
     assert_eq!(models["object"], "list");
@@ -323,6 +345,49 @@ fn bad_requests_get_openai_shaped_errors_never_a_500() {
     check(s, &b, 400, "prompt");
     let (s, b) = server.get("/v1/nothing", None);
     check(s, &b, 404, "no such route");
+    let (s, b) = server.get("/v1/chat/completions", None);
+    check(s, &b, 405, "method");
+    let (s, b) = bad(&|b| b["top_p"] = 2.into());
+    check(s, &b, 400, "top_p");
+    assert_eq!(
+        serde_json::from_str::<Value>(&b).unwrap()["error"]["param"],
+        "top_p"
+    );
+    // A prompt over the context: OpenAI's code for it.
+    let huge = json!({"prompt": vec![5u32; 9000]}).to_string();
+    let big = Server::start(&["--max-body", "100000"]);
+    let (s, b) = big.post_raw("/v1/completions", &huge, None);
+    assert_eq!(s, 400, "{b}");
+    assert!(b.contains("context_length_exceeded"), "{b}");
+    // One prompt in a list is that prompt; several are refused by name.
+    let (s, b) = big.post_raw(
+        "/v1/completions",
+        &json!({"prompt": ["hi"], "max_tokens": 2}).to_string(),
+        None,
+    );
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = big.post_raw(
+        "/v1/completions",
+        &json!({"prompt": ["a", "b"]}).to_string(),
+        None,
+    );
+    check(s, &b, 400, "prompt");
+    // A declared body over the limit is refused before it is sent.
+    use std::io::{Read, Write};
+    let address = server.url.trim_start_matches("http://");
+    let mut socket = std::net::TcpStream::connect(address).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        socket,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 99999999999\r\n\r\n{{"
+    )
+    .unwrap();
+    let mut reply = vec![0u8; 512];
+    let n = socket.read(&mut reply).unwrap();
+    let head = String::from_utf8_lossy(&reply[..n]);
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
 }
 
 #[test]
@@ -334,6 +399,19 @@ fn an_api_key_guards_everything_but_health() {
     assert!(b.contains("invalid_api_key"), "{b}");
     assert_eq!(server.get("/v1/models", Some("wrong")).0, 401);
     assert_eq!(server.get("/v1/models", Some("sesame")).0, 200);
+    // The scheme's name is case-insensitive.
+    let agent = Server::agent();
+    let mut lower = agent
+        .get(format!("{}/v1/models", server.url))
+        .header("authorization", "bearer sesame")
+        .call()
+        .unwrap();
+    assert_eq!(
+        lower.status().as_u16(),
+        200,
+        "{:?}",
+        lower.body_mut().read_to_string()
+    );
     let body = chat_body("Hello", 2).to_string();
     assert_eq!(server.post_raw("/v1/chat/completions", &body, None).0, 401);
     assert_eq!(

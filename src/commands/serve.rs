@@ -52,6 +52,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         generation: text.generation,
         names,
         api_keys,
+        run_id: rand::random(),
         next_id: AtomicU64::new(1),
     };
     server::serve(

@@ -14,7 +14,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use error::ApiError;
-use routes::{AppState, Served, Shared};
+use routes::{AppState, RequestLog, Served, Shared, Streaming};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -36,12 +36,16 @@ pub fn router(state: Shared, max_body: usize) -> Router {
         .route("/v1/chat/completions", post(routes::chat_completions))
         .route("/v1/completions", post(routes::completions))
         .route("/v1/models", get(routes::models))
+        .route("/v1/models/{id}", get(routes::model))
         .fallback(routes::not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .route("/health", get(routes::health))
         .merge(api)
+        .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn_with_state(max_body, refuse_oversized))
         .layer(middleware::from_fn(log_request))
         .with_state(state)
 }
@@ -113,35 +117,71 @@ async fn require_key(State(state): State<Shared>, request: Request, next: Next) 
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        // The scheme's name is case-insensitive (RFC 9110, 11.1).
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, key)| key.trim());
     match given {
         Some(key) if state.api_keys.iter().any(|k| k == key) => next.run(request).await,
         _ => ApiError::unauthorized().into_response(),
     }
 }
 
-/// One line per request on stderr: id, method, path, status, tokens, time.
-async fn log_request(request: Request, next: Next) -> Response {
+/// A declared body over the limit is refused before it is read (the body
+/// limit alone would wait for bytes that may never come).
+async fn refuse_oversized(State(max_body): State<usize>, request: Request, next: Next) -> Response {
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max_body as u64) {
+        return ApiError {
+            status: axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+            ..ApiError::invalid(format!("the request body is larger than the limit of {max_body} bytes (length limit exceeded)"))
+        }
+        .into_response();
+    }
+    next.run(request).await
+}
+
+/// One line per request on stderr: id, method, path, status, tokens,
+/// time. A stream's line comes when it ends (see `routes::RequestLog`); a
+/// client that leaves before its response gets `status=499` (nginx's code
+/// for it).
+async fn log_request(mut request: Request, next: Next) -> Response {
     static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-    let (method, path) = (request.method().clone(), request.uri().path().to_string());
-    let start = Instant::now();
+    let log = RequestLog {
+        id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+        method: request.method().to_string(),
+        path: request.uri().path().to_string(),
+        start: Instant::now(),
+    };
+    request.extensions_mut().insert(log.clone());
+    // Logs if the client leaves while its request is being answered.
+    struct Left(Option<RequestLog>);
+    impl Drop for Left {
+        fn drop(&mut self) {
+            if let Some(log) = self.0.take() {
+                log.line(499, "");
+            }
+        }
+    }
+    let mut left = Left(Some(log.clone()));
     let response = next.run(request).await;
-    let tokens = response
-        .extensions()
-        .get::<Served>()
-        .map(|s| {
-            format!(
-                " prompt_tokens={} completion_tokens={}",
-                s.prompt, s.completion
-            )
-        })
-        .unwrap_or_default();
-    eprintln!(
-        "request id={id} method={method} path={path} status={}{tokens} ms={}",
-        response.status().as_u16(),
-        start.elapsed().as_millis()
-    );
+    left.0 = None;
+    if response.extensions().get::<Streaming>().is_none() {
+        let tokens = response
+            .extensions()
+            .get::<Served>()
+            .map(|s| {
+                format!(
+                    " prompt_tokens={} completion_tokens={}",
+                    s.prompt, s.completion
+                )
+            })
+            .unwrap_or_default();
+        log.line(response.status().as_u16(), &tokens);
+    }
     response
 }

@@ -99,6 +99,35 @@ pub struct ChatRequest {
 pub enum Prompt {
     Text(String),
     Ids(Vec<u32>),
+    Texts(Vec<String>),
+    IdLists(Vec<Vec<u32>>),
+}
+
+/// One prompt: text, or token ids.
+pub enum OnePrompt {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+impl Prompt {
+    /// The one prompt of the request: a list of one prompt is that prompt
+    /// (LangChain sends `["text"]`); several prompts in one request are not
+    /// taken (send one request each: the engine batches them all the same).
+    pub fn single(self) -> Result<OnePrompt, ApiError> {
+        let several = || {
+            ApiError::invalid_param(
+                "prompt",
+                "one prompt per request (send each prompt as its own request)",
+            )
+        };
+        match self {
+            Prompt::Text(text) => Ok(OnePrompt::Text(text)),
+            Prompt::Ids(ids) => Ok(OnePrompt::Ids(ids)),
+            Prompt::Texts(mut list) if list.len() == 1 => Ok(OnePrompt::Text(list.remove(0))),
+            Prompt::IdLists(mut list) if list.len() == 1 => Ok(OnePrompt::Ids(list.remove(0))),
+            Prompt::Texts(_) | Prompt::IdLists(_) => Err(several()),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -146,15 +175,35 @@ impl Sampling {
             repeat_last_n: 64,
             seed: self.seed.unwrap_or_else(rand::random),
         };
-        sampler
-            .validate()
-            .map_err(|e| ApiError::invalid(e.to_string()))?;
-        let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
+        if let Some(p) = self.repetition_penalty
+            && !(0.001..=1000.0).contains(&p)
+        {
+            return Err(ApiError::invalid_param(
+                "repetition_penalty",
+                "repetition_penalty must be between 0.001 and 1000 (1 = off)",
+            ));
+        }
+        sampler.validate().map_err(|e| {
+            let message = e.to_string();
+            // The sampler's messages start with the field's name.
+            let field = ["temperature", "top_p", "min_p"]
+                .into_iter()
+                .find(|f| message.starts_with(f));
+            match field {
+                Some(f) => ApiError::invalid_param(f, message),
+                None => ApiError::invalid(message),
+            }
+        })?;
+        let (name, asked) = match self.max_completion_tokens {
+            Some(m) => ("max_completion_tokens", Some(m)),
+            None => ("max_tokens", self.max_tokens),
+        };
+        let max_tokens = match asked {
             None => None,
             Some(m) if m < 1 => {
                 return Err(ApiError::invalid_param(
-                    "max_tokens",
-                    "max_tokens must be at least 1",
+                    name,
+                    format!("{name} must be at least 1"),
                 ));
             }
             Some(m) => Some(m as usize),
@@ -300,6 +349,12 @@ impl ChatRequest {
                         for p in parts {
                             match (p.kind.as_str(), &p.text) {
                                 ("text", Some(t)) => text.push_str(t),
+                                ("text", None) => {
+                                    return Err(ApiError::invalid_param(
+                                        &param,
+                                        "a text part needs its `text`",
+                                    ));
+                                }
                                 (kind, _) => {
                                     return Err(ApiError::invalid_param(
                                         &param,

@@ -6,15 +6,15 @@
 //! drops its handle, and the engine cancels the sequence at its next step.
 
 use super::error::ApiError;
-use super::openai::{ChatRequest, CompletionRequest, Prompt, Settings};
+use super::openai::{ChatRequest, CompletionRequest, OnePrompt, Settings};
 use crate::engine::{Engine, Event, GenerateRequest, Handle, Outcome, StopReason};
 use crate::loader::GenerationConfig;
 use crate::template::Template;
 use crate::tokenizer::TextTokenizer;
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
+use axum::extract::{Extension, Path, State};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
@@ -35,6 +35,8 @@ pub struct AppState {
     /// The served model's id first, then its aliases.
     pub names: Vec<String>,
     pub api_keys: Vec<String>,
+    /// Random per process: response ids do not repeat after a restart.
+    pub run_id: u32,
     pub next_id: AtomicU64,
 }
 
@@ -46,6 +48,32 @@ pub struct Served {
 }
 
 pub type Shared = Arc<AppState>;
+
+/// A request's identity for its log line (set by the logging middleware).
+#[derive(Debug, Clone)]
+pub struct RequestLog {
+    pub id: u64,
+    pub method: String,
+    pub path: String,
+    pub start: std::time::Instant,
+}
+
+impl RequestLog {
+    /// The request's one line on stderr.
+    pub fn line(&self, status: u16, extra: &str) {
+        eprintln!(
+            "request id={} method={} path={} status={status}{extra} ms={}",
+            self.id,
+            self.method,
+            self.path,
+            self.start.elapsed().as_millis()
+        );
+    }
+}
+
+/// Marks a streamed response: its log line is written when it ends.
+#[derive(Debug, Clone, Copy)]
+pub struct Streaming;
 
 pub async fn health() -> Response {
     Json(json!({"status": "ok"})).into_response()
@@ -60,12 +88,31 @@ pub async fn models(State(state): State<Shared>) -> Response {
     Json(json!({"object": "list", "data": data})).into_response()
 }
 
+pub async fn model(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    check_model(&state, Some(&id))?;
+    Ok(
+        Json(json!({"id": id, "object": "model", "created": 0, "owned_by": "starling"}))
+            .into_response(),
+    )
+}
+
 pub async fn not_found() -> ApiError {
     ApiError::not_found("no such route", "not_found")
 }
 
+pub async fn method_not_allowed() -> ApiError {
+    ApiError {
+        status: axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        ..ApiError::invalid("this route does not take that method")
+    }
+}
+
 pub async fn chat_completions(
     State(state): State<Shared>,
+    log: Option<Extension<RequestLog>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let request: ChatRequest = parse(body)?;
@@ -76,7 +123,16 @@ pub async fn chat_completions(
         .template
         .encode(&state.tokenizer, &messages)
         .map_err(|e| ApiError::invalid_param("messages", format!("{e:#}")))?;
-    answer(state, prompt, settings, Kind::Chat).await
+    let log = log.map(|Extension(l)| l);
+    answer(
+        state,
+        prompt,
+        settings,
+        Kind::Chat,
+        request.sampling.model,
+        log,
+    )
+    .await
 }
 
 /// A raw prompt, no template. Its text is the caller's whole prompt, so
@@ -84,13 +140,14 @@ pub async fn chat_completions(
 /// starling does so (chat messages never).
 pub async fn completions(
     State(state): State<Shared>,
+    log: Option<Extension<RequestLog>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let request: CompletionRequest = parse(body)?;
     check_model(&state, request.sampling.model.as_deref())?;
     let settings = request.sampling.settings(&state.generation)?;
-    let prompt = match request.prompt {
-        Prompt::Ids(ids) => {
+    let prompt = match request.prompt.single()? {
+        OnePrompt::Ids(ids) => {
             let vocab = state.tokenizer.vocab_size() as u32;
             if let Some(bad) = ids.iter().find(|&&id| id >= vocab) {
                 return Err(ApiError::invalid_param(
@@ -100,7 +157,7 @@ pub async fn completions(
             }
             ids
         }
-        Prompt::Text(text) => state
+        OnePrompt::Text(text) => state
             .tokenizer
             .inner()
             .encode(text.as_str(), true)
@@ -111,7 +168,16 @@ pub async fn completions(
     if prompt.is_empty() {
         return Err(ApiError::invalid_param("prompt", "the prompt is empty"));
     }
-    answer(state, prompt, settings, Kind::Completion).await
+    let log = log.map(|Extension(l)| l);
+    answer(
+        state,
+        prompt,
+        settings,
+        Kind::Completion,
+        request.sampling.model,
+        log,
+    )
+    .await
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -125,8 +191,25 @@ fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, 
         status: e.status(),
         ..ApiError::invalid(e.body_text())
     })?;
-    serde_json::from_slice(&body)
-        .map_err(|e| ApiError::invalid(format!("invalid request body: {e}")))
+    serde_json::from_slice(&body).map_err(|e| {
+        // serde names this crate's types; say what the client sent instead.
+        let message = e
+            .to_string()
+            .replace("struct ChatRequest", "a chat completion request object")
+            .replace("struct CompletionRequest", "a completion request object")
+            .replace("struct StreamOptions", "an object")
+            .replace(
+                "untagged enum Content",
+                "a string or an array of text parts",
+            )
+            .replace(
+                "untagged enum Prompt",
+                "a string, an array of token ids, or a list of one of those",
+            )
+            .replace("untagged enum Stop", "a string or an array of strings")
+            .replace("data did not match any variant of ", "expected ");
+        ApiError::invalid(format!("invalid request body: {message}"))
+    })
 }
 
 fn check_model(state: &AppState, model: Option<&str>) -> Result<(), ApiError> {
@@ -148,6 +231,8 @@ async fn answer(
     prompt: Vec<u32>,
     settings: Settings,
     kind: Kind,
+    asked: Option<String>,
+    log: Option<RequestLog>,
 ) -> Result<Response, ApiError> {
     let context = state.engine.context();
     let max_tokens = match settings.max_tokens {
@@ -173,18 +258,36 @@ async fn answer(
         stop_texts: settings.stop.clone(),
         continuation: kind == Kind::Completion,
     };
-    let handles = state
-        .engine
-        .submit_n(request, settings.n)
-        .map_err(|e| ApiError::invalid(format!("{e:#}")))?;
+    let handles = state.engine.submit_n(request, settings.n).map_err(|e| {
+        let message = format!("{e:#}");
+        if message.contains("longer than the model's context") {
+            ApiError {
+                code: Some("context_length_exceeded"),
+                ..ApiError::invalid_param(
+                    if kind == Kind::Chat {
+                        "messages"
+                    } else {
+                        "prompt"
+                    },
+                    message,
+                )
+            }
+        } else if message.starts_with("n must") {
+            ApiError::invalid_param("n", message)
+        } else {
+            ApiError::invalid(message)
+        }
+    })?;
     let events = forward(handles);
+    // Unique across restarts too: a random prefix per process, then a count.
     let id = format!(
-        "{}-{}",
+        "{}-{:08x}{:06}",
         if kind == Kind::Chat {
             "chatcmpl"
         } else {
             "cmpl"
         },
+        state.run_id,
         state.next_id.fetch_add(1, Ordering::Relaxed)
     );
     let reply = Reply {
@@ -192,13 +295,14 @@ async fn answer(
         created: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
-        model: state.names[0].clone(),
+        // The name the client used (the alias, if it asked by it).
+        model: asked.unwrap_or_else(|| state.names[0].clone()),
         kind,
         n: settings.n,
         prompt_tokens,
     };
     if settings.stream {
-        Ok(stream(reply, events, settings.include_usage))
+        Ok(stream(reply, events, settings.include_usage, log))
     } else {
         whole(reply, events).await
     }
@@ -338,9 +442,24 @@ fn stream(
     reply: Reply,
     mut events: mpsc::Receiver<(usize, Event)>,
     include_usage: bool,
+    log: Option<RequestLog>,
 ) -> Response {
     let (tx, rx) = mpsc::channel::<SseEvent>(256);
     tokio::spawn(async move {
+        // The stream's log line when it ends, however it ends.
+        struct Ended(Option<RequestLog>, usize, usize, &'static str);
+        impl Drop for Ended {
+            fn drop(&mut self) {
+                if let Some(log) = self.0.take() {
+                    let extra = format!(
+                        " stream={} prompt_tokens={} completion_tokens={}",
+                        self.3, self.1, self.2
+                    );
+                    log.line(200, &extra);
+                }
+            }
+        }
+        let mut ended = Ended(log, reply.prompt_tokens, 0, "client_left");
         let send = |value: Value| SseEvent::default().data(value.to_string());
         let mut started = vec![false; reply.n];
         let mut outcomes: Vec<Option<Outcome>> = (0..reply.n).map(|_| None).collect();
@@ -353,6 +472,7 @@ fn stream(
                     reply.chunk(i, Some(&piece), role, None)
                 }
                 Event::Finished(outcome) => {
+                    ended.2 += outcome.stats.gen_tokens;
                     let role = reply.kind == Kind::Chat && !started[i];
                     let chunk = reply.chunk(
                         i,
@@ -364,6 +484,7 @@ fn stream(
                     chunk
                 }
                 Event::Failed(e) => {
+                    ended.3 = "failed";
                     let error = ApiError::internal(format!("{e:#}"));
                     let _ = tx.send(send(error.body())).await;
                     return;
@@ -381,14 +502,18 @@ fn stream(
             });
             let _ = tx.send(send(usage)).await;
         }
-        let _ = tx.send(SseEvent::default().data("[DONE]")).await;
+        if tx.send(SseEvent::default().data("[DONE]")).await.is_ok() {
+            ended.3 = "done";
+        }
     });
     let body = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv()
             .await
             .map(|event| (Ok::<_, Infallible>(event), rx))
     });
-    Sse::new(body)
+    let mut response = Sse::new(body)
         .keep_alive(KeepAlive::default())
-        .into_response()
+        .into_response();
+    response.extensions_mut().insert(Streaming);
+    response
 }
