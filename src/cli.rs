@@ -393,6 +393,10 @@ pub struct ServeArgs {
     /// Largest request body in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = 4 << 20)]
     pub max_body: usize,
+    /// Most sequences that may wait for a slot; a request beyond it gets 429
+    /// with Retry-After. Default: no limit.
+    #[arg(long, value_name = "N")]
+    pub max_queue: Option<usize>,
     /// Seconds in-flight requests may run after SIGTERM or SIGINT.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub shutdown_timeout: u64,

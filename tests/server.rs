@@ -203,6 +203,80 @@ fn chat_answers_equal_run_streamed_and_not_with_usage_and_reuse() {
         other["choices"][0]["message"]["content"],
         run_answer("Why is the sky blue?", 12)
     );
+
+    // /metrics: Prometheus text whose counters match what was served.
+    let (status, text) = server.get("/metrics", None);
+    assert_eq!(status, 200);
+    assert_eq!(text.lines().last(), Some("# EOF"), "{text}");
+    let value = |name: &str| -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .unwrap_or_else(|| panic!("{name} in {text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let v = line.rsplit(' ').next().unwrap();
+        assert!(v.parse::<f64>().is_ok(), "not a sample: {line}");
+    }
+    let prompts = [
+        17.0,
+        17.0,
+        other["usage"]["prompt_tokens"].as_f64().unwrap(),
+    ];
+    let cached = 16.0
+        + other["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_f64()
+            .unwrap();
+    assert_eq!(value("vllm:generation_tokens_total"), 24.0 + 24.0 + 12.0);
+    assert_eq!(
+        value("vllm:prefix_cache_queries_total"),
+        prompts.iter().sum::<f64>()
+    );
+    assert_eq!(value("vllm:prefix_cache_hits_total"), cached);
+    assert_eq!(
+        value("vllm:prompt_tokens_total"),
+        prompts.iter().sum::<f64>() - cached
+    );
+    assert_eq!(
+        value("vllm:request_success_total{finished_reason=\"length\"}"),
+        3.0
+    );
+    assert_eq!(value("vllm:num_requests_running"), 0.0);
+    assert_eq!(value("vllm:num_requests_waiting"), 0.0);
+    assert_eq!(value("vllm:time_to_first_token_seconds_count"), 3.0);
+}
+
+/// A full queue is a 429 with Retry-After, not an unbounded wait.
+#[test]
+fn a_full_queue_gets_429_with_retry_after() {
+    let server = Server::start(&["--parallel", "1", "--max-queue", "0"]);
+    let mut long = chat_body("Hello", 6000);
+    long["stream"] = true.into();
+    let response = Server::agent()
+        .post(format!("{}/v1/chat/completions", server.url))
+        .header("content-type", "application/json")
+        .send(long.to_string())
+        .unwrap();
+    let mut reader = BufReader::new(response.into_body().into_reader());
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    assert!(
+        first.starts_with("data: {") && !first.contains("\"error\""),
+        "the first request runs: {first}"
+    );
+    let mut second = Server::agent()
+        .post(format!("{}/v1/chat/completions", server.url))
+        .header("content-type", "application/json")
+        .send(chat_body("Hi", 3).to_string())
+        .unwrap();
+    assert_eq!(second.status().as_u16(), 429);
+    assert_eq!(second.headers().get("retry-after").unwrap(), "1");
+    let body = second.body_mut().read_to_string().unwrap();
+    assert!(body.contains("queue is full"), "{body}");
+    let (_, metrics) = server.get("/metrics", None);
+    assert!(metrics.contains("vllm:num_requests_running 1"), "{metrics}");
+    drop(reader);
 }
 
 #[test]

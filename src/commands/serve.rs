@@ -52,6 +52,8 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         generation: text.generation,
         names,
         api_keys,
+        max_queue: args.max_queue,
+        metrics: Default::default(),
         run_id: rand::random(),
         next_id: AtomicU64::new(1),
     };

@@ -18,5 +18,5 @@ pub use detokenizer::StreamDecoder;
 pub use generate::{Outcome, Request, Stats, StopReason, generate};
 pub use request::{Event, GenerateRequest, Handle};
 pub use sampler::{Sampler, SamplerConfig};
-pub use scheduler::{DEFAULT_BATCH_TOKENS, Engine, EngineConfig};
+pub use scheduler::{DEFAULT_BATCH_TOKENS, Engine, EngineConfig, EngineLoad};
 pub use session::{Prefill, Session};

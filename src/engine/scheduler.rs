@@ -30,7 +30,7 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use candle_core::Tensor;
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -63,9 +63,37 @@ impl Default for EngineConfig {
     }
 }
 
+/// What the engine is doing, for metrics and admission: read at any time
+/// from any thread.
+#[derive(Debug, Default)]
+pub struct EngineLoad {
+    /// Sequences submitted and not yet in a slot.
+    waiting: AtomicUsize,
+    /// Sequences in a slot (prefilling or decoding).
+    running: AtomicUsize,
+    /// Positions the running sequences' caches hold.
+    kv_used: AtomicUsize,
+}
+
+impl EngineLoad {
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::Relaxed)
+    }
+
+    /// Positions the running sequences hold.
+    pub fn kv_used(&self) -> usize {
+        self.kv_used.load(Ordering::Relaxed)
+    }
+}
+
 /// The running engine. Dropping it lets the running sequences finish
 /// their current step, then stops the thread.
 pub struct Engine {
+    load: Arc<EngineLoad>,
     queue: Option<Sender<Submission>>,
     worker: Option<JoinHandle<()>>,
     context: usize,
@@ -108,6 +136,8 @@ impl Engine {
             .context("starting the compute threads")?;
         let parallel = config.parallel;
         let batch_tokens = config.batch_tokens;
+        let load = Arc::new(EngineLoad::default());
+        let shared_load = load.clone();
         let worker = std::thread::Builder::new()
             .name("starling-engine".into())
             .stack_size(8 << 20)
@@ -122,12 +152,14 @@ impl Engine {
                         parallel,
                         batch_tokens,
                         context,
+                        shared_load,
                     );
                     state.run(submissions);
                 })
             })
             .context("starting the engine thread")?;
         Ok(Self {
+            load,
             queue: Some(queue),
             worker: Some(worker),
             context,
@@ -189,11 +221,22 @@ impl Engine {
             .collect();
         let mut leader = all.remove(0);
         leader.followers = all;
+        self.load.waiting.fetch_add(n, Ordering::Relaxed);
         self.queue
             .as_ref()
             .and_then(|q| q.send(leader).ok())
             .ok_or_else(|| anyhow!("the engine has stopped"))?;
         Ok(handles)
+    }
+
+    /// What the engine is doing now.
+    pub fn load(&self) -> &EngineLoad {
+        &self.load
+    }
+
+    /// Positions all slots may hold together.
+    pub fn kv_capacity(&self) -> usize {
+        self.parallel * self.context
     }
 
     /// Positions each sequence may hold (prompt and answer).
@@ -298,6 +341,7 @@ struct StepLoop<'t> {
     batch_tokens: usize,
     context: usize,
     step: u64,
+    load: Arc<EngineLoad>,
 }
 
 impl<'t> StepLoop<'t> {
@@ -307,6 +351,7 @@ impl<'t> StepLoop<'t> {
         parallel: usize,
         batch_tokens: usize,
         context: usize,
+        load: Arc<EngineLoad>,
     ) -> Self {
         let slots = (0..parallel)
             .map(|_| Slot {
@@ -324,6 +369,7 @@ impl<'t> StepLoop<'t> {
             batch_tokens,
             context,
             step: 0,
+            load,
         }
     }
 
@@ -343,25 +389,35 @@ impl<'t> StepLoop<'t> {
             self.cancel_finished_clients();
             self.admit();
             self.run_step();
+            let running = self.slots.iter().filter(|s| s.active.is_some());
+            let (count, positions) = running.fold((0, 0), |(n, p), s| (n + 1, p + s.fed.len()));
+            self.load.running.store(count, Ordering::Relaxed);
+            self.load.kv_used.store(positions, Ordering::Relaxed);
         }
     }
 
     /// Ends the sequences whose client cancelled or went away, and drops
     /// cancelled requests that never started.
     fn cancel_finished_clients(&mut self) {
+        let load = &self.load;
         self.waiting.retain(|s| {
             let cancelled = s.cancel.load(Ordering::Relaxed);
             if cancelled {
-                let _ = s.events.send(Event::Finished(Outcome {
-                    text: String::new(),
-                    ids: Vec::new(),
-                    stop: StopReason::Interrupted,
-                    stats: Stats {
-                        prompt_tokens: s.request.prompt.len(),
-                        ..Stats::default()
-                    },
-                    context_len: 0,
-                }));
+                // The request and the answers that were to share its prefill.
+                for s in std::iter::once(s).chain(&s.followers) {
+                    let _ = s.events.send(Event::Finished(Outcome {
+                        text: String::new(),
+                        ids: Vec::new(),
+                        stop: StopReason::Interrupted,
+                        stats: Stats {
+                            prompt_tokens: s.request.prompt.len(),
+                            ..Stats::default()
+                        },
+                        context_len: 0,
+                    }));
+                }
+                load.waiting
+                    .fetch_sub(1 + s.followers.len(), Ordering::Relaxed);
             }
             !cancelled
         });
@@ -399,6 +455,9 @@ impl<'t> StepLoop<'t> {
                 .expect("an idle slot");
             let common = common_prefix(&self.slots[leader].fed, prompt);
             let mut submission = self.waiting.pop_front().expect("not empty");
+            self.load
+                .waiting
+                .fetch_sub(1 + submission.followers.len(), Ordering::Relaxed);
             // Followers take the least recently used of the other idle slots.
             let mut others: Vec<usize> = idle.into_iter().filter(|&i| i != leader).collect();
             others.sort_by_key(|&i| self.slots[i].last_used);

@@ -4,6 +4,7 @@
 //! client's sequences.
 
 pub mod error;
+pub mod metrics;
 pub mod openai;
 pub mod routes;
 
@@ -42,6 +43,7 @@ pub fn router(state: Shared, max_body: usize) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .route("/health", get(routes::health))
+        .route("/metrics", get(routes::metrics))
         .merge(api)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))

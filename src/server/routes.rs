@@ -35,6 +35,9 @@ pub struct AppState {
     /// The served model's id first, then its aliases.
     pub names: Vec<String>,
     pub api_keys: Vec<String>,
+    /// Most sequences that may wait for a slot; more is a 429.
+    pub max_queue: Option<usize>,
+    pub metrics: super::metrics::Metrics,
     /// Random per process: response ids do not repeat after a restart.
     pub run_id: u32,
     pub next_id: AtomicU64,
@@ -97,6 +100,18 @@ pub async fn model(
         Json(json!({"id": id, "object": "model", "created": 0, "owned_by": "starling"}))
             .into_response(),
     )
+}
+
+pub async fn metrics(State(state): State<Shared>) -> Response {
+    let text = state.metrics.render(&state.engine);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
 }
 
 pub async fn not_found() -> ApiError {
@@ -249,6 +264,31 @@ async fn answer(
         Some(m) => m,
         None => (context + 1).saturating_sub(prompt.len()).max(1),
     };
+    // Sequences that would wait for a slot, this request's included.
+    let load = state.engine.load();
+    let would_wait =
+        (load.waiting() + load.running() + settings.n).saturating_sub(state.engine.parallel());
+    if let Some(max) = state.max_queue
+        && would_wait > max
+    {
+        let error = ApiError {
+            status: axum::http::StatusCode::TOO_MANY_REQUESTS,
+            kind: "rate_limit_error",
+            ..ApiError::invalid(format!(
+                "the queue is full ({} waiting, at most {max}): retry shortly",
+                state.engine.load().waiting()
+            ))
+        };
+        let mut response = error.into_response();
+        response.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from_static("1"),
+        );
+        return Ok(response);
+    }
+    let arrived = log
+        .as_ref()
+        .map_or_else(std::time::Instant::now, |l| l.start);
     let prompt_tokens = prompt.len();
     let request = GenerateRequest {
         prompt,
@@ -302,9 +342,16 @@ async fn answer(
         prompt_tokens,
     };
     if settings.stream {
-        Ok(stream(reply, events, settings.include_usage, log))
+        Ok(stream(
+            state,
+            reply,
+            events,
+            settings.include_usage,
+            log,
+            arrived,
+        ))
     } else {
-        whole(reply, events).await
+        whole(state, reply, events, arrived).await
     }
 }
 
@@ -392,13 +439,20 @@ impl Reply {
 
 /// The whole answer as one JSON body.
 async fn whole(
+    state: Shared,
     reply: Reply,
     mut events: mpsc::Receiver<(usize, Event)>,
+    arrived: std::time::Instant,
 ) -> Result<Response, ApiError> {
     let mut outcomes: Vec<Option<Outcome>> = (0..reply.n).map(|_| None).collect();
     while let Some((i, event)) = events.recv().await {
         match event {
-            Event::Finished(outcome) => outcomes[i] = Some(outcome),
+            Event::Finished(outcome) => {
+                state
+                    .metrics
+                    .observe(&outcome, arrived.elapsed().as_secs_f64());
+                outcomes[i] = Some(outcome);
+            }
             Event::Failed(e) => return Err(ApiError::internal(format!("{e:#}"))),
             Event::Token(_) | Event::Text(_) => {}
         }
@@ -439,10 +493,12 @@ async fn whole(
 /// start: the engine holds those back), a chunk with the finish reason per
 /// choice, the usage when asked, then `[DONE]`.
 fn stream(
+    state: Shared,
     reply: Reply,
     mut events: mpsc::Receiver<(usize, Event)>,
     include_usage: bool,
     log: Option<RequestLog>,
+    arrived: std::time::Instant,
 ) -> Response {
     let (tx, rx) = mpsc::channel::<SseEvent>(256);
     tokio::spawn(async move {
@@ -473,6 +529,9 @@ fn stream(
                 }
                 Event::Finished(outcome) => {
                     ended.2 += outcome.stats.gen_tokens;
+                    state
+                        .metrics
+                        .observe(&outcome, arrived.elapsed().as_secs_f64());
                     let role = reply.kind == Kind::Chat && !started[i];
                     let chunk = reply.chunk(
                         i,
