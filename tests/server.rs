@@ -306,6 +306,24 @@ fn completions_continue_a_raw_prompt_as_run_does() {
         reply["choices"][0]["text"].as_str().unwrap(),
         expected.strip_suffix('\n').unwrap()
     );
+    // vLLM's /tokenize and /detokenize: the ids `run` feeds, and back.
+    let messages = json!({"messages": [{"role": "user", "content": "Hello"}]});
+    let (status, ids) = server.post("/tokenize", messages);
+    assert_eq!(status, 200, "{ids}");
+    assert_eq!(
+        ids["tokens"],
+        json!(common::ids(&golden()["cases"][0]["prompt"]["ids"]))
+    );
+    assert_eq!(ids["count"], 17);
+    let (_, text) = server.post("/tokenize", json!({"prompt": "hi there"}));
+    let (status, back) = server.post("/detokenize", json!({"tokens": text["tokens"]}));
+    assert_eq!(status, 200, "{back}");
+    assert_eq!(back["prompt"], "hi there");
+    assert_eq!(
+        server.post("/detokenize", json!({"tokens": [99999999]})).0,
+        400
+    );
+    assert_eq!(server.post("/tokenize", json!({})).0, 400);
     let aliased = Server::start(&["--alias", "my-model"]);
     let mut asked = json!({"prompt": "hi", "max_tokens": 2, "model": "my-model"});
     let (status, reply2) = aliased.post("/v1/completions", asked.take());

@@ -371,3 +371,21 @@ impl ChatRequest {
             .collect()
     }
 }
+
+/// vLLM's `POST /tokenize`: either `prompt` (read as `/v1/completions`
+/// reads it) or `messages` (rendered by the chat template).
+#[derive(Debug, Deserialize)]
+pub struct TokenizeRequest {
+    pub model: Option<String>,
+    pub prompt: Option<String>,
+    pub messages: Option<Vec<ChatMessage>>,
+    /// With `prompt`: the tokenizer's BOS first (default true).
+    pub add_special_tokens: Option<bool>,
+}
+
+/// vLLM's `POST /detokenize`.
+#[derive(Debug, Deserialize)]
+pub struct DetokenizeRequest {
+    pub model: Option<String>,
+    pub tokens: Vec<u32>,
+}

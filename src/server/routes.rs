@@ -6,7 +6,9 @@
 //! drops its handle, and the engine cancels the sequence at its next step.
 
 use super::error::ApiError;
-use super::openai::{ChatRequest, CompletionRequest, OnePrompt, Settings};
+use super::openai::{
+    ChatRequest, CompletionRequest, DetokenizeRequest, OnePrompt, Settings, TokenizeRequest,
+};
 use crate::engine::{Engine, Event, GenerateRequest, Handle, Outcome, StopReason};
 use crate::loader::GenerationConfig;
 use crate::template::Template;
@@ -100,6 +102,62 @@ pub async fn model(
         Json(json!({"id": id, "object": "model", "created": 0, "owned_by": "starling"}))
             .into_response(),
     )
+}
+
+/// vLLM's `/tokenize`: the ids the model sees for `prompt` or `messages`.
+pub async fn tokenize(
+    State(state): State<Shared>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let request: TokenizeRequest = parse(body)?;
+    check_model(&state, request.model.as_deref())?;
+    let ids = match (request.prompt, request.messages) {
+        (Some(prompt), None) => state
+            .tokenizer
+            .inner()
+            .encode(prompt.as_str(), request.add_special_tokens.unwrap_or(true))
+            .map_err(|e| ApiError::invalid_param("prompt", format!("tokenizing the prompt: {e}")))?
+            .get_ids()
+            .to_vec(),
+        (None, Some(messages)) => {
+            let chat = ChatRequest {
+                messages,
+                sampling: Default::default(),
+            };
+            state
+                .template
+                .encode(&state.tokenizer, &chat.conversation()?)
+                .map_err(|e| ApiError::invalid_param("messages", format!("{e:#}")))?
+        }
+        _ => return Err(ApiError::invalid("give either `prompt` or `messages`")),
+    };
+    Ok(Json(json!({
+        "count": ids.len(),
+        "max_model_len": state.engine.context(),
+        "tokens": ids,
+    }))
+    .into_response())
+}
+
+/// vLLM's `/detokenize`: the text of `tokens`.
+pub async fn detokenize(
+    State(state): State<Shared>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let request: DetokenizeRequest = parse(body)?;
+    check_model(&state, request.model.as_deref())?;
+    let vocab = state.tokenizer.vocab_size() as u32;
+    if let Some(bad) = request.tokens.iter().find(|&&id| id >= vocab) {
+        return Err(ApiError::invalid_param(
+            "tokens",
+            format!("token id {bad} is outside the vocabulary of {vocab}"),
+        ));
+    }
+    let text = state
+        .tokenizer
+        .decode(&request.tokens)
+        .map_err(|e| ApiError::invalid_param("tokens", format!("{e:#}")))?;
+    Ok(Json(json!({"prompt": text})).into_response())
 }
 
 pub async fn metrics(State(state): State<Shared>) -> Response {
