@@ -285,6 +285,8 @@ impl SamplingArgs {
                 .or(generation.repetition_penalty)
                 .unwrap_or(defaults.repeat_penalty),
             repeat_last_n: self.repeat_last_n,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: self.seed.unwrap_or_else(random_seed),
         };
         config.validate()?;

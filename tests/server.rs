@@ -427,6 +427,10 @@ fn bad_requests_get_openai_shaped_errors_never_a_500() {
     check(s, &b, 400, "messages[0]");
     let (s, b) = bad(&|b| b["messages"][0]["content"] = "x".repeat(5000).into());
     check(s, &b, 413, "length limit");
+    let (s, b) = bad(&|b| b["presence_penalty"] = 3.into());
+    check(s, &b, 400, "presence_penalty");
+    let (s, b) = bad(&|b| b["frequency_penalty"] = 1.5.into());
+    assert_eq!(s, 200, "OpenAI's penalties are honoured: {b}");
     let (s, _) = bad(&|b| b["tools"] = json!([]));
     assert_eq!(s, 200, "an empty tools list is the default");
     let (s, b) = server.post_raw(

@@ -25,6 +25,11 @@ pub struct SamplerConfig {
     /// 1.0 means off.
     pub repeat_penalty: f32,
     pub repeat_last_n: usize,
+    /// OpenAI's presence penalty: subtracted once from the logit of every
+    /// token the answer already holds (prompt tokens do not count). 0 = off.
+    pub presence_penalty: f32,
+    /// OpenAI's frequency penalty: subtracted per occurrence in the answer. 0 = off.
+    pub frequency_penalty: f32,
     pub seed: u64,
 }
 
@@ -37,6 +42,8 @@ impl Default for SamplerConfig {
             min_p: 0.05,
             repeat_penalty: 1.0,
             repeat_last_n: 64,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: 0,
         }
     }
@@ -71,6 +78,14 @@ impl SamplerConfig {
                 self.repeat_penalty
             );
         }
+        for (name, value) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&value) {
+                bail!("{name} must be between -2 and 2, not {value}");
+            }
+        }
         Ok(())
     }
 }
@@ -81,6 +96,9 @@ pub struct Sampler {
     logits: Vec<f32>,
     candidates: Vec<(f32, u32)>,
     recent: Vec<u32>,
+    /// How often each token was drawn in this answer (for the presence and
+    /// frequency penalties), in order of first draw.
+    drawn: Vec<(u32, u32)>,
 }
 
 impl Sampler {
@@ -92,6 +110,7 @@ impl Sampler {
             logits: Vec::new(),
             candidates: Vec::new(),
             recent: Vec::new(),
+            drawn: Vec::new(),
         }
     }
 
@@ -113,6 +132,30 @@ impl Sampler {
     }
 
     fn sample_from_buffer(&mut self, history: &[u32]) -> Result<u32> {
+        self.apply_answer_penalties();
+        let token = self.draw(history)?;
+        if self.config.presence_penalty != 0.0 || self.config.frequency_penalty != 0.0 {
+            match self.drawn.iter_mut().find(|(id, _)| *id == token) {
+                Some((_, n)) => *n += 1,
+                None => self.drawn.push((token, 1)),
+            }
+        }
+        Ok(token)
+    }
+
+    /// OpenAI's presence and frequency penalties over this answer's tokens:
+    /// `logit -= count * frequency + (count > 0) * presence`
+    /// (<https://platform.openai.com/docs/advanced-usage/parameter-details>).
+    fn apply_answer_penalties(&mut self) {
+        let (presence, frequency) = (self.config.presence_penalty, self.config.frequency_penalty);
+        for &(id, n) in &self.drawn {
+            if let Some(l) = self.logits.get_mut(id as usize) {
+                *l -= n as f32 * frequency + presence;
+            }
+        }
+    }
+
+    fn draw(&mut self, history: &[u32]) -> Result<u32> {
         self.apply_repeat_penalty(history);
         // NaN and +inf logits are not a distribution: they are dropped, so
         // one broken value cannot become a certain (or NaN) draw.
@@ -262,6 +305,8 @@ mod tests {
             min_p: 0.0,
             repeat_penalty: 1.0,
             repeat_last_n: 64,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: 7,
         }
     }
@@ -350,6 +395,8 @@ mod tests {
                 min_p: pick(&mut rng, 0.0, 1.0),
                 repeat_penalty: [1.0, 1e-45, 0.5, 2.0, 1e30][rng.random_range(0..5)],
                 repeat_last_n: 0,
+                presence_penalty: [0.0, 0.0, -2.0, 2.0][rng.random_range(0..4)],
+                frequency_penalty: [0.0, 0.0, -1.5, 1.5][rng.random_range(0..4)],
                 seed: case,
             };
             if config.validate().is_err() {
@@ -469,5 +516,32 @@ mod tests {
         };
         assert_eq!(draw(1), draw(1));
         assert_ne!(draw(1), draw(2));
+    }
+
+    /// The penalties count the answer's own draws, not the prompt: a token
+    /// drawn once loses `presence + frequency`, twice `presence + 2 frequency`.
+    #[test]
+    fn presence_and_frequency_penalties_count_the_answer_only() {
+        let mut s = Sampler::new(SamplerConfig {
+            temperature: 0.0,
+            presence_penalty: 0.5,
+            frequency_penalty: 1.0,
+            ..SamplerConfig::default()
+        });
+        // The prompt (history) holds token 0: no penalty for it.
+        assert_eq!(s.sample_slice(&[3.0, 2.0, 0.0], &[0, 0, 0]).unwrap(), 0);
+        // Token 0 drawn once: 3.0 - 1.5 = 1.5 < 2.0.
+        assert_eq!(s.sample_slice(&[3.0, 2.0, 0.0], &[0]).unwrap(), 1);
+        // Token 1 drawn once (0.5), token 0 once: 4.0 - 1.5 = 2.5 > 3.1 - 1.5 = 1.6.
+        assert_eq!(s.sample_slice(&[4.0, 3.1, 0.0], &[]).unwrap(), 0);
+        // Token 0 now twice: 4.0 - 2.5 = 1.5 < 3.1 - 1.5 = 1.6.
+        assert_eq!(s.sample_slice(&[4.0, 3.1, 0.0], &[]).unwrap(), 1);
+        for bad in [2.5, -2.5, f32::NAN, f32::INFINITY] {
+            let c = SamplerConfig {
+                frequency_penalty: bad,
+                ..SamplerConfig::default()
+            };
+            assert!(c.validate().is_err(), "{bad}");
+        }
     }
 }

@@ -173,6 +173,8 @@ impl Sampling {
             min_p: self.min_p.unwrap_or(0.0),
             repeat_penalty,
             repeat_last_n: 64,
+            presence_penalty: self.presence_penalty.unwrap_or(0.0) as f32,
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0) as f32,
             seed: self.seed.unwrap_or_else(rand::random),
         };
         if let Some(p) = self.repetition_penalty
@@ -186,9 +188,15 @@ impl Sampling {
         sampler.validate().map_err(|e| {
             let message = e.to_string();
             // The sampler's messages start with the field's name.
-            let field = ["temperature", "top_p", "min_p"]
-                .into_iter()
-                .find(|f| message.starts_with(f));
+            let field = [
+                "temperature",
+                "top_p",
+                "min_p",
+                "presence_penalty",
+                "frequency_penalty",
+            ]
+            .into_iter()
+            .find(|f| message.starts_with(f));
             match field {
                 Some(f) => ApiError::invalid_param(f, message),
                 None => ApiError::invalid(message),
@@ -283,17 +291,6 @@ impl Sampling {
                 name,
                 format!("`{name}` is not supported by this server"),
             ));
-        }
-        for (name, value) in [
-            ("presence_penalty", self.presence_penalty),
-            ("frequency_penalty", self.frequency_penalty),
-        ] {
-            if value.is_some_and(|v| v != 0.0) {
-                return Err(ApiError::invalid_param(
-                    name,
-                    format!("`{name}` is not supported by this server (use repetition_penalty)"),
-                ));
-            }
         }
         if self
             .best_of
