@@ -389,6 +389,10 @@ pub struct ServeArgs {
     /// Also read from STARLING_API_KEY. /health needs none.
     #[arg(long = "api-key", value_name = "KEY")]
     pub api_keys: Vec<String>,
+    /// An origin browsers may call the API from (CORS), e.g.
+    /// http://localhost:3000; repeatable; `*` for any.
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    pub cors_origins: Vec<String>,
     /// Another name clients may give as `model`.
     #[arg(long, value_name = "NAME")]
     pub alias: Option<String>,

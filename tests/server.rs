@@ -486,6 +486,44 @@ fn bad_requests_get_openai_shaped_errors_never_a_500() {
     assert!(head.starts_with("HTTP/1.1 413"), "{head}");
 }
 
+/// `--cors-origin`: a browser's preflight is answered without a key, and
+/// answers carry the allowed origin.
+#[test]
+fn cors_lets_the_given_origin_call_the_api() {
+    let server = Server::start(&["--api-key", "k", "--cors-origin", "http://localhost:3000"]);
+    let agent = Server::agent();
+    let preflight = agent
+        .options(format!("{}/v1/chat/completions", server.url))
+        .header("origin", "http://localhost:3000")
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization, content-type",
+        )
+        .call()
+        .unwrap();
+    assert_eq!(preflight.status().as_u16(), 200);
+    assert_eq!(
+        preflight
+            .headers()
+            .get("access-control-allow-origin")
+            .unwrap(),
+        "http://localhost:3000"
+    );
+    let models = agent
+        .get(format!("{}/v1/models", server.url))
+        .header("origin", "http://elsewhere.example")
+        .header("authorization", "Bearer k")
+        .call()
+        .unwrap();
+    assert!(
+        models
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none()
+    );
+}
+
 #[test]
 fn an_api_key_guards_everything_but_health() {
     let server = Server::start(&["--api-key", "sesame"]);

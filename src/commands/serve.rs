@@ -64,6 +64,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             port: args.port,
             max_body: args.max_body,
             shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
+            cors_origins: args.cors_origins.clone(),
         },
     )
 }

@@ -28,11 +28,13 @@ pub struct Listen {
     pub max_body: usize,
     /// How long in-flight requests may run after SIGTERM/SIGINT.
     pub shutdown_timeout: Duration,
+    /// Origins browsers may call from (`*`: any); none: no CORS headers.
+    pub cors_origins: Vec<String>,
 }
 
 /// The routes over `state`: `/health` open to all, the rest behind the API
 /// key when one is set; every request logged on stderr.
-pub fn router(state: Shared, max_body: usize) -> Router {
+pub fn router(state: Shared, max_body: usize, cors_origins: &[String]) -> Result<Router> {
     let api = Router::new()
         .route("/v1/chat/completions", post(routes::chat_completions))
         .route("/v1/completions", post(routes::completions))
@@ -43,7 +45,7 @@ pub fn router(state: Shared, max_body: usize) -> Router {
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), require_key));
-    Router::new()
+    let app = Router::new()
         .route("/health", get(routes::health))
         .route("/metrics", get(routes::metrics))
         .merge(api)
@@ -51,7 +53,30 @@ pub fn router(state: Shared, max_body: usize) -> Router {
         .layer(DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn_with_state(max_body, refuse_oversized))
         .layer(middleware::from_fn(log_request))
-        .with_state(state)
+        .with_state(state);
+    if cors_origins.is_empty() {
+        return Ok(app);
+    }
+    // Outermost: a browser's preflight (OPTIONS, no key) is answered here.
+    use axum::http::{Method, header};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let origins = if cors_origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        let list = cors_origins
+            .iter()
+            .map(|o| {
+                o.parse()
+                    .with_context(|| format!("--cors-origin {o:?} is not a valid origin"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        AllowOrigin::list(list)
+    };
+    let cors = CorsLayer::new()
+        .allow_origin(origins)
+        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE]);
+    Ok(app.layer(cors))
 }
 
 /// Serves until SIGINT or SIGTERM, then lets in-flight requests finish
@@ -70,7 +95,7 @@ pub fn serve(state: AppState, listen: Listen) -> Result<()> {
             .with_context(|| format!("listening on {}:{}", listen.host, listen.port))?;
         let address = listener.local_addr().context("reading the bound address")?;
         eprintln!("starling serve: {} on http://{address}", state.names[0]);
-        let app = router(state.clone(), listen.max_body);
+        let app = router(state.clone(), listen.max_body, &listen.cors_origins)?;
         let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
             shutdown_signal().await;
