@@ -187,21 +187,7 @@ fn parallel(
         let engine = Engine::start(model.clone(), None, config)?;
         let mut distinct_prompt = || {
             salt += 1;
-            let s = salt;
-            (0..p as u32)
-                .map(move |i| (i.wrapping_mul(7919) ^ s.wrapping_mul(104_729)) % vocab)
-                .collect::<Vec<u32>>()
-        };
-        let request = |prompt: Vec<u32>, max_tokens: usize| GenerateRequest {
-            prompt,
-            sampling: SamplerConfig {
-                temperature: 0.0,
-                ..SamplerConfig::default()
-            },
-            max_tokens,
-            stop_ids: Vec::new(),
-            stop_texts: Vec::new(),
-            continuation: false,
+            synthetic_prompt(p, salt, vocab)
         };
         // Warm-up outside the measurements.
         let warm: Vec<u32> = distinct_prompt().into_iter().take(8).collect();
@@ -291,22 +277,7 @@ fn gap(args: &BenchArgs, model: Arc<Model>, long: usize, vocab: u32) -> Result<(
         context: Some(context),
     };
     let engine = Engine::start(model, None, config)?;
-    let request = |prompt: Vec<u32>, max_tokens: usize| GenerateRequest {
-        prompt,
-        sampling: SamplerConfig {
-            temperature: 0.0,
-            ..SamplerConfig::default()
-        },
-        max_tokens,
-        stop_ids: Vec::new(),
-        stop_texts: Vec::new(),
-        continuation: false,
-    };
-    let prompt = |len: usize, salt: u32| -> Vec<u32> {
-        (0..len as u32)
-            .map(|i| (i.wrapping_mul(7919) ^ salt.wrapping_mul(104_729)) % vocab)
-            .collect()
-    };
+    let prompt = |len: usize, salt: u32| synthetic_prompt(len, salt, vocab);
     let running = engine.submit(request(prompt(p, 1), context - p))?;
     let tick = std::time::Duration::from_millis(1);
     // The stream is under way after three tokens; what it queued so far
@@ -367,6 +338,30 @@ fn gap(args: &BenchArgs, model: Arc<Model>, long: usize, vocab: u32) -> Result<(
         );
     }
     Ok(())
+}
+
+/// A greedy request for exactly `max_tokens` tokens (no end token, no stop
+/// text): what the engine benchmarks time.
+fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
+    GenerateRequest {
+        prompt,
+        sampling: SamplerConfig {
+            temperature: 0.0,
+            ..SamplerConfig::default()
+        },
+        max_tokens,
+        stop_ids: Vec::new(),
+        stop_texts: Vec::new(),
+        continuation: false,
+    }
+}
+
+/// `len` ids that differ from the first on for each `salt` (no two share a
+/// kept prefix, which would inflate the figures).
+fn synthetic_prompt(len: usize, salt: u32, vocab: u32) -> Vec<u32> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_mul(7919) ^ salt.wrapping_mul(104_729)) % vocab)
+        .collect()
 }
 
 /// Read bandwidth of main memory in GB/s: every thread of the pool sums a

@@ -5,8 +5,7 @@
 
 use super::input;
 use crate::cli::ChatArgs;
-use crate::engine::{Chat, ChatSettings, Engine, TurnReport};
-use crate::loader;
+use crate::engine::{Chat, ChatSettings, TurnReport};
 use crate::template::Template;
 use anyhow::{Context, Result, bail};
 use std::io::{BufRead, IsTerminal, Write};
@@ -39,29 +38,23 @@ pub fn run(args: &ChatArgs) -> Result<()> {
         Some(path) => Some(input::read_messages(path)?),
         None => None,
     };
-    let (files, template) = super::model_files(&args.model)?;
-    let device = loader::device(&args.device.device)?;
-    let loaded = loader::load(
-        &files,
-        &template,
-        args.device.dtype(),
-        args.device.quantize,
-        &device,
-    )?;
+    let started = super::start_engine(&args.model, &args.device, &args.engine, 1)?;
     let settings = ChatSettings {
-        sampling: args.sampling.resolve(&loaded.text.generation)?,
+        sampling: args.sampling.resolve(&started.generation)?,
         max_tokens: args.sampling.max_tokens,
         stop_texts: args.answer.stop.clone(),
     };
-    let text = loaded.text;
-    let tokenizer = Arc::new(text.tokenizer);
-    let mut model = loaded.model;
-    args.device.apply_kv_type(&mut model);
-    let engine = Engine::start(model, Some(tokenizer.clone()), args.engine.config(1))?;
     if args.answer.verbose {
-        eprintln!("{}", engine.describe());
+        eprintln!("{}", started.engine.describe());
     }
-    let mut chat = Chat::new(engine, tokenizer, text.template, text.stop_ids, settings);
+    let model = started.dir.display().to_string();
+    let mut chat = Chat::new(
+        started.engine,
+        started.tokenizer,
+        started.template,
+        started.stop_ids,
+        settings,
+    );
     chat.set_system(args.answer.system.clone());
     if let Some(messages) = start_conversation {
         chat.load(messages)?;
@@ -80,7 +73,7 @@ pub fn run(args: &ChatArgs) -> Result<()> {
         chat,
         interrupt,
         verbose: args.answer.verbose,
-        model: files.dir.display().to_string(),
+        model,
         color: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
         failed: false,
         output_closed: false,

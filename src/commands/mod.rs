@@ -10,9 +10,14 @@ pub mod run;
 pub mod serve;
 pub mod tokenize;
 
-use crate::cli::ModelArgs;
+use crate::cli::{DeviceArgs, EngineArgs, ModelArgs};
+use crate::engine::Engine;
+use crate::loader::{self, GenerationConfig};
 use crate::source::{self, ModelFiles, ModelSpec, hub::HubOptions};
+use crate::template::Template;
+use crate::tokenizer::TextTokenizer;
 use anyhow::Result;
+use std::sync::Arc;
 
 /// The files of the model `--model` names (downloading it if needed), and
 /// the template to use: `--template`, or for `auto` the one a known model
@@ -25,6 +30,51 @@ pub fn model_files(args: &ModelArgs) -> Result<(ModelFiles, String)> {
     };
     let files = source::resolve(&spec, HubOptions::from_env(args.offline))?;
     Ok((files, template))
+}
+
+/// A model loaded and its engine started: what `run`, `chat` and `serve`
+/// share.
+pub struct Started {
+    pub engine: Engine,
+    pub tokenizer: Arc<TextTokenizer>,
+    pub template: Template,
+    /// Ids that end an answer (EOS, `<|end_of_turn|>`).
+    pub stop_ids: Vec<u32>,
+    pub generation: GenerationConfig,
+    pub load_s: f64,
+    /// Where the model's files are.
+    pub dir: std::path::PathBuf,
+}
+
+/// Loads the model `--model` names on the device asked for and starts the
+/// engine over it (`default_parallel` slots unless `--parallel` says).
+pub fn start_engine(
+    model: &ModelArgs,
+    device: &DeviceArgs,
+    engine: &EngineArgs,
+    default_parallel: usize,
+) -> Result<Started> {
+    let (files, template) = model_files(model)?;
+    let on = loader::device(&device.device)?;
+    let loaded = loader::load(&files, &template, device.dtype(), device.quantize, &on)?;
+    let text = loaded.text;
+    let tokenizer = Arc::new(text.tokenizer);
+    let mut weights = loaded.model;
+    device.apply_kv_type(&mut weights);
+    let engine = Engine::start(
+        weights,
+        Some(tokenizer.clone()),
+        engine.config(default_parallel),
+    )?;
+    Ok(Started {
+        engine,
+        tokenizer,
+        template: text.template,
+        stop_ids: text.stop_ids,
+        generation: text.generation,
+        load_s: loaded.load_s,
+        dir: files.dir,
+    })
 }
 
 /// The error chain as the one line the user sees: each cause's message,

@@ -3,30 +3,16 @@
 
 use super::input;
 use crate::cli::RunArgs;
-use crate::engine::{Engine, GenerateRequest};
-use crate::loader;
+use crate::engine::GenerateRequest;
 use crate::template::{Message, Template};
 use anyhow::{Context, Result, bail};
 use std::io::Write;
-use std::sync::Arc;
 
 pub fn run(args: &RunArgs) -> Result<()> {
     let conversations = conversations(args)?;
-    let (files, template) = super::model_files(&args.model)?;
-    let device = loader::device(&args.device.device)?;
-    let loaded = loader::load(
-        &files,
-        &template,
-        args.device.dtype(),
-        args.device.quantize,
-        &device,
-    )?;
-    let sampling = args.sampling.resolve(&loaded.text.generation)?;
-    let text = loaded.text;
-    let tokenizer = Arc::new(text.tokenizer);
-    let mut model = loaded.model;
-    args.device.apply_kv_type(&mut model);
-    let engine = Engine::start(model, Some(tokenizer.clone()), args.engine.config(4))?;
+    let started = super::start_engine(&args.model, &args.device, &args.engine, 4)?;
+    let sampling = args.sampling.resolve(&started.generation)?;
+    let (engine, tokenizer) = (&started.engine, &started.tokenizer);
     if args.answer.verbose {
         eprintln!("{}", engine.describe());
     }
@@ -36,19 +22,19 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let mut handles = Vec::with_capacity(conversations.len());
     let mut refused = None;
     for (line, messages) in &conversations {
-        let submitted = text
+        let submitted = started
             .template
-            .encode(&tokenizer, messages)
+            .encode(tokenizer, messages)
             .and_then(|prompt| {
                 engine.submit(GenerateRequest {
                     prompt,
                     // Each prompt starts from the seed, so an answer never depends on the others.
                     sampling: sampling.clone(),
                     max_tokens: args.sampling.max_tokens,
-                    stop_ids: text.stop_ids.clone(),
+                    stop_ids: started.stop_ids.clone(),
                     stop_texts: args.answer.stop.clone(),
                     // A raw prompt is continued, not answered: keep the first space.
-                    continuation: matches!(text.template, Template::Raw),
+                    continuation: matches!(started.template, Template::Raw),
                 })
             });
         let submitted = match line {
@@ -94,7 +80,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             out.flush()?;
         }
         if args.answer.verbose {
-            eprintln!("load_s={:.3} {}", loaded.load_s, outcome.stats.logfmt());
+            eprintln!("load_s={:.3} {}", started.load_s, outcome.stats.logfmt());
         }
     }
     match refused {

@@ -2,11 +2,8 @@
 //! the OpenAI-compatible API until SIGINT or SIGTERM.
 
 use crate::cli::ServeArgs;
-use crate::engine::Engine;
-use crate::loader;
 use crate::server::{self, Listen, routes::AppState};
 use anyhow::Result;
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
@@ -17,21 +14,8 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     {
         api_keys.push(key);
     }
-    let (files, template) = super::model_files(&args.model)?;
-    let device = loader::device(&args.device.device)?;
-    let loaded = loader::load(
-        &files,
-        &template,
-        args.device.dtype(),
-        args.device.quantize,
-        &device,
-    )?;
-    let text = loaded.text;
-    let tokenizer = Arc::new(text.tokenizer);
-    let mut model = loaded.model;
-    args.device.apply_kv_type(&mut model);
-    let engine = Engine::start(model, Some(tokenizer.clone()), args.engine.config(4))?;
-    eprintln!("starling serve: {}", engine.describe());
+    let started = super::start_engine(&args.model, &args.device, &args.engine, 4)?;
+    eprintln!("starling serve: {}", started.engine.describe());
     // The model's id: the last part of what --model named (a file's or a
     // directory's name, a repo's name), as llama.cpp's server names it.
     let id = args
@@ -45,11 +29,11 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     let mut names = vec![id];
     names.extend(args.alias.clone());
     let state = AppState {
-        engine,
-        tokenizer,
-        template: text.template,
-        stop_ids: text.stop_ids,
-        generation: text.generation,
+        engine: started.engine,
+        tokenizer: started.tokenizer,
+        template: started.template,
+        stop_ids: started.stop_ids,
+        generation: started.generation,
         names,
         api_keys,
         max_queue: args.max_queue,
