@@ -90,6 +90,26 @@ impl Server {
         )
     }
 
+    /// A 6000-token answer streaming, its first chunk read: a slot held
+    /// until the returned reader is dropped.
+    fn long_stream(&self) -> impl BufRead {
+        let mut long = chat_body("Hello", 6000);
+        long["stream"] = true.into();
+        let response = Self::agent()
+            .post(format!("{}/v1/chat/completions", self.url))
+            .header("content-type", "application/json")
+            .send(long.to_string())
+            .unwrap();
+        let mut reader = BufReader::new(response.into_body().into_reader());
+        let mut first = String::new();
+        reader.read_line(&mut first).unwrap();
+        assert!(
+            first.starts_with("data: {") && !first.contains("\"error\""),
+            "the long answer runs: {first}"
+        );
+        reader
+    }
+
     /// A streamed request's `data:` payloads, in order.
     fn stream(&self, path: &str, body: Value) -> Vec<String> {
         let response = Self::agent()
@@ -251,20 +271,7 @@ fn chat_answers_equal_run_streamed_and_not_with_usage_and_reuse() {
 #[test]
 fn a_full_queue_gets_429_with_retry_after() {
     let server = Server::start(&["--parallel", "1", "--max-queue", "0"]);
-    let mut long = chat_body("Hello", 6000);
-    long["stream"] = true.into();
-    let response = Server::agent()
-        .post(format!("{}/v1/chat/completions", server.url))
-        .header("content-type", "application/json")
-        .send(long.to_string())
-        .unwrap();
-    let mut reader = BufReader::new(response.into_body().into_reader());
-    let mut first = String::new();
-    reader.read_line(&mut first).unwrap();
-    assert!(
-        first.starts_with("data: {") && !first.contains("\"error\""),
-        "the first request runs: {first}"
-    );
+    let reader = server.long_stream();
     let mut second = Server::agent()
         .post(format!("{}/v1/chat/completions", server.url))
         .header("content-type", "application/json")
@@ -559,17 +566,7 @@ fn an_api_key_guards_everything_but_health() {
 #[test]
 fn a_client_that_leaves_frees_its_slot() {
     let server = Server::start(&["--parallel", "1"]);
-    let mut long = chat_body("Hello", 6000);
-    long["stream"] = true.into();
-    let response = Server::agent()
-        .post(format!("{}/v1/chat/completions", server.url))
-        .header("content-type", "application/json")
-        .send(long.to_string())
-        .unwrap();
-    let mut reader = BufReader::new(response.into_body().into_reader());
-    let mut first = String::new();
-    reader.read_line(&mut first).unwrap();
-    assert!(first.starts_with("data: "), "{first}");
+    let reader = server.long_stream();
     drop(reader);
     // The only slot is free again within seconds, not after 6000 tokens.
     let start = Instant::now();
