@@ -55,6 +55,11 @@ impl ApiError {
         }
     }
 
+    /// The same error under another HTTP status (405, 413, 429, ...).
+    pub fn with_status(self, status: StatusCode) -> Self {
+        Self { status, ..self }
+    }
+
     /// A failure of the server itself (never the request's fault).
     pub fn internal(message: impl Into<String>) -> Self {
         Self {

@@ -165,10 +165,10 @@ async fn refuse_oversized(State(max_body): State<usize>, request: Request, next:
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max_body as u64) {
-        return ApiError {
-            status: axum::http::StatusCode::PAYLOAD_TOO_LARGE,
-            ..ApiError::invalid(format!("the request body is larger than the limit of {max_body} bytes (length limit exceeded)"))
-        }
+        return ApiError::invalid(format!(
+            "the request body is larger than the limit of {max_body} bytes (length limit exceeded)"
+        ))
+        .with_status(axum::http::StatusCode::PAYLOAD_TOO_LARGE)
         .into_response();
     }
     next.run(request).await

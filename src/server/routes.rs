@@ -177,10 +177,8 @@ pub async fn not_found() -> ApiError {
 }
 
 pub async fn method_not_allowed() -> ApiError {
-    ApiError {
-        status: axum::http::StatusCode::METHOD_NOT_ALLOWED,
-        ..ApiError::invalid("this route does not take that method")
-    }
+    ApiError::invalid("this route does not take that method")
+        .with_status(axum::http::StatusCode::METHOD_NOT_ALLOWED)
 }
 
 pub async fn chat_completions(
@@ -260,10 +258,7 @@ enum Kind {
 }
 
 fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
-    let body = body.map_err(|e| ApiError {
-        status: e.status(),
-        ..ApiError::invalid(e.body_text())
-    })?;
+    let body = body.map_err(|e| ApiError::invalid(e.body_text()).with_status(e.status()))?;
     serde_json::from_slice(&body).map_err(|e| {
         // serde names this crate's types; say what the client sent instead.
         let message = e
@@ -330,13 +325,13 @@ async fn answer(
         && would_wait > max
     {
         let error = ApiError {
-            status: axum::http::StatusCode::TOO_MANY_REQUESTS,
             kind: "rate_limit_error",
             ..ApiError::invalid(format!(
                 "the queue is full ({} waiting, at most {max}): retry shortly",
                 state.engine.load().waiting()
             ))
-        };
+        }
+        .with_status(axum::http::StatusCode::TOO_MANY_REQUESTS);
         let mut response = error.into_response();
         response.headers_mut().insert(
             axum::http::header::RETRY_AFTER,
