@@ -287,6 +287,7 @@ impl SamplingArgs {
             repeat_last_n: self.repeat_last_n,
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
             seed: self.seed.unwrap_or_else(random_seed),
         };
         config.validate()?;

@@ -207,6 +207,7 @@ fn greedy(max_tokens: usize, prompt: Vec<u32>) -> GenerateRequest {
         stop_ids: vec![],
         stop_texts: vec![],
         continuation: false,
+        logprobs: None,
     }
 }
 
@@ -278,7 +279,7 @@ fn cancelling_frees_the_slot_and_keeps_a_consistent_prefix() {
     // Let the long answer run a few tokens, then cancel it.
     loop {
         match long.recv() {
-            Some(starling::engine::Event::Token(_)) => {}
+            Some(starling::engine::Event::Token { .. }) => {}
             Some(starling::engine::Event::Text(_)) => break,
             other => panic!("expected text, got {other:?}"),
         }

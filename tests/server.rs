@@ -265,6 +265,7 @@ fn chat_answers_equal_run_streamed_and_not_with_usage_and_reuse() {
     assert_eq!(value("vllm:num_requests_running"), 0.0);
     assert_eq!(value("vllm:num_requests_waiting"), 0.0);
     assert_eq!(value("vllm:time_to_first_token_seconds_count"), 3.0);
+    assert_eq!(value("vllm:request_queue_time_seconds_count"), 3.0);
 }
 
 /// A full queue is a 429 with Retry-After, not an unbounded wait.
@@ -493,6 +494,167 @@ fn bad_requests_get_openai_shaped_errors_never_a_500() {
     assert!(head.starts_with("HTTP/1.1 413"), "{head}");
 }
 
+/// `logprobs`: the model's own log-softmax per generated token, the same
+/// streamed and not; with greedy decoding and no penalty the drawn token
+/// is the most likely alternative. `logit_bias` moves the draw, and bad
+/// values of either are 400s naming the field.
+#[test]
+fn logprobs_and_logit_bias_follow_openai() {
+    let server = Server::start(&[]);
+    let mut body = chat_body("Hello", 12);
+    body["logprobs"] = true.into();
+    body["top_logprobs"] = 3.into();
+    body["repetition_penalty"] = 1.into();
+    let (status, whole) = server.post("/v1/chat/completions", body.clone());
+    assert_eq!(status, 200, "{whole}");
+    let content = whole["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{whole}"))
+        .clone();
+    assert_eq!(content.len(), 12, "one entry per generated token");
+    let mut bytes = Vec::new();
+    for entry in &content {
+        let logprob = entry["logprob"].as_f64().unwrap();
+        assert!(logprob <= 0.0, "{entry}");
+        let top = entry["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3, "{entry}");
+        assert_eq!(
+            top[0]["token"], entry["token"],
+            "greedy takes the most likely"
+        );
+        assert!((top[0]["logprob"].as_f64().unwrap() - logprob).abs() < 1e-6);
+        let values: Vec<f64> = top.iter().map(|t| t["logprob"].as_f64().unwrap()).collect();
+        assert!(values.windows(2).all(|w| w[0] >= w[1]), "{entry}");
+        bytes.extend(
+            entry["bytes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b.as_u64().unwrap() as u8),
+        );
+    }
+    let text = whole["choices"][0]["message"]["content"].as_str().unwrap();
+    // The answer's text is its tokens' bytes (the first word's space aside).
+    assert_eq!(
+        String::from_utf8_lossy(&bytes).trim_start(),
+        text.trim_start()
+    );
+
+    // Streamed: the same entries, spread over the chunks.
+    body["stream"] = true.into();
+    let mut streamed = Vec::new();
+    for data in server.stream("/v1/chat/completions", body.clone()) {
+        if data == "[DONE]" {
+            break;
+        }
+        let chunk: Value = serde_json::from_str(&data).unwrap();
+        if let Some(entries) = chunk["choices"][0]["logprobs"]["content"].as_array() {
+            streamed.extend(entries.iter().cloned());
+        }
+    }
+    assert_eq!(streamed, content);
+
+    // Completions: legacy parallel lists whose tokens spell the text.
+    let (status, completion) = server.post(
+        "/v1/completions",
+        json!({"prompt": "Once upon", "max_tokens": 6, "temperature": 0, "logprobs": 2}),
+    );
+    assert_eq!(status, 200, "{completion}");
+    let lp = &completion["choices"][0]["logprobs"];
+    let tokens: Vec<&str> = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(tokens.len(), 6, "{completion}");
+    if !tokens.iter().any(|t| t.starts_with("bytes:")) {
+        assert_eq!(
+            tokens.concat(),
+            completion["choices"][0]["text"].as_str().unwrap()
+        );
+    }
+    assert_eq!(lp["text_offset"][0], 0);
+    assert_eq!(
+        lp["top_logprobs"][0].as_object().unwrap().len(),
+        2,
+        "{completion}"
+    );
+
+    // logit_bias: -100 bans the greedy first token, +100 forces another.
+    let first = |bias: Value| {
+        let mut b = chat_body("Hello", 3);
+        b["logit_bias"] = bias;
+        b["logprobs"] = true.into();
+        let (status, v) = server.post("/v1/chat/completions", b);
+        assert_eq!(status, 200, "{v}");
+        v["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["token"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    let plain = first(json!({}));
+    // The greedy token's id: the last of its text's ids (SentencePiece may
+    // put a `▁` before it), checked by decoding it back.
+    let greedy_id = {
+        let (_, t) = server.post(
+            "/tokenize",
+            json!({"prompt": plain[0].clone(), "add_special_tokens": false}),
+        );
+        let id = t["tokens"]
+            .as_array()
+            .unwrap()
+            .last()
+            .unwrap()
+            .as_u64()
+            .unwrap();
+        let (_, back) = server.post("/detokenize", json!({"tokens": [id]}));
+        assert_eq!(back["prompt"].as_str().unwrap().trim(), plain[0].trim());
+        id
+    };
+    let banned = first(json!({ greedy_id.to_string(): -100 }));
+    assert_ne!(banned[0], plain[0], "a banned token is not drawn");
+    let forced = first(json!({"300": 100}));
+    let (_, t) = server.post("/detokenize", json!({"tokens": [300]}));
+    let piece = t["prompt"].as_str().unwrap().to_string();
+    assert!(
+        forced.iter().all(|f| f.trim() == piece.trim()),
+        "{forced:?} vs {piece:?}"
+    );
+
+    for (edit, param) in [
+        (json!({"logit_bias": {"abc": 1}}), "logit_bias"),
+        (json!({"logit_bias": {"99999999": 1}}), "logit_bias"),
+        (json!({"logit_bias": {"5": 101}}), "logit_bias"),
+        (json!({"logit_bias": [1, 2]}), "logit_bias"),
+        (json!({"top_logprobs": 2}), "top_logprobs"),
+        (
+            json!({"logprobs": true, "top_logprobs": 21}),
+            "top_logprobs",
+        ),
+        (json!({"logprobs": 3}), "logprobs"),
+    ] {
+        let mut b = chat_body("Hello", 2);
+        for (k, v) in edit.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        let (status, v) = server.post("/v1/chat/completions", b);
+        assert_eq!(status, 400, "{edit}: {v}");
+        assert_eq!(v["error"]["param"], param, "{edit}: {v}");
+    }
+    let (status, v) = server.post(
+        "/v1/completions",
+        json!({"prompt": "x", "max_tokens": 2, "logprobs": 21}),
+    );
+    assert_eq!(
+        (status, &v["error"]["param"]),
+        (400, &json!("logprobs")),
+        "{v}"
+    );
+}
+
 /// `--cors-origin`: a browser's preflight is answered without a key, and
 /// answers carry the allowed origin.
 #[test]
@@ -567,15 +729,51 @@ fn an_api_key_guards_everything_but_health() {
 fn a_client_that_leaves_frees_its_slot() {
     let server = Server::start(&["--parallel", "1"]);
     let reader = server.long_stream();
+    // A second request queues behind the long answer.
+    let url = server.url.clone();
+    let queued = std::thread::spawn(move || {
+        let mut response = Server::agent()
+            .post(format!("{url}/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .send(chat_body("Hi", 3).to_string())
+            .unwrap();
+        let status = response.status().as_u16();
+        (
+            status,
+            Instant::now(),
+            response.body_mut().read_to_string().unwrap(),
+        )
+    });
+    let gauge = |name: &str| -> f64 {
+        let (_, text) = server.get("/metrics", None);
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {text}"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while gauge("vllm:num_requests_waiting") < 1.0 {
+        assert!(Instant::now() < deadline, "the second request never queued");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    // The client leaves: the queued request gets the slot within a second.
+    let left = Instant::now();
     drop(reader);
-    // The only slot is free again within seconds, not after 6000 tokens.
-    let start = Instant::now();
-    let (status, body) = server.post("/v1/chat/completions", chat_body("Hi", 3));
+    let (status, done, body) = queued.join().unwrap();
     assert_eq!(status, 200, "{body}");
     assert!(
-        start.elapsed() < Duration::from_secs(10),
-        "{:?}",
-        start.elapsed()
+        done - left < Duration::from_secs(1),
+        "the queued request took {:?} after the client left",
+        done - left
+    );
+    assert_eq!(gauge("vllm:num_requests_running"), 0.0);
+    // Its wait shows in the queue-time histogram (two answers observed).
+    assert_eq!(gauge("vllm:request_queue_time_seconds_count"), 2.0);
+    assert!(gauge("vllm:request_queue_time_seconds_sum") >= 0.2);
+    // The answer cut short counts as an abort.
+    assert_eq!(
+        gauge("vllm:request_success_total{finished_reason=\"abort\"}"),
+        1.0
     );
 }
 

@@ -285,7 +285,7 @@ fn gap(args: &BenchArgs, model: Arc<Model>, long: usize, vocab: u32) -> Result<(
     let mut tokens = 0;
     while tokens < 3 {
         match running.recv_timeout(tick)? {
-            Some(Event::Token(_)) => tokens += 1,
+            Some(Event::Token { .. }) => tokens += 1,
             Some(Event::Finished(_)) => bail!("the running stream ended early"),
             Some(Event::Failed(e)) => return Err(e),
             Some(Event::Text(_)) | None => {}
@@ -305,7 +305,7 @@ fn gap(args: &BenchArgs, model: Arc<Model>, long: usize, vocab: u32) -> Result<(
             _ => {}
         }
         match running.recv_timeout(tick)? {
-            Some(Event::Token(_)) => {
+            Some(Event::Token { .. }) => {
                 let now = Instant::now();
                 gaps.push((now - last).as_secs_f64());
                 last = now;
@@ -353,6 +353,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
         stop_ids: Vec::new(),
         stop_texts: Vec::new(),
         continuation: false,
+        logprobs: None,
     }
 }
 

@@ -35,6 +35,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
                     stop_texts: args.answer.stop.clone(),
                     // A raw prompt is continued, not answered: keep the first space.
                     continuation: matches!(started.template, Template::Raw),
+                    logprobs: None,
                 })
             });
         let submitted = match line {

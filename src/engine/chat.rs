@@ -212,6 +212,7 @@ impl Chat {
             stop_ids: self.stop_ids.clone(),
             stop_texts: self.settings.stop_texts.clone(),
             continuation: false,
+            logprobs: None,
         };
         let outcome = self.engine.submit(request)?.wait(on_text, interrupt)?;
         self.held = outcome.context_len;

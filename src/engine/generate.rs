@@ -55,6 +55,9 @@ pub struct Stats {
     pub gen_tokens: usize,
     pub gen_s: f64,
     pub ttft_s: f64,
+    /// Seconds from submission until the sequence got a KV slot (0 when
+    /// nothing queues, as in a single-sequence run).
+    pub queue_s: f64,
 }
 
 impl Stats {
@@ -122,7 +125,7 @@ pub fn generate(
             break StopReason::Interrupted;
         }
         let room = session.fed().len() < session.max_len();
-        let next = sequence.advance(&logits, session.fed(), room, &mut |_| Ok(()), on_text)?;
+        let next = sequence.advance(&logits, session.fed(), room, &mut |_, _| Ok(()), on_text)?;
         if ttft_s == 0.0 {
             ttft_s = start.elapsed().as_secs_f64();
         }
@@ -140,6 +143,7 @@ pub fn generate(
         gen_tokens: sequence.generated(),
         gen_s: gen_start.elapsed().as_secs_f64(),
         ttft_s,
+        queue_s: 0.0,
     };
     let outcome = Outcome {
         text: sequence.text().to_string(),

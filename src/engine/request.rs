@@ -4,7 +4,7 @@
 //! sequence at the next step and frees its slot.
 
 use super::generate::Outcome;
-use super::sampler::SamplerConfig;
+use super::sampler::{SamplerConfig, TokenLogprobs};
 use anyhow::{Result, anyhow};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,14 +26,21 @@ pub struct GenerateRequest {
     /// The answer continues the prompt's text (a raw prompt): its first
     /// word keeps its space.
     pub continuation: bool,
+    /// Report each token's log-probabilities with this many alternatives
+    /// (`None`: no log-probabilities, and no cost for them).
+    pub logprobs: Option<usize>,
 }
 
 /// What the engine reports about a request, in order: text pieces, then
 /// exactly one `Finished` or `Failed`.
 #[derive(Debug)]
 pub enum Event {
-    /// A generated token (before the text it completes, if any).
-    Token(u32),
+    /// A generated token (before the text it completes, if any), with its
+    /// log-probabilities when the request asked for them.
+    Token {
+        id: u32,
+        logprobs: Option<TokenLogprobs>,
+    },
     /// Text that is final (valid UTF-8, never taken back).
     Text(String),
     Finished(Outcome),
@@ -91,7 +98,7 @@ impl Handle {
                 },
             };
             match event {
-                Event::Token(_) => {}
+                Event::Token { .. } => {}
                 Event::Text(piece) => {
                     if let Err(e) = on_text(&piece) {
                         self.cancel();

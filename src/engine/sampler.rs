@@ -30,6 +30,10 @@ pub struct SamplerConfig {
     pub presence_penalty: f32,
     /// OpenAI's frequency penalty: subtracted per occurrence in the answer. 0 = off.
     pub frequency_penalty: f32,
+    /// OpenAI's `logit_bias`: added to a token's logit before any other
+    /// step (-100 all but bans it, 100 all but forces it). Ids are checked
+    /// against the vocabulary by whoever builds the config.
+    pub logit_bias: Vec<(u32, f32)>,
     pub seed: u64,
 }
 
@@ -44,6 +48,7 @@ impl Default for SamplerConfig {
             repeat_last_n: 64,
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
             seed: 0,
         }
     }
@@ -86,14 +91,35 @@ impl SamplerConfig {
                 bail!("{name} must be between -2 and 2, not {value}");
             }
         }
+        if let Some((id, bias)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-100.0..=100.0).contains(b))
+        {
+            bail!("logit_bias for token {id} must be between -100 and 100, not {bias}");
+        }
         Ok(())
     }
+}
+
+/// The model's own log-probabilities at one position: log-softmax of the
+/// raw logits, before any sampler step (penalties, bias, temperature,
+/// truncation), as OpenAI's `logprobs` report them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    /// Natural log of the drawn token's probability.
+    pub logprob: f32,
+    /// The most likely tokens and their log-probabilities, most likely
+    /// first (ties by id): as many as asked.
+    pub top: Vec<(u32, f32)>,
 }
 
 pub struct Sampler {
     config: SamplerConfig,
     rng: StdRng,
     logits: Vec<f32>,
+    /// The raw logits, kept only while log-probabilities are asked for.
+    raw: Vec<f32>,
     candidates: Vec<(f32, u32)>,
     recent: Vec<u32>,
     /// How often each token was drawn in this answer (for the presence and
@@ -108,6 +134,7 @@ impl Sampler {
             config,
             rng,
             logits: Vec::new(),
+            raw: Vec::new(),
             candidates: Vec::new(),
             recent: Vec::new(),
             drawn: Vec::new(),
@@ -123,6 +150,66 @@ impl Sampler {
         self.sample_from_buffer(history)
     }
 
+    /// [`Self::sample`], with the model's log-probabilities at this
+    /// position: the drawn token's and the `top` most likely (0..=20 in
+    /// OpenAI's API; any number here).
+    pub fn sample_with_logprobs(
+        &mut self,
+        logits: &Tensor,
+        history: &[u32],
+        top: usize,
+    ) -> Result<(u32, TokenLogprobs)> {
+        copy_logits(logits, &mut self.logits)?;
+        self.raw.clone_from(&self.logits);
+        let (log_total, alternatives) = self.log_softmax_top(top);
+        let token = self.sample_from_buffer(history)?;
+        let logprob = self.raw[token as usize] - log_total;
+        Ok((
+            token,
+            TokenLogprobs {
+                logprob,
+                top: alternatives,
+            },
+        ))
+    }
+
+    /// log Σ exp(logit) over the finite logits in the buffer, and the `top`
+    /// largest as (id, log-probability). Uses the candidate buffer, which
+    /// the draw refills.
+    fn log_softmax_top(&mut self, top: usize) -> (f32, Vec<(u32, f32)>) {
+        let finite = || self.logits.iter().copied().filter(|l| l.is_finite());
+        let max = finite().fold(f32::NEG_INFINITY, f32::max);
+        if max == f32::NEG_INFINITY {
+            // No distribution: the draw reports the error.
+            return (0.0, Vec::new());
+        }
+        let log_total = max + finite().map(|l| (l - max).exp()).sum::<f32>().ln();
+        self.candidates.clear();
+        self.candidates.extend(
+            self.logits
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| l.is_finite())
+                .map(|(i, &l)| (l, i as u32)),
+        );
+        let order = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+        let top = top.min(self.candidates.len());
+        if top == 0 {
+            return (log_total, Vec::new());
+        }
+        if top < self.candidates.len() {
+            self.candidates.select_nth_unstable_by(top - 1, order);
+            self.candidates.truncate(top);
+        }
+        self.candidates.sort_unstable_by(order);
+        let alternatives = self
+            .candidates
+            .iter()
+            .map(|&(l, id)| (id, l - log_total))
+            .collect();
+        (log_total, alternatives)
+    }
+
     /// [`Self::sample`] over plain values, for callers (and tests) that hold
     /// the logits as a slice.
     pub fn sample_slice(&mut self, logits: &[f32], history: &[u32]) -> Result<u32> {
@@ -132,6 +219,11 @@ impl Sampler {
     }
 
     fn sample_from_buffer(&mut self, history: &[u32]) -> Result<u32> {
+        for &(id, bias) in &self.config.logit_bias {
+            if let Some(l) = self.logits.get_mut(id as usize) {
+                *l += bias;
+            }
+        }
         self.apply_answer_penalties();
         let token = self.draw(history)?;
         if self.config.presence_penalty != 0.0 || self.config.frequency_penalty != 0.0 {
@@ -307,6 +399,7 @@ mod tests {
             repeat_last_n: 64,
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
             seed: 7,
         }
     }
@@ -397,6 +490,15 @@ mod tests {
                 repeat_last_n: 0,
                 presence_penalty: [0.0, 0.0, -2.0, 2.0][rng.random_range(0..4)],
                 frequency_penalty: [0.0, 0.0, -1.5, 1.5][rng.random_range(0..4)],
+                logit_bias: match rng.random_range(0..4) {
+                    0 => vec![(
+                        rng.random_range(0..n as u32),
+                        pick(&mut rng, -100.0, 100.0) as f32,
+                    )],
+                    1 => vec![(n as u32 + 5, 100.0), (0, -100.0)],
+                    2 => vec![(0, f32::NAN)],
+                    _ => Vec::new(),
+                },
                 seed: case,
             };
             if config.validate().is_err() {
@@ -405,10 +507,16 @@ mod tests {
             }
             let mut sampler = Sampler::new(config.clone());
             let result = sampler.sample_slice(&logits, &[]);
-            let clean: Vec<f32> = logits
+            let mut clean: Vec<f32> = logits
                 .iter()
                 .map(|&l| if l.is_finite() { l } else { f32::NEG_INFINITY })
                 .collect();
+            // The bias comes first: the truncations see the biased logits.
+            for &(id, bias) in &config.logit_bias {
+                if let Some(l) = clean.get_mut(id as usize) {
+                    *l += bias;
+                }
+            }
             let Some(max) = clean
                 .iter()
                 .copied()
@@ -543,5 +651,66 @@ mod tests {
             };
             assert!(c.validate().is_err(), "{bad}");
         }
+    }
+
+    /// A bias moves a token's logit before anything else: +100 makes an
+    /// unlikely token the greedy choice, -100 bans the likely one; values
+    /// outside [-100, 100] (or NaN) are refused.
+    #[test]
+    fn logit_bias_shifts_the_draw() {
+        let logits = [5.0, 1.0, 0.0];
+        let greedy = |bias: Vec<(u32, f32)>| {
+            Sampler::new(SamplerConfig {
+                temperature: 0.0,
+                logit_bias: bias,
+                ..SamplerConfig::default()
+            })
+            .sample_slice(&logits, &[])
+            .unwrap()
+        };
+        assert_eq!(greedy(vec![]), 0);
+        assert_eq!(greedy(vec![(2, 100.0)]), 2);
+        assert_eq!(greedy(vec![(0, -100.0)]), 1);
+        // An id beyond the logits is ignored here (the server refuses it).
+        assert_eq!(greedy(vec![(99, 100.0)]), 0);
+        for bad in [100.5, -101.0, f32::NAN] {
+            let c = SamplerConfig {
+                logit_bias: vec![(1, bad)],
+                ..SamplerConfig::default()
+            };
+            assert!(c.validate().is_err(), "{bad}");
+        }
+    }
+
+    /// Log-probabilities are the raw distribution's (log-softmax), not the
+    /// biased or tempered one's, and the alternatives come most likely first.
+    #[test]
+    fn logprobs_are_the_raw_log_softmax() {
+        let logits = [2.0f32, 1.0, 3.0, f32::NAN, 0.5];
+        let finite = [2.0f32, 1.0, 3.0, 0.5];
+        let total: f32 = finite.iter().map(|l| l.exp()).sum();
+        let expect = |l: f32| l - total.ln();
+        let mut s = Sampler::new(SamplerConfig {
+            temperature: 0.0,
+            logit_bias: vec![(1, 100.0)],
+            ..SamplerConfig::default()
+        });
+        let (token, lp) = s.sample_with_logprobs(&tensor(&logits), &[], 3).unwrap();
+        // The bias made token 1 the choice; its logprob is still the raw one.
+        assert_eq!(token, 1);
+        assert!((lp.logprob - expect(1.0)).abs() < 1e-5, "{lp:?}");
+        let ids: Vec<u32> = lp.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, [2, 0, 1]);
+        for (id, value) in &lp.top {
+            assert!((value - expect(logits[*id as usize])).abs() < 1e-5);
+        }
+        // Probabilities over the whole vocabulary sum to 1.
+        let (_, all) = s.sample_with_logprobs(&tensor(&logits), &[], 10).unwrap();
+        assert_eq!(all.top.len(), 4, "NaN is no candidate");
+        let sum: f32 = all.top.iter().map(|t| t.1.exp()).sum();
+        assert!((sum - 1.0).abs() < 1e-5);
+        // Asking for none gives the chosen token's only.
+        let (_, none) = s.sample_with_logprobs(&tensor(&logits), &[], 0).unwrap();
+        assert!(none.top.is_empty());
     }
 }

@@ -411,6 +411,7 @@ impl<'t> StepLoop<'t> {
                         stop: StopReason::Interrupted,
                         stats: Stats {
                             prompt_tokens: s.request.prompt.len(),
+                            queue_s: s.submitted.elapsed().as_secs_f64(),
                             ..Stats::default()
                         },
                         context_len: 0,
@@ -490,7 +491,8 @@ impl<'t> StepLoop<'t> {
             &request.stop_texts,
             request.max_tokens,
             request.continuation.then_some(request.prompt.as_slice()),
-        );
+        )
+        .with_logprobs(request.logprobs);
         slot.active = Some(Active {
             submission,
             sequence,
@@ -672,7 +674,7 @@ impl<'t> StepLoop<'t> {
             logits,
             &slot.fed,
             room,
-            &mut |id| send(Event::Token(id)),
+            &mut |id, logprobs| send(Event::Token { id, logprobs }),
             &mut |piece| send(Event::Text(piece.to_string())),
         );
         if a.ttft_s == 0.0 {
@@ -716,6 +718,7 @@ impl<'t> StepLoop<'t> {
             gen_tokens: a.sequence.generated(),
             gen_s: (now - prefilled).as_secs_f64(),
             ttft_s: a.ttft_s,
+            queue_s: (a.admitted - a.submission.submitted).as_secs_f64(),
         };
         let outcome = Outcome {
             text: a.sequence.text().to_string(),

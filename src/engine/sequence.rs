@@ -5,7 +5,7 @@
 
 use super::detokenizer::StreamDecoder;
 use super::generate::StopReason;
-use super::sampler::Sampler;
+use super::sampler::{Sampler, TokenLogprobs};
 use super::stop::StopMatcher;
 use crate::tokenizer::TextTokenizer;
 use anyhow::Result;
@@ -13,6 +13,8 @@ use candle_core::Tensor;
 
 pub struct Sequence<'t> {
     sampler: Sampler,
+    /// How many alternatives each token's log-probabilities list, when asked.
+    logprobs: Option<usize>,
     /// Without a tokenizer (a benchmark, a scorer) there is no text.
     decoder: Option<StreamDecoder<'t>>,
     ids: Vec<u32>,
@@ -45,6 +47,7 @@ impl<'t> Sequence<'t> {
     ) -> Self {
         Self {
             sampler,
+            logprobs: None,
             decoder: tokenizer.map(|t| match continues {
                 Some(prompt) => StreamDecoder::continuing(t, prompt),
                 None => StreamDecoder::new(t),
@@ -58,30 +61,44 @@ impl<'t> Sequence<'t> {
         }
     }
 
+    /// Reports each token's log-probabilities with `top` alternatives
+    /// (see [`TokenLogprobs`]).
+    pub fn with_logprobs(mut self, top: Option<usize>) -> Self {
+        self.logprobs = top;
+        self
+    }
+
     /// Samples the token after `history` (every id the cache holds) from
     /// its `logits` (`[vocab]`, f32), passes the text it makes final to
     /// `emit`, and says whether to feed it. `room` says whether the
     /// context has a position left for it.
     ///
-    /// `on_token` hears each generated token before the text it completes.
+    /// `on_token` hears each generated token (with its log-probabilities
+    /// when asked) before the text it completes.
     pub fn advance(
         &mut self,
         logits: &Tensor,
         history: &[u32],
         room: bool,
-        on_token: &mut dyn FnMut(u32) -> Result<()>,
+        on_token: &mut dyn FnMut(u32, Option<TokenLogprobs>) -> Result<()>,
         emit: &mut dyn FnMut(&str) -> Result<()>,
     ) -> Result<Next> {
         if self.generated >= self.max_tokens {
             return Ok(Next::Stop(StopReason::MaxTokens));
         }
-        let token = self.sampler.sample(logits, history)?;
+        let (token, logprobs) = match self.logprobs {
+            None => (self.sampler.sample(logits, history)?, None),
+            Some(top) => {
+                let (token, lp) = self.sampler.sample_with_logprobs(logits, history, top)?;
+                (token, Some(lp))
+            }
+        };
         if self.stop_ids.contains(&token) {
             return Ok(Next::Stop(StopReason::EndToken));
         }
         self.generated += 1;
         self.ids.push(token);
-        on_token(token)?;
+        on_token(token, logprobs)?;
         let piece = match &mut self.decoder {
             Some(decoder) => decoder.push(token)?,
             None => None,

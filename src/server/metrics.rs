@@ -32,6 +32,7 @@ pub struct Metrics {
     ttft: Histogram,
     inter_token: Histogram,
     e2e: Histogram,
+    queue: Histogram,
 }
 
 /// Seconds: 1 ms to 5 minutes (a 2-core CPU answers slowly).
@@ -54,6 +55,7 @@ impl Default for Metrics {
             ttft: Histogram::new(SECONDS),
             inter_token: Histogram::new(SECONDS),
             e2e: Histogram::new(SECONDS),
+            queue: Histogram::new(SECONDS),
             registry: Registry::default(),
         };
         registry.register(
@@ -111,6 +113,11 @@ impl Default for Metrics {
             "From the request's arrival to its last token",
             m.e2e.clone(),
         );
+        registry.register(
+            "vllm:request_queue_time_seconds",
+            "From the request's arrival until it got a KV slot",
+            m.queue.clone(),
+        );
         Self { registry, ..m }
     }
 }
@@ -141,6 +148,7 @@ impl Metrics {
                 .observe(s.gen_s / (s.gen_tokens - 1) as f64);
         }
         self.e2e.observe(e2e_s);
+        self.queue.observe(s.queue_s);
     }
 
     /// The text Prometheus scrapes, with the engine's gauges as of now.

@@ -147,14 +147,37 @@ pub struct Settings {
     pub n: usize,
     pub stream: bool,
     pub include_usage: bool,
+    /// Log-probabilities with this many alternatives per token.
+    pub logprobs: Option<usize>,
 }
+
+/// Which endpoint a request came to: `logprobs` means different things.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `logprobs: true` and `top_logprobs: 0..=20`.
+    Chat,
+    /// Legacy `logprobs: 0..=20` (OpenAI allows 5; vLLM more).
+    Completion,
+}
+
+/// Most alternatives a token's log-probabilities list (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: i64 = 20;
 
 impl Sampling {
     /// Checks every field and fills the left-out sampling values from the
     /// model's generation_config.json, else OpenAI's defaults (temperature
     /// 1, top_p 1, no top-k or min-p).
-    pub fn settings(&self, generation: &GenerationConfig) -> Result<Settings, ApiError> {
+    ///
+    /// `vocab` bounds the token ids `logit_bias` may name.
+    pub fn settings(
+        &self,
+        generation: &GenerationConfig,
+        endpoint: Endpoint,
+        vocab: usize,
+    ) -> Result<Settings, ApiError> {
         self.refuse_unimplemented()?;
+        let logprobs = self.logprobs(endpoint)?;
+        let logit_bias = self.logit_bias(vocab)?;
         let temperature = self.temperature.or(generation.temperature).unwrap_or(1.0);
         let top_p = self.top_p.or(generation.top_p).unwrap_or(1.0);
         let top_k = match self.top_k {
@@ -175,6 +198,7 @@ impl Sampling {
             repeat_last_n: 64,
             presence_penalty: self.presence_penalty.unwrap_or(0.0) as f32,
             frequency_penalty: self.frequency_penalty.unwrap_or(0.0) as f32,
+            logit_bias,
             seed: self.seed.unwrap_or_else(rand::random),
         };
         if let Some(p) = self.repetition_penalty
@@ -194,6 +218,7 @@ impl Sampling {
                 "min_p",
                 "presence_penalty",
                 "frequency_penalty",
+                "logit_bias",
             ]
             .into_iter()
             .find(|f| message.starts_with(f));
@@ -239,7 +264,97 @@ impl Sampling {
                 .stream_options
                 .as_ref()
                 .is_some_and(|o| o.include_usage),
+            logprobs,
         })
+    }
+
+    /// How many alternatives per token, when log-probabilities are asked
+    /// for: chat's `logprobs: true` with `top_logprobs`, or legacy
+    /// completions' `logprobs: N`.
+    fn logprobs(&self, endpoint: Endpoint) -> Result<Option<usize>, ApiError> {
+        let count = |name: &str, v: &Value| match v.as_i64() {
+            Some(n) if (0..=MAX_TOP_LOGPROBS).contains(&n) => Ok(n as usize),
+            _ => Err(ApiError::invalid_param(
+                name,
+                format!("{name} must be an integer from 0 to {MAX_TOP_LOGPROBS}"),
+            )),
+        };
+        let top = match &self.top_logprobs {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(count("top_logprobs", v)?),
+        };
+        match endpoint {
+            Endpoint::Chat => {
+                let on = match &self.logprobs {
+                    None | Some(Value::Null) => false,
+                    Some(Value::Bool(b)) => *b,
+                    Some(_) => {
+                        return Err(ApiError::invalid_param(
+                            "logprobs",
+                            "logprobs must be true or false (top_logprobs says how many alternatives)",
+                        ));
+                    }
+                };
+                match (on, top) {
+                    (true, top) => Ok(Some(top.unwrap_or(0))),
+                    (false, Some(n)) if n > 0 => Err(ApiError::invalid_param(
+                        "top_logprobs",
+                        "top_logprobs needs logprobs set to true",
+                    )),
+                    (false, _) => Ok(None),
+                }
+            }
+            Endpoint::Completion => {
+                if top.is_some() {
+                    return Err(ApiError::invalid_param(
+                        "top_logprobs",
+                        "completions take `logprobs: N` (the number of alternatives), not top_logprobs",
+                    ));
+                }
+                match &self.logprobs {
+                    None | Some(Value::Null) => Ok(None),
+                    Some(v) => count("logprobs", v).map(Some),
+                }
+            }
+        }
+    }
+
+    /// `logit_bias`: token ids (as JSON object keys) to a bias in [-100, 100].
+    fn logit_bias(&self, vocab: usize) -> Result<Vec<(u32, f32)>, ApiError> {
+        let map = match &self.logit_bias {
+            None | Some(Value::Null) => return Ok(Vec::new()),
+            Some(Value::Object(map)) => map,
+            Some(_) => {
+                return Err(ApiError::invalid_param(
+                    "logit_bias",
+                    "logit_bias must be an object from token ids to numbers",
+                ));
+            }
+        };
+        let mut bias = Vec::with_capacity(map.len());
+        for (key, value) in map {
+            let id = key
+                .parse::<u32>()
+                .ok()
+                .filter(|&id| (id as usize) < vocab)
+                .ok_or_else(|| {
+                    ApiError::invalid_param(
+                        "logit_bias",
+                        format!("logit_bias key {key:?} is not a token id below {vocab}"),
+                    )
+                })?;
+            let amount = value
+                .as_f64()
+                .filter(|b| (-100.0..=100.0).contains(b))
+                .ok_or_else(|| {
+                    ApiError::invalid_param(
+                        "logit_bias",
+                        format!("logit_bias for token {id} must be a number from -100 to 100"),
+                    )
+                })?;
+            bias.push((id, amount as f32));
+        }
+        Ok(bias)
     }
 
     /// A field OpenAI defines and starling does not implement is a 400
@@ -257,7 +372,7 @@ impl Sampling {
                 .and_then(|f| f.get("type"))
                 .is_some_and(|t| t == "text")
         };
-        let fields: [(&str, bool); 12] = [
+        let fields: [(&str, bool); 9] = [
             ("tools", set(&self.tools)),
             (
                 "tool_choice",
@@ -278,12 +393,6 @@ impl Sampling {
                 set(&self.modalities) && self.modalities != Some(serde_json::json!(["text"])),
             ),
             ("prediction", set(&self.prediction)),
-            ("logprobs", set(&self.logprobs)),
-            (
-                "top_logprobs",
-                set(&self.top_logprobs) && self.top_logprobs != Some(Value::from(0)),
-            ),
-            ("logit_bias", set(&self.logit_bias)),
             ("echo", set(&self.echo)),
         ];
         if let Some((name, _)) = fields.iter().find(|(_, on)| *on) {

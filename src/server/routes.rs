@@ -7,9 +7,10 @@
 
 use super::error::ApiError;
 use super::openai::{
-    ChatRequest, CompletionRequest, DetokenizeRequest, OnePrompt, Settings, TokenizeRequest,
+    ChatRequest, CompletionRequest, DetokenizeRequest, Endpoint, OnePrompt, Settings,
+    TokenizeRequest,
 };
-use crate::engine::{Engine, Event, GenerateRequest, Handle, Outcome, StopReason};
+use crate::engine::{Engine, Event, GenerateRequest, Handle, Outcome, StopReason, TokenLogprobs};
 use crate::loader::GenerationConfig;
 use crate::template::Template;
 use crate::tokenizer::TextTokenizer;
@@ -188,7 +189,11 @@ pub async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let request: ChatRequest = parse(body)?;
     check_model(&state, request.sampling.model.as_deref())?;
-    let settings = request.sampling.settings(&state.generation)?;
+    let settings = request.sampling.settings(
+        &state.generation,
+        Endpoint::Chat,
+        state.tokenizer.vocab_size(),
+    )?;
     let messages = request.conversation()?;
     let prompt = state
         .template
@@ -216,7 +221,11 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let request: CompletionRequest = parse(body)?;
     check_model(&state, request.sampling.model.as_deref())?;
-    let settings = request.sampling.settings(&state.generation)?;
+    let settings = request.sampling.settings(
+        &state.generation,
+        Endpoint::Completion,
+        state.tokenizer.vocab_size(),
+    )?;
     let prompt = match request.prompt.single()? {
         OnePrompt::Ids(ids) => {
             let vocab = state.tokenizer.vocab_size() as u32;
@@ -350,6 +359,7 @@ async fn answer(
         stop_ids: state.stop_ids.clone(),
         stop_texts: settings.stop.clone(),
         continuation: kind == Kind::Completion,
+        logprobs: settings.logprobs,
     };
     let handles = state.engine.submit_n(request, settings.n).map_err(|e| {
         let message = format!("{e:#}");
@@ -371,7 +381,7 @@ async fn answer(
             ApiError::invalid(message)
         }
     })?;
-    let events = forward(handles);
+    let events = forward(&state, handles, arrived);
     // Unique across restarts too: a random prefix per process, then a count.
     let id = format!(
         "{}-{:08x}{:06}",
@@ -393,31 +403,42 @@ async fn answer(
         kind,
         n: settings.n,
         prompt_tokens,
+        tokenizer: state.tokenizer.clone(),
     };
     if settings.stream {
-        Ok(stream(
-            state,
-            reply,
-            events,
-            settings.include_usage,
-            log,
-            arrived,
-        ))
+        Ok(stream(reply, events, settings.include_usage, log))
     } else {
-        whole(state, reply, events, arrived).await
+        whole(reply, events).await
     }
 }
 
 /// Each handle's events, tagged with its choice index, on one channel.
-fn forward(handles: Vec<Handle>) -> mpsc::Receiver<(usize, Event)> {
+/// Every finished answer is counted in the metrics here, whether its
+/// client stayed (an answer cut short counts as `abort`).
+fn forward(
+    state: &Shared,
+    handles: Vec<Handle>,
+    arrived: std::time::Instant,
+) -> mpsc::Receiver<(usize, Event)> {
     let (tx, rx) = mpsc::channel(256);
     for (i, handle) in handles.into_iter().enumerate() {
         let tx = tx.clone();
+        let state = state.clone();
         tokio::task::spawn_blocking(move || {
+            let mut client = true;
             while let Some(event) = handle.recv() {
                 let last = matches!(event, Event::Finished(_) | Event::Failed(_));
-                // The client went away: dropping the handle cancels the sequence.
-                if tx.blocking_send((i, event)).is_err() || last {
+                if let Event::Finished(outcome) = &event {
+                    state
+                        .metrics
+                        .observe(outcome, arrived.elapsed().as_secs_f64());
+                }
+                // The client went away: the sequence ends at the next step.
+                if client && tx.blocking_send((i, event)).is_err() {
+                    client = false;
+                    handle.cancel();
+                }
+                if last {
                     return;
                 }
             }
@@ -433,7 +454,11 @@ struct Reply {
     kind: Kind,
     n: usize,
     prompt_tokens: usize,
+    tokenizer: Arc<TextTokenizer>,
 }
+
+/// One choice's tokens with their log-probabilities, as they came.
+type Scored = Vec<(u32, TokenLogprobs)>;
 
 fn finish_reason(stop: StopReason) -> &'static str {
     match stop {
@@ -467,7 +492,14 @@ impl Reply {
 
     /// One streamed chunk for choice `index`: its text (or the role, for
     /// the first chat chunk) and its finish reason.
-    fn chunk(&self, index: usize, text: Option<&str>, role: bool, finish: Option<&str>) -> Value {
+    fn chunk(
+        &self,
+        index: usize,
+        text: Option<&str>,
+        role: bool,
+        finish: Option<&str>,
+        logprobs: Value,
+    ) -> Value {
         let choice = match self.kind {
             Kind::Chat => {
                 let mut delta = serde_json::Map::new();
@@ -477,10 +509,10 @@ impl Reply {
                 if let Some(t) = text {
                     delta.insert("content".into(), t.into());
                 }
-                json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": finish})
+                json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
             }
             Kind::Completion => {
-                json!({"index": index, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish})
+                json!({"index": index, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish})
             }
         };
         json!({
@@ -488,26 +520,93 @@ impl Reply {
             "model": self.model, "choices": [choice],
         })
     }
+
+    /// A token's text and bytes as logprobs show them: text that is not
+    /// whole UTF-8 (one byte of a character) is written `bytes:\xNN…`, as
+    /// vLLM writes it; `bytes` always holds the real bytes.
+    fn token(&self, id: u32) -> (String, Vec<u8>) {
+        let bytes = self.tokenizer.token_bytes(id);
+        let text = match std::str::from_utf8(&bytes) {
+            Ok(text) => text.to_string(),
+            Err(_) => {
+                let mut text = String::from("bytes:");
+                for b in &bytes {
+                    text.push_str(&format!("\\x{b:02x}"));
+                }
+                text
+            }
+        };
+        (text, bytes)
+    }
+
+    /// `scored` in the endpoint's shape (`Null` when none were asked
+    /// for): chat's `{"content": [{token, logprob, bytes, top_logprobs}]}`
+    /// or legacy completions' parallel lists, whose `text_offset`s count
+    /// characters from `offset` (where this part of the text starts).
+    fn logprobs(&self, scored: Option<&[(u32, TokenLogprobs)]>, offset: &mut usize) -> Value {
+        let Some(scored) = scored else {
+            return Value::Null;
+        };
+        match self.kind {
+            Kind::Chat => {
+                let entry = |id: u32, logprob: f32| {
+                    let (token, bytes) = self.token(id);
+                    json!({"token": token, "logprob": logprob, "bytes": bytes})
+                };
+                let content: Vec<Value> = scored
+                    .iter()
+                    .map(|(id, lp)| {
+                        let mut e = entry(*id, lp.logprob);
+                        e["top_logprobs"] = lp.top.iter().map(|&(i, l)| entry(i, l)).collect();
+                        e
+                    })
+                    .collect();
+                json!({"content": content, "refusal": null})
+            }
+            Kind::Completion => {
+                let mut tokens = Vec::with_capacity(scored.len());
+                let mut values = Vec::with_capacity(scored.len());
+                let mut tops = Vec::with_capacity(scored.len());
+                let mut offsets = Vec::with_capacity(scored.len());
+                for (id, lp) in scored {
+                    let (token, _) = self.token(*id);
+                    offsets.push(*offset);
+                    *offset += token.chars().count();
+                    tokens.push(token);
+                    values.push(lp.logprob);
+                    let top: serde_json::Map<String, Value> = lp
+                        .top
+                        .iter()
+                        .map(|&(i, l)| (self.token(i).0, l.into()))
+                        .collect();
+                    tops.push(top);
+                }
+                json!({"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets})
+            }
+        }
+    }
 }
 
 /// The whole answer as one JSON body.
 async fn whole(
-    state: Shared,
     reply: Reply,
     mut events: mpsc::Receiver<(usize, Event)>,
-    arrived: std::time::Instant,
 ) -> Result<Response, ApiError> {
     let mut outcomes: Vec<Option<Outcome>> = (0..reply.n).map(|_| None).collect();
+    let mut scored: Vec<Scored> = (0..reply.n).map(|_| Vec::new()).collect();
+    let mut asked_logprobs = false;
     while let Some((i, event)) = events.recv().await {
         match event {
-            Event::Finished(outcome) => {
-                state
-                    .metrics
-                    .observe(&outcome, arrived.elapsed().as_secs_f64());
-                outcomes[i] = Some(outcome);
-            }
+            Event::Finished(outcome) => outcomes[i] = Some(outcome),
             Event::Failed(e) => return Err(ApiError::internal(format!("{e:#}"))),
-            Event::Token(_) | Event::Text(_) => {}
+            Event::Token {
+                id,
+                logprobs: Some(lp),
+            } => {
+                asked_logprobs = true;
+                scored[i].push((id, lp));
+            }
+            Event::Token { .. } | Event::Text(_) => {}
         }
     }
     let mut choices = Vec::with_capacity(reply.n);
@@ -518,13 +617,14 @@ async fn whole(
             ));
         };
         let reason = finish_reason(o.stop);
+        let logprobs = reply.logprobs(asked_logprobs.then_some(&scored[i][..]), &mut 0);
         choices.push(match reply.kind {
             Kind::Chat => json!({
                 "index": i, "message": {"role": "assistant", "content": o.text},
-                "logprobs": null, "finish_reason": reason,
+                "logprobs": logprobs, "finish_reason": reason,
             }),
             Kind::Completion => json!({
-                "index": i, "text": o.text, "logprobs": null, "finish_reason": reason,
+                "index": i, "text": o.text, "logprobs": logprobs, "finish_reason": reason,
             }),
         });
     }
@@ -546,12 +646,10 @@ async fn whole(
 /// start: the engine holds those back), a chunk with the finish reason per
 /// choice, the usage when asked, then `[DONE]`.
 fn stream(
-    state: Shared,
     reply: Reply,
     mut events: mpsc::Receiver<(usize, Event)>,
     include_usage: bool,
     log: Option<RequestLog>,
-    arrived: std::time::Instant,
 ) -> Response {
     let (tx, rx) = mpsc::channel::<SseEvent>(256);
     tokio::spawn(async move {
@@ -572,25 +670,44 @@ fn stream(
         let send = |value: Value| SseEvent::default().data(value.to_string());
         let mut started = vec![false; reply.n];
         let mut outcomes: Vec<Option<Outcome>> = (0..reply.n).map(|_| None).collect();
+        // Tokens scored since the choice's last chunk (they go with the
+        // next chunk), and where its text stands in characters.
+        let mut scored: Vec<Option<Scored>> = (0..reply.n).map(|_| None).collect();
+        let mut offsets = vec![0usize; reply.n];
         while let Some((i, event)) = events.recv().await {
             let chunk = match event {
-                Event::Token(_) => continue,
+                Event::Token {
+                    id,
+                    logprobs: Some(lp),
+                } => {
+                    scored[i].get_or_insert_with(Vec::new).push((id, lp));
+                    continue;
+                }
+                Event::Token { .. } => continue,
                 Event::Text(piece) => {
                     let role = reply.kind == Kind::Chat && !started[i];
                     started[i] = true;
-                    reply.chunk(i, Some(&piece), role, None)
+                    let logprobs = reply.logprobs(scored[i].as_deref(), &mut offsets[i]);
+                    if let Some(s) = scored[i].as_mut() {
+                        s.clear();
+                    }
+                    reply.chunk(i, Some(&piece), role, None, logprobs)
                 }
                 Event::Finished(outcome) => {
                     ended.2 += outcome.stats.gen_tokens;
-                    state
-                        .metrics
-                        .observe(&outcome, arrived.elapsed().as_secs_f64());
                     let role = reply.kind == Kind::Chat && !started[i];
+                    // Tokens whose text never came (a stop string's) still
+                    // count: their log-probabilities close the choice.
+                    let logprobs = match scored[i].take() {
+                        Some(s) if !s.is_empty() => reply.logprobs(Some(&s), &mut offsets[i]),
+                        _ => Value::Null,
+                    };
                     let chunk = reply.chunk(
                         i,
                         role.then_some(""),
                         role,
                         Some(finish_reason(outcome.stop)),
+                        logprobs,
                     );
                     outcomes[i] = Some(outcome);
                     chunk

@@ -346,6 +346,28 @@ impl TextTokenizer {
             .map_err(|e| anyhow::anyhow!("decoding ids: {e}"))
     }
 
+    /// The bytes one token stands for in the text, as OpenAI's logprobs
+    /// report them: a byte-fallback token (`<0xE2>`) is its one byte, a
+    /// SentencePiece piece has its `▁` as spaces (the leading one kept,
+    /// which a decode of the lone token would strip), anything else (an
+    /// added token, a byte-level BPE piece) what the decoder makes of it.
+    /// Empty for an id outside the vocabulary.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let Some(piece) = self.inner.id_to_token(id) else {
+            return Vec::new();
+        };
+        if self.is_byte_token(id) {
+            return u8::from_str_radix(&piece[3..5], 16).map_or_else(|_| Vec::new(), |b| vec![b]);
+        }
+        if piece.contains('\u{2581}') {
+            return piece.replace('\u{2581}', " ").into_bytes();
+        }
+        self.inner
+            .decode(&[id], false)
+            .map(String::into_bytes)
+            .unwrap_or_else(|_| piece.into_bytes())
+    }
+
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
