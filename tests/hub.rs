@@ -92,6 +92,8 @@ struct Hub {
     stop: Arc<AtomicBool>,
     /// Drop the connection half-way through the next N full GETs of model.safetensors.
     drops: Arc<AtomicUsize>,
+    /// While set, downloads of model.safetensors wait (a slow hub).
+    hold: Arc<AtomicBool>,
     handle: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -102,7 +104,8 @@ impl Hub {
         listener.set_nonblocking(true).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let drops = Arc::new(AtomicUsize::new(0));
-        let (s, d) = (stop.clone(), drops.clone());
+        let hold = Arc::new(AtomicBool::new(false));
+        let (s, d, h) = (stop.clone(), drops.clone(), hold.clone());
         let handle = std::thread::spawn(move || {
             // Bounded: the server ends when told, or after two minutes.
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
@@ -114,7 +117,7 @@ impl Hub {
                         stream
                             .set_read_timeout(Some(std::time::Duration::from_secs(10)))
                             .unwrap();
-                        let _ = serve(stream, &d);
+                        let _ = serve(stream, &d, &h);
                     }
                     Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
                 }
@@ -124,6 +127,7 @@ impl Hub {
             port,
             stop,
             drops,
+            hold,
             handle: Some(handle),
         }
     }
@@ -162,7 +166,7 @@ fn respond(
     stream.flush()
 }
 
-fn serve(mut stream: TcpStream, drops: &AtomicUsize) -> std::io::Result<()> {
+fn serve(mut stream: TcpStream, drops: &AtomicUsize, hold: &AtomicBool) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut request_line = String::new();
     reader.read_line(&mut request_line)?;
@@ -268,6 +272,12 @@ fn serve(mut stream: TcpStream, drops: &AtomicUsize) -> std::io::Result<()> {
         "200 OK"
     };
     let is_probe = range.as_deref() == Some("0-0");
+    if file == "model.safetensors" && !is_probe {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while hold.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
     if file == "model.safetensors" && !is_probe && drops.load(Ordering::SeqCst) > 0 {
         drops.fetch_sub(1, Ordering::SeqCst);
         // Promise the whole body, send half, hang up.
@@ -644,5 +654,102 @@ fn a_gguf_repo_downloads_only_the_chosen_file_and_runs_it_from_the_cache() {
             &refs(&greedy(&tagged, &[]))
         )),
         want_q8
+    );
+}
+
+/// `starling serve` listens at once: while the model downloads (a slow hub
+/// here) every route, `/health` included, is a 503 in OpenAI's shape; once
+/// it has loaded, `/health` is 200 and answers come.
+#[test]
+fn serve_says_503_while_the_model_loads_then_200() {
+    let hub = Hub::start();
+    hub.hold.store(true, Ordering::SeqCst);
+    let home = common::scratch("hub-serve-loading");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_starling"))
+        .args(["serve", "--model", REPO, "--port", "0"])
+        .env("HF_HOME", &home)
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HF_TOKEN")
+        .env_remove("HF_HUB_OFFLINE")
+        .env("HF_ENDPOINT", hub.endpoint())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let _child = Kill(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let wait_for = |needle: &str| -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = rx
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no {needle:?} line"));
+            if let Some((_, rest)) = line.split_once(needle) {
+                return rest.split_whitespace().next().unwrap().to_string();
+            }
+        }
+    };
+    let url = format!("http://{}", wait_for("listening on http://"));
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let get = |path: &str| {
+        let mut r = agent.get(format!("{url}{path}")).call().unwrap();
+        (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
+    };
+    let (status, body) = get("/health");
+    assert_eq!(status, 503, "{body}");
+    let mut r = agent
+        .post(format!("{url}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .send(r#"{"messages":[{"role":"user","content":"Hi"}],"max_tokens":2}"#)
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    let error: serde_json::Value =
+        serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("loading"),
+        "{error}"
+    );
+
+    hub.hold.store(false, Ordering::SeqCst);
+    let ready = wait_for("ready on http://");
+    assert_eq!(
+        format!("http://{ready}"),
+        url,
+        "the same address throughout"
+    );
+    let (status, body) = get("/health");
+    assert_eq!(status, 200, "{body}");
+    let mut r = agent
+        .post(format!("{url}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .send(r#"{"messages":[{"role":"user","content":"Hi"}],"max_tokens":2}"#)
+        .unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        200,
+        "{}",
+        r.body_mut().read_to_string().unwrap()
     );
 }

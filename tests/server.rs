@@ -37,7 +37,7 @@ impl Server {
         let lines = log.clone();
         std::thread::spawn(move || {
             for line in stderr.lines().map_while(Result::ok) {
-                if let Some((_, url)) = line.split_once(" on http://") {
+                if let Some((_, url)) = line.split_once(" ready on http://") {
                     let _ = tx.send(format!("http://{url}"));
                 }
                 lines.lock().unwrap().push(line);

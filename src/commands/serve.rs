@@ -4,7 +4,7 @@
 use crate::cli::ServeArgs;
 use crate::server::{self, Listen, routes::AppState};
 use anyhow::Result;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::Duration;
 
 pub fn run(args: &ServeArgs) -> Result<()> {
@@ -14,35 +14,38 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     {
         api_keys.push(key);
     }
-    let started = super::start_engine(&args.model, &args.device, &args.engine, 4)?;
-    eprintln!("starling serve: {}", started.engine.describe());
-    // The model's id: the last part of what --model named (a file's or a
-    // directory's name, a repo's name), as llama.cpp's server names it.
-    let id = args
-        .model
-        .model
-        .trim_end_matches('/')
-        .rsplit('/')
-        .next()
-        .unwrap_or(&args.model.model)
-        .to_string();
-    let mut names = vec![id];
-    names.extend(args.alias.clone());
-    let state = AppState {
-        engine: started.engine,
-        tokenizer: started.tokenizer,
-        template: started.template,
-        stop_ids: started.stop_ids,
-        generation: started.generation,
-        names,
-        api_keys,
-        max_queue: args.max_queue,
-        metrics: Default::default(),
-        run_id: rand::random(),
-        next_id: AtomicU64::new(1),
+    let load = || -> Result<AppState> {
+        let started = super::start_engine(&args.model, &args.device, &args.engine, 4)?;
+        eprintln!("starling serve: {}", started.engine.describe());
+        // The model's id: the last part of what --model named (a file's or a
+        // directory's name, a repo's name), as llama.cpp's server names it.
+        let id = args
+            .model
+            .model
+            .trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .unwrap_or(&args.model.model)
+            .to_string();
+        let mut names = vec![id];
+        names.extend(args.alias.clone());
+        let state = AppState {
+            engine: started.engine,
+            tokenizer: started.tokenizer,
+            template: started.template,
+            stop_ids: started.stop_ids,
+            generation: started.generation,
+            names,
+            api_keys,
+            max_queue: args.max_queue,
+            metrics: Default::default(),
+            run_id: rand::random(),
+            next_id: AtomicU64::new(1),
+            draining: AtomicBool::new(false),
+        };
+        Ok(state)
     };
     server::serve(
-        state,
         Listen {
             host: args.host.clone(),
             port: args.port,
@@ -50,5 +53,6 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
             cors_origins: args.cors_origins.clone(),
         },
+        load,
     )
 }

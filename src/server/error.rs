@@ -45,6 +45,17 @@ impl ApiError {
         }
     }
 
+    /// 503 while the model loads (or the server drains): retry later.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: message.into(),
+            kind: "server_error",
+            param: None,
+            code: Some("model_not_ready"),
+        }
+    }
+
     pub fn not_found(message: impl Into<String>, code: &'static str) -> Self {
         Self {
             status: StatusCode::NOT_FOUND,

@@ -79,27 +79,73 @@ pub fn router(state: Shared, max_body: usize, cors_origins: &[String]) -> Result
     Ok(app.layer(cors))
 }
 
-/// Serves until SIGINT or SIGTERM, then lets in-flight requests finish
-/// (for at most `shutdown_timeout`) and returns.
-pub fn serve(state: AppState, listen: Listen) -> Result<()> {
+/// What answers while the model loads: 503 on every route, `/health`
+/// included, so a load balancer or a readiness probe waits for it.
+fn loading_router() -> Router {
+    Router::new().fallback(|| async {
+        let mut response =
+            ApiError::unavailable("the model is still loading; retry shortly").into_response();
+        response.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from_static("1"),
+        );
+        response
+    })
+}
+
+/// Listens at once, answering 503 while `load` loads the model (on this
+/// thread), then serves the API until SIGINT or SIGTERM, then lets
+/// in-flight requests finish (for at most `shutdown_timeout`) and returns.
+/// A failed load is returned as the error it is.
+pub fn serve(listen: Listen, load: impl FnOnce() -> Result<AppState>) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         // The model runs on the engine's own threads: HTTP needs few.
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the HTTP runtime")?;
-    let state = Arc::new(state);
-    runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind((listen.host.as_str(), listen.port))
+    let socket = std::net::TcpListener::bind((listen.host.as_str(), listen.port))
+        .with_context(|| format!("listening on {}:{}", listen.host, listen.port))?;
+    socket
+        .set_nonblocking(true)
+        .context("setting the socket non-blocking")?;
+    let address = socket.local_addr().context("reading the bound address")?;
+    eprintln!(
+        "starling serve: listening on http://{address} while the model loads (503 until ready)"
+    );
+    // Two listeners on one socket, one after the other: connections that
+    // arrive between them wait in the kernel's backlog.
+    let early = socket.try_clone().context("sharing the socket")?;
+    let (loaded_tx, loaded_rx) = tokio::sync::oneshot::channel::<()>();
+    let loading = runtime.spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(early)?;
+        axum::serve(listener, loading_router())
+            .with_graceful_shutdown(async move {
+                let _ = loaded_rx.await;
+            })
             .await
-            .with_context(|| format!("listening on {}:{}", listen.host, listen.port))?;
-        let address = listener.local_addr().context("reading the bound address")?;
-        eprintln!("starling serve: {} on http://{address}", state.names[0]);
+    });
+    let state = load();
+    let _ = loaded_tx.send(());
+    runtime
+        .block_on(loading)
+        .context("the loading server task")?
+        .context("serving while loading")?;
+    let state = Arc::new(state?);
+    runtime.block_on(async {
+        let listener =
+            tokio::net::TcpListener::from_std(socket).context("listening after the load")?;
+        eprintln!(
+            "starling serve: {} ready on http://{address}",
+            state.names[0]
+        );
         let app = router(state.clone(), listen.max_body, &listen.cors_origins)?;
         let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+        let draining = state.clone();
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
             shutdown_signal().await;
             eprintln!("starling serve: shutting down (in-flight requests may finish)");
+            draining.draining.store(true, Ordering::Relaxed);
             let _ = stop_tx.send(true);
         });
         let server = tokio::spawn(async move { server.await });

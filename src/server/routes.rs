@@ -44,6 +44,8 @@ pub struct AppState {
     /// Random per process: response ids do not repeat after a restart.
     pub run_id: u32,
     pub next_id: AtomicU64,
+    /// Set on SIGTERM: `/health` says 503 so balancers stop sending.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 /// Tokens a response served, for the request log.
@@ -81,7 +83,12 @@ impl RequestLog {
 #[derive(Debug, Clone, Copy)]
 pub struct Streaming;
 
-pub async fn health() -> Response {
+/// 200 when ready; 503 while draining (and, from the loading server,
+/// while the model loads).
+pub async fn health(State(state): State<Shared>) -> Response {
+    if state.draining.load(Ordering::Relaxed) {
+        return ApiError::unavailable("the server is shutting down").into_response();
+    }
     Json(json!({"status": "ok"})).into_response()
 }
 
