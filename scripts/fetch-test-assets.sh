@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fetches the test assets that cannot be committed or built: the real Mistral
 # v0.1 SentencePiece model, shipped inside the mistral-common wheel on PyPI,
-# and real chat templates from the llama-cpp-python source package.
+# real chat templates from the llama-cpp-python source package, and the
+# official openai Python client (a virtual environment).
 # Idempotent: a cached, verified copy means no network at all.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -45,6 +46,19 @@ if final.exists():
     shutil.rmtree(final)
 out.rename(final)
 PY
+fi
+
+# The official openai Python client, pinned, in a virtual environment:
+# tests/server.rs drives the server with it (scripts/openai-client.py).
+venv="$dest/openai-venv"
+requirements="$root/scripts/openai-requirements.txt"
+if ! cmp -s "$requirements" "$venv/.complete" 2>/dev/null; then
+  rm -rf "$venv" "$venv.partial"
+  python3 -m venv "$venv.partial"
+  "$venv.partial/bin/python" -m pip install --quiet --disable-pip-version-check \
+    -r "$requirements" >&2
+  cp "$requirements" "$venv.partial/.complete"
+  mv "$venv.partial" "$venv"
 fi
 
 if [ -f "$model" ] && [ "$(stat -c %s "$model")" = "$want_size" ]; then

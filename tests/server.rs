@@ -655,6 +655,31 @@ fn logprobs_and_logit_bias_follow_openai() {
     );
 }
 
+/// The official `openai` Python client against the server: chat streamed
+/// and not, `stop`, `seed` with `n=2`, logprobs, the usage chunk, raw
+/// completions, `models.list` and typed errors, each answer checked against
+/// `starling run` (scripts/openai-client.py says what it checks).
+#[test]
+fn the_official_openai_python_client_gets_what_starling_run_gives() {
+    let python = common::openai_python();
+    let server = Server::start(&[]);
+    let model = tiny_model().display().to_string();
+    let out = Command::new(python)
+        .arg(common::root().join("scripts/openai-client.py"))
+        .args(["--base-url", &format!("{}/v1", server.url)])
+        .args(["--starling", env!("CARGO_BIN_EXE_starling")])
+        .args(["--model", &model])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("all checks passed"), "{stdout}");
+    assert!(stdout.contains("ok n=2 choice 1 equals"), "{stdout}");
+    assert!(stdout.contains("ok stop\n"), "the stop check ran: {stdout}");
+}
+
 /// `--cors-origin`: a browser's preflight is answered without a key, and
 /// answers carry the allowed origin.
 #[test]

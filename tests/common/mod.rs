@@ -37,6 +37,17 @@ pub fn templates_dir() -> PathBuf {
     dir
 }
 
+/// The Python of the virtual environment that holds the official `openai`
+/// client (scripts/openai-requirements.txt), installed on first use.
+#[allow(dead_code)]
+pub fn openai_python() -> PathBuf {
+    let python = assets_dir().join("openai-venv/bin/python");
+    if !assets_dir().join("openai-venv/.complete").is_file() {
+        fetch_assets();
+    }
+    python
+}
+
 /// tokenizer.model.v1 from the mistral-common wheel, fetched on first use.
 pub fn tokenizer_model() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
