@@ -6,7 +6,9 @@
 pub mod error;
 pub mod metrics;
 pub mod openai;
+pub mod openapi;
 pub mod routes;
+pub mod schema;
 
 use anyhow::{Context, Result};
 use axum::Router;
@@ -48,6 +50,7 @@ pub fn router(state: Shared, max_body: usize, cors_origins: &[String]) -> Result
     let app = Router::new()
         .route("/health", get(routes::health))
         .route("/metrics", get(routes::metrics))
+        .route("/openapi.json", get(routes::openapi))
         .merge(api)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))

@@ -11,90 +11,179 @@ use crate::loader::GenerationConfig;
 use crate::template::Message;
 use serde::Deserialize;
 use serde_json::Value;
+use utoipa::ToSchema;
 
 /// A message's content: a string, or an array of parts of which only
 /// text parts are understood.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum Content {
     Text(String),
     Parts(Vec<Part>),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct Part {
+    /// Only `text` parts are understood.
     #[serde(rename = "type")]
+    #[schema(rename = "type", pattern = "^text$")]
     pub kind: String,
     #[serde(default)]
     pub text: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct ChatMessage {
+    /// `system`, `user`, `assistant` (or `developer`, read as system).
+    #[schema(pattern = "^(system|user|assistant|developer)$")]
     pub role: String,
     #[serde(default)]
     pub content: Option<Content>,
 }
 
 /// `stop`: one string or a list.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum Stop {
     One(String),
     Many(Vec<String>),
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
 }
 
-/// The sampling and length fields both endpoints share.
-#[derive(Debug, Default, Deserialize)]
+/// The sampling and length fields both endpoints share. The ranges in the
+/// schema are the ones [`Sampling::settings`] enforces (a value outside
+/// is a 400 naming the field).
+#[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct Sampling {
+    /// The served model's name or an alias (left out: the served model).
     pub model: Option<String>,
+    /// 0 is greedy. Default: generation_config.json's, else 1.
+    #[schema(minimum = 0.0, maximum = 1e30)]
     pub temperature: Option<f64>,
+    /// Nucleus sampling's probability mass. Default: generation_config.json's, else 1.
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
     pub top_p: Option<f64>,
+    /// Keep the k most likely tokens; 0 is off.
+    #[schema(minimum = 0)]
     pub top_k: Option<i64>,
+    /// Drop tokens less likely than min_p times the most likely; 0 is off.
+    #[schema(minimum = 0.0, maximum = 1.0)]
     pub min_p: Option<f64>,
+    /// Most tokens to generate. Left out: to the end of the context. The
+    /// prompt and max_tokens must fit the context.
+    #[schema(minimum = 1)]
     pub max_tokens: Option<i64>,
+    /// The same as max_tokens (OpenAI's newer name); wins when both are given.
+    #[schema(minimum = 1)]
     pub max_completion_tokens: Option<i64>,
+    /// Up to 4 strings that end the answer (not included in it).
     pub stop: Option<Stop>,
+    /// Seeds the sampler: the same seed gives the same answer. Choice i uses seed + i.
     pub seed: Option<u64>,
+    /// Answers to generate; they share the prompt's prefill.
+    #[schema(minimum = 1)]
     pub n: Option<i64>,
+    /// Divides the logits of recently seen tokens (1 is off).
+    #[schema(minimum = 0.001, maximum = 1000.0)]
     pub repetition_penalty: Option<f64>,
+    /// OpenAI's presence penalty over the answer's own tokens.
+    #[schema(minimum = -2.0, maximum = 2.0)]
     pub presence_penalty: Option<f64>,
+    /// OpenAI's frequency penalty over the answer's own tokens.
+    #[schema(minimum = -2.0, maximum = 2.0)]
     pub frequency_penalty: Option<f64>,
+    /// Chat: true for each token's log-probability. Completions: the number
+    /// of alternatives (0 to 20).
     pub logprobs: Option<Value>,
+    /// Chat: the alternatives per token (0 to 20); needs logprobs true.
     pub top_logprobs: Option<Value>,
+    /// Token id (as a string) to a bias from -100 to 100 added to its logit.
     pub logit_bias: Option<Value>,
+    /// Answer as server-sent events.
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     // OpenAI fields starling does not implement: refused when set.
+    /// Not supported: a 400 unless empty.
     pub tools: Option<Value>,
+    /// Not supported: a 400 unless "none".
     pub tool_choice: Option<Value>,
+    /// Not supported: a 400 unless empty.
     pub functions: Option<Value>,
+    /// Not supported: a 400 unless "none".
     pub function_call: Option<Value>,
+    /// Only `{"type": "text"}`.
     pub response_format: Option<Value>,
+    /// Not supported: a 400 when set.
     pub audio: Option<Value>,
+    /// Only `["text"]`.
     pub modalities: Option<Value>,
+    /// Not supported: a 400 when set.
     pub prediction: Option<Value>,
+    /// Not supported: a 400 when true.
     pub echo: Option<Value>,
+    /// Only 1.
     pub best_of: Option<Value>,
+    /// Not supported: a 400 unless empty.
     pub suffix: Option<Value>,
 }
 
-#[derive(Debug, Deserialize)]
+/// The JSON schemas of [`Sampling`]'s free-form fields: what starling
+/// accepts in them (anything else is a 400 naming the field). The OpenAPI
+/// document puts these in place of "any value" (see `server::openapi`).
+pub const FREE_FORM_SCHEMAS: [(&str, &str); 14] = [
+    (
+        "logprobs",
+        r#"{"oneOf": [{"type": "boolean"}, {"type": "integer", "minimum": 0, "maximum": 20}, {"type": "null"}]}"#,
+    ),
+    (
+        "top_logprobs",
+        r#"{"type": ["integer", "null"], "minimum": 0, "maximum": 20}"#,
+    ),
+    (
+        "logit_bias",
+        r#"{"type": ["object", "null"], "propertyNames": {"pattern": "^[0-9]{1,5}$"}, "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}}"#,
+    ),
+    (
+        "tools",
+        r#"{"type": ["array", "null"], "maxItems": 0, "items": {}}"#,
+    ),
+    ("tool_choice", r#"{"enum": ["none", null]}"#),
+    (
+        "functions",
+        r#"{"type": ["array", "null"], "maxItems": 0, "items": {}}"#,
+    ),
+    ("function_call", r#"{"enum": ["none", null]}"#),
+    (
+        "response_format",
+        r#"{"oneOf": [{"type": "object", "required": ["type"], "properties": {"type": {"const": "text"}}}, {"type": "null"}]}"#,
+    ),
+    ("audio", r#"{"type": "null"}"#),
+    (
+        "modalities",
+        r#"{"oneOf": [{"type": "array", "items": {"const": "text"}, "minItems": 1, "maxItems": 1}, {"type": "null"}]}"#,
+    ),
+    ("prediction", r#"{"type": "null"}"#),
+    ("echo", r#"{"enum": [false, null]}"#),
+    ("best_of", r#"{"enum": [1, null]}"#),
+    ("suffix", r#"{"enum": ["", null]}"#),
+];
+
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct ChatRequest {
+    #[schema(min_items = 1)]
     pub messages: Vec<ChatMessage>,
     #[serde(flatten)]
     pub sampling: Sampling,
 }
 
 /// `prompt` of `/v1/completions`: text, or token ids.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum Prompt {
     Text(String),
@@ -130,7 +219,7 @@ impl Prompt {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct CompletionRequest {
     pub prompt: Prompt,
     #[serde(flatten)]
@@ -480,7 +569,7 @@ impl ChatRequest {
 
 /// vLLM's `POST /tokenize`: either `prompt` (read as `/v1/completions`
 /// reads it) or `messages` (rendered by the chat template).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct TokenizeRequest {
     pub model: Option<String>,
     pub prompt: Option<String>,
@@ -490,7 +579,7 @@ pub struct TokenizeRequest {
 }
 
 /// vLLM's `POST /detokenize`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct DetokenizeRequest {
     pub model: Option<String>,
     pub tokens: Vec<u32>,

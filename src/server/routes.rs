@@ -10,6 +10,10 @@ use super::openai::{
     ChatRequest, CompletionRequest, DetokenizeRequest, Endpoint, OnePrompt, Settings,
     TokenizeRequest,
 };
+use super::schema::{
+    AssistantMessage, ChatChoice, ChatCompletion, Completion, CompletionChoice, Detokenized,
+    ErrorBody, Health, ModelCard, ModelList, PromptTokensDetails, StreamEvent, Tokenized, Usage,
+};
 use crate::engine::{Engine, Event, GenerateRequest, Handle, Outcome, StopReason, TokenLogprobs};
 use crate::loader::GenerationConfig;
 use crate::template::Template;
@@ -85,34 +89,62 @@ pub struct Streaming;
 
 /// 200 when ready; 503 while draining (and, from the loading server,
 /// while the model loads).
+#[utoipa::path(get, path = "/health", tag = "operations",
+    responses(
+        (status = 200, description = "Ready", body = Health),
+        (status = 503, description = "Loading or draining", body = ErrorBody),
+    ))]
 pub async fn health(State(state): State<Shared>) -> Response {
     if state.draining.load(Ordering::Relaxed) {
         return ApiError::unavailable("the server is shutting down").into_response();
     }
-    Json(json!({"status": "ok"})).into_response()
+    Json(Health {
+        status: "ok".into(),
+    })
+    .into_response()
 }
 
-pub async fn models(State(state): State<Shared>) -> Response {
-    let data: Vec<Value> = state
-        .names
-        .iter()
-        .map(|name| json!({"id": name, "object": "model", "created": 0, "owned_by": "starling"}))
-        .collect();
-    Json(json!({"object": "list", "data": data})).into_response()
+/// The served model under its name and each alias.
+#[utoipa::path(get, path = "/v1/models", tag = "openai",
+    responses(
+        (status = 200, body = ModelList),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+    ),
+    security((), ("bearer" = [])))]
+pub async fn models(State(state): State<Shared>) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list".into(),
+        data: state.names.iter().map(|n| ModelCard::new(n)).collect(),
+    })
 }
 
+/// One model by its name or alias.
+#[utoipa::path(get, path = "/v1/models/{id}", tag = "openai",
+    params(("id" = String, Path, description = "The model's name or alias")),
+    responses(
+        (status = 200, body = ModelCard),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 404, description = "No such model", body = ErrorBody),
+    ),
+    security((), ("bearer" = [])))]
 pub async fn model(
     State(state): State<Shared>,
     Path(id): Path<String>,
-) -> Result<Response, ApiError> {
+) -> Result<Json<ModelCard>, ApiError> {
     check_model(&state, Some(&id))?;
-    Ok(
-        Json(json!({"id": id, "object": "model", "created": 0, "owned_by": "starling"}))
-            .into_response(),
-    )
+    Ok(Json(ModelCard::new(&id)))
 }
 
 /// vLLM's `/tokenize`: the ids the model sees for `prompt` or `messages`.
+#[utoipa::path(post, path = "/tokenize", tag = "vllm", request_body = TokenizeRequest,
+    responses(
+        (status = 200, body = Tokenized),
+        (status = 400, description = "Invalid JSON or values", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 404, description = "Unknown model", body = ErrorBody),
+        (status = 413, description = "Body over the limit", body = ErrorBody),
+    ),
+    security((), ("bearer" = [])))]
 pub async fn tokenize(
     State(state): State<Shared>,
     body: Result<Bytes, BytesRejection>,
@@ -139,15 +171,24 @@ pub async fn tokenize(
         }
         _ => return Err(ApiError::invalid("give either `prompt` or `messages`")),
     };
-    Ok(Json(json!({
-        "count": ids.len(),
-        "max_model_len": state.engine.context(),
-        "tokens": ids,
-    }))
+    Ok(Json(Tokenized {
+        count: ids.len(),
+        max_model_len: state.engine.context(),
+        tokens: ids,
+    })
     .into_response())
 }
 
 /// vLLM's `/detokenize`: the text of `tokens`.
+#[utoipa::path(post, path = "/detokenize", tag = "vllm", request_body = DetokenizeRequest,
+    responses(
+        (status = 200, body = Detokenized),
+        (status = 400, description = "Invalid JSON or values", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 404, description = "Unknown model", body = ErrorBody),
+        (status = 413, description = "Body over the limit", body = ErrorBody),
+    ),
+    security((), ("bearer" = [])))]
 pub async fn detokenize(
     State(state): State<Shared>,
     body: Result<Bytes, BytesRejection>,
@@ -165,9 +206,13 @@ pub async fn detokenize(
         .tokenizer
         .decode(&request.tokens)
         .map_err(|e| ApiError::invalid_param("tokens", format!("{e:#}")))?;
-    Ok(Json(json!({"prompt": text})).into_response())
+    Ok(Json(Detokenized { prompt: text }).into_response())
 }
 
+/// Prometheus text (OpenMetrics) under vLLM's metric names.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text",
+        content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8", body = String)))]
 pub async fn metrics(State(state): State<Shared>) -> Response {
     let text = state.metrics.render(&state.engine);
     (
@@ -180,6 +225,11 @@ pub async fn metrics(State(state): State<Shared>) -> Response {
         .into_response()
 }
 
+/// The OpenAPI document of this server (see [`super::openapi`]).
+pub async fn openapi(State(state): State<Shared>) -> Json<Value> {
+    Json(super::openapi::document(&state.names))
+}
+
 pub async fn not_found() -> ApiError {
     ApiError::not_found("no such route", "not_found")
 }
@@ -189,6 +239,22 @@ pub async fn method_not_allowed() -> ApiError {
         .with_status(axum::http::StatusCode::METHOD_NOT_ALLOWED)
 }
 
+/// A chat answer: the conversation through the model's chat template.
+/// With `stream`, server-sent events of `chat.completion.chunk` objects
+/// end with `data: [DONE]`.
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "openai", request_body = ChatRequest,
+    responses(
+        (status = 200, description = "The answer", content(
+            (ChatCompletion = "application/json"),
+            (StreamEvent = "text/event-stream"),
+        )),
+        (status = 400, description = "Invalid JSON or values", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 404, description = "Unknown model", body = ErrorBody),
+        (status = 413, description = "Body over the limit", body = ErrorBody),
+        (status = 429, description = "The queue is full (Retry-After)", body = ErrorBody),
+    ),
+    security((), ("bearer" = [])))]
 pub async fn chat_completions(
     State(state): State<Shared>,
     log: Option<Extension<RequestLog>>,
@@ -221,6 +287,19 @@ pub async fn chat_completions(
 /// A raw prompt, no template. Its text is the caller's whole prompt, so
 /// special-token text in it IS read as special tokens: the one place
 /// starling does so (chat messages never).
+#[utoipa::path(post, path = "/v1/completions", tag = "openai", request_body = CompletionRequest,
+    responses(
+        (status = 200, description = "The continuation", content(
+            (Completion = "application/json"),
+            (StreamEvent = "text/event-stream"),
+        )),
+        (status = 400, description = "Invalid JSON or values", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 404, description = "Unknown model", body = ErrorBody),
+        (status = 413, description = "Body over the limit", body = ErrorBody),
+        (status = 429, description = "The queue is full (Retry-After)", body = ErrorBody),
+    ),
+    security((), ("bearer" = [])))]
 pub async fn completions(
     State(state): State<Shared>,
     log: Option<Extension<RequestLog>>,
@@ -475,18 +554,20 @@ fn finish_reason(stop: StopReason) -> &'static str {
 }
 
 impl Reply {
-    fn usage(&self, outcomes: &[Option<Outcome>]) -> Value {
+    fn usage(&self, outcomes: &[Option<Outcome>]) -> Usage {
         let completion: usize = outcomes.iter().flatten().map(|o| o.stats.gen_tokens).sum();
         let cached = outcomes
             .first()
             .and_then(|o| o.as_ref())
             .map_or(0, |o| o.stats.cached_tokens);
-        json!({
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": completion,
-            "total_tokens": self.prompt_tokens + completion,
-            "prompt_tokens_details": {"cached_tokens": cached},
-        })
+        Usage {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: completion,
+            total_tokens: self.prompt_tokens + completion,
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: cached,
+            },
+        }
     }
 
     fn object(&self, chunk: bool) -> &'static str {
@@ -616,34 +697,60 @@ async fn whole(
             Event::Token { .. } | Event::Text(_) => {}
         }
     }
-    let mut choices = Vec::with_capacity(reply.n);
+    let mut chat = Vec::new();
+    let mut text = Vec::new();
     for (i, outcome) in outcomes.iter().enumerate() {
         let Some(o) = outcome else {
             return Err(ApiError::internal(
                 "the engine stopped before the answer was finished",
             ));
         };
-        let reason = finish_reason(o.stop);
-        let logprobs = reply.logprobs(asked_logprobs.then_some(&scored[i][..]), &mut 0);
-        choices.push(match reply.kind {
-            Kind::Chat => json!({
-                "index": i, "message": {"role": "assistant", "content": o.text},
-                "logprobs": logprobs, "finish_reason": reason,
+        let finish_reason = finish_reason(o.stop).to_string();
+        let logprobs = asked_logprobs.then(|| reply.logprobs(Some(&scored[i]), &mut 0));
+        match reply.kind {
+            Kind::Chat => chat.push(ChatChoice {
+                index: i,
+                message: AssistantMessage {
+                    role: "assistant".into(),
+                    content: o.text.clone(),
+                },
+                logprobs,
+                finish_reason,
             }),
-            Kind::Completion => json!({
-                "index": i, "text": o.text, "logprobs": logprobs, "finish_reason": reason,
+            Kind::Completion => text.push(CompletionChoice {
+                index: i,
+                text: o.text.clone(),
+                logprobs,
+                finish_reason,
             }),
-        });
+        }
     }
     let served = Served {
         prompt: reply.prompt_tokens,
         completion: outcomes.iter().flatten().map(|o| o.stats.gen_tokens).sum(),
     };
-    let body = json!({
-        "id": reply.id, "object": reply.object(false), "created": reply.created,
-        "model": reply.model, "choices": choices, "usage": reply.usage(&outcomes),
-    });
-    let mut response = Json(body).into_response();
+    let usage = reply.usage(&outcomes);
+    let object = reply.object(false).to_string();
+    let mut response = match reply.kind {
+        Kind::Chat => Json(ChatCompletion {
+            id: reply.id,
+            object,
+            created: reply.created,
+            model: reply.model,
+            choices: chat,
+            usage,
+        })
+        .into_response(),
+        Kind::Completion => Json(Completion {
+            id: reply.id,
+            object,
+            created: reply.created,
+            model: reply.model,
+            choices: text,
+            usage,
+        })
+        .into_response(),
+    };
     response.extensions_mut().insert(served);
     Ok(response)
 }
@@ -722,7 +829,7 @@ fn stream(
                 Event::Failed(e) => {
                     ended.3 = "failed";
                     let error = ApiError::internal(format!("{e:#}"));
-                    let _ = tx.send(send(error.body())).await;
+                    let _ = tx.send(send(json!(error.body()))).await;
                     return;
                 }
             };

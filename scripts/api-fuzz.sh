@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# API fuzzing: schemathesis (PyPI, pinned in scripts/schemathesis-requirements.txt,
+# installed here into a virtual environment under target/test-assets) tests
+# a running `starling serve` against its own /openapi.json: generated and
+# mutated requests for every route, checked for server errors (5xx),
+# responses that break the documented schema, status codes or content types
+# the document does not list, and bad data that is not refused.
+#
+#   bash scripts/api-fuzz.sh http://127.0.0.1:PORT [SECONDS]
+#
+# tests/server.rs runs it against the tiny model (a small context, so an
+# answer without max_tokens ends quickly). SECONDS bounds the run (default 60).
+set -euo pipefail
+url=${1:?usage: bash scripts/api-fuzz.sh http://127.0.0.1:PORT [SECONDS]}
+seconds=${2:-60}
+root=$(cd "$(dirname "$0")/.." && pwd)
+dest="${STARLING_TEST_ASSETS:-$root/target/test-assets}"
+venv="$dest/schemathesis-venv"
+requirements="$root/scripts/schemathesis-requirements.txt"
+
+if ! cmp -s "$requirements" "$venv/.complete" 2>/dev/null; then
+  mkdir -p "$dest"
+  rm -rf "$venv" "$venv.partial.$$"
+  python3 -m venv "$venv.partial.$$"
+  "$venv.partial.$$/bin/python" -m pip install --quiet --disable-pip-version-check \
+    -r "$requirements" >&2
+  cp "$requirements" "$venv.partial.$$/.complete"
+  mv "$venv.partial.$$" "$venv" 2>/dev/null || rm -rf "$venv.partial.$$"
+fi
+
+# Checks: every one that is about the server, none that needs the schema to
+# know facts it cannot (a max_tokens beyond the context, an id outside the
+# vocabulary are schema-valid and still a 400: positive_data_acceptance is
+# left out). A fixed seed makes a failure reproducible.
+exec "$venv/bin/python" -m schemathesis.cli run "$url/openapi.json" \
+  --checks not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance,negative_data_rejection \
+  --max-time "$seconds" \
+  --request-timeout 30 \
+  --workers 2 \
+  --seed 1 \
+  --suppress-health-check all \
+  --no-color
