@@ -713,6 +713,30 @@ fn schemathesis_finds_no_server_error_against_the_openapi_document() {
     assert!(!log.contains("panicked"), "{log}");
 }
 
+/// Two replicas behind nginx (scripts/replicas.sh): 32 requests arriving
+/// over a few seconds, one replica stopped with SIGTERM halfway; every
+/// request completes or is refused with a retryable status, none is lost
+/// or hangs, and the stopped replica drains and exits 0.
+#[test]
+fn replicas_behind_nginx_lose_no_request_when_one_stops() {
+    let model = tiny_model().display().to_string();
+    let out = Command::new("bash")
+        .arg(common::root().join("scripts/replicas.sh"))
+        .args([model.as_str(), "32", "400"])
+        .env("STARLING", env!("CARGO_BIN_EXE_starling"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("replica A exited 0"), "{stdout}");
+    assert!(
+        !stdout.contains("lost") && !stdout.contains("hung"),
+        "{stdout}"
+    );
+}
+
 /// `--cors-origin`: a browser's preflight is answered without a key, and
 /// answers carry the allowed origin.
 #[test]
