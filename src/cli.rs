@@ -407,6 +407,9 @@ pub struct ServeArgs {
     /// Seconds in-flight requests may run after SIGTERM or SIGINT.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub shutdown_timeout: u64,
+    /// Do not serve the chat page at `/`.
+    #[arg(long)]
+    pub no_web: bool,
 }
 
 impl Command {

@@ -284,7 +284,66 @@ fn a_full_queue_gets_429_with_retry_after() {
     assert!(body.contains("queue is full"), "{body}");
     let (_, metrics) = server.get("/metrics", None);
     assert!(metrics.contains("vllm:num_requests_running 1"), "{metrics}");
+    // Tokens count as they are generated, not when the answer ends.
+    let generated = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("vllm:generation_tokens_total ")?
+                .parse::<f64>()
+                .ok()
+        })
+        .unwrap();
+    assert!(generated > 0.0, "{metrics}");
     drop(reader);
+}
+
+/// A client that gives up while its request waits for a slot leaves the
+/// queue at once: the next request is not refused for its sake.
+#[test]
+fn a_queued_client_that_leaves_frees_its_place_in_the_queue() {
+    let server = Server::start(&["--parallel", "1", "--max-queue", "1"]);
+    let reader = server.long_stream();
+    // Waits for the slot, and gives up after a second.
+    let impatient: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(1)))
+        .build()
+        .into();
+    let gave_up = impatient
+        .post(format!("{}/v1/chat/completions", server.url))
+        .header("content-type", "application/json")
+        .send(chat_body("Hi", 3).to_string());
+    assert!(gave_up.is_err(), "it was queued, so it timed out");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let (_, metrics) = server.get("/metrics", None);
+        if metrics.contains("vllm:num_requests_waiting 0") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still waiting: {metrics}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The queue has room again: a new request waits (202-free) rather than a 429.
+    let url = server.url.clone();
+    let next = std::thread::spawn(move || {
+        Server::agent()
+            .post(format!("{url}/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .send(chat_body("Hi", 3).to_string())
+            .unwrap()
+            .status()
+            .as_u16()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    drop(reader);
+    assert_eq!(next.join().unwrap(), 200);
+    let log = server.log.lock().unwrap().join("\n");
+    // The stream the client left logs the tokens it did generate.
+    let left = log
+        .lines()
+        .find(|l| l.contains("stream=client_left"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(!left.contains("completion_tokens=0 "), "{left}");
 }
 
 #[test]
@@ -433,6 +492,10 @@ fn bad_requests_get_openai_shaped_errors_never_a_500() {
     check(s, &b, 400, "messages");
     let (s, b) = bad(&|b| b["messages"][0]["role"] = "wizard".into());
     check(s, &b, 400, "messages[0]");
+    let (s, b) = bad(&|b| b["messages"][0]["content"] = Value::Null);
+    check(s, &b, 400, "messages[0]");
+    let (s, b) = bad(&|b| b["audio"] = json!({}));
+    check(s, &b, 400, "audio");
     let (s, b) = bad(&|b| b["messages"][0]["content"] = "x".repeat(5000).into());
     check(s, &b, 413, "length limit");
     let (s, b) = bad(&|b| b["presence_penalty"] = 3.into());
@@ -462,6 +525,11 @@ fn bad_requests_get_openai_shaped_errors_never_a_500() {
     let big = Server::start(&["--max-body", "100000"]);
     let (s, b) = big.post_raw("/v1/completions", &huge, None);
     assert_eq!(s, 400, "{b}");
+    assert!(b.contains("context_length_exceeded"), "{b}");
+    // With max_tokens too, the prompt is still what is at fault.
+    let huge = json!({"prompt": vec![5u32; 9000], "max_tokens": 1}).to_string();
+    let (s, b) = big.post_raw("/v1/completions", &huge, None);
+    check(s, &b, 400, "prompt");
     assert!(b.contains("context_length_exceeded"), "{b}");
     // One prompt in a list is that prompt; several are refused by name.
     let (s, b) = big.post_raw(
@@ -737,6 +805,70 @@ fn replicas_behind_nginx_lose_no_request_when_one_stops() {
     );
 }
 
+/// The chat page: `/`, its script and its style, open without the key
+/// (the page asks for it), under a Content-Security-Policy that allows no
+/// script or connection but this server's; nothing loaded from elsewhere;
+/// `--no-web` turns it off.
+#[test]
+fn the_chat_page_is_served_self_contained_and_can_be_turned_off() {
+    let server = Server::start(&["--api-key", "k"]);
+    let agent = Server::agent();
+    let fetch = |path: &str| {
+        let mut r = agent.get(format!("{}{path}", server.url)).call().unwrap();
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        (status, headers, r.body_mut().read_to_string().unwrap())
+    };
+    let (status, headers, page) = fetch("/");
+    assert_eq!(status, 200, "{page}");
+    assert!(
+        headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let policy = headers["content-security-policy"].to_str().unwrap();
+    assert!(
+        policy.contains("script-src 'self'") && !policy.contains("unsafe-inline"),
+        "{policy}"
+    );
+    assert!(page.contains(r#"<script src="/chat.js">"#), "{page}");
+    let (status, headers, script) = fetch("/chat.js");
+    assert_eq!(status, 200);
+    assert!(
+        headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/javascript")
+    );
+    assert!(script.contains("/v1/chat/completions"));
+    let (status, _, style) = fetch("/chat.css");
+    assert_eq!(status, 200);
+    for (name, text) in [("page", &page), ("script", &script), ("style", &style)] {
+        assert!(
+            !text.contains("http://") && !text.contains("https://") && !text.contains("//cdn"),
+            "the {name} loads nothing from elsewhere"
+        );
+        // Model text is set as text, never parsed as HTML.
+        assert!(
+            !text.contains("innerHTML") && !text.contains("insertAdjacentHTML"),
+            "{name}"
+        );
+    }
+    // The API still wants the key.
+    let (status, _, _) = fetch("/v1/models");
+    assert_eq!(status, 401);
+
+    let off = Server::start(&["--no-web"]);
+    let mut r = agent.get(format!("{}/", off.url)).call().unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        404,
+        "{}",
+        r.body_mut().read_to_string().unwrap()
+    );
+}
+
 /// `--cors-origin`: a browser's preflight is answered without a key, and
 /// answers carry the allowed origin.
 #[test]
@@ -889,4 +1021,35 @@ fn sigterm_lets_a_running_request_finish_then_exits_zero() {
     assert_eq!(body["usage"]["completion_tokens"], 400);
     let exit = server.child.wait().unwrap();
     assert_eq!(exit.code(), Some(0));
+}
+
+/// A stream still running when the shutdown timeout is over is ended, not
+/// cut: its last chunk (with a finish reason) and `[DONE]` still come, and
+/// the server exits 0.
+#[test]
+fn the_shutdown_timeout_ends_streams_properly() {
+    let mut server = Server::start(&["--shutdown-timeout", "1"]);
+    let mut reader = server.long_stream();
+    let pid = server.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut reader, &mut rest).unwrap();
+    let events: Vec<&str> = rest
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{rest}");
+    let finish: Value = serde_json::from_str(events[events.len() - 2]).unwrap();
+    assert!(
+        finish["choices"][0]["finish_reason"].is_string(),
+        "{finish}"
+    );
+    drop(reader);
+    assert_eq!(server.child.wait().unwrap().code(), Some(0));
 }

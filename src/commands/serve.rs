@@ -42,6 +42,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             run_id: rand::random(),
             next_id: AtomicU64::new(1),
             draining: AtomicBool::new(false),
+            cutoff: AtomicBool::new(false),
         };
         Ok(state)
     };
@@ -52,6 +53,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             max_body: args.max_body,
             shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
             cors_origins: args.cors_origins.clone(),
+            web: !args.no_web,
         },
         load,
     )

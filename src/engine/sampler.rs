@@ -64,7 +64,7 @@ impl SamplerConfig {
         }
         if !(self.temperature as f32).is_finite() {
             bail!(
-                "temperature {} is too large (at most {})",
+                "temperature {:e} is too large (at most {:e})",
                 self.temperature,
                 f32::MAX
             );

@@ -123,11 +123,19 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts one generated token as it comes (vLLM's counters move with
+    /// each step, not at the end of a request); `ttft_s` with an answer's first.
+    pub fn token(&self, ttft_s: Option<f64>) {
+        self.generation_tokens.inc();
+        if let Some(ttft) = ttft_s {
+            self.ttft.observe(ttft);
+        }
+    }
+
     /// Counts one finished answer (`e2e_s`: its whole request's time).
     pub fn observe(&self, outcome: &Outcome, e2e_s: f64) {
         let s = &outcome.stats;
         self.prompt_tokens.inc_by(s.new_tokens as u64);
-        self.generation_tokens.inc_by(s.gen_tokens as u64);
         self.prefix_queries.inc_by(s.prompt_tokens as u64);
         self.prefix_hits.inc_by(s.cached_tokens as u64);
         let reason = match outcome.stop {
@@ -140,9 +148,6 @@ impl Metrics {
                 finished_reason: reason,
             })
             .inc();
-        if s.gen_tokens > 0 {
-            self.ttft.observe(s.ttft_s);
-        }
         if s.gen_tokens > 1 {
             self.inter_token
                 .observe(s.gen_s / (s.gen_tokens - 1) as f64);

@@ -9,6 +9,7 @@ pub mod openai;
 pub mod openapi;
 pub mod routes;
 pub mod schema;
+pub mod web;
 
 use anyhow::{Context, Result};
 use axum::Router;
@@ -32,11 +33,19 @@ pub struct Listen {
     pub shutdown_timeout: Duration,
     /// Origins browsers may call from (`*`: any); none: no CORS headers.
     pub cors_origins: Vec<String>,
+    /// Serve the chat page at `/`.
+    pub web: bool,
 }
 
-/// The routes over `state`: `/health` open to all, the rest behind the API
-/// key when one is set; every request logged on stderr.
-pub fn router(state: Shared, max_body: usize, cors_origins: &[String]) -> Result<Router> {
+/// The routes over `state`: `/health`, `/metrics`, `/openapi.json` and the
+/// chat page (when `web`) open to all, the rest behind the API key when
+/// one is set; every request logged on stderr.
+pub fn router(
+    state: Shared,
+    max_body: usize,
+    cors_origins: &[String],
+    web: bool,
+) -> Result<Router> {
     let api = Router::new()
         .route("/v1/chat/completions", post(routes::chat_completions))
         .route("/v1/completions", post(routes::completions))
@@ -47,7 +56,8 @@ pub fn router(state: Shared, max_body: usize, cors_origins: &[String]) -> Result
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), require_key));
-    let app = Router::new()
+    let open = if web { web::routes() } else { Router::new() };
+    let app = open
         .route("/health", get(routes::health))
         .route("/metrics", get(routes::metrics))
         .route("/openapi.json", get(routes::openapi))
@@ -83,9 +93,11 @@ pub fn router(state: Shared, max_body: usize, cors_origins: &[String]) -> Result
 }
 
 /// What answers while the model loads: 503 on every route, `/health`
-/// included, so a load balancer or a readiness probe waits for it.
-fn loading_router() -> Router {
-    Router::new().fallback(|| async {
+/// included, so a load balancer or a readiness probe waits for it; the
+/// chat page (when `web`) loads and says the model is loading.
+fn loading_router(web: bool) -> Router {
+    let router = if web { web::routes() } else { Router::new() };
+    router.fallback(|| async {
         let mut response =
             ApiError::unavailable("the model is still loading; retry shortly").into_response();
         response.headers_mut().insert(
@@ -119,10 +131,11 @@ pub fn serve(listen: Listen, load: impl FnOnce() -> Result<AppState>) -> Result<
     // Two listeners on one socket, one after the other: connections that
     // arrive between them wait in the kernel's backlog.
     let early = socket.try_clone().context("sharing the socket")?;
+    let web = listen.web;
     let (loaded_tx, loaded_rx) = tokio::sync::oneshot::channel::<()>();
     let loading = runtime.spawn(async move {
         let listener = tokio::net::TcpListener::from_std(early)?;
-        axum::serve(listener, loading_router())
+        axum::serve(listener, loading_router(web))
             .with_graceful_shutdown(async move {
                 let _ = loaded_rx.await;
             })
@@ -142,7 +155,12 @@ pub fn serve(listen: Listen, load: impl FnOnce() -> Result<AppState>) -> Result<
             "starling serve: {} ready on http://{address}",
             state.names[0]
         );
-        let app = router(state.clone(), listen.max_body, &listen.cors_origins)?;
+        let app = router(
+            state.clone(),
+            listen.max_body,
+            &listen.cors_origins,
+            listen.web,
+        )?;
         let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
         let draining = state.clone();
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
@@ -151,13 +169,24 @@ pub fn serve(listen: Listen, load: impl FnOnce() -> Result<AppState>) -> Result<
             draining.draining.store(true, Ordering::Relaxed);
             let _ = stop_tx.send(true);
         });
-        let server = tokio::spawn(async move { server.await });
+        let mut server = tokio::spawn(async move { server.await });
         // After the signal, in-flight requests get `shutdown_timeout`.
         let _ = stop_rx.changed().await;
-        match tokio::time::timeout(listen.shutdown_timeout, server).await {
+        match tokio::time::timeout(listen.shutdown_timeout, &mut server).await {
             Ok(joined) => joined.context("the server task")?.context("serving")?,
             Err(_) => {
-                eprintln!("starling serve: in-flight requests cut off after the shutdown timeout")
+                eprintln!(
+                    "starling serve: cutting off in-flight requests after the shutdown timeout"
+                );
+                // Their sequences end at the engine's next step; the
+                // answers still close properly (finish chunk, `[DONE]`).
+                state.cutoff.store(true, Ordering::Relaxed);
+                if tokio::time::timeout(Duration::from_secs(5), server)
+                    .await
+                    .is_err()
+                {
+                    eprintln!("starling serve: connections still open after the cut-off; exiting");
+                }
             }
         }
         anyhow::Ok(())

@@ -83,7 +83,9 @@ pub struct Sampling {
     pub max_completion_tokens: Option<i64>,
     /// Up to 4 strings that end the answer (not included in it).
     pub stop: Option<Stop>,
-    /// Seeds the sampler: the same seed gives the same answer. Choice i uses seed + i.
+    /// Seeds the sampler: the same seed gives the same answer for the same
+    /// prompt (a near-tie may fall the other way when a kept prefix covered a
+    /// different share of it). Choice i uses seed + i.
     pub seed: Option<u64>,
     /// Answers to generate; they share the prompt's prefill.
     #[schema(minimum = 1)]
@@ -476,12 +478,15 @@ impl Sampling {
                 "response_format",
                 set(&self.response_format) && !text_format(&self.response_format),
             ),
-            ("audio", set(&self.audio)),
+            ("audio", self.audio.as_ref().is_some_and(|v| !v.is_null())),
             (
                 "modalities",
                 set(&self.modalities) && self.modalities != Some(serde_json::json!(["text"])),
             ),
-            ("prediction", set(&self.prediction)),
+            (
+                "prediction",
+                self.prediction.as_ref().is_some_and(|v| !v.is_null()),
+            ),
             ("echo", set(&self.echo)),
         ];
         if let Some((name, _)) = fields.iter().find(|(_, on)| *on) {
@@ -537,6 +542,13 @@ impl ChatRequest {
                 }
                 let role = if m.role == "developer" { "system" } else { m.role.as_str() };
                 let text = match &m.content {
+                    // Only an assistant turn may come without content (OpenAI's rule).
+                    None if role != "assistant" => {
+                        return Err(ApiError::invalid_param(
+                            &param,
+                            format!("a {role} message needs its `content`"),
+                        ));
+                    }
                     None => String::new(),
                     Some(Content::Text(t)) => t.clone(),
                     Some(Content::Parts(parts)) => {

@@ -68,8 +68,11 @@ pub fn document(names: &[String]) -> Value {
         "description": "The served model's name or an alias (left out: the served model).",
         "enum": names.iter().map(|n| Value::from(n.as_str())).chain([Value::Null]).collect::<Vec<_>>(),
     });
-    for schema in schemas.values_mut() {
-        if let Some(slot) = schema.pointer_mut("/properties/model") {
+    // The requests' `model` (responses name the model as asked, always a string).
+    for (name, schema) in schemas.iter_mut() {
+        if (name == "Sampling" || name.ends_with("Request"))
+            && let Some(slot) = schema.pointer_mut("/properties/model")
+        {
             *slot = model.clone();
         }
     }

@@ -50,6 +50,9 @@ pub struct AppState {
     pub next_id: AtomicU64,
     /// Set on SIGTERM: `/health` says 503 so balancers stop sending.
     pub draining: std::sync::atomic::AtomicBool,
+    /// Set when the shutdown timeout is over: every sequence ends at the
+    /// engine's next step (streams still get their last chunk and `[DONE]`).
+    pub cutoff: std::sync::atomic::AtomicBool,
 }
 
 /// Tokens a response served, for the request log.
@@ -253,6 +256,7 @@ pub async fn method_not_allowed() -> ApiError {
         (status = 404, description = "Unknown model", body = ErrorBody),
         (status = 413, description = "Body over the limit", body = ErrorBody),
         (status = 429, description = "The queue is full (Retry-After)", body = ErrorBody),
+        (status = 503, description = "The model is loading (Retry-After)", body = ErrorBody),
     ),
     security((), ("bearer" = [])))]
 pub async fn chat_completions(
@@ -298,6 +302,7 @@ pub async fn chat_completions(
         (status = 404, description = "Unknown model", body = ErrorBody),
         (status = 413, description = "Body over the limit", body = ErrorBody),
         (status = 429, description = "The queue is full (Retry-After)", body = ErrorBody),
+        (status = 503, description = "The model is loading (Retry-After)", body = ErrorBody),
     ),
     security((), ("bearer" = [])))]
 pub async fn completions(
@@ -398,6 +403,24 @@ async fn answer(
     log: Option<RequestLog>,
 ) -> Result<Response, ApiError> {
     let context = state.engine.context();
+    let prompt_param = if kind == Kind::Chat {
+        "messages"
+    } else {
+        "prompt"
+    };
+    // A prompt that alone is over the context is the prompt's fault, whatever max_tokens says.
+    if prompt.len() > context {
+        return Err(ApiError {
+            code: Some("context_length_exceeded"),
+            ..ApiError::invalid_param(
+                prompt_param,
+                format!(
+                    "the prompt is {} tokens, longer than the model's context of {context}",
+                    prompt.len()
+                ),
+            )
+        });
+    }
     let max_tokens = match settings.max_tokens {
         // The last token is never fed: prompt + max_tokens - 1 positions.
         Some(m) if prompt.len() + m - 1 > context => {
@@ -452,14 +475,7 @@ async fn answer(
         if message.contains("longer than the model's context") {
             ApiError {
                 code: Some("context_length_exceeded"),
-                ..ApiError::invalid_param(
-                    if kind == Kind::Chat {
-                        "messages"
-                    } else {
-                        "prompt"
-                    },
-                    message,
-                )
+                ..ApiError::invalid_param(prompt_param, message)
             }
         } else if message.starts_with("n must") {
             ApiError::invalid_param("n", message)
@@ -511,17 +527,36 @@ fn forward(
         let tx = tx.clone();
         let state = state.clone();
         tokio::task::spawn_blocking(move || {
-            let mut client = true;
-            while let Some(event) = handle.recv() {
-                let last = matches!(event, Event::Finished(_) | Event::Failed(_));
-                if let Event::Finished(outcome) = &event {
-                    state
+            let mut first = true;
+            loop {
+                // Wakes now and then while no event comes (a request waiting
+                // for a slot): a client that left, or the shutdown cut-off,
+                // ends the sequence even before it starts.
+                let event = match handle.recv_timeout(std::time::Duration::from_millis(50)) {
+                    Ok(Some(event)) => event,
+                    Ok(None) => {
+                        if tx.is_closed() || state.cutoff.load(Ordering::Relaxed) {
+                            handle.cancel();
+                        }
+                        continue;
+                    }
+                    Err(_) => return,
+                };
+                match &event {
+                    Event::Token { .. } => {
+                        let ttft = first.then(|| arrived.elapsed().as_secs_f64());
+                        state.metrics.token(ttft);
+                        first = false;
+                    }
+                    Event::Finished(outcome) => state
                         .metrics
-                        .observe(outcome, arrived.elapsed().as_secs_f64());
+                        .observe(outcome, arrived.elapsed().as_secs_f64()),
+                    _ => {}
                 }
-                // The client went away: the sequence ends at the next step.
-                if client && tx.blocking_send((i, event)).is_err() {
-                    client = false;
+                let last = matches!(event, Event::Finished(_) | Event::Failed(_));
+                // The client went away: the sequence ends at the next step
+                // (its last events still reach the metrics).
+                if tx.blocking_send((i, event)).is_err() || state.cutoff.load(Ordering::Relaxed) {
                     handle.cancel();
                 }
                 if last {
@@ -794,10 +829,14 @@ fn stream(
                     id,
                     logprobs: Some(lp),
                 } => {
+                    ended.2 += 1;
                     scored[i].get_or_insert_with(Vec::new).push((id, lp));
                     continue;
                 }
-                Event::Token { .. } => continue,
+                Event::Token { .. } => {
+                    ended.2 += 1;
+                    continue;
+                }
                 Event::Text(piece) => {
                     let role = reply.kind == Kind::Chat && !started[i];
                     started[i] = true;
@@ -808,7 +847,6 @@ fn stream(
                     reply.chunk(i, Some(&piece), role, None, logprobs)
                 }
                 Event::Finished(outcome) => {
-                    ended.2 += outcome.stats.gen_tokens;
                     let role = reply.kind == Kind::Chat && !started[i];
                     // Tokens whose text never came (a stop string's) still
                     // count: their log-probabilities close the choice.
