@@ -869,6 +869,35 @@ fn the_chat_page_is_served_self_contained_and_can_be_turned_off() {
     );
 }
 
+/// The chat page in headless Chromium (scripts/browser-test.sh, Playwright):
+/// "Hello" streams run's greedy answer with its figures, stop cancels the
+/// sequence on the server, a reload keeps the conversation, markup in an
+/// answer stays text, a wrong key reads as a sentence; screenshots (desktop
+/// and phone width) land in target/browser-test.
+#[test]
+fn the_chat_page_works_in_a_real_browser() {
+    let plain = Server::start(&[]);
+    let keyed = Server::start(&["--api-key", "right"]);
+    let shots = common::root().join("target/browser-test");
+    let model = tiny_model().display().to_string();
+    let out = Command::new("bash")
+        .arg(common::root().join("scripts/browser-test.sh"))
+        .args([plain.url.as_str(), keyed.url.as_str()])
+        .arg(env!("CARGO_BIN_EXE_starling"))
+        .arg(&model)
+        .arg(&shots)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("all checks passed"), "{stdout}");
+    for shot in ["chat-answer.png", "chat-desktop.png", "chat-phone.png"] {
+        assert!(shots.join(shot).metadata().unwrap().len() > 1000, "{shot}");
+    }
+}
+
 /// `--cors-origin`: a browser's preflight is answered without a key, and
 /// answers carry the allowed origin.
 #[test]
