@@ -898,6 +898,60 @@ fn the_chat_page_works_in_a_real_browser() {
     }
 }
 
+/// `chat_template_kwargs: {"mode": "code"}` answers in OpenChat's coding
+/// format, as `run --template openchat-code` does; on a model whose template
+/// is not OpenChat's, or with an unknown mode, it is a 400 naming the field.
+#[test]
+fn openchat_code_mode_is_a_request_option() {
+    let server = Server::start(&[]);
+    let mut body = chat_body("Write a loop", 12);
+    body["chat_template_kwargs"] = json!({"mode": "code"});
+    let (status, reply) = server.post("/v1/chat/completions", body.clone());
+    assert_eq!(status, 200, "{reply}");
+    let model = tiny_model().display().to_string();
+    let expected = ok(&starling(
+        &[
+            "run",
+            "--model",
+            &model,
+            "--template",
+            "openchat-code",
+            "--temperature",
+            "0",
+            "-n",
+            "12",
+            "Write a loop",
+        ],
+        None,
+    ));
+    assert_eq!(
+        reply["choices"][0]["message"]["content"].as_str().unwrap(),
+        expected.strip_suffix('\n').unwrap()
+    );
+    assert_ne!(
+        server
+            .post("/v1/chat/completions", chat_body("Write a loop", 12))
+            .1["choices"][0]["message"]["content"],
+        reply["choices"][0]["message"]["content"],
+        "the mode changes the prompt"
+    );
+    body["chat_template_kwargs"] = json!({"mode": "poetry"});
+    let (status, v) = server.post("/v1/chat/completions", body.clone());
+    assert_eq!(
+        (status, &v["error"]["param"]),
+        (400, &json!("chat_template_kwargs")),
+        "{v}"
+    );
+    let vicuna = Server::start(&["--template", "vicuna"]);
+    body["chat_template_kwargs"] = json!({"mode": "code"});
+    let (status, v) = vicuna.post("/v1/chat/completions", body);
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("vicuna"),
+        "{v}"
+    );
+}
+
 /// `--cors-origin`: a browser's preflight is answered without a key, and
 /// answers carry the allowed origin.
 #[test]

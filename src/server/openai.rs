@@ -8,7 +8,7 @@
 use super::error::ApiError;
 use crate::engine::SamplerConfig;
 use crate::loader::GenerationConfig;
-use crate::template::Message;
+use crate::template::{Message, Template};
 use serde::Deserialize;
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -180,6 +180,11 @@ pub const FREE_FORM_SCHEMAS: [(&str, &str); 14] = [
 pub struct ChatRequest {
     #[schema(min_items = 1)]
     pub messages: Vec<ChatMessage>,
+    /// vLLM's name for options of the chat template. starling reads one:
+    /// `{"mode": "code"}` (or `"chat"`) picks OpenChat's coding (or chat)
+    /// format on a model whose template is OpenChat's; anything else is a 400.
+    #[schema(value_type = Option<Object>)]
+    pub chat_template_kwargs: Option<Value>,
     #[serde(flatten)]
     pub sampling: Sampling,
 }
@@ -520,6 +525,46 @@ impl Sampling {
 }
 
 impl ChatRequest {
+    /// The template this request is rendered with: the served one, or
+    /// OpenChat's other mode when `chat_template_kwargs.mode` asks for it.
+    pub fn template(&self, served: &Template) -> Result<Template, ApiError> {
+        let param = "chat_template_kwargs";
+        let mode = match &self.chat_template_kwargs {
+            None | Some(Value::Null) => return Ok(served.clone()),
+            Some(Value::Object(map)) => match map.get("mode") {
+                None | Some(Value::Null) if map.len() <= 1 => return Ok(served.clone()),
+                Some(Value::String(m)) if map.len() == 1 => m.as_str(),
+                _ => {
+                    return Err(ApiError::invalid_param(
+                        param,
+                        "chat_template_kwargs takes one key: `mode` (\"chat\" or \"code\")",
+                    ));
+                }
+            },
+            Some(_) => {
+                return Err(ApiError::invalid_param(
+                    param,
+                    "chat_template_kwargs must be an object",
+                ));
+            }
+        };
+        match (served, mode) {
+            (Template::OpenChat | Template::OpenChatCode, "chat") => Ok(Template::OpenChat),
+            (Template::OpenChat | Template::OpenChatCode, "code") => Ok(Template::OpenChatCode),
+            (_, "chat" | "code") => Err(ApiError::invalid_param(
+                param,
+                format!(
+                    "mode {mode:?} needs OpenChat's template; this model uses {}",
+                    served.name()
+                ),
+            )),
+            _ => Err(ApiError::invalid_param(
+                param,
+                format!("unknown mode {mode:?} (chat or code)"),
+            )),
+        }
+    }
+
     /// The conversation as the template renders it. Message text is
     /// always text: a special token's name typed in it stays text.
     pub fn conversation(&self) -> Result<Vec<Message>, ApiError> {
@@ -588,6 +633,9 @@ pub struct TokenizeRequest {
     pub messages: Option<Vec<ChatMessage>>,
     /// With `prompt`: the tokenizer's BOS first (default true).
     pub add_special_tokens: Option<bool>,
+    /// With `messages`: as in a chat request.
+    #[schema(value_type = Option<Object>)]
+    pub chat_template_kwargs: Option<Value>,
 }
 
 /// vLLM's `POST /detokenize`.

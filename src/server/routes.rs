@@ -165,10 +165,10 @@ pub async fn tokenize(
         (None, Some(messages)) => {
             let chat = ChatRequest {
                 messages,
+                chat_template_kwargs: request.chat_template_kwargs,
                 sampling: Default::default(),
             };
-            state
-                .template
+            chat.template(&state.template)?
                 .encode(&state.tokenizer, &chat.conversation()?)
                 .map_err(|e| ApiError::invalid_param("messages", format!("{e:#}")))?
         }
@@ -272,8 +272,8 @@ pub async fn chat_completions(
         state.tokenizer.vocab_size(),
     )?;
     let messages = request.conversation()?;
-    let prompt = state
-        .template
+    let template = request.template(&state.template)?;
+    let prompt = template
         .encode(&state.tokenizer, &messages)
         .map_err(|e| ApiError::invalid_param("messages", format!("{e:#}")))?;
     let log = log.map(|Extension(l)| l);

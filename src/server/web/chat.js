@@ -2,7 +2,7 @@
 "use strict";
 const $ = (id) => document.getElementById(id);
 const STORE = "starling.chat.v1";
-const fields = ["system", "temperature", "top_p", "min_p", "max_tokens", "seed"];
+const fields = ["system", "temperature", "top_p", "min_p", "max_tokens", "seed", "mode"];
 // messages: [{role, content, stats?, error?}]
 let state = { messages: [], settings: {} };
 let controller = null;
@@ -132,6 +132,7 @@ async function answer() {
                     stream: true, stream_options: { include_usage: true } };
   for (const f of ["temperature", "top_p", "min_p"]) if (s[f] !== "" && s[f] != null) request[f] = Number(s[f]);
   for (const f of ["max_tokens", "seed"]) if (s[f] !== "" && s[f] != null) request[f] = parseInt(s[f], 10);
+  if (s.mode) request.chat_template_kwargs = { mode: s.mode };
   const reply = { role: "assistant", content: "", stats: { tokens: 0 } };
   state.messages.push(reply);
   show();
