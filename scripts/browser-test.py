@@ -56,6 +56,8 @@ def main() -> int:
         page = browser.new_page(viewport={"width": 1280, "height": 800})
         errors = []
         page.on("pageerror", lambda e: errors.append(str(e)))
+        # The page asks before an import replaces a conversation: yes.
+        page.on("dialog", lambda d: d.accept())
         page.goto(args.url + "/")
         # Time to first contentful paint, from the navigation's start (ms).
         paint = page.evaluate("""() => new Promise((resolve) => {
@@ -131,6 +133,34 @@ def main() -> int:
         page.set_viewport_size({"width": 390, "height": 844})
         page.screenshot(path=f"{args.out}/chat-phone.png")
         check(page.locator("#toggle").is_visible(), "a phone-sized window gets the settings button")
+        page.click("#toggle")
+        check(page.locator("#settings").is_visible(), "which opens the settings")
+        page.keyboard.press("Escape")
+        check(not page.locator("#settings").is_visible(), "and Escape closes them")
+        page.click("#toggle")
+        page.click("#closeSettings")
+        check(not page.locator("#settings").is_visible(), "as does their Close button")
+        page.set_viewport_size({"width": 1280, "height": 800})
+
+        # A stored conversation of the wrong shape is dropped, not fatal.
+        page.evaluate("""() => localStorage.setItem('starling.chat.v1',
+            '{"messages": [null, {"role": "user", "content": 5}, {"role": "user", "content": "kept"}], "settings": null}')""")
+        page.reload()
+        check(page.locator(".msg").count() == 1 and page.inner_text(".msg .body") == "kept",
+              "a stored conversation of the wrong shape keeps what fits", page.locator(".msg").count())
+        page.fill("#max_tokens", "2")
+        page.fill("#input", "Hi")
+        page.press("#input", "Enter")
+        page.wait_for_function("() => document.querySelectorAll('.msg.assistant').length === 1"
+                               " && document.getElementById('stop').disabled", timeout=30000)
+        check("2 tokens" in page.inner_text(".msg.assistant .stats"), "and the page still answers")
+        # A setting that is not a number is said so, and the typed text stays.
+        page.fill("#seed", "1.5")
+        page.fill("#input", "again")
+        page.press("#input", "Enter")
+        page.wait_for_selector(".msg.error", timeout=10000)
+        check("seed" in page.inner_text(".msg.error") and page.input_value("#input") == "again",
+              "a bad setting is named and the message stays in the box", page.inner_text(".msg.error"))
 
         # A wrong key: the 401 reads as a sentence, not a blank page.
         keyed = browser.new_page(viewport={"width": 1280, "height": 800})

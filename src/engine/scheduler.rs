@@ -84,6 +84,17 @@ impl EngineLoad {
         self.running.load(Ordering::Relaxed)
     }
 
+    /// A sequence leaves its slot: the gauge drops before its client hears
+    /// the end (the step loop recounts after every step; a sequence admitted
+    /// in this step is not counted yet, hence saturating).
+    fn leave(&self) {
+        let _ = self
+            .running
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(1))
+            });
+    }
+
     /// Positions the running sequences hold.
     pub fn kv_used(&self) -> usize {
         self.kv_used.load(Ordering::Relaxed)
@@ -720,6 +731,7 @@ impl<'t> StepLoop<'t> {
             ttft_s: a.ttft_s,
             queue_s: (a.admitted - a.submission.submitted).as_secs_f64(),
         };
+        self.load.leave();
         let outcome = Outcome {
             text: a.sequence.text().to_string(),
             ids: a.sequence.ids().to_vec(),
@@ -739,6 +751,7 @@ impl<'t> StepLoop<'t> {
             for f in a.followers {
                 self.fail(f, anyhow!("{error:#}"));
             }
+            self.load.leave();
             let _ = a.submission.events.send(Event::Failed(error));
         }
     }

@@ -584,7 +584,10 @@ type Scored = Vec<(u32, TokenLogprobs)>;
 fn finish_reason(stop: StopReason) -> &'static str {
     match stop {
         StopReason::MaxTokens | StopReason::ContextFull => "length",
-        StopReason::EndToken | StopReason::StopText | StopReason::Interrupted => "stop",
+        StopReason::EndToken | StopReason::StopText => "stop",
+        // Cut short (the shutdown cut-off; a client that left sees nothing):
+        // vLLM's reason for it, so nobody takes the answer for complete.
+        StopReason::Interrupted => "abort",
     }
 }
 
