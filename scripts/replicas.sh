@@ -67,9 +67,9 @@ for log in "$work/a.log" "$work/b.log"; do
   grep -q " ready on http://" "$log" || { cat "$log" >&2; echo "replicas: a replica did not start" >&2; exit 1; }
 done
 
-# nginx: a refused connection or a 502/503 (a replica draining or gone)
-# goes to the other replica, POSTs included (a refused request did no work);
-# answers stream through unbuffered.
+# nginx: a 503 (a replica draining) or a refused connection (a replica
+# gone) sends the request to the other replica, POSTs included (a refused
+# request did no work); answers stream through unbuffered.
 cat >"$work/nginx.conf" <<EOF
 worker_processes 1;
 pid $work/nginx.pid;
@@ -184,7 +184,9 @@ else
 fi
 served_a=$(grep -c "path=/v1/chat/completions status=200" "$work/a.log" || true)
 served_b=$(grep -c "path=/v1/chat/completions status=200" "$work/b.log" || true)
+drained=$(grep -c "path=/v1/chat/completions status=503" "$work/a.log" || true)
 moved=$(grep -c "connect() failed" "$work/nginx-error.log" 2>/dev/null || true)
 echo "replicas: chat answers served by replica A $served_a, by replica B $served_b;" \
-  "nginx moved $moved request(s) from a replica that no longer accepted"
+  "A answered $drained request(s) with 503 while draining and refused $moved connection(s) after it;" \
+  "nginx sent those to B"
 exit $status

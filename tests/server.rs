@@ -1115,6 +1115,49 @@ fn sigterm_lets_a_running_request_finish_then_exits_zero() {
     assert_eq!(exit.code(), Some(0));
 }
 
+/// Draining after SIGTERM: while an answer is in flight, `/health` and any
+/// new request get 503 with Retry-After (a balancer moves on), `/metrics`
+/// still answers; once nothing is in flight the server exits 0.
+#[test]
+fn draining_answers_503_until_nothing_is_in_flight() {
+    let mut server = Server::start(&[]);
+    let reader = server.long_stream();
+    let pid = server.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server.get("/health", None).0 != 503 {
+        assert!(Instant::now() < deadline, "/health never said 503");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut refused = Server::agent()
+        .post(format!("{}/v1/chat/completions", server.url))
+        .header("content-type", "application/json")
+        .send(chat_body("Hi", 3).to_string())
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    let body = refused.body_mut().read_to_string().unwrap();
+    assert!(body.contains("shutting down"), "{body}");
+    assert_eq!(server.get("/metrics", None).0, 200);
+    // The only answer in flight ends (its client leaves): the server exits 0.
+    drop(reader);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the server did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+}
+
 /// A stream still running when the shutdown timeout is over is ended, not
 /// cut: its last chunk (with a finish reason) and `[DONE]` still come, and
 /// the server exits 0.

@@ -4,7 +4,7 @@
 use crate::cli::ServeArgs;
 use crate::server::{self, Listen, routes::AppState};
 use anyhow::Result;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::time::Duration;
 
 pub fn run(args: &ServeArgs) -> Result<()> {
@@ -43,6 +43,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             next_id: AtomicU64::new(1),
             draining: AtomicBool::new(false),
             cutoff: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
         };
         Ok(state)
     };

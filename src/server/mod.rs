@@ -65,6 +65,10 @@ pub fn router(
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn_with_state(max_body, refuse_oversized))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            refuse_while_draining,
+        ))
         .layer(middleware::from_fn(log_request))
         .with_state(state);
     if cors_origins.is_empty() {
@@ -161,33 +165,46 @@ pub fn serve(listen: Listen, load: impl FnOnce() -> Result<AppState>) -> Result<
             &listen.cors_origins,
             listen.web,
         )?;
-        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-        let draining = state.clone();
+        let (close_tx, close_rx) = tokio::sync::oneshot::channel::<()>();
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            eprintln!("starling serve: shutting down (in-flight requests may finish)");
-            draining.draining.store(true, Ordering::Relaxed);
-            let _ = stop_tx.send(true);
+            let _ = close_rx.await;
         });
         let mut server = tokio::spawn(async move { server.await });
-        // After the signal, in-flight requests get `shutdown_timeout`.
-        let _ = stop_rx.changed().await;
-        match tokio::time::timeout(listen.shutdown_timeout, &mut server).await {
-            Ok(joined) => joined.context("the server task")?.context("serving")?,
-            Err(_) => {
-                eprintln!(
-                    "starling serve: cutting off in-flight requests after the shutdown timeout"
-                );
-                // Their sequences end at the engine's next step; the
-                // answers still close properly (finish chunk, `[DONE]`).
-                state.cutoff.store(true, Ordering::Relaxed);
-                if tokio::time::timeout(Duration::from_secs(5), server)
-                    .await
-                    .is_err()
-                {
-                    eprintln!("starling serve: connections still open after the cut-off; exiting");
+        tokio::select! {
+            joined = &mut server => return joined.context("the server task")?.context("serving"),
+            () = shutdown_signal() => {}
+        }
+        // Draining: every new request (and /health) gets 503 with
+        // Retry-After, so balancers and probes move on, while the answers
+        // in flight get `shutdown_timeout` to finish.
+        eprintln!(
+            "starling serve: draining (new requests get 503; {} in flight may finish)",
+            state.in_flight.load(Ordering::Relaxed)
+        );
+        state.draining.store(true, Ordering::Relaxed);
+        let idle = |wait: Duration| {
+            let state = state.clone();
+            async move {
+                let until = Instant::now() + wait;
+                while state.in_flight.load(Ordering::Relaxed) > 0 && Instant::now() < until {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
+                state.in_flight.load(Ordering::Relaxed) == 0
             }
+        };
+        if !idle(listen.shutdown_timeout).await {
+            eprintln!("starling serve: cutting off in-flight requests after the shutdown timeout");
+            // Their sequences end at the engine's next step; the answers
+            // still close properly (finish chunk, `[DONE]`).
+            state.cutoff.store(true, Ordering::Relaxed);
+            idle(Duration::from_secs(5)).await;
+        }
+        // Then stop accepting, and close the connections once their last
+        // response has gone out.
+        let _ = close_tx.send(());
+        match tokio::time::timeout(Duration::from_secs(5), server).await {
+            Ok(joined) => joined.context("the server task")?.context("serving")?,
+            Err(_) => eprintln!("starling serve: connections still open after the drain; exiting"),
         }
         anyhow::Ok(())
     })?;
@@ -232,6 +249,26 @@ async fn require_key(State(state): State<Shared>, request: Request, next: Next) 
         Some(key) if state.api_keys.iter().any(|k| k == key) => next.run(request).await,
         _ => ApiError::unauthorized().into_response(),
     }
+}
+
+/// While draining after SIGTERM, a new request is a 503 with Retry-After
+/// (a balancer sends it elsewhere); `/metrics` still answers.
+async fn refuse_while_draining(
+    State(state): State<Shared>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if state.draining.load(Ordering::Relaxed) && request.uri().path() != "/metrics" {
+        let mut response =
+            ApiError::unavailable("the server is shutting down; retry (another replica)")
+                .into_response();
+        response.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from_static("1"),
+        );
+        return response;
+    }
+    next.run(request).await
 }
 
 /// A declared body over the limit is refused before it is read (the body

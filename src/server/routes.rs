@@ -53,6 +53,25 @@ pub struct AppState {
     /// Set when the shutdown timeout is over: every sequence ends at the
     /// engine's next step (streams still get their last chunk and `[DONE]`).
     pub cutoff: std::sync::atomic::AtomicBool,
+    /// Generation requests being answered (a stream until its last event):
+    /// the drain waits for this to reach 0.
+    pub in_flight: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a generation request in flight while it lives.
+struct InFlight(Shared);
+
+impl InFlight {
+    fn new(state: &Shared) -> Self {
+        state.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(state.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Tokens a response served, for the request log.
@@ -483,6 +502,7 @@ async fn answer(
             ApiError::invalid(message)
         }
     })?;
+    let in_flight = InFlight::new(&state);
     let events = forward(&state, handles, arrived);
     // Unique across restarts too: a random prefix per process, then a count.
     let id = format!(
@@ -508,9 +528,17 @@ async fn answer(
         tokenizer: state.tokenizer.clone(),
     };
     if settings.stream {
-        Ok(stream(reply, events, settings.include_usage, log))
+        Ok(stream(
+            reply,
+            events,
+            settings.include_usage,
+            log,
+            in_flight,
+        ))
     } else {
-        whole(reply, events).await
+        let response = whole(reply, events).await;
+        drop(in_flight);
+        response
     }
 }
 
@@ -802,9 +830,11 @@ fn stream(
     mut events: mpsc::Receiver<(usize, Event)>,
     include_usage: bool,
     log: Option<RequestLog>,
+    in_flight: InFlight,
 ) -> Response {
     let (tx, rx) = mpsc::channel::<SseEvent>(256);
     tokio::spawn(async move {
+        let _in_flight = in_flight;
         // The stream's log line when it ends, however it ends.
         struct Ended(Option<RequestLog>, usize, usize, &'static str);
         impl Drop for Ended {
