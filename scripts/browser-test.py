@@ -38,8 +38,8 @@ def main() -> int:
     def running():
         text = urllib.request.urlopen(args.url + "/metrics", timeout=10).read().decode()
         for line in text.splitlines():
-            if line.startswith("vllm:num_requests_running "):
-                return float(line.split()[1])
+            if line.startswith("vllm:num_requests_running"):
+                return float(line.rsplit(" ", 1)[1])
         return None
 
     expected = subprocess.run(

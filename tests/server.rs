@@ -134,6 +134,33 @@ impl Drop for Server {
     }
 }
 
+/// The value of `name` in Prometheus text, on the series whose labels
+/// include each of `labels` (`key="value"`); `None` if there is none.
+fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (n, set) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let have: Vec<&str> = set.split(',').collect();
+            (n == name && labels.iter().all(|want| have.contains(want)))
+                .then(|| value.parse().ok())
+                .flatten()
+        })
+}
+
+/// The name the server gives the tiny model (its directory's name).
+fn server_model_name() -> String {
+    tiny_model()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
 fn golden_text(case: usize) -> String {
     golden()["cases"][case]["greedy"]["text"]
         .as_str()
@@ -229,12 +256,13 @@ fn chat_answers_equal_run_streamed_and_not_with_usage_and_reuse() {
     assert_eq!(status, 200);
     assert_eq!(text.lines().last(), Some("# EOF"), "{text}");
     let value = |name: &str| -> f64 {
-        let line = text
-            .lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-            .unwrap_or_else(|| panic!("{name} in {text}"));
-        line.rsplit(' ').next().unwrap().parse().unwrap()
+        metric(&text, name, &[]).unwrap_or_else(|| panic!("{name} in {text}"))
     };
+    // Every series names the model, as vLLM's do.
+    let model = format!("model_name=\"{}\"", server_model_name());
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        assert!(line.contains(&model), "{line}");
+    }
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let v = line.rsplit(' ').next().unwrap();
         assert!(v.parse::<f64>().is_ok(), "not a sample: {line}");
@@ -259,8 +287,12 @@ fn chat_answers_equal_run_streamed_and_not_with_usage_and_reuse() {
         prompts.iter().sum::<f64>() - cached
     );
     assert_eq!(
-        value("vllm:request_success_total{finished_reason=\"length\"}"),
-        3.0
+        metric(
+            &text,
+            "vllm:request_success_total",
+            &["finished_reason=\"length\""]
+        ),
+        Some(3.0)
     );
     assert_eq!(value("vllm:num_requests_running"), 0.0);
     assert_eq!(value("vllm:num_requests_waiting"), 0.0);
@@ -283,16 +315,13 @@ fn a_full_queue_gets_429_with_retry_after() {
     let body = second.body_mut().read_to_string().unwrap();
     assert!(body.contains("queue is full"), "{body}");
     let (_, metrics) = server.get("/metrics", None);
-    assert!(metrics.contains("vllm:num_requests_running 1"), "{metrics}");
+    assert_eq!(
+        metric(&metrics, "vllm:num_requests_running", &[]),
+        Some(1.0),
+        "{metrics}"
+    );
     // Tokens count as they are generated, not when the answer ends.
-    let generated = metrics
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("vllm:generation_tokens_total ")?
-                .parse::<f64>()
-                .ok()
-        })
-        .unwrap();
+    let generated = metric(&metrics, "vllm:generation_tokens_total", &[]).unwrap();
     assert!(generated > 0.0, "{metrics}");
     drop(reader);
 }
@@ -317,7 +346,7 @@ fn a_queued_client_that_leaves_frees_its_place_in_the_queue() {
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
         let (_, metrics) = server.get("/metrics", None);
-        if metrics.contains("vllm:num_requests_waiting 0") {
+        if metric(&metrics, "vllm:num_requests_waiting", &[]) == Some(0.0) {
             break;
         }
         assert!(Instant::now() < deadline, "still waiting: {metrics}");
@@ -942,6 +971,17 @@ fn openchat_code_mode_is_a_request_option() {
         (400, &json!("chat_template_kwargs")),
         "{v}"
     );
+    // Its type is checked whatever else the request holds (schemathesis found
+    // a string taken by /tokenize next to a prompt).
+    let (status, v) = server.post(
+        "/tokenize",
+        json!({"prompt": "x", "chat_template_kwargs": "code"}),
+    );
+    assert_eq!(
+        (status, &v["error"]["param"]),
+        (400, &json!("chat_template_kwargs")),
+        "{v}"
+    );
     let vicuna = Server::start(&["--template", "vicuna"]);
     body["chat_template_kwargs"] = json!({"mode": "code"});
     let (status, v) = vicuna.post("/v1/chat/completions", body);
@@ -1043,9 +1083,11 @@ fn a_client_that_leaves_frees_its_slot() {
     });
     let gauge = |name: &str| -> f64 {
         let (_, text) = server.get("/metrics", None);
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or_else(|| panic!("{name} in {text}"))
+        let (name, labels) = match name.split_once('{') {
+            Some((n, l)) => (n, vec![l.trim_end_matches('}')]),
+            None => (name, vec![]),
+        };
+        metric(&text, name, &labels).unwrap_or_else(|| panic!("{name} in {text}"))
     };
     let deadline = Instant::now() + Duration::from_secs(20);
     while gauge("vllm:num_requests_waiting") < 1.0 {

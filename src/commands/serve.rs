@@ -29,6 +29,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             .to_string();
         let mut names = vec![id];
         names.extend(args.alias.clone());
+        let metrics = crate::server::metrics::Metrics::new(&names[0]);
         let state = AppState {
             engine: started.engine,
             tokenizer: started.tokenizer,
@@ -38,7 +39,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             names,
             api_keys,
             max_queue: args.max_queue,
-            metrics: Default::default(),
+            metrics,
             run_id: rand::random(),
             next_id: AtomicU64::new(1),
             draining: AtomicBool::new(false),

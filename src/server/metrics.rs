@@ -40,9 +40,15 @@ const SECONDS: [f64; 16] = [
     0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 60.0, 120.0, 300.0,
 ];
 
-impl Default for Metrics {
-    fn default() -> Self {
-        let mut registry = Registry::default();
+impl Metrics {
+    /// The metrics of a server of `model_name` (the served name): every
+    /// series carries it as the `model_name` label, as vLLM's do, so that
+    /// dashboards filtering on it work.
+    pub fn new(model_name: &str) -> Self {
+        let mut registry = Registry::with_labels(std::iter::once((
+            std::borrow::Cow::Borrowed("model_name"),
+            std::borrow::Cow::Owned(model_name.to_string()),
+        )));
         let m = Self {
             running: Gauge::default(),
             waiting: Gauge::default(),
@@ -120,9 +126,7 @@ impl Default for Metrics {
         );
         Self { registry, ..m }
     }
-}
 
-impl Metrics {
     /// Counts one generated token as it comes (vLLM's counters move with
     /// each step, not at the end of a request); `ttft_s` with an answer's first.
     pub fn token(&self, ttft_s: Option<f64>) {

@@ -173,6 +173,16 @@ pub async fn tokenize(
 ) -> Result<Response, ApiError> {
     let request: TokenizeRequest = parse(body)?;
     check_model(&state, request.model.as_deref())?;
+    if request
+        .chat_template_kwargs
+        .as_ref()
+        .is_some_and(|k| !k.is_object() && !k.is_null())
+    {
+        return Err(ApiError::invalid_param(
+            "chat_template_kwargs",
+            "chat_template_kwargs must be an object",
+        ));
+    }
     let ids = match (request.prompt, request.messages) {
         (Some(prompt), None) => state
             .tokenizer
