@@ -127,6 +127,53 @@ fn each_line_in_flight_together_answers_as_separate_runs_in_input_order() {
     assert_eq!(together, separate);
 }
 
+/// `--each-line` answers a line as soon as it arrives, while stdin stays
+/// open (`tail -f log | starling run --each-line`); a line that is not
+/// UTF-8 ends it with an error naming the line, after the answers before it.
+#[test]
+fn each_line_answers_lines_as_they_arrive() {
+    use std::io::{BufRead, BufReader, Write};
+    let model = model_arg();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_starling"))
+        .args(["run", "--model", &model, "--each-line"])
+        .args(GREEDY)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    std::thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let timeout = std::time::Duration::from_secs(60);
+    writeln!(stdin, "Hello").unwrap();
+    stdin.flush().unwrap();
+    // stdin is still open: the answer comes anyway.
+    assert_eq!(rx.recv_timeout(timeout).unwrap(), golden_text(0));
+    writeln!(stdin, "How are you today?").unwrap();
+    stdin.flush().unwrap();
+    let second = rx.recv_timeout(timeout).unwrap();
+    assert_eq!(format!("{second}\n"), run(&["How are you today?"], None));
+    stdin.write_all(b"caf\xe9\nHello\n").unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("line 3 of standard input is not valid UTF-8"),
+        "{stderr}"
+    );
+    assert!(
+        rx.recv_timeout(std::time::Duration::from_secs(1)).is_err(),
+        "nothing after the bad line"
+    );
+}
+
 #[test]
 fn seeds_make_sampling_reproducible() {
     let model = model_arg();

@@ -3,13 +3,26 @@
 
 use super::input;
 use crate::cli::RunArgs;
-use crate::engine::GenerateRequest;
+use crate::engine::{Event, GenerateRequest, Handle};
 use crate::template::{Message, Template};
 use anyhow::{Context, Result, bail};
-use std::io::Write;
+use std::collections::VecDeque;
+use std::io::{BufRead, IsTerminal, Write};
+use std::sync::mpsc::{self, TryRecvError};
 
 pub fn run(args: &RunArgs) -> Result<()> {
-    let conversations = conversations(args)?;
+    // Bad input fails before the model loads: everything but `--each-line`'s
+    // stdin, which is read as it comes (lines are answered as they arrive,
+    // so `tail -f log | starling run --each-line` works).
+    let prompts = if args.each_line {
+        each_line_source(args)?
+    } else {
+        let (tx, rx) = mpsc::channel();
+        for c in conversations(args)? {
+            let _ = tx.send(Ok(c));
+        }
+        rx
+    };
     let started = super::start_engine(&args.model, &args.device, &args.engine, 4)?;
     let sampling = args.sampling.resolve(&started.generation)?;
     let (engine, tokenizer) = (&started.engine, &started.tokenizer);
@@ -17,57 +30,83 @@ pub fn run(args: &RunArgs) -> Result<()> {
         eprintln!("{}", engine.describe());
     }
 
-    // Every prompt is queued at once (the engine answers --parallel of them
-    // together); answers are printed in input order, the first one streaming.
-    let mut handles = Vec::with_capacity(conversations.len());
+    // Prompts are queued as they come (the engine answers --parallel of
+    // them together); answers are printed in input order, the first one
+    // streaming. A refused prompt stops the intake: the answers before it
+    // are still given, as when they ran one by one.
+    let mut pending: VecDeque<(Vec<Message>, Handle)> = VecDeque::new();
+    let mut open = true;
     let mut refused = None;
-    for (line, messages) in &conversations {
-        let submitted = started
-            .template
-            .encode(tokenizer, messages)
-            .and_then(|prompt| {
-                engine.submit(GenerateRequest {
-                    prompt,
-                    // Each prompt starts from the seed, so an answer never depends on the others.
-                    sampling: sampling.clone(),
-                    max_tokens: args.sampling.max_tokens,
-                    stop_ids: started.stop_ids.clone(),
-                    stop_texts: args.answer.stop.clone(),
-                    // A raw prompt is continued, not answered: keep the first space.
-                    continuation: matches!(started.template, Template::Raw),
-                    logprobs: None,
-                })
-            });
-        let submitted = match line {
-            Some(n) => submitted.with_context(|| format!("line {n} of standard input")),
-            None => submitted,
-        };
-        match submitted {
-            Ok(handle) => handles.push((messages, handle)),
-            Err(e) => {
-                // The answers before it are still given, as when they ran one by one.
-                refused = Some(e);
-                break;
-            }
-        }
-    }
-
+    let mut any = false;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    for (messages, handle) in handles {
-        let outcome = if args.json {
-            handle.wait(&mut |_| Ok(()), None)?
-        } else {
-            let outcome = handle.wait(
-                &mut |piece| {
+    loop {
+        while open && refused.is_none() {
+            // Nothing to print: wait for the next prompt; else only look.
+            let next = if pending.is_empty() {
+                prompts.recv().ok()
+            } else {
+                match prompts.try_recv() {
+                    Ok(next) => Some(next),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => None,
+                }
+            };
+            let Some(next) = next else {
+                open = false;
+                break;
+            };
+            let (line, messages) = match next {
+                Ok(prompt) => prompt,
+                Err(e) => {
+                    refused = Some(e);
+                    break;
+                }
+            };
+            any = true;
+            let submitted = started
+                .template
+                .encode(tokenizer, &messages)
+                .and_then(|prompt| {
+                    engine.submit(GenerateRequest {
+                        prompt,
+                        // Each prompt starts from the seed, so an answer never depends on the others.
+                        sampling: sampling.clone(),
+                        max_tokens: args.sampling.max_tokens,
+                        stop_ids: started.stop_ids.clone(),
+                        stop_texts: args.answer.stop.clone(),
+                        // A raw prompt is continued, not answered: keep the first space.
+                        continuation: matches!(started.template, Template::Raw),
+                        logprobs: None,
+                    })
+                });
+            let submitted = match line {
+                Some(n) => submitted.with_context(|| format!("line {n} of standard input")),
+                None => submitted,
+            };
+            match submitted {
+                Ok(handle) => pending.push_back((messages, handle)),
+                Err(e) => refused = Some(e),
+            }
+        }
+        let Some((messages, handle)) = pending.front() else {
+            if open && refused.is_none() {
+                continue;
+            }
+            break;
+        };
+        // The first answer streams for a moment; then stdin is looked at again.
+        let outcome = match handle.recv_timeout(std::time::Duration::from_millis(20))? {
+            Some(Event::Text(piece)) => {
+                if !args.json {
                     out.write_all(piece.as_bytes())?;
                     out.flush()?;
-                    Ok(())
-                },
-                None,
-            )?;
-            writeln!(out)?;
-            outcome
+                }
+                continue;
+            }
+            Some(Event::Failed(e)) => return Err(e),
+            Some(Event::Token { .. }) | None => continue,
+            Some(Event::Finished(outcome)) => outcome,
         };
         if args.json {
             let line = serde_json::json!({
@@ -78,20 +117,77 @@ pub fn run(args: &RunArgs) -> Result<()> {
                 "gen_tokens": outcome.stats.gen_tokens,
             });
             writeln!(out, "{line}")?;
-            out.flush()?;
+        } else {
+            writeln!(out)?;
         }
+        out.flush()?;
         if args.answer.verbose {
             eprintln!("load_s={:.3} {}", started.load_s, outcome.stats.logfmt());
         }
+        pending.pop_front();
     }
     match refused {
         Some(e) => Err(e),
+        None if !any => bail!("--each-line: stdin holds no prompts"),
         None => Ok(()),
     }
 }
 
-/// The conversations to answer, from the argument, stdin and files, with
-/// the stdin line each came from (`--each-line`).
+/// A prompt to answer: the stdin line it came from (`--each-line`) and the
+/// conversation; an error for input that cannot be a prompt.
+type Prompt = Result<(Option<usize>, Vec<Message>)>;
+
+/// `--each-line`: a thread reads stdin line by line and hands each
+/// non-blank line over as its own conversation as soon as it is complete.
+/// A line that is not UTF-8 ends the intake with an error naming it.
+fn each_line_source(args: &RunArgs) -> Result<mpsc::Receiver<Prompt>> {
+    if args.messages.is_some() {
+        bail!("--each-line answers stdin's lines, not --messages");
+    }
+    if std::io::stdin().is_terminal() {
+        bail!("--each-line reads prompts from stdin, but nothing is piped in");
+    }
+    let prefix = args
+        .prompt
+        .as_deref()
+        .map(|p| format!("{p}\n\n"))
+        .unwrap_or_default();
+    let system = args.answer.system.clone();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut bytes = Vec::new();
+        for n in 1.. {
+            bytes.clear();
+            let prompt = match stdin.read_until(b'\n', &mut bytes) {
+                Ok(0) => return,
+                Ok(_) => match std::str::from_utf8(&bytes) {
+                    Ok(line) => {
+                        let line = line.trim_end_matches(['\n', '\r']);
+                        if line.trim().is_empty() {
+                            continue;
+                        }
+                        let user = Message::new("user", format!("{prefix}{line}"));
+                        Ok((Some(n), input::with_system(vec![user], system.as_deref())))
+                    }
+                    Err(e) => Err(anyhow::anyhow!(
+                        "line {n} of standard input is not valid UTF-8 (invalid byte at column {})",
+                        e.valid_up_to() + 1
+                    )),
+                },
+                Err(e) => Err(anyhow::Error::new(e).context("reading standard input")),
+            };
+            let last = prompt.is_err();
+            if tx.send(prompt).is_err() || last {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// The one conversation to answer, from the argument, stdin or a file
+/// (the line is `None`: it is not `--each-line`'s).
 fn conversations(args: &RunArgs) -> Result<Vec<(Option<usize>, Vec<Message>)>> {
     let system = args.answer.system.as_deref();
     if let Some(path) = &args.messages {
@@ -107,26 +203,6 @@ fn conversations(args: &RunArgs) -> Result<Vec<(Option<usize>, Vec<Message>)>> {
     }
     let single = |user: String| input::with_system(vec![Message::new("user", user)], system);
     let stdin = input::piped_stdin()?;
-    if args.each_line {
-        let Some(stdin) = stdin else {
-            bail!("--each-line reads prompts from stdin, but nothing is piped in");
-        };
-        let prefix = args
-            .prompt
-            .as_deref()
-            .map(|p| format!("{p}\n\n"))
-            .unwrap_or_default();
-        let lines: Vec<(Option<usize>, Vec<Message>)> = stdin
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(n, l)| (Some(n + 1), single(format!("{prefix}{l}"))))
-            .collect();
-        if lines.is_empty() {
-            bail!("--each-line: stdin holds no prompts");
-        }
-        return Ok(lines);
-    }
     let stdin = stdin
         .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
         .filter(|s| !s.is_empty());
