@@ -10,6 +10,11 @@ use clap::builder::TypedValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
+/// The most compute threads starling starts (`--threads`, RAYON_NUM_THREADS):
+/// far above any core count, low enough that a typo cannot ask the system
+/// for tens of thousands of threads.
+pub const MAX_THREADS: u16 = 1024;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "starling",
@@ -157,8 +162,8 @@ pub struct DeviceArgs {
     /// not fit in memory).
     #[arg(long, value_enum)]
     pub dtype: Option<DTypeArg>,
-    /// CPU threads for the model. Default: the physical cores (or RAYON_NUM_THREADS).
-    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    /// CPU threads for the model, 1 to 1024. Default: the physical cores (or RAYON_NUM_THREADS).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=MAX_THREADS as i64))]
     pub threads: Option<u16>,
     /// Quantize the weights while loading: q4k, q5k, q6k, q8_0 or q4_0 (a dense
     /// checkpoint then runs in ~4.5–8.5 bits per weight, no conversion step).

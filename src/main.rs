@@ -9,7 +9,10 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return argument_error(e),
     };
-    pin_thread_count(cli.command.threads());
+    if let Err(e) = pin_thread_count(cli.command.threads()) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let dispatch = || match &cli.command {
         Command::Run(args) => starling::commands::run::run(args),
         Command::Chat(args) => starling::commands::chat::run(args),
@@ -69,12 +72,27 @@ fn argument_error(e: clap::Error) -> ExitCode {
 /// RAYON_NUM_THREADS it re-reads /proc/cpuinfo each time (a measured 8% of a
 /// decode step on a small model). Resolve it once, from `--threads` or the
 /// default (physical cores), before any compute thread starts.
-fn pin_thread_count(threads: Option<u16>) {
+/// RAYON_NUM_THREADS from the environment is checked like `--threads`.
+fn pin_thread_count(threads: Option<u16>) -> Result<(), String> {
+    let max = starling::cli::MAX_THREADS;
     let n = match threads {
         Some(n) => n.to_string(),
-        None if std::env::var_os("RAYON_NUM_THREADS").is_some() => return,
-        None => candle_core::utils::get_num_threads().to_string(),
+        None => match std::env::var("RAYON_NUM_THREADS") {
+            Ok(value) => {
+                return match value.trim().parse::<u16>() {
+                    // 0 is rayon's "the default".
+                    Ok(n) if n <= max => Ok(()),
+                    _ => Err(format!(
+                        "RAYON_NUM_THREADS={value:?} is not a thread count from 0 to {max}"
+                    )),
+                };
+            }
+            Err(_) => candle_core::utils::get_num_threads()
+                .min(max as usize)
+                .to_string(),
+        },
     };
     // SAFETY: called in main before any other thread exists (argument parsing spawns none).
     unsafe { std::env::set_var("RAYON_NUM_THREADS", n) };
+    Ok(())
 }

@@ -174,6 +174,41 @@ fn each_line_answers_lines_as_they_arrive() {
     );
 }
 
+/// A thread count is bounded wherever it comes from: `--threads` and
+/// RAYON_NUM_THREADS beyond 1024 are a one-line error (exit 2), not a
+/// request for tens of thousands of threads.
+#[test]
+fn absurd_thread_counts_are_refused() {
+    let model = model_arg();
+    let run_with = |args: &[&str], env: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_starling"));
+        cmd.args(["run", "--model", &model, "-n", "1"]).args(args);
+        match env {
+            Some(v) => cmd.env("RAYON_NUM_THREADS", v),
+            None => cmd.env_remove("RAYON_NUM_THREADS"),
+        };
+        cmd.arg("hi")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    for (args, env, needle) in [
+        (&["--threads", "5000"][..], None, "1..=1024"),
+        (&[][..], Some("100000"), "RAYON_NUM_THREADS"),
+        (&[][..], Some("lots"), "RAYON_NUM_THREADS"),
+    ] {
+        let out = run_with(args, env);
+        assert_eq!(out.status.code(), Some(2), "{args:?} {env:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(needle) && stderr.lines().count() == 1,
+            "{stderr}"
+        );
+    }
+    assert!(run_with(&["--threads", "2"], None).status.success());
+    assert!(run_with(&[], Some("2")).status.success());
+}
+
 #[test]
 fn seeds_make_sampling_reproducible() {
     let model = model_arg();
