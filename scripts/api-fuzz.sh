@@ -18,15 +18,8 @@ dest="${STARLING_TEST_ASSETS:-$root/target/test-assets}"
 venv="$dest/schemathesis-venv"
 requirements="$root/scripts/schemathesis-requirements.txt"
 
-if ! cmp -s "$requirements" "$venv/.complete" 2>/dev/null; then
-  mkdir -p "$dest"
-  rm -rf "$venv" "$venv.partial.$$"
-  python3 -m venv "$venv.partial.$$"
-  "$venv.partial.$$/bin/python" -m pip install --quiet --disable-pip-version-check \
-    -r "$requirements" >&2
-  cp "$requirements" "$venv.partial.$$/.complete"
-  mv "$venv.partial.$$" "$venv" 2>/dev/null || rm -rf "$venv.partial.$$"
-fi
+. "$root/scripts/venv.sh"
+pinned_venv "$venv" "$requirements"
 
 # schemathesis keeps a cache (.schemathesis/) in its working directory:
 # a scratch one, so nothing lands in the checkout.

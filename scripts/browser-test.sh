@@ -23,15 +23,8 @@ if [ -z "$chromium" ]; then
   chromium=$(command -v chromium)
 fi
 
-if ! cmp -s "$requirements" "$venv/.complete" 2>/dev/null; then
-  mkdir -p "$dest"
-  rm -rf "$venv" "$venv.partial.$$"
-  python3 -m venv "$venv.partial.$$"
-  "$venv.partial.$$/bin/python" -m pip install --quiet --disable-pip-version-check \
-    -r "$requirements" >&2
-  cp "$requirements" "$venv.partial.$$/.complete"
-  mv "$venv.partial.$$" "$venv" 2>/dev/null || rm -rf "$venv.partial.$$"
-fi
+. "$root/scripts/venv.sh"
+pinned_venv "$venv" "$requirements"
 
 mkdir -p "$out"
 exec "$venv/bin/python" "$root/scripts/browser-test.py" --url "$url" --keyed-url "$keyed" \

@@ -52,14 +52,8 @@ fi
 # tests/server.rs drives the server with it (scripts/openai-client.py).
 venv="$dest/openai-venv"
 requirements="$root/scripts/openai-requirements.txt"
-if ! cmp -s "$requirements" "$venv/.complete" 2>/dev/null; then
-  rm -rf "$venv" "$venv.partial"
-  python3 -m venv "$venv.partial"
-  "$venv.partial/bin/python" -m pip install --quiet --disable-pip-version-check \
-    -r "$requirements" >&2
-  cp "$requirements" "$venv.partial/.complete"
-  mv "$venv.partial" "$venv"
-fi
+. "$root/scripts/venv.sh"
+pinned_venv "$venv" "$requirements"
 
 if [ -f "$model" ] && [ "$(stat -c %s "$model")" = "$want_size" ]; then
   exit 0

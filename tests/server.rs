@@ -152,6 +152,16 @@ fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
         })
 }
 
+/// Runs a script (stdin closed) that must succeed; its stdout. A failure
+/// shows both of its outputs.
+fn script_output(command: &mut Command) -> String {
+    let out = command.stdin(Stdio::null()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    stdout
+}
+
 /// The name the server gives the tiny model (its directory's name).
 fn server_model_name() -> String {
     tiny_model()
@@ -761,17 +771,13 @@ fn the_official_openai_python_client_gets_what_starling_run_gives() {
     let python = common::openai_python();
     let server = Server::start(&[]);
     let model = tiny_model().display().to_string();
-    let out = Command::new(python)
-        .arg(common::root().join("scripts/openai-client.py"))
-        .args(["--base-url", &format!("{}/v1", server.url)])
-        .args(["--starling", env!("CARGO_BIN_EXE_starling")])
-        .args(["--model", &model])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let stdout = script_output(
+        Command::new(python)
+            .arg(common::root().join("scripts/openai-client.py"))
+            .args(["--base-url", &format!("{}/v1", server.url)])
+            .args(["--starling", env!("CARGO_BIN_EXE_starling")])
+            .args(["--model", &model]),
+    );
     assert!(stdout.contains("all checks passed"), "{stdout}");
     assert!(stdout.contains("ok n=2 choice 1 equals"), "{stdout}");
     assert!(stdout.contains("ok stop\n"), "the stop check ran: {stdout}");
@@ -785,15 +791,11 @@ fn the_official_openai_python_client_gets_what_starling_run_gives() {
 fn schemathesis_finds_no_server_error_against_the_openapi_document() {
     // A small context: an answer without max_tokens ends quickly.
     let server = Server::start(&["--ctx-size", "256"]);
-    let out = Command::new("bash")
-        .arg(common::root().join("scripts/api-fuzz.sh"))
-        .args([server.url.as_str(), "45"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let stdout = script_output(
+        Command::new("bash")
+            .arg(common::root().join("scripts/api-fuzz.sh"))
+            .args([server.url.as_str(), "45"]),
+    );
     let generated: usize = stdout
         .lines()
         .find_map(|l| {
@@ -817,16 +819,12 @@ fn schemathesis_finds_no_server_error_against_the_openapi_document() {
 #[test]
 fn replicas_behind_nginx_lose_no_request_when_one_stops() {
     let model = tiny_model().display().to_string();
-    let out = Command::new("bash")
-        .arg(common::root().join("scripts/replicas.sh"))
-        .args([model.as_str(), "32", "400"])
-        .env("STARLING", env!("CARGO_BIN_EXE_starling"))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let stdout = script_output(
+        Command::new("bash")
+            .arg(common::root().join("scripts/replicas.sh"))
+            .args([model.as_str(), "32", "400"])
+            .env("STARLING", env!("CARGO_BIN_EXE_starling")),
+    );
     assert!(stdout.contains("replica A exited 0"), "{stdout}");
     assert!(
         !stdout.contains("lost") && !stdout.contains("hung"),
@@ -909,18 +907,14 @@ fn the_chat_page_works_in_a_real_browser() {
     let keyed = Server::start(&["--api-key", "right"]);
     let shots = common::root().join("target/browser-test");
     let model = tiny_model().display().to_string();
-    let out = Command::new("bash")
-        .arg(common::root().join("scripts/browser-test.sh"))
-        .args([plain.url.as_str(), keyed.url.as_str()])
-        .arg(env!("CARGO_BIN_EXE_starling"))
-        .arg(&model)
-        .arg(&shots)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let stdout = script_output(
+        Command::new("bash")
+            .arg(common::root().join("scripts/browser-test.sh"))
+            .args([plain.url.as_str(), keyed.url.as_str()])
+            .arg(env!("CARGO_BIN_EXE_starling"))
+            .arg(&model)
+            .arg(&shots),
+    );
     assert!(stdout.contains("all checks passed"), "{stdout}");
     for shot in ["chat-answer.png", "chat-desktop.png", "chat-phone.png"] {
         assert!(shots.join(shot).metadata().unwrap().len() > 1000, "{shot}");
