@@ -101,15 +101,7 @@ pub fn router(
 /// chat page (when `web`) loads and says the model is loading.
 fn loading_router(web: bool) -> Router {
     let router = if web { web::routes() } else { Router::new() };
-    router.fallback(|| async {
-        let mut response =
-            ApiError::unavailable("the model is still loading; retry shortly").into_response();
-        response.headers_mut().insert(
-            axum::http::header::RETRY_AFTER,
-            axum::http::HeaderValue::from_static("1"),
-        );
-        response
-    })
+    router.fallback(|| async { ApiError::unavailable("the model is still loading; retry shortly") })
 }
 
 /// Listens at once, answering 503 while `load` loads the model (on this
@@ -259,14 +251,8 @@ async fn refuse_while_draining(
     next: Next,
 ) -> Response {
     if state.draining.load(Ordering::Relaxed) && request.uri().path() != "/metrics" {
-        let mut response =
-            ApiError::unavailable("the server is shutting down; retry (another replica)")
-                .into_response();
-        response.headers_mut().insert(
-            axum::http::header::RETRY_AFTER,
-            axum::http::HeaderValue::from_static("1"),
-        );
-        return response;
+        return ApiError::unavailable("the server is shutting down; retry (another replica)")
+            .into_response();
     }
     next.run(request).await
 }

@@ -471,20 +471,14 @@ async fn answer(
     if let Some(max) = state.max_queue
         && would_wait > max
     {
-        let error = ApiError {
+        return Err(ApiError {
             kind: "rate_limit_error",
             ..ApiError::invalid(format!(
                 "the queue is full ({} waiting, at most {max}): retry shortly",
                 state.engine.load().waiting()
             ))
         }
-        .with_status(axum::http::StatusCode::TOO_MANY_REQUESTS);
-        let mut response = error.into_response();
-        response.headers_mut().insert(
-            axum::http::header::RETRY_AFTER,
-            axum::http::HeaderValue::from_static("1"),
-        );
-        return Ok(response);
+        .with_status(axum::http::StatusCode::TOO_MANY_REQUESTS));
     }
     let arrived = log
         .as_ref()
