@@ -46,6 +46,105 @@ pub enum Command {
     Serve(ServeArgs),
     /// Write a model as a GGUF file of quantized weights (llama.cpp loads it too).
     Quantize(QuantizeArgs),
+    /// Score conversations with a reward model (Starling-RM-7B-alpha, Starling-RM-34B).
+    Score(ScoreArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ScoreArgs {
+    #[command(flatten)]
+    pub reward: RewardArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// A conversation as JSON ([{"role", "content"}] or {"messages": [...]}) ending
+    /// with the assistant's answer to judge. Without it (and without --each-line),
+    /// stdin holds one such document, or {"prompt", "responses": [...]} to rank.
+    #[arg(long, value_name = "FILE", conflicts_with = "each_line")]
+    pub messages: Option<PathBuf>,
+    /// Score each line of stdin: {"messages": [...]} or {"prompt", "responses": [...]};
+    /// prints one JSON line per input line, in order.
+    #[arg(long)]
+    pub each_line: bool,
+    /// Print {"score": ...} instead of the bare number.
+    #[arg(long)]
+    pub json: bool,
+    /// Print the load time and each item's scoring time on stderr.
+    #[arg(long, short = 'v')]
+    pub verbose: bool,
+}
+
+/// Which reward model, and how it reads a conversation.
+#[derive(Debug, Args)]
+pub struct RewardArgs {
+    /// The reward model: starling-rm-7b, starling-rm-34b, a directory or a hub repo.
+    #[arg(long, short = 'm', default_value = "starling-rm-7b")]
+    pub model: String,
+    /// Where the tokenizer is when the reward model ships none: a directory or a
+    /// hub repo (default: the one its card names, e.g. meta-llama/Llama-2-7b-chat-hf,
+    /// gated: set HF_TOKEN).
+    #[arg(long, value_name = "DIR|REPO")]
+    pub tokenizer: Option<String>,
+    /// auto (the known models' own), llama2-rm or chatml-rm.
+    #[arg(long, default_value = "auto")]
+    pub template: String,
+    /// last: the reward at the last token (default; what the 34B card and the
+    /// authors' scoring script read). card: what the 7B card's code reads, a
+    /// <unk> pad at position 2047.
+    #[arg(long, default_value = "last", value_parser = ["last", "card"])]
+    pub readout: String,
+    /// Use only the local cache, never the network (also HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    pub offline: bool,
+}
+
+/// `run --best-of N`: sample N answers and keep the one a reward model prefers.
+#[derive(Debug, Args)]
+pub struct BestOfArgs {
+    /// Sample N answers (choice i with seed + i) and print the one the reward
+    /// model scores highest (needs --reward-model and a temperature above 0).
+    #[arg(long, value_name = "N", requires = "reward_model",
+          value_parser = clap::value_parser!(u16).range(1..=64).map(usize::from))]
+    pub best_of: Option<usize>,
+    /// The reward model for --best-of (starling-rm-7b, a directory or a hub repo).
+    #[arg(long, value_name = "MODEL", requires = "best_of")]
+    pub reward_model: Option<String>,
+    /// The reward model's tokenizer when it ships none (directory or hub repo).
+    #[arg(long, value_name = "DIR|REPO")]
+    pub reward_tokenizer: Option<String>,
+    /// The reward model's template: auto, llama2-rm or chatml-rm.
+    #[arg(long, default_value = "auto")]
+    pub reward_template: String,
+    /// The reward model's weights dtype (as --dtype).
+    #[arg(long, value_enum)]
+    pub reward_dtype: Option<DTypeArg>,
+    /// Quantize the reward model while loading (as --quantize).
+    #[arg(long, value_name = "TYPE", value_parser = parse_block_quant)]
+    pub reward_quantize: Option<GgmlDType>,
+}
+
+impl BestOfArgs {
+    pub fn reward_args(&self, offline: bool) -> Option<RewardArgs> {
+        Some(RewardArgs {
+            model: self.reward_model.clone()?,
+            tokenizer: self.reward_tokenizer.clone(),
+            template: self.reward_template.clone(),
+            readout: "last".into(),
+            offline,
+        })
+    }
+
+    pub fn dtype(&self) -> DTypeChoice {
+        dtype_choice(self.reward_dtype)
+    }
+}
+
+fn dtype_choice(arg: Option<DTypeArg>) -> DTypeChoice {
+    match arg {
+        None => DTypeChoice::Auto,
+        Some(DTypeArg::F32) => DTypeChoice::Fixed(DType::F32),
+        Some(DTypeArg::F16) => DTypeChoice::Fixed(DType::F16),
+        Some(DTypeArg::Bf16) => DTypeChoice::Fixed(DType::BF16),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -236,12 +335,7 @@ impl DeviceArgs {
     }
 
     pub fn dtype(&self) -> DTypeChoice {
-        match self.dtype {
-            None => DTypeChoice::Auto,
-            Some(DTypeArg::F32) => DTypeChoice::Fixed(DType::F32),
-            Some(DTypeArg::F16) => DTypeChoice::Fixed(DType::F16),
-            Some(DTypeArg::Bf16) => DTypeChoice::Fixed(DType::BF16),
-        }
+        dtype_choice(self.dtype)
     }
 }
 
@@ -329,9 +423,12 @@ pub struct RunArgs {
     /// Answer each line of stdin as a separate prompt.
     #[arg(long)]
     pub each_line: bool,
-    /// Print one JSON object per answer instead of streaming text.
+    /// Print one JSON object per answer instead of streaming text (with
+    /// --best-of: every choice with its score).
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub best_of: BestOfArgs,
 }
 
 /// What shapes every answer, in `run` and `chat` alike.
@@ -425,6 +522,7 @@ impl Command {
             Command::Chat(a) => a.device.threads,
             Command::Bench(a) => a.device.threads,
             Command::Serve(a) => a.device.threads,
+            Command::Score(a) => a.device.threads,
             _ => None,
         }
     }

@@ -10,6 +10,7 @@ pub mod engine;
 pub mod kernels;
 pub mod loader;
 pub mod model;
+pub mod reward;
 pub mod server;
 pub mod source;
 pub mod template;

@@ -23,6 +23,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => starling::commands::bench::run(args),
         Command::Serve(args) => starling::commands::serve::run(args),
         Command::Quantize(args) => starling::commands::quantize::run(args),
+        Command::Score(args) => starling::commands::score::run(args),
     };
     // The command runs on a worker of the compute pool, so the matrix
     // products it starts split their rows between it and the other workers

@@ -7,6 +7,7 @@ pub mod input;
 pub mod models;
 pub mod quantize;
 pub mod run;
+pub mod score;
 pub mod serve;
 pub mod tokenize;
 

@@ -113,7 +113,12 @@ impl Config {
         }
         if arch("MistralForCausalLM") || self.model_type.as_deref() == Some("mistral") {
             Ok(Family::Mistral)
-        } else if arch("LlamaForCausalLM") || self.model_type.as_deref() == Some("llama") {
+        } else if arch("LlamaForCausalLM")
+            // The Starling reward models' configs (a Llama trunk with a value head).
+            || arch("LLMForSequenceRegression")
+            || arch("LlamaForSequenceClassification")
+            || self.model_type.as_deref() == Some("llama")
+        {
             Ok(Family::Llama)
         } else {
             bail!(

@@ -83,8 +83,49 @@ pub struct Model {
     device: Device,
 }
 
+/// Where a checkpoint keeps its tensors, and which head it has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    /// The prefix of the decoder's tensors (`model` for `model.layers.0...`).
+    pub trunk: String,
+    pub head: Head,
+}
+
+/// What the final-norm hidden states are multiplied by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Head {
+    /// `lm_head.weight` `[vocab, hidden]` (or the tied embedding): logits.
+    Lm,
+    /// `v_head.weight` `[1, hidden]`, no bias: a reward model's value head
+    /// (Starling-RM; Zhu et al. 2023), one number per position.
+    Value,
+}
+
+impl Default for Layout {
+    fn default() -> Self {
+        Self {
+            trunk: "model".into(),
+            head: Head::Lm,
+        }
+    }
+}
+
 impl Model {
+    /// A causal LM as transformers names its tensors (`model.*`, `lm_head`).
     pub fn load(config: &Config, weights: &Weights, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_layout(config, weights, dtype, device, &Layout::default())
+    }
+
+    /// A decoder whose tensors sit under `layout.trunk`, with `layout.head`
+    /// on top (its output width is `vocab` for `Lm`, 1 for `Value`).
+    pub fn load_layout(
+        config: &Config,
+        weights: &Weights,
+        dtype: DType,
+        device: &Device,
+        layout: &Layout,
+    ) -> Result<Self> {
+        let trunk = &layout.trunk;
         let h = config.hidden_size;
         let heads = config.num_attention_heads;
         let kv_heads = config.num_kv_heads();
@@ -104,14 +145,14 @@ impl Model {
             |name: &str, shape: &[usize]| weights.linear(name, shape, weight_dtype, device, false);
 
         let embed = weights.embedding(
-            "model.embed_tokens.weight",
+            &format!("{trunk}.embed_tokens.weight"),
             &[vocab, h],
             weight_dtype,
             device,
         )?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for l in 0..config.num_hidden_layers {
-            let p = format!("model.layers.{l}");
+            let p = format!("{trunk}.layers.{l}");
             layers.push(Layer {
                 input_norm: get(&format!("{p}.input_layernorm.weight"), &[h])?,
                 attn: Attention {
@@ -128,12 +169,17 @@ impl Model {
                 },
             });
         }
-        let norm = get("model.norm.weight", &[h])?;
-        let tied = !weights.contains("lm_head.weight") && config.tie_word_embeddings;
-        let lm_head = if !tied {
-            weights.linear("lm_head.weight", &[vocab, h], weight_dtype, device, true)?
-        } else {
-            embed.tied_head()?
+        let norm = get(&format!("{trunk}.norm.weight"), &[h])?;
+        let tied = layout.head == Head::Lm
+            && !weights.contains("lm_head.weight")
+            && config.tie_word_embeddings;
+        let lm_head = match layout.head {
+            // One row: kept dense, whatever --quantize says (it is 1/vocab of a head).
+            Head::Value => Linear::dense(get("v_head.weight", &[1, h])?)?,
+            Head::Lm if tied => embed.tied_head()?,
+            Head::Lm => {
+                weights.linear("lm_head.weight", &[vocab, h], weight_dtype, device, true)?
+            }
         };
         let (cos, sin) = rope_tables(
             hd,
@@ -339,7 +385,7 @@ impl Model {
             .iter()
             .flat_map(|&c| batch[c].ids.iter().copied())
             .collect();
-        let mut x = self.embed.forward(&ids, self.dtype, &self.device)?;
+        let x = self.embed.forward(&ids, self.dtype, &self.device)?;
         let mut starts = vec![0; batch.len()];
         let mut start = 0;
         for &c in &order {
@@ -363,12 +409,74 @@ impl Model {
                 kv_start,
                 kv_end,
                 mask: self.mask(pos, seq, kv_start, kv_end)?,
+                write: true,
             });
         }
+        let x = self.layers_forward(x, &segments, &order, short_rows, batch)?;
+        for chunk in batch.iter_mut() {
+            chunk.cache.commit(chunk.ids.len());
+        }
+        Ok((x, segments))
+    }
+
+    /// The head's output `[out]` (f32) for one extra token `id` at
+    /// `position`, attending to every key `cache` holds but not to itself,
+    /// and leaving the cache as it was.
+    ///
+    /// This is what a right-padded batch computes at a pad position whose
+    /// attention mask is 0: Starling-RM-7B-alpha's model card reads the
+    /// reward at position 2047 of its input padded with `<unk>`, and this
+    /// gives that number from the real tokens' cache in one row instead of
+    /// running 2048.
+    ///
+    /// Errors when the cache is empty or `position` is outside the context
+    /// or not after what the cache holds.
+    pub fn probe(&self, id: u32, position: usize, cache: &mut KvCache) -> Result<Tensor> {
+        let held = cache.len();
+        anyhow::ensure!(held > 0, "a probe needs a prompt in the cache");
+        anyhow::ensure!(
+            position >= held && position < self.max_len,
+            "probe position {position} is not between the {held} cached positions and the context of {}",
+            self.max_len
+        );
+        let kv_start = match self.window {
+            Some(w) => (position + 1).saturating_sub(w).min(held),
+            None => 0,
+        };
+        let segments = [Segment {
+            start: 0,
+            seq: 1,
+            cos: self.cos.narrow(0, position, 1)?,
+            sin: self.sin.narrow(0, position, 1)?,
+            kv_start,
+            kv_end: held,
+            mask: None,
+            write: false,
+        }];
+        let ids = [id];
+        let mut batch = [Chunk {
+            ids: &ids,
+            cache,
+            logits: true,
+        }];
+        let x = self.embed.forward(&ids, self.dtype, &self.device)?;
+        let x = self.layers_forward(x, &segments, &[0], 1, &mut batch)?;
+        Ok(self.head(&x, RowClass::Rows)?.squeeze(0)?)
+    }
+
+    /// Every layer over the batch's rows `x` `[rows, hidden]`.
+    fn layers_forward(
+        &self,
+        mut x: Tensor,
+        segments: &[Segment],
+        order: &[usize],
+        short_rows: usize,
+        batch: &mut [Chunk<'_>],
+    ) -> Result<Tensor> {
         for (l, layer) in self.layers.iter().enumerate() {
             let residual = &x;
             let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, self.eps)?;
-            let h = self.attention(l, &layer.attn, &h, &segments, &order, short_rows, batch)?;
+            let h = self.attention(l, &layer.attn, &h, segments, order, short_rows, batch)?;
             let x1 = (residual + h)?;
             let h = candle_nn::ops::rms_norm(&x1, &layer.post_norm, self.eps)?;
             let mlp = &layer.mlp;
@@ -377,10 +485,7 @@ impl Model {
             let h = mlp.down.forward_split(&(gate * up)?, short_rows)?;
             x = (x1 + h)?;
         }
-        for chunk in batch.iter_mut() {
-            chunk.cache.commit(chunk.ids.len());
-        }
-        Ok((x, segments))
+        Ok(x)
     }
 
     /// Additive mask `[seq, kv_end - kv_start]`: query at `pos + i` sees key `k`
@@ -488,7 +593,9 @@ impl Model {
         };
         let q = rope(&q, &s.cos, &s.sin)?;
         let k = rope(&k, &s.cos, &s.sin)?.squeeze(0)?;
-        cache.write(layer, &k, &v)?;
+        if s.write {
+            cache.write(layer, &k, &v)?;
+        }
         let (k_all, v_all) = cache.view(layer, s.kv_start, s.kv_end)?;
         // An f16 cache under f32 activations is widened for the products.
         let (k_all, v_all) = if k_all.dtype() == self.dtype {
@@ -537,6 +644,8 @@ struct Segment {
     kv_start: usize,
     kv_end: usize,
     mask: Option<Tensor>,
+    /// Whether the chunk's keys and values go into its cache (not for a probe).
+    write: bool,
 }
 
 /// cos/sin tables `[max_len, head_dim/2]` computed as transformers does

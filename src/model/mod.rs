@@ -8,5 +8,5 @@ pub mod linear;
 pub mod synthetic;
 
 pub use config::{Config, Family};
-pub use decoder::{Chunk, Logits, Model, PREFILL_CHUNK, RopeLayout};
+pub use decoder::{Chunk, Head, Layout, Logits, Model, PREFILL_CHUNK, RopeLayout};
 pub use kv_cache::KvCache;

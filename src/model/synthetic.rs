@@ -71,6 +71,28 @@ pub fn tensors(config: &Config) -> Vec<(String, Vec<usize>, Vec<f32>)> {
         .collect()
 }
 
+/// A reward model's tensors (tests/reward-weights.md): the decoder's
+/// tensors of `config` without `lm_head.weight`, plus `v_head.weight`
+/// `[1, hidden]`, valued by the same formula over that list of names; the
+/// decoder's names are then given under `prefix` (`model` keeps them).
+pub fn reward_tensors(config: &Config, prefix: &str) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let mut shapes = tensor_shapes(config);
+    shapes.remove("lm_head.weight");
+    shapes.insert("v_head.weight".to_string(), vec![1, config.hidden_size]);
+    shapes
+        .into_iter()
+        .enumerate()
+        .map(|(k, (name, shape))| {
+            let values = tensor_values(&name, k, shape.iter().product());
+            let stored = match name.strip_prefix("model.") {
+                Some(rest) => format!("{prefix}.{rest}"),
+                None => name,
+            };
+            (stored, shape, values)
+        })
+        .collect()
+}
+
 /// Writes `model.safetensors` (f32) for `config` into `dir`.
 pub fn write_safetensors(config: &Config, dir: &Path) -> Result<()> {
     save_f32(&tensors(config), &dir.join("model.safetensors"))

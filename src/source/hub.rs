@@ -122,6 +122,19 @@ mod tests {
 pub struct HubOptions {
     /// Use only the cache (`--offline` or `HF_HUB_OFFLINE=1`).
     pub offline: bool,
+    pub parts: Parts,
+}
+
+/// Which files of a transformers repo a run needs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Parts {
+    /// Config, tokenizer and weights.
+    #[default]
+    All,
+    /// Config and weights: a reward model whose card names another repo's tokenizer.
+    NoTokenizer,
+    /// The tokenizer files alone (that other repo: no weights downloaded).
+    TokenizerOnly,
 }
 
 impl HubOptions {
@@ -130,7 +143,12 @@ impl HubOptions {
             .is_ok_and(|v| matches!(v.trim(), "1" | "true" | "TRUE" | "yes" | "ON" | "on"));
         Self {
             offline: offline_flag || env,
+            parts: Parts::All,
         }
+    }
+
+    pub fn with_parts(self, parts: Parts) -> Self {
+        Self { parts, ..self }
     }
 }
 
@@ -158,7 +176,7 @@ pub fn repo_dir(repo: &str) -> PathBuf {
 pub fn resolve(model: &HubModel, options: HubOptions) -> Result<PathBuf> {
     let cached = match &model.gguf {
         Some(choice) => cached_gguf(model, choice),
-        None => cached_snapshot(model),
+        None => cached_snapshot(model, options.parts),
     };
     if let Some(dir) = cached {
         return Ok(dir);
@@ -174,7 +192,7 @@ pub fn resolve(model: &HubModel, options: HubOptions) -> Result<PathBuf> {
     }
     match &model.gguf {
         Some(choice) => download_gguf(model, choice),
-        None => download(model),
+        None => download(model, options.parts),
     }
 }
 
@@ -211,8 +229,15 @@ fn download_gguf(model: &HubModel, choice: &GgufChoice) -> Result<PathBuf> {
 }
 
 /// A cached snapshot of `model` that has everything a run needs, if any.
-fn cached_snapshot(model: &HubModel) -> Option<PathBuf> {
-    let config = cache().repo(repo_handle(model)).get("config.json")?;
+fn cached_snapshot(model: &HubModel, parts: Parts) -> Option<PathBuf> {
+    let repo = cache().repo(repo_handle(model));
+    if parts == Parts::TokenizerOnly {
+        let file = repo
+            .get("tokenizer.json")
+            .or_else(|| repo.get("tokenizer.model"))?;
+        return Some(file.parent()?.to_path_buf());
+    }
+    let config = repo.get("config.json")?;
     let dir = config.parent()?.to_path_buf();
     let files = super::local_dir(&dir).ok()?;
     let complete = !files.weights.is_empty() && files.weights.iter().all(|w| w.is_file());
@@ -267,13 +292,13 @@ fn explain(model: &HubModel, e: ApiError) -> anyhow::Error {
     anyhow::anyhow!("downloading {}: {e}", model.repo)
 }
 
-fn download(model: &HubModel) -> Result<PathBuf> {
+fn download(model: &HubModel, parts: Parts) -> Result<PathBuf> {
     let api = api()?;
     let repo = api.repo(repo_handle(model));
     let info = repo.info().map_err(|e| explain(model, e))?;
     let listed: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
     let has = |name: &str| listed.contains(&name);
-    if !has("config.json") {
+    if parts != Parts::TokenizerOnly && !has("config.json") {
         let ggufs = listed
             .iter()
             .any(|n| n.to_ascii_lowercase().ends_with(".gguf"));
@@ -287,7 +312,7 @@ fn download(model: &HubModel) -> Result<PathBuf> {
             model.repo
         );
     }
-    if !has("tokenizer.json") && !has("tokenizer.model") {
+    if parts != Parts::NoTokenizer && !has("tokenizer.json") && !has("tokenizer.model") {
         bail!(
             "{} has no tokenizer (neither tokenizer.json nor tokenizer.model)",
             model.repo
@@ -305,9 +330,14 @@ fn download(model: &HubModel) -> Result<PathBuf> {
     let mut config = None;
     for name in SIDE_FILES.iter().filter(|n| has(n)) {
         let path = get(name)?;
-        if *name == "config.json" {
+        if *name == "config.json" || parts == Parts::TokenizerOnly {
             config = Some(path);
         }
+    }
+    if parts == Parts::TokenizerOnly {
+        return config
+            .and_then(|c| c.parent().map(Path::to_path_buf))
+            .context("no tokenizer file was downloaded");
     }
     // Safetensors when the repo has them, else PyTorch .bin files.
     let sharded = |index_name: &str| -> Result<()> {

@@ -99,8 +99,8 @@ impl ModelSpec {
 /// The files of the model `spec` names, downloading a hub model if needed.
 pub fn resolve(spec: &ModelSpec, options: hub::HubOptions) -> Result<ModelFiles> {
     match spec {
-        ModelSpec::Local(dir) => local_dir(dir),
-        ModelSpec::Hub(model) => local_dir(&hub::resolve(model, options)?),
+        ModelSpec::Local(dir) => local_dir_with(dir, options.parts),
+        ModelSpec::Hub(model) => local_dir_with(&hub::resolve(model, options)?, options.parts),
     }
 }
 
@@ -155,6 +155,48 @@ pub fn gguf_files(dir: &Path) -> Vec<PathBuf> {
 /// The files of a model directory in the Hugging Face layout, or of a GGUF
 /// file (a path to one, or a directory holding exactly one and no config.json).
 pub fn local_dir(dir: &Path) -> Result<ModelFiles> {
+    local_dir_with(dir, hub::Parts::All)
+}
+
+/// The tokenizer files in `dir` (a model directory, or a tokenizer's alone).
+pub fn tokenizer_dir(dir: &Path) -> Result<TokenizerFiles> {
+    if !dir.is_dir() {
+        bail!("tokenizer directory {} does not exist", dir.display());
+    }
+    let files = tokenizer_files(dir);
+    if files.tokenizer_json.is_none() && files.sentencepiece_model.is_none() {
+        bail!(
+            "no tokenizer: {} has neither tokenizer.json nor tokenizer.model",
+            dir.display()
+        );
+    }
+    Ok(files)
+}
+
+/// The tokenizer of the model `spec` names, downloading only its tokenizer
+/// files from the hub.
+pub fn resolve_tokenizer(spec: &ModelSpec, options: hub::HubOptions) -> Result<TokenizerFiles> {
+    match spec {
+        ModelSpec::Local(dir) => tokenizer_dir(dir),
+        ModelSpec::Hub(model) => tokenizer_dir(&hub::resolve(
+            model,
+            options.with_parts(hub::Parts::TokenizerOnly),
+        )?),
+    }
+}
+
+fn tokenizer_files(dir: &Path) -> TokenizerFiles {
+    let file = |name: &str| Some(dir.join(name)).filter(|p| p.is_file());
+    TokenizerFiles {
+        tokenizer_json: file("tokenizer.json"),
+        sentencepiece_model: file("tokenizer.model"),
+        tokenizer_config: file("tokenizer_config.json"),
+        added_tokens: file("added_tokens.json"),
+    }
+}
+
+/// `local_dir`, where `Parts::NoTokenizer` accepts a directory without one.
+pub fn local_dir_with(dir: &Path, parts: hub::Parts) -> Result<ModelFiles> {
     if !dir.exists() {
         bail!("model directory {} does not exist", dir.display());
     }
@@ -192,13 +234,11 @@ pub fn local_dir(dir: &Path) -> Result<ModelFiles> {
         // Not an error yet: tokenizing needs no weights. Loading the model says so.
         None => Vec::new(),
     };
-    let tokenizer = TokenizerFiles {
-        tokenizer_json: file("tokenizer.json"),
-        sentencepiece_model: file("tokenizer.model"),
-        tokenizer_config: file("tokenizer_config.json"),
-        added_tokens: file("added_tokens.json"),
-    };
-    if tokenizer.tokenizer_json.is_none() && tokenizer.sentencepiece_model.is_none() {
+    let tokenizer = tokenizer_files(dir);
+    if parts != hub::Parts::NoTokenizer
+        && tokenizer.tokenizer_json.is_none()
+        && tokenizer.sentencepiece_model.is_none()
+    {
         bail!(
             "no tokenizer: {} has neither tokenizer.json nor tokenizer.model",
             dir.display()

@@ -5,6 +5,7 @@
 mod clock;
 mod jinja;
 mod pyjson;
+pub mod reward;
 
 pub use jinja::JinjaTemplate;
 

@@ -304,6 +304,33 @@ impl Weights {
         }
     }
 
+    /// The stored shape of tensor `name` (`None` when absent; GGUF files,
+    /// whose names are translated, answer only for their own tensors' HF
+    /// names through `contains`).
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        match &self.store {
+            Store::Synthetic { names } => names.get(name).map(|(_, s)| s.clone()),
+            Store::Safetensors(st) => st.get(name).map(|t| t.shape.clone()),
+            Store::Pickle { shards, routing } => routing
+                .get(name)
+                .and_then(|&i| shards[i].tensors().get(name))
+                .map(|t| t.shape.clone()),
+            Store::Gguf(_) => None,
+        }
+    }
+
+    /// Every tensor name (not translated for GGUF: empty there), sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = match &self.store {
+            Store::Synthetic { names } => names.keys().cloned().collect(),
+            Store::Safetensors(st) => st.keys().cloned().collect(),
+            Store::Pickle { routing, .. } => routing.keys().cloned().collect(),
+            Store::Gguf(_) => Vec::new(),
+        };
+        names.sort();
+        names
+    }
+
     /// The dtype most tensors are stored in (the checkpoint's own precision).
     pub fn stored_dtype(&self) -> Option<DType> {
         let mut counts = HashMap::new();

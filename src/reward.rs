@@ -1,0 +1,309 @@
+//! Reward models: a Llama decoder whose `lm_head` is replaced by a value
+//! head (`v_head`, hidden -> 1, no bias), as released with Starling
+//! (berkeley-nest/Starling-RM-7B-alpha, Nexusflow/Starling-RM-34B; Zhu et
+//! al., "Starling-7B: Improving LLM Helpfulness & Harmlessness with RLAIF",
+//! 2023). The reward of a conversation is the value head applied to a
+//! final-norm hidden state; which position's is the [`Readout`].
+
+use crate::loader::{self, DTypeChoice};
+use crate::model::{Config, Head, KvCache, Layout, Logits, Model};
+use crate::source::ModelFiles;
+use crate::template::Message;
+use crate::template::reward::{REWARD_MAX_TOKENS, RewardTemplate};
+use crate::tokenizer::{TextTokenizer, TokenizerConfig, TokenizerFiles};
+use crate::weights::Weights;
+use anyhow::{Context, Result, bail};
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device};
+
+/// Where the trunk of a reward checkpoint may sit, in order of preference.
+/// The model cards load with `strict=False` from classes that keep the trunk
+/// as `transformer` and alias it (`model.model`), so a file may hold it
+/// under two names; `model.` is the plain transformers layout.
+pub const TRUNK_PREFIXES: [&str; 3] = ["transformer", "model.model", "model"];
+
+/// Which position's hidden state the value head reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readout {
+    /// The last real token: what Starling-RM-34B's card and the authors'
+    /// scoring script compute. The default.
+    Last,
+    /// What Starling-RM-7B-alpha's card code computes as written: its pad id
+    /// resolves to BOS, which every input starts with, so it reads the last
+    /// row of the input right-padded with `<unk>` to 2048 tokens: a pad
+    /// token at position 2047 whose attention mask hides itself and the
+    /// other pads. Computed as one extra query over the real tokens' cache
+    /// ([`Model::probe`]). When the input fills all 2048 positions, or for
+    /// the ChatML reward models (whose card reads the last real token), it
+    /// is `Last`.
+    Card,
+}
+
+impl Readout {
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "last" => Ok(Self::Last),
+            "card" => Ok(Self::Card),
+            other => bail!(
+                "unknown readout {:?} (last or card)",
+                other.chars().take(32).collect::<String>()
+            ),
+        }
+    }
+}
+
+pub struct RewardModel {
+    pub model: Model,
+    pub tokenizer: TextTokenizer,
+    pub template: RewardTemplate,
+    pub readout: Readout,
+    /// The prefix the trunk was found under.
+    pub trunk: String,
+    pub load_s: f64,
+}
+
+/// How to load a reward model: the choices `starling score` and
+/// `run --best-of` take from their flags.
+#[derive(Debug, Clone)]
+pub struct RewardOptions {
+    pub template: RewardTemplate,
+    pub readout: Readout,
+    pub dtype: DTypeChoice,
+    pub quantize: Option<GgmlDType>,
+}
+
+impl RewardModel {
+    /// Loads the reward model in `files`, with the tokenizer of `tokenizer`
+    /// (another repo's, when the reward model ships none).
+    pub fn load(
+        files: &ModelFiles,
+        tokenizer: &TokenizerFiles,
+        options: &RewardOptions,
+        device: &Device,
+    ) -> Result<Self> {
+        let start = std::time::Instant::now();
+        let (config, weights) = open(files, options.quantize)?;
+        let trunk = trunk_prefix(&weights)?;
+        let tokenizer = load_tokenizer(tokenizer)?;
+        if tokenizer.vocab_size() > config.vocab_size {
+            bail!(
+                "the tokenizer has {} tokens but the reward model only {} (config.json vocab_size)",
+                tokenizer.vocab_size(),
+                config.vocab_size
+            );
+        }
+        let dtype = loader::model_dtype(options.dtype, &weights, &config, device)?;
+        let layout = Layout {
+            trunk: trunk.clone(),
+            head: Head::Value,
+        };
+        let model = Model::load_layout(&config, &weights, dtype, device, &layout)
+            .with_context(|| format!("loading the reward model from {}", files.dir.display()))?;
+        Ok(Self {
+            model,
+            tokenizer,
+            template: options.template,
+            readout: options.readout,
+            trunk,
+            load_s: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// The ids the model reads for `messages` (ending with the answer judged).
+    pub fn encode(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        self.template.encode(&self.tokenizer, messages)
+    }
+
+    /// The reward of `messages`: a conversation ending with the assistant's
+    /// answer being judged. Higher is better; the scale is the model's own.
+    pub fn score(&self, messages: &[Message]) -> Result<f32> {
+        self.score_ids(&self.encode(messages)?)
+    }
+
+    /// The reward of already-encoded ids (see [`RewardTemplate::encode`]).
+    pub fn score_ids(&self, ids: &[u32]) -> Result<f32> {
+        if ids.is_empty() {
+            bail!("nothing to score: the conversation encodes to no tokens");
+        }
+        let pad_at = self.card_pad_position(ids.len())?;
+        let mut cache = self
+            .model
+            .new_cache_of(ids.len().max(pad_at.map_or(0, |p| p + 1)));
+        let last = self.model.forward(ids, &mut cache, Logits::Last)?;
+        let value = match pad_at {
+            Some(position) => {
+                let pad = self.pad_id()?;
+                self.model.probe(pad, position, &mut cache)?
+            }
+            None => last,
+        };
+        Ok(value.to_dtype(DType::F32)?.to_vec1::<f32>()?[0])
+    }
+
+    /// Where the card's pad read-out sits, if it applies to `len` ids.
+    fn card_pad_position(&self, len: usize) -> Result<Option<usize>> {
+        if self.readout != Readout::Card
+            || self.template != RewardTemplate::Llama2
+            || len >= REWARD_MAX_TOKENS
+        {
+            return Ok(None);
+        }
+        let position = REWARD_MAX_TOKENS - 1;
+        if position >= self.model.max_len() {
+            bail!(
+                "--readout card reads position {position}, beyond the model's context of {}",
+                self.model.max_len()
+            );
+        }
+        Ok(Some(position))
+    }
+
+    /// The card's pad token: `tokenizer.pad_token = tokenizer.unk_token`.
+    fn pad_id(&self) -> Result<u32> {
+        self.tokenizer
+            .token_id("<unk>")
+            .context("--readout card pads with <unk>, which this vocabulary does not have")
+    }
+
+    /// Memory the weights take, in bytes.
+    pub fn weight_bytes(&self) -> usize {
+        self.model.weight_bytes()
+    }
+
+    /// A cache for a conversation's ids (exposed for callers that batch).
+    pub fn new_cache(&self, len: usize) -> KvCache {
+        self.model.new_cache_of(len.min(REWARD_MAX_TOKENS))
+    }
+}
+
+/// The config and the weights of a reward checkpoint, checked to be one:
+/// a `v_head.weight` of shape `[1, hidden]`.
+pub fn open(files: &ModelFiles, quantize: Option<GgmlDType>) -> Result<(Config, Weights)> {
+    if files.gguf.is_some() {
+        bail!(
+            "reward models are read from transformers checkpoints (safetensors or .bin), not GGUF"
+        );
+    }
+    let config_path = files
+        .config
+        .as_ref()
+        .with_context(|| format!("{} has no config.json", files.dir.display()))?;
+    let config = Config::from_file(config_path)?;
+    if files.weights.is_empty() {
+        bail!(
+            "{} has no weights (model.safetensors, pytorch_model.bin or a shard index)",
+            files.dir.display()
+        );
+    }
+    let weights = Weights::open(&files.weights)?.quantize_to(quantize);
+    match weights.shape("v_head.weight") {
+        None => bail!(
+            "not a reward model: no v_head.weight in {} (it holds {})",
+            files.dir.display(),
+            summary(&weights.names())
+        ),
+        Some(shape) if shape != [1, config.hidden_size] => bail!(
+            "v_head.weight has shape {shape:?}, expected [1, {}] (a value head over hidden_size)",
+            config.hidden_size
+        ),
+        Some(_) => {}
+    }
+    Ok((config, weights))
+}
+
+/// The prefix the decoder trunk is stored under: the first of
+/// [`TRUNK_PREFIXES`] present. When several are, they must hold the same
+/// tensors (same names and shapes, and equal values in a sample), else the
+/// file is ambiguous and refused.
+pub fn trunk_prefix(weights: &Weights) -> Result<String> {
+    let present: Vec<&str> = TRUNK_PREFIXES
+        .iter()
+        .copied()
+        .filter(|p| weights.contains(&format!("{p}.embed_tokens.weight")))
+        .collect();
+    let Some(&chosen) = present.first() else {
+        bail!(
+            "no decoder trunk: none of {} is present (the file holds {})",
+            TRUNK_PREFIXES
+                .iter()
+                .map(|p| format!("{p}.embed_tokens.weight"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            summary(&weights.names())
+        );
+    };
+    let names = weights.names();
+    let under = |prefix: &str| -> Vec<String> {
+        let prefix = format!("{prefix}.");
+        names
+            .iter()
+            .filter_map(|n| n.strip_prefix(&prefix))
+            // `model.` also matches `model.model.*` and `model.lm_head`.
+            .filter(|rest| {
+                rest.starts_with("embed_tokens.")
+                    || rest.starts_with("layers.")
+                    || rest.starts_with("norm.")
+            })
+            .map(str::to_string)
+            .collect()
+    };
+    let mine = under(chosen);
+    for &other in &present[1..] {
+        let theirs = under(other);
+        let same_shapes = mine == theirs
+            && mine.iter().all(|n| {
+                weights.shape(&format!("{chosen}.{n}")) == weights.shape(&format!("{other}.{n}"))
+            });
+        if !same_shapes {
+            bail!(
+                "the trunk is stored twice, as {chosen}.* and {other}.*, with different tensors or shapes: which one is the reward model's is ambiguous"
+            );
+        }
+        for n in ["norm.weight", "layers.0.self_attn.q_proj.weight"] {
+            let (a, b) = (format!("{chosen}.{n}"), format!("{other}.{n}"));
+            let Some(shape) = weights.shape(&a) else {
+                continue;
+            };
+            let load = |name: &str| {
+                weights
+                    .tensor(name, &shape, DType::F32, &Device::Cpu)
+                    .and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?))
+            };
+            if load(&a)? != load(&b)? {
+                bail!(
+                    "the trunk is stored twice, as {chosen}.* and {other}.*, with different values ({n}): which one is the reward model's is ambiguous"
+                );
+            }
+        }
+    }
+    Ok(chosen.to_string())
+}
+
+/// The reward model's tokenizer: tokenizer.json or tokenizer.model, plus
+/// what tokenizer_config.json declares.
+pub fn load_tokenizer(files: &TokenizerFiles) -> Result<TextTokenizer> {
+    let config = match &files.tokenizer_config {
+        Some(p) => Some(TokenizerConfig::from_file(p)?),
+        None => None,
+    };
+    TextTokenizer::load(files, config.as_ref())
+}
+
+/// A few tensor names, for an error message about what a file holds.
+fn summary(names: &[String]) -> String {
+    const SHOWN: usize = 4;
+    if names.is_empty() {
+        return "no tensors".to_string();
+    }
+    let shown: Vec<String> = names
+        .iter()
+        .take(SHOWN)
+        .map(|n| crate::weights::shown(n))
+        .collect();
+    let more = names.len().saturating_sub(SHOWN);
+    if more > 0 {
+        format!("{} and {more} more", shown.join(", "))
+    } else {
+        shown.join(", ")
+    }
+}
