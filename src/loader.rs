@@ -323,6 +323,50 @@ pub fn model_dtype(
     choose_dtype(choice, weights.stored_dtype(), config, device)
 }
 
+/// What the weights of `config` will take in memory once loaded with these
+/// choices, in bytes, worked out before loading (for planning two models
+/// at once): the quantized size under `quantize`, a GGUF file's own size,
+/// else every tensor in the dtype `model_dtype` would choose (the memory
+/// fallback aside). `value_head`: the output is `v_head` `[1, hidden]`, not
+/// `lm_head`.
+pub fn planned_bytes(
+    config: &Config,
+    weights: &Weights,
+    choice: DTypeChoice,
+    quantize: Option<GgmlDType>,
+    device: &Device,
+    value_head: bool,
+) -> Result<u64> {
+    let mut params: u64 = crate::model::synthetic::tensor_shapes(config)
+        .values()
+        .map(|s| s.iter().product::<usize>() as u64)
+        .sum();
+    if value_head {
+        params -= ((config.vocab_size - 1) * config.hidden_size) as u64;
+    }
+    if let Some(q) = quantize.filter(|&q| crate::model::linear::is_block_format(q)) {
+        return Ok(params * q.type_size() as u64 / q.block_size() as u64);
+    }
+    if let Some(g) = weights.gguf() {
+        return Ok(std::fs::metadata(g.path())
+            .with_context(|| format!("reading {}", g.path().display()))?
+            .len());
+    }
+    let (dtype, _) = decide_dtype(
+        choice,
+        weights.stored_dtype(),
+        device.is_cpu(),
+        params * 4,
+        None,
+    )?;
+    Ok(params * dtype.size_in_bytes() as u64)
+}
+
+/// Memory available for new allocations (Linux MemAvailable), if known.
+pub fn memory_available() -> Option<u64> {
+    available_memory()
+}
+
 /// Bytes of every weight of `config` in `dtype`.
 pub fn weight_bytes(config: &Config, dtype: DType) -> usize {
     crate::model::synthetic::tensor_shapes(config)

@@ -62,10 +62,17 @@ fn argument_error(e: clap::Error) -> ExitCode {
     ) {
         e.exit();
     }
+    // clap's message is its first paragraph (a list of missing arguments
+    // continues on indented lines); the usage and tips after it are dropped.
     let text = e.render().to_string();
-    let first = text.lines().next().unwrap_or_default();
-    let first = first.strip_prefix("error: ").unwrap_or(first);
-    eprintln!("error: {first} (see starling --help)");
+    let message = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let message = message.strip_prefix("error: ").unwrap_or(&message);
+    eprintln!("error: {message} (see starling --help)");
     ExitCode::from(2)
 }
 

@@ -472,3 +472,111 @@ fn text_that_spells_markers_is_scored_as_text() {
     let ids = rm.encode(&conv).unwrap();
     assert_eq!(ids.iter().filter(|&&i| i >= 32000).count(), 4, "{ids:?}");
 }
+
+fn best_of_args<'a>(tiny: &'a str, m: &'a Models, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec![
+        "run",
+        "--model",
+        tiny,
+        "--temperature",
+        "0.9",
+        "--seed",
+        "42",
+        "-n",
+        "12",
+        "--reward-model",
+        m.rm7.to_str().unwrap(),
+        "--reward-tokenizer",
+        m.llama_tokenizer.to_str().unwrap(),
+        "--reward-template",
+        "llama2-rm",
+    ];
+    a.extend_from_slice(extra);
+    a
+}
+
+#[test]
+fn best_of_prints_the_answer_the_reward_model_prefers() {
+    let m = models();
+    let tiny = common::tiny_model();
+    let tiny = tiny.to_str().unwrap();
+    let out = ok(&starling(
+        &best_of_args(tiny, m, &["--best-of", "3", "--json", "Hello"]),
+        None,
+    ));
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    let scores: Vec<f64> = choices
+        .iter()
+        .map(|c| c["score"].as_f64().unwrap())
+        .collect();
+    let best = (0..3)
+        .max_by(|&a, &b| scores[a].total_cmp(&scores[b]))
+        .unwrap();
+    assert_eq!(v["best"], best, "{v}");
+    assert_eq!(v["response"], choices[best]["response"]);
+    let rm = load("rm-7b-shape", "last");
+    let mut texts = Vec::new();
+    for (i, c) in choices.iter().enumerate() {
+        // Each choice is what `run` answers with seed + i...
+        let seed = (42 + i).to_string();
+        let alone = ok(&starling(
+            &[
+                "run",
+                "--model",
+                tiny,
+                "--temperature",
+                "0.9",
+                "--seed",
+                &seed,
+                "-n",
+                "12",
+                "Hello",
+            ],
+            None,
+        ));
+        let response = c["response"].as_str().unwrap();
+        assert_eq!(alone, format!("{response}\n"), "choice {i}");
+        texts.push(response.to_string());
+        // ...and its score is the reward model's for that exchange.
+        let conv = [
+            Message::new("user", "Hello"),
+            Message::new("assistant", response),
+        ];
+        let want = rm.score(&conv).unwrap();
+        assert!(close(want, c["score"].as_f64().unwrap()), "choice {i}");
+    }
+    texts.dedup();
+    assert!(texts.len() > 1, "the seeds gave different answers");
+    // Without --json, the best answer alone.
+    let plain = ok(&starling(
+        &best_of_args(tiny, m, &["--best-of", "3", "Hello"]),
+        None,
+    ));
+    assert_eq!(plain, format!("{}\n", v["response"].as_str().unwrap()));
+}
+
+#[test]
+fn best_of_needs_sampling_and_a_reward_model() {
+    let m = models();
+    let tiny = common::tiny_model();
+    let tiny = tiny.to_str().unwrap();
+    let mut greedy = best_of_args(tiny, m, &["--best-of", "2", "Hello"]);
+    greedy[4] = "0";
+    fails_with(&starling(&greedy, None), "needs a --temperature above 0");
+    let out = starling(&["run", "--model", tiny, "--best-of", "2", "Hello"], None);
+    assert_eq!(out.status.code(), Some(2), "an argument error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--reward-model <MODEL>"));
+    fails_with(
+        &starling(
+            &best_of_args(tiny, m, &["--best-of", "2", "--each-line"]),
+            Some(b"Hello\n"),
+        ),
+        "does not combine with --each-line",
+    );
+    // A chat model given as the reward model.
+    let mut wrong = best_of_args(tiny, m, &["--best-of", "2", "Hello"]);
+    wrong[10] = tiny;
+    fails_with(&starling(&wrong, None), "not a reward model");
+}

@@ -2,6 +2,7 @@
 //! input, calls the loader and the engine, and prints.
 
 pub mod bench;
+pub mod best_of;
 pub mod chat;
 pub mod input;
 pub mod models;
@@ -56,8 +57,19 @@ pub fn start_engine(
     default_parallel: usize,
 ) -> Result<Started> {
     let (files, template) = model_files(model)?;
+    start_engine_with(&files, &template, device, engine, default_parallel)
+}
+
+/// `start_engine` for files already resolved (`model_files`).
+pub fn start_engine_with(
+    files: &ModelFiles,
+    template: &str,
+    device: &DeviceArgs,
+    engine: &EngineArgs,
+    default_parallel: usize,
+) -> Result<Started> {
     let on = loader::device(&device.device)?;
-    let loaded = loader::load(&files, &template, device.dtype(), device.quantize, &on)?;
+    let loaded = loader::load(files, template, device.dtype(), device.quantize, &on)?;
     let text = loaded.text;
     let tokenizer = Arc::new(text.tokenizer);
     let mut weights = loaded.model;
@@ -74,7 +86,7 @@ pub fn start_engine(
         stop_ids: text.stop_ids,
         generation: text.generation,
         load_s: loaded.load_s,
-        dir: files.dir,
+        dir: files.dir.clone(),
     })
 }
 

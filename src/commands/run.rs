@@ -11,6 +11,13 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::sync::mpsc::{self, TryRecvError};
 
 pub fn run(args: &RunArgs) -> Result<()> {
+    if let Some(n) = args.best_of.best_of {
+        if args.each_line {
+            bail!("--best-of answers one prompt; it does not combine with --each-line");
+        }
+        let (_, conversation) = conversations(args)?.pop().expect("one conversation");
+        return super::best_of::run(args, n, conversation);
+    }
     // Bad input fails before the model loads: everything but `--each-line`'s
     // stdin, which is read as it comes (lines are answered as they arrive,
     // so `tail -f log | starling run --each-line` works).
