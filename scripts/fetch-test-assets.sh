@@ -15,9 +15,12 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
 # Real chat templates as models publish them: llama.cpp's collection in the
-# llama-cpp-python 0.3.36 source package (tests/templates.rs renders them).
+# llama-cpp-python 0.3.36 source package (tests/templates.rs renders them),
+# and llama.cpp's vocabulary test files from the same package (vocab/:
+# ggml-vocab-*.gguf with their .inp/.out cases; tests/reward.rs reads the
+# Llama SentencePiece one).
 # Downloaded from PyPI's file host and checked against the index's sha256.
-if [ ! -f "$dest/templates/.complete" ]; then
+if [ ! -f "$dest/templates/.complete" ] || [ ! -f "$dest/vocab/.complete" ]; then
   python3 - "$dest" "$tmp" <<'PY'
 import hashlib, os, pathlib, sys, tarfile, urllib.request
 dest, tmp = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
@@ -30,21 +33,27 @@ urllib.request.urlretrieve(url, sdist)
 digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
 if digest != sha:
     sys.exit(f"fetch-test-assets: {sdist.name} has sha256 {digest}, expected {sha}")
-prefix = "llama_cpp_python-0.3.36/vendor/llama.cpp/models/templates/"
-out = dest / "templates.partial"
-out.mkdir(parents=True, exist_ok=True)
+import shutil
+models = "llama_cpp_python-0.3.36/vendor/llama.cpp/models/"
+wanted = {
+    "templates": lambda n: n.startswith(models + "templates/") and n.endswith(".jinja"),
+    "vocab": lambda n: n.startswith(models + "ggml-vocab-")
+    and os.path.dirname(n) + "/" == models,
+}
 with tarfile.open(sdist) as tar:
-    for member in tar.getmembers():
-        name = member.name
-        if name.startswith(prefix) and name.endswith(".jinja") and member.isfile():
-            data = tar.extractfile(member).read()
-            (out / os.path.basename(name)).write_bytes(data)
-(out / ".complete").write_text("llama-cpp-python==0.3.36\n")
-final = dest / "templates"
-if final.exists():
-    import shutil
-    shutil.rmtree(final)
-out.rename(final)
+    members = [m for m in tar.getmembers() if m.isfile()]
+    for folder, keep in wanted.items():
+        out = dest / f"{folder}.partial"
+        out.mkdir(parents=True, exist_ok=True)
+        for member in members:
+            if keep(member.name):
+                data = tar.extractfile(member).read()
+                (out / os.path.basename(member.name)).write_bytes(data)
+        (out / ".complete").write_text("llama-cpp-python==0.3.36\n")
+        final = dest / folder
+        if final.exists():
+            shutil.rmtree(final)
+        out.rename(final)
 PY
 fi
 

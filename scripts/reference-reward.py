@@ -15,7 +15,9 @@ special tokens parsed, truncation from the left to 2048.
 
 Run by hand (not in CI), in a throwaway venv:
   pip install numpy sentencepiece protobuf 'transformers==4.57.*'
-  python scripts/reference-reward.py target/test-assets/tokenizer.model.v1
+  pip install gguf   # for the second argument
+  python scripts/reference-reward.py target/test-assets/tokenizer.model.v1 \
+      target/test-assets/vocab/ggml-vocab-llama-spm.gguf
 """
 import importlib.util, json, os, sys
 import numpy as np
@@ -60,6 +62,13 @@ CONVERSATIONS = [
     # Longer than 2048 tokens: the start is cut, the answer stays.
     [{"role": "user", "content": "Count with me: " + " ".join(str(i) for i in range(1200))},
      {"role": "assistant", "content": "That was a long count; the last number was 1199."}],
+]
+
+
+# More text for the real vocabulary: markup, numbers, whitespace runs.
+EXTRA_LLAMA = [
+    [{"role": "user", "content": "  leading spaces and\ttabs\n\nparagraphs  "},
+     {"role": "assistant", "content": "<b>bold</b> [INST] stays text, 3.14159 and 1,000,000."}],
 ]
 
 
@@ -224,7 +233,33 @@ def published_tokenizer(model_path, chatml):
     return card_tokenizer(tok, add_bos=not chatml)
 
 
-def main(model_path):
+def spm_model_from_gguf(gguf_path, out_path):
+    """The tokenizer.model a GGUF SentencePiece vocabulary came from (Llama's
+    normalizer: identity, dummy prefix, whitespace kept), for LlamaTokenizer."""
+    import gguf
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    r = gguf.GGUFReader(gguf_path)
+    field = lambda k: r.fields[k].contents()
+    m = pb.ModelProto()
+    kinds = {1: pb.ModelProto.SentencePiece.NORMAL, 2: pb.ModelProto.SentencePiece.UNKNOWN,
+             3: pb.ModelProto.SentencePiece.CONTROL, 4: pb.ModelProto.SentencePiece.USER_DEFINED,
+             5: pb.ModelProto.SentencePiece.UNUSED, 6: pb.ModelProto.SentencePiece.BYTE}
+    for text, score, kind in zip(field("tokenizer.ggml.tokens"), field("tokenizer.ggml.scores"),
+                                 field("tokenizer.ggml.token_type")):
+        m.pieces.add(piece=text, score=score, type=kinds[kind])
+    m.trainer_spec.model_type = pb.TrainerSpec.BPE
+    m.trainer_spec.vocab_size = len(m.pieces)
+    m.trainer_spec.byte_fallback = True
+    m.trainer_spec.unk_id, m.trainer_spec.bos_id, m.trainer_spec.eos_id, m.trainer_spec.pad_id = 0, 1, 2, -1
+    m.normalizer_spec.name = "identity"
+    m.normalizer_spec.add_dummy_prefix = True
+    m.normalizer_spec.remove_extra_whitespaces = False
+    m.normalizer_spec.escape_whitespaces = True
+    with open(out_path, "wb") as f:
+        f.write(m.SerializeToString())
+
+
+def main(model_path, llama_gguf=None):
     cases = []
     for name, config in CONFIGS.items():
         chatml = name == "rm-34b-shape"
@@ -241,6 +276,19 @@ def main(model_path):
             cases.append({"model": name, "messages": messages, "ids": ids,
                           "score_last": last, "score_card": card})
             print(name, len(ids), f"last={last:.6f} card={card:.6f}")
+    # The 7B template's ids on the real Llama SentencePiece vocabulary
+    # (llama.cpp's ggml-vocab-llama-spm.gguf), in the published Llama-2 layout.
+    llama_cases = []
+    if llama_gguf:
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            spm_path = os.path.join(tmp, "tokenizer.model")
+            spm_model_from_gguf(llama_gguf, spm_path)
+            tokenizer = published_tokenizer(spm_path, False)
+            for messages in CONVERSATIONS + EXTRA_LLAMA:
+                enc = tokenizer([llama2_sample(messages)], truncation=True, max_length=MAX_LENGTH)
+                llama_cases.append({"messages": messages, "ids": enc["input_ids"][0]})
+                print("llama-spm", len(enc["input_ids"][0]))
     out = {
         "about": __doc__.strip().splitlines()[0],
         "generator": {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
@@ -248,10 +296,12 @@ def main(model_path):
         "max_length": MAX_LENGTH,
         "configs": CONFIGS,
         "cases": cases,
+        "llama_spm_vocab": "llama-cpp-python 0.3.36 vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf",
+        "llama_spm_cases": llama_cases,
     }
     with open("tests/data/reward-reference.json", "w") as f:
         json.dump(out, f, ensure_ascii=False, indent=1)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

@@ -580,3 +580,20 @@ fn best_of_needs_sampling_and_a_reward_model() {
     wrong[10] = tiny;
     fails_with(&starling(&wrong, None), "not a reward model");
 }
+
+#[test]
+fn the_7b_template_gives_the_published_llama_2_ids_on_the_real_vocabulary() {
+    // Llama's own SentencePiece vocabulary, as llama.cpp ships it for its tests.
+    let gguf =
+        starling::weights::gguf::Gguf::open(&common::vocab_dir().join("ggml-vocab-llama-spm.gguf"))
+            .unwrap();
+    let tokenizer = starling::tokenizer::TextTokenizer::from_vocab(&gguf.vocab().unwrap()).unwrap();
+    let template = starling::template::reward::RewardTemplate::Llama2;
+    let cases = reference()["llama_spm_cases"].as_array().unwrap();
+    assert!(cases.len() >= 5);
+    for case in cases {
+        let conv = messages(&case["messages"]);
+        let ids = template.encode(&tokenizer, &conv).unwrap();
+        assert_eq!(ids, common::ids(&case["ids"]), "{conv:?}");
+    }
+}

@@ -266,6 +266,9 @@ pub fn read(inner: impl Read, size: u64) -> Result<Content> {
     let data_start = r
         .pos
         .checked_next_multiple_of(alignment)
+        // A vocabulary-only file (llama.cpp's ggml-vocab-*.gguf) has no
+        // tensors and may end without padding to its data section.
+        .map(|s| if extents.is_empty() { s.min(size) } else { s })
         .filter(|&s| s <= size)
         .ok_or_else(|| anyhow::anyhow!("the file ends before its tensor data"))?;
     let data_len = size - data_start;
@@ -368,6 +371,21 @@ pub(crate) mod tests {
         let err = check(file).map(|_| ()).unwrap_err().to_string();
         assert!(err.contains(needle), "expected {needle:?} in {err:?}");
         assert!(!err.contains('\n'), "one line: {err:?}");
+    }
+
+    #[test]
+    fn a_file_without_tensors_may_end_before_the_padding() {
+        let file = RawGguf::default().kv("general.architecture", 8, string("llama"));
+        let mut bytes = file.bytes();
+        // Cut the padding after the metadata, as llama.cpp's vocab files are.
+        let header_end = bytes.len() - bytes.iter().rev().take_while(|&&b| b == 0).count();
+        bytes.truncate(header_end);
+        let content = read(bytes.as_slice(), bytes.len() as u64).unwrap();
+        assert!(content.tensor_infos.is_empty());
+        // With a tensor, a file that ends there is truncated.
+        let mut with_tensor = valid();
+        with_tensor.data.clear();
+        fails(&with_tensor, "");
     }
 
     /// Two f32 tensors of 8 values, packed as llama.cpp packs them.

@@ -37,6 +37,17 @@ pub fn templates_dir() -> PathBuf {
     dir
 }
 
+/// llama.cpp's vocabulary test files (`ggml-vocab-*.gguf`, `.inp`, `.out`),
+/// fetched on first use.
+#[allow(dead_code)]
+pub fn vocab_dir() -> PathBuf {
+    let dir = assets_dir().join("vocab");
+    if !dir.join(".complete").is_file() {
+        fetch_assets();
+    }
+    dir
+}
+
 /// The Python of the virtual environment that holds the official `openai`
 /// client (scripts/openai-requirements.txt), installed on first use.
 #[allow(dead_code)]
