@@ -68,7 +68,11 @@ pub struct ScoreArgs {
     /// Print {"score": ...} instead of the bare number.
     #[arg(long)]
     pub json: bool,
-    /// Print the load time and each item's scoring time on stderr.
+    /// Conversations scored together in each pass over the weights.
+    #[arg(long, value_name = "N", default_value_t = 8,
+          value_parser = clap::value_parser!(u16).range(1..=256).map(usize::from))]
+    pub parallel: usize,
+    /// Print the load time and the scoring time on stderr.
     #[arg(long, short = 'v')]
     pub verbose: bool,
 }

@@ -5,8 +5,9 @@
 //! 2023). The reward of a conversation is the value head applied to a
 //! final-norm hidden state; which position's is the [`Readout`].
 
+use crate::engine::{Engine, EngineConfig, Handle, Probe};
 use crate::loader::{self, DTypeChoice};
-use crate::model::{Config, Head, KvCache, Layout, Logits, Model};
+use crate::model::{Config, Head, Layout, Logits, Model};
 use crate::source::ModelFiles;
 use crate::template::Message;
 use crate::template::reward::{REWARD_MAX_TOKENS, RewardTemplate};
@@ -15,6 +16,7 @@ use crate::weights::Weights;
 use anyhow::{Context, Result, bail};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
+use std::sync::Arc;
 
 /// Where the trunk of a reward checkpoint may sit, in order of preference.
 /// The model cards load with `strict=False` from classes that keep the trunk
@@ -120,60 +122,126 @@ impl RewardModel {
         self.score_ids(&self.encode(messages)?)
     }
 
-    /// The reward of already-encoded ids (see [`RewardTemplate::encode`]).
+    /// The reward of already-encoded ids (see [`RewardTemplate::encode`]),
+    /// computed here, one conversation per pass: [`RewardEngine`] shares
+    /// the passes between many.
     pub fn score_ids(&self, ids: &[u32]) -> Result<f32> {
         if ids.is_empty() {
             bail!("nothing to score: the conversation encodes to no tokens");
         }
-        let pad_at = self.card_pad_position(ids.len())?;
-        let mut cache = self
-            .model
-            .new_cache_of(ids.len().max(pad_at.map_or(0, |p| p + 1)));
+        let probe = self.readout_probe(ids.len())?;
+        let mut cache = self.model.new_cache_of(ids.len());
         let last = self.model.forward(ids, &mut cache, Logits::Last)?;
-        let value = match pad_at {
-            Some(position) => {
-                let pad = self.pad_id()?;
-                self.model.probe(pad, position, &mut cache)?
-            }
+        let value = match probe {
+            Some(p) => self.model.probe(p.id, p.position, &mut cache)?,
             None => last,
         };
         Ok(value.to_dtype(DType::F32)?.to_vec1::<f32>()?[0])
     }
 
-    /// Where the card's pad read-out sits, if it applies to `len` ids.
-    fn card_pad_position(&self, len: usize) -> Result<Option<usize>> {
-        if self.readout != Readout::Card
-            || self.template != RewardTemplate::Llama2
-            || len >= REWARD_MAX_TOKENS
-        {
-            return Ok(None);
-        }
-        let position = REWARD_MAX_TOKENS - 1;
-        if position >= self.model.max_len() {
-            bail!(
-                "--readout card reads position {position}, beyond the model's context of {}",
-                self.model.max_len()
-            );
-        }
-        Ok(Some(position))
+    /// Where the reward is read for `len` ids other than at the last one:
+    /// the card's pad position, if `--readout card` applies.
+    fn readout_probe(&self, len: usize) -> Result<Option<Probe>> {
+        readout_probe(
+            self.readout,
+            self.template,
+            &self.tokenizer,
+            self.model.max_len(),
+            len,
+        )
     }
 
-    /// The card's pad token: `tokenizer.pad_token = tokenizer.unk_token`.
-    fn pad_id(&self) -> Result<u32> {
-        self.tokenizer
-            .token_id("<unk>")
-            .context("--readout card pads with <unk>, which this vocabulary does not have")
+    /// Starts an engine over this model, so that many conversations share
+    /// each pass over the weights (continuous batching, as for answers).
+    pub fn into_engine(self, config: EngineConfig) -> Result<RewardEngine> {
+        let pad = readout_probe(
+            self.readout,
+            self.template,
+            &self.tokenizer,
+            self.model.max_len(),
+            1,
+        )?
+        .map(|p| p.id);
+        let max_len = self.model.max_len();
+        let tokenizer = Arc::new(self.tokenizer);
+        let engine = Engine::start(self.model, Some(tokenizer.clone()), config)?;
+        Ok(RewardEngine {
+            engine,
+            tokenizer,
+            template: self.template,
+            readout: self.readout,
+            pad,
+            max_len,
+        })
+    }
+}
+
+/// A reward model inside the engine: conversations are queued as score
+/// requests and read in the same passes over the weights.
+pub struct RewardEngine {
+    pub engine: Engine,
+    pub tokenizer: Arc<TextTokenizer>,
+    pub template: RewardTemplate,
+    pub readout: Readout,
+    pad: Option<u32>,
+    max_len: usize,
+}
+
+impl RewardEngine {
+    /// Queues the reward of `messages` (ending with the answer judged).
+    pub fn submit(&self, messages: &[Message]) -> Result<Handle> {
+        let ids = self.template.encode(&self.tokenizer, messages)?;
+        let probe = readout_probe(
+            self.readout,
+            self.template,
+            &self.tokenizer,
+            self.max_len,
+            ids.len(),
+        )?;
+        debug_assert!(probe.is_none() || self.pad.is_some());
+        self.engine.submit_score(ids, probe)
     }
 
-    /// Memory the weights take, in bytes.
-    pub fn weight_bytes(&self) -> usize {
-        self.model.weight_bytes()
+    /// The rewards of `conversations`, in order, all queued at once.
+    pub fn score_all(&self, conversations: &[Vec<Message>]) -> Result<Vec<f32>> {
+        let handles = conversations
+            .iter()
+            .map(|c| self.submit(c))
+            .collect::<Result<Vec<_>>>()?;
+        handles.into_iter().map(wait_reward).collect()
     }
+}
 
-    /// A cache for a conversation's ids (exposed for callers that batch).
-    pub fn new_cache(&self, len: usize) -> KvCache {
-        self.model.new_cache_of(len.min(REWARD_MAX_TOKENS))
+/// The reward a score request's handle ends with.
+pub fn wait_reward(handle: Handle) -> Result<f32> {
+    let outcome = handle.wait(&mut |_| Ok(()), None)?;
+    outcome
+        .reward
+        .context("the engine finished a score request without a reward")
+}
+
+/// Where the reward of `len` ids is read other than at the last one: the
+/// 7B card's pad position (2047, a `<unk>`), when `--readout card` applies
+/// (the Llama-2 template, inputs shorter than 2048).
+fn readout_probe(
+    readout: Readout,
+    template: RewardTemplate,
+    tokenizer: &TextTokenizer,
+    max_len: usize,
+    len: usize,
+) -> Result<Option<Probe>> {
+    if readout != Readout::Card || template != RewardTemplate::Llama2 || len >= REWARD_MAX_TOKENS {
+        return Ok(None);
     }
+    let position = REWARD_MAX_TOKENS - 1;
+    if position >= max_len {
+        bail!("--readout card reads position {position}, beyond the model's context of {max_len}");
+    }
+    // The card's pad token: `tokenizer.pad_token = tokenizer.unk_token`.
+    let id = tokenizer
+        .token_id("<unk>")
+        .context("--readout card pads with <unk>, which this vocabulary does not have")?;
+    Ok(Some(Probe { id, position }))
 }
 
 /// The config and the weights of a reward checkpoint, checked to be one:

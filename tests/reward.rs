@@ -597,3 +597,28 @@ fn the_7b_template_gives_the_published_llama_2_ids_on_the_real_vocabulary() {
         assert_eq!(ids, common::ids(&case["ids"]), "{conv:?}");
     }
 }
+
+#[test]
+fn the_engine_reads_many_conversations_per_pass_as_it_reads_one() {
+    for (model, readout) in [("rm-7b-shape", "card"), ("rm-34b-shape", "last")] {
+        let alone = load(model, readout);
+        let cases: Vec<&Value> = reference()["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["model"] == model)
+            .collect();
+        let convs: Vec<Vec<Message>> = cases.iter().map(|c| messages(&c["messages"])).collect();
+        let one_by_one: Vec<f32> = convs.iter().map(|c| alone.score(c).unwrap()).collect();
+        // Fewer slots than conversations: some wait, some share passes.
+        let engine = load(model, readout)
+            .into_engine(starling::commands::score::reward_engine_config(3))
+            .unwrap();
+        let together = engine.score_all(&convs).unwrap();
+        let key = format!("score_{readout}");
+        for ((a, b), case) in one_by_one.iter().zip(&together).zip(&cases) {
+            assert!((a - b).abs() <= 1e-5, "{model}: {a} alone, {b} batched");
+            assert!(close(*b, case[&key].as_f64().unwrap()), "{model}: {b}");
+        }
+    }
+}

@@ -75,12 +75,19 @@ pub fn run(args: &RunArgs, n: usize, conversation: Vec<Message>) -> Result<()> {
         .into_iter()
         .map(|h| h.wait(&mut |_| Ok(()), None))
         .collect::<Result<Vec<_>>>()?;
-    let mut scores = Vec::with_capacity(n);
-    for o in &outcomes {
-        let mut judged = conversation.clone();
-        judged.push(Message::new("assistant", o.text.clone()));
-        scores.push(rm.score(&judged).context("scoring an answer")?);
-    }
+    // The N answers are scored together, in the reward model's own engine.
+    let judged: Vec<Vec<Message>> = outcomes
+        .iter()
+        .map(|o| {
+            let mut c = conversation.clone();
+            c.push(Message::new("assistant", o.text.clone()));
+            c
+        })
+        .collect();
+    let scores = rm
+        .into_engine(score::reward_engine_config(n))?
+        .score_all(&judged)
+        .context("scoring the answers")?;
     let best = score::ranking(&scores)[0];
 
     let stdout = std::io::stdout();

@@ -3,12 +3,14 @@
 
 use super::input;
 use crate::cli::{RewardArgs, ScoreArgs};
+use crate::engine::{EngineConfig, Handle};
 use crate::loader::{self, DTypeChoice};
-use crate::reward::{Readout, RewardModel, RewardOptions};
+use crate::model::PREFILL_CHUNK;
+use crate::reward::{Readout, RewardModel, RewardOptions, wait_reward};
 use crate::source::hub::{HubOptions, Parts};
 use crate::source::{self, ModelFiles, ModelSpec, known};
 use crate::template::Message;
-use crate::template::reward::RewardTemplate;
+use crate::template::reward::{REWARD_MAX_TOKENS, RewardTemplate};
 use crate::tokenizer::TokenizerFiles;
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
@@ -136,22 +138,37 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
             rm.load_s
         );
     }
+    let rm = rm.into_engine(reward_engine_config(args.parallel))?;
+    // Everything is queued at once, so the engine reads many conversations
+    // in each pass over the weights; results are printed in input order.
+    let start = std::time::Instant::now();
+    let queued: Vec<Result<(&Item, Vec<Handle>)>> = items
+        .iter()
+        .map(|(_, item)| {
+            let item = item.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
+            let handles = item
+                .conversations()
+                .iter()
+                .map(|c| rm.submit(c))
+                .collect::<Result<Vec<_>>>()?;
+            Ok((item, handles))
+        })
+        .collect();
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut failed = 0;
-    for (line, item) in &items {
-        let start = std::time::Instant::now();
-        let result = item
-            .as_ref()
-            .map_err(|e| anyhow::anyhow!("{e:#}"))
-            .and_then(|item| {
-                let scores = item
-                    .conversations()
-                    .iter()
-                    .map(|c| rm.score(c))
-                    .collect::<Result<Vec<f32>>>()?;
-                Ok((item, scores))
-            });
+    let mut scored = 0;
+    for ((line, _), queued) in items.iter().zip(queued) {
+        let result = queued.and_then(|(item, handles)| {
+            let scores = handles
+                .into_iter()
+                .map(wait_reward)
+                .collect::<Result<Vec<f32>>>()?;
+            Ok((item, scores))
+        });
+        if let Ok((_, scores)) = &result {
+            scored += scores.len();
+        }
         match (result, line) {
             (Ok((Item::Conversation(_), scores)), _) if !args.json && !args.each_line => {
                 writeln!(out, "{}", scores[0])?;
@@ -175,9 +192,13 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
             (Err(e), None) => return Err(e),
         }
         out.flush()?;
-        if args.verbose {
-            eprintln!("score_s={:.4}", start.elapsed().as_secs_f64());
-        }
+    }
+    if args.verbose {
+        let s = start.elapsed().as_secs_f64();
+        eprintln!(
+            "scored={scored} score_s={s:.3} per_conversation_s={:.4}",
+            s / scored.max(1) as f64
+        );
     }
     if failed > 0 {
         bail!(
@@ -277,6 +298,17 @@ pub fn resolve_reward(args: &RewardArgs) -> Result<RewardSource> {
         tokenizer,
         template,
     })
+}
+
+/// The engine settings for reward models: every input fits in the cards'
+/// 2048 tokens, and prompts are all there is to read, so a step takes as
+/// many prompt rows as a chunk holds.
+pub fn reward_engine_config(parallel: usize) -> EngineConfig {
+    EngineConfig {
+        parallel,
+        batch_tokens: PREFILL_CHUNK,
+        context: Some(REWARD_MAX_TOKENS),
+    }
 }
 
 /// The reward model `args` names, loaded.

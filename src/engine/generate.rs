@@ -96,6 +96,8 @@ pub struct Outcome {
     /// Positions the sequence's cache holds at the end (prompt and the
     /// answer's fed tokens).
     pub context_len: usize,
+    /// A score request's reward (the value head's output); `None` for answers.
+    pub reward: Option<f32>,
 }
 
 /// Generates an answer to `req.prompt`, calling `on_text` with each piece of
@@ -151,6 +153,7 @@ pub fn generate(
         stop,
         stats,
         context_len: session.fed().len(),
+        reward: None,
     };
     // The caller's sampler carries on from where this answer left it.
     *sampler = sequence.into_sampler();

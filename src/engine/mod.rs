@@ -16,7 +16,7 @@ pub mod stop;
 pub use chat::{Chat, ChatSettings, TurnReport};
 pub use detokenizer::StreamDecoder;
 pub use generate::{Outcome, Request, Stats, StopReason, generate};
-pub use request::{Event, GenerateRequest, Handle};
+pub use request::{Event, GenerateRequest, Handle, Probe};
 pub use sampler::{Sampler, SamplerConfig, TokenLogprobs};
 pub use scheduler::{DEFAULT_BATCH_TOKENS, Engine, EngineConfig, EngineLoad};
 pub use session::{Prefill, Session};

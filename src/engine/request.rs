@@ -31,6 +31,15 @@ pub struct GenerateRequest {
     pub logprobs: Option<usize>,
 }
 
+/// A score request's read-out away from the prompt's last position: the
+/// value head at one extra token `id` placed at `position`, attending to
+/// the prompt but not to itself (see `Model::probe`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probe {
+    pub id: u32,
+    pub position: usize,
+}
+
 /// What the engine reports about a request, in order: text pieces, then
 /// exactly one `Finished` or `Failed`.
 #[derive(Debug)]

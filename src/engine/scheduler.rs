@@ -21,8 +21,8 @@
 //! read once.
 
 use super::generate::{Outcome, Stats, StopReason};
-use super::request::{Event, GenerateRequest, Handle};
-use super::sampler::Sampler;
+use super::request::{Event, GenerateRequest, Handle, Probe};
+use super::sampler::{Sampler, SamplerConfig};
 use super::sequence::{Next, Sequence};
 use crate::model::{Chunk, KvCache, Model, PREFILL_CHUNK};
 use crate::tokenizer::TextTokenizer;
@@ -120,6 +120,17 @@ struct Submission {
     /// Sequences that share this one's prefill (`submit_n`): each gets a
     /// copy of the prompt's cache and its own seed.
     followers: Vec<Submission>,
+    kind: Kind,
+}
+
+/// What a request wants from its prompt's pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Tokens sampled from the logits, one step after another.
+    Generate,
+    /// The model's output at the prompt's last position (a reward model's
+    /// value head), or at a probe; nothing is sampled.
+    Score(Option<Probe>),
 }
 
 impl Engine {
@@ -227,6 +238,7 @@ impl Engine {
                     cancel,
                     submitted,
                     followers: Vec::new(),
+                    kind: Kind::Generate,
                 }
             })
             .collect();
@@ -238,6 +250,48 @@ impl Engine {
             .and_then(|q| q.send(leader).ok())
             .ok_or_else(|| anyhow!("the engine has stopped"))?;
         Ok(handles)
+    }
+
+    /// Queues a score request: `prompt` is fed like any other (sharing
+    /// the engine's passes over the weights, and any kept prefix), and the
+    /// model's output `[out]` at its last position (or at `probe`) comes
+    /// back as `Outcome::reward` (its first value) instead of an answer.
+    /// For a reward model, whose head is `v_head`: its reward.
+    pub fn submit_score(&self, prompt: Vec<u32>, probe: Option<Probe>) -> Result<Handle> {
+        if prompt.is_empty() {
+            bail!("nothing to score: no tokens");
+        }
+        if prompt.len() > self.context {
+            bail!(
+                "the input is {} tokens, longer than the model's context of {} tokens",
+                prompt.len(),
+                self.context
+            );
+        }
+        let (events, rx) = mpsc::channel();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let submission = Submission {
+            request: GenerateRequest {
+                prompt,
+                sampling: SamplerConfig::default(),
+                max_tokens: 0,
+                stop_ids: Vec::new(),
+                stop_texts: Vec::new(),
+                continuation: false,
+                logprobs: None,
+            },
+            events,
+            cancel: cancel.clone(),
+            submitted: Instant::now(),
+            followers: Vec::new(),
+            kind: Kind::Score(probe),
+        };
+        self.load.waiting.fetch_add(1, Ordering::Relaxed);
+        self.queue
+            .as_ref()
+            .and_then(|q| q.send(submission).ok())
+            .ok_or_else(|| anyhow!("the engine has stopped"))?;
+        Ok(Handle { events: rx, cancel })
     }
 
     /// What the engine is doing now.
@@ -335,6 +389,8 @@ struct Active<'t> {
     followers: Vec<usize>,
     /// A follower waits for its leader's prefill instead of feeding its prompt.
     follows: bool,
+    /// A score request's result, once read.
+    reward: Option<f32>,
 }
 
 /// What one slot feeds in a step.
@@ -426,6 +482,7 @@ impl<'t> StepLoop<'t> {
                             ..Stats::default()
                         },
                         context_len: 0,
+                        reward: None,
                     }));
                 }
                 load.waiting
@@ -515,6 +572,7 @@ impl<'t> StepLoop<'t> {
             ttft_s: 0.0,
             followers: Vec::new(),
             follows,
+            reward: None,
         });
     }
 
@@ -632,6 +690,10 @@ impl<'t> StepLoop<'t> {
                     continue;
                 }
             };
+            if let Kind::Score(probe) = a.submission.kind {
+                self.score(i, &next, probe);
+                continue;
+            }
             for f in followers {
                 self.fork(i, f);
                 self.sample(f, &next);
@@ -699,6 +761,34 @@ impl<'t> StepLoop<'t> {
         }
     }
 
+    /// Ends score request `i` with the model's output `[out]` at the
+    /// prompt's end, or at `probe` (one more row, outside the batch: it
+    /// reads the slot's cache and writes nothing to it).
+    fn score(&mut self, i: usize, output: &Tensor, probe: Option<Probe>) {
+        let slot = &mut self.slots[i];
+        let value = match probe {
+            None => Ok(output.clone()),
+            Some(p) => self.model.probe(p.id, p.position, &mut slot.cache),
+        }
+        .and_then(|t| {
+            let values = t.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+            values
+                .first()
+                .copied()
+                .ok_or_else(|| anyhow!("the model's output is empty"))
+        });
+        match value {
+            Ok(v) => {
+                if let Some(a) = slot.active.as_mut() {
+                    a.reward = Some(v);
+                    a.ttft_s = a.submission.submitted.elapsed().as_secs_f64();
+                }
+                self.finish(i, StopReason::MaxTokens);
+            }
+            Err(e) => self.fail(i, e),
+        }
+    }
+
     /// Ends slot `i`'s sequence and reports it; the cache stays as a kept prefix.
     fn finish(&mut self, i: usize, reason: StopReason) {
         let step = self.step;
@@ -738,6 +828,7 @@ impl<'t> StepLoop<'t> {
             stop,
             stats,
             context_len: slot.fed.len(),
+            reward: a.reward,
         };
         let _ = a.submission.events.send(Event::Finished(outcome));
     }
