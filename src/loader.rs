@@ -398,6 +398,12 @@ pub fn load(
         );
     }
     let weights = Weights::open(&files.weights)?.quantize_to(quantize);
+    if weights.contains("v_head.weight") && !weights.contains("lm_head.weight") {
+        bail!(
+            "{} is a reward model (a v_head and no lm_head), not a chat model: score with `starling score`, or use it as `run --best-of N --reward-model`",
+            files.dir.display()
+        );
+    }
     let text = match weights.gguf() {
         Some(gguf) => text_from_gguf(gguf, template)?,
         None => load_text(files, template)?,

@@ -25,6 +25,10 @@ const NO_WEIGHTS: &str = "test-org/no-weights";
 const BIN_REPO: &str = "test-org/tiny-declare";
 /// A repo of GGUF files only (no config.json), as llama.cpp users publish them.
 const GGUF_REPO: &str = "test-org/tiny-gguf";
+/// Starling-RM-7B-alpha's layout: config and one .bin, no tokenizer.
+const RM_REPO: &str = "berkeley-nest/Starling-RM-7B-alpha";
+/// The tokenizer its card names: gated, with weights that must not be fetched.
+const LLAMA_REPO: &str = "meta-llama/Llama-2-7b-chat-hf";
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
 /// Files of the served repos, by repo and name.
@@ -33,6 +37,8 @@ fn repo_files(repo: &str) -> Option<&'static HashMap<String, Vec<u8>>> {
     static BIN: OnceLock<HashMap<String, Vec<u8>>> = OnceLock::new();
     static BARE: OnceLock<HashMap<String, Vec<u8>>> = OnceLock::new();
     static GGUF: OnceLock<HashMap<String, Vec<u8>>> = OnceLock::new();
+    static RM: OnceLock<HashMap<String, Vec<u8>>> = OnceLock::new();
+    static LLAMA: OnceLock<HashMap<String, Vec<u8>>> = OnceLock::new();
     let read = |dir: &Path, names: &[&str]| -> HashMap<String, Vec<u8>> {
         names
             .iter()
@@ -78,6 +84,24 @@ fn repo_files(repo: &str) -> Option<&'static HashMap<String, Vec<u8>>> {
             }
             let mut files = read(&dir, &["tiny.Q8_0.gguf", "tiny.F32.gguf"]);
             files.insert("README.md".into(), b"GGUF files of a tiny model".to_vec());
+            files
+        })),
+        RM_REPO => Some(RM.get_or_init(|| {
+            let dir = common::scratch("hub-rm-source");
+            common::write_reward_model(
+                &dir,
+                "rm-7b-shape",
+                &["model.model", "transformer"],
+                common::Format::Pickle,
+            );
+            read(&dir, &["config.json", "pytorch_model.bin"])
+        })),
+        LLAMA_REPO => Some(LLAMA.get_or_init(|| {
+            let dir = common::scratch("hub-llama-source");
+            common::write_tokenizer(&dir, &[]);
+            let mut files = read(&dir, &["tokenizer.json", "tokenizer_config.json"]);
+            files.insert("config.json".into(), b"{}".to_vec());
+            files.insert("model.safetensors".into(), vec![0; 4096]);
             files
         })),
         NO_WEIGHTS => Some(
@@ -194,7 +218,7 @@ fn serve(mut stream: TcpStream, drops: &AtomicUsize, hold: &AtomicBool) -> std::
     let not_found = [("X-Error-Code", "RepoNotFound".to_string())];
     if let Some(rest) = path.strip_prefix("/api/models/") {
         let repo = rest.split("/revision/").next().unwrap_or("");
-        if repo == GATED && !authorized {
+        if (repo == GATED || repo == LLAMA_REPO) && !authorized {
             return respond(
                 &mut stream,
                 "401 Unauthorized",
@@ -225,7 +249,7 @@ fn serve(mut stream: TcpStream, drops: &AtomicUsize, hold: &AtomicBool) -> std::
         [owner, name, "resolve", _rev, file] => (format!("{owner}/{name}"), file.to_string()),
         _ => return respond(&mut stream, "404 Not Found", &not_found, b""),
     };
-    if repo == GATED && !authorized {
+    if (repo == GATED || repo == LLAMA_REPO) && !authorized {
         return respond(
             &mut stream,
             "401 Unauthorized",
@@ -752,4 +776,57 @@ fn serve_says_503_while_the_model_loads_then_200() {
         "{}",
         r.body_mut().read_to_string().unwrap()
     );
+}
+
+#[test]
+fn a_known_reward_model_takes_the_gated_tokenizer_its_card_names() {
+    let home = common::scratch("hub-reward");
+    let hub = Hub::start();
+    let endpoint = hub.endpoint();
+    let case = &common::reward_reference()["cases"][0];
+    let conv = home.join("conv.json");
+    std::fs::write(&conv, case["messages"].to_string()).unwrap();
+    let args = [
+        "score",
+        "--model",
+        "starling-rm-7b",
+        "--messages",
+        conv.to_str().unwrap(),
+    ];
+    // Without a token: one line naming the gated repo and what to do.
+    let out = starling(&home, Some(&endpoint), &[], &args);
+    fails_with(&out, "meta-llama/Llama-2-7b-chat-hf is gated");
+    fails_with(&out, "HF_TOKEN");
+    // With one: the reward of the reference, from the .bin and the tokenizer alone.
+    let out = starling(&home, Some(&endpoint), &[("HF_TOKEN", TOKEN)], &args);
+    let got: f64 = answer(&out).trim().parse().unwrap();
+    let want = case["score_last"].as_f64().unwrap();
+    assert!((got - want).abs() <= 1e-4, "{got} vs {want}");
+    let llama = home
+        .join("hub/models--meta-llama--Llama-2-7b-chat-hf/snapshots")
+        .join(COMMIT);
+    assert!(llama.join("tokenizer.json").is_file());
+    assert!(
+        !llama.join("model.safetensors").exists(),
+        "only the tokenizer is fetched"
+    );
+    // Then offline, from the cache.
+    let out = starling(&home, None, &[("HF_HUB_OFFLINE", "1")], &args);
+    let again: f64 = answer(&out).trim().parse().unwrap();
+    assert_eq!(again, got);
+    // `pull` fetches the same two parts into a fresh cache.
+    let fresh = common::scratch("hub-reward-pull");
+    let out = starling(
+        &fresh,
+        Some(&endpoint),
+        &[("HF_TOKEN", TOKEN)],
+        &["pull", "starling-rm-7b"],
+    );
+    let said = answer(&out);
+    assert!(
+        said.contains("meta-llama/Llama-2-7b-chat-hf (its tokenizer) ready"),
+        "{said}"
+    );
+    let out = starling(&fresh, None, &[("HF_HUB_OFFLINE", "1")], &args);
+    assert_eq!(answer(&out).trim().parse::<f64>().unwrap(), got);
 }

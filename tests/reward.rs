@@ -4,7 +4,8 @@
 
 mod common;
 
-use common::{fails_with, ok, starling};
+use common::{Format, fails_with, ok, reward_reference as reference, starling};
+use common::{write_reward_model, write_tokenizer};
 use serde_json::{Value, json};
 use starling::cli::RewardArgs;
 use starling::commands::score::load_reward;
@@ -13,73 +14,6 @@ use starling::reward::RewardModel;
 use starling::template::Message;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-
-fn reference() -> &'static Value {
-    static REF: OnceLock<Value> = OnceLock::new();
-    REF.get_or_init(|| {
-        let text = std::fs::read_to_string(common::root().join("tests/data/reward-reference.json"))
-            .unwrap();
-        serde_json::from_str(&text).unwrap()
-    })
-}
-
-fn config(name: &str) -> &'static Value {
-    &reference()["configs"][name]
-}
-
-enum Format {
-    Safetensors,
-    Pickle,
-}
-
-/// A tokenizer directory: tokenizer.json converted from the Mistral v0.1
-/// SentencePiece model, plus `added` special tokens from 32000 on.
-fn write_tokenizer(dir: &Path, added: &[&str]) {
-    std::fs::create_dir_all(dir).unwrap();
-    let decoder: serde_json::Map<String, Value> = added
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            (
-                (32000 + i).to_string(),
-                json!({"content": t, "special": true}),
-            )
-        })
-        .collect();
-    let config = json!({
-        "added_tokens_decoder": decoder,
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"
-    });
-    std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
-    std::fs::copy(common::tokenizer_model(), dir.join("tokenizer.model")).unwrap();
-    let files = starling::source::tokenizer_dir(dir).unwrap();
-    let t = starling::reward::load_tokenizer(&files).unwrap();
-    t.inner().save(dir.join("tokenizer.json"), false).unwrap();
-    std::fs::remove_file(dir.join("tokenizer.model")).unwrap();
-}
-
-/// A reward-model directory of config `name`, its trunk under each of
-/// `prefixes` (the first also carries `v_head`), without a tokenizer.
-fn write_reward_model(dir: &Path, name: &str, prefixes: &[&str], format: Format) {
-    std::fs::create_dir_all(dir).unwrap();
-    let text = config(name).to_string();
-    std::fs::write(dir.join("config.json"), &text).unwrap();
-    let parsed = starling::model::Config::from_json(&text).unwrap();
-    let mut tensors = Vec::new();
-    for (i, prefix) in prefixes.iter().enumerate() {
-        for t in starling::model::synthetic::reward_tensors(&parsed, prefix) {
-            if i == 0 || t.0 != "v_head.weight" {
-                tensors.push(t);
-            }
-        }
-    }
-    match format {
-        Format::Safetensors => {
-            starling::model::synthetic::save_f32(&tensors, &dir.join("model.safetensors")).unwrap()
-        }
-        Format::Pickle => common::save_pytorch_f32(&tensors, &dir.join("pytorch_model.bin")),
-    }
-}
 
 /// The two reference models: the 7B shape as its repo is (one
 /// pytorch_model.bin holding the trunk as `model.model.*` and
@@ -272,10 +206,11 @@ fn files_that_are_not_reward_models_are_refused_by_name() {
     std::fs::create_dir_all(&headless).unwrap();
     std::fs::write(
         headless.join("config.json"),
-        config("rm-7b-shape").to_string(),
+        common::reward_config("rm-7b-shape").to_string(),
     )
     .unwrap();
-    let cfg = starling::model::Config::from_json(&config("rm-7b-shape").to_string()).unwrap();
+    let cfg = starling::model::Config::from_json(&common::reward_config("rm-7b-shape").to_string())
+        .unwrap();
     let only_head: Vec<_> = starling::model::synthetic::reward_tensors(&cfg, "backbone")
         .into_iter()
         .filter(|t| t.0 == "v_head.weight" || t.0.starts_with("backbone.norm"))
@@ -621,4 +556,120 @@ fn the_engine_reads_many_conversations_per_pass_as_it_reads_one() {
             assert!(close(*b, case[&key].as_f64().unwrap()), "{model}: {b}");
         }
     }
+}
+
+#[test]
+fn a_reward_model_is_not_a_chat_model() {
+    let m = models();
+    let rm = m.rm34.to_str().unwrap();
+    fails_with(
+        &starling(&["run", "--model", rm, "Hello"], None),
+        "is a reward model (a v_head and no lm_head)",
+    );
+    fails_with(
+        &starling(
+            &["run", "--model", "starling-rm-7b", "--offline", "Hello"],
+            None,
+        ),
+        "starling-rm-7b is a reward model, not a chat model",
+    );
+    // And a chat model is not a reward model, by name too.
+    fails_with(
+        &starling(
+            &["score", "--model", "starling-lm-7b-beta", "--offline"],
+            Some(br#"[{"role":"user","content":"q"},{"role":"assistant","content":"a"}]"#),
+        ),
+        "starling-lm-7b-beta is a chat model",
+    );
+}
+
+/// A safetensors file of f32 zeros with these tensors, sparse on disk: its
+/// size is declared, its pages never written (nothing here reads them).
+fn write_sparse_safetensors(path: &Path, tensors: &[(String, Vec<usize>)]) {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, shape) in tensors {
+        let bytes = shape.iter().product::<usize>() * 4;
+        header.insert(
+            name.clone(),
+            json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let mut text = Value::Object(header).to_string();
+    while !(text.len() + 8).is_multiple_of(8) {
+        text.push(' ');
+    }
+    let mut file = std::fs::File::create(path).unwrap();
+    use std::io::Write;
+    file.write_all(&(text.len() as u64).to_le_bytes()).unwrap();
+    file.write_all(text.as_bytes()).unwrap();
+    file.set_len((8 + text.len() + offset) as u64).unwrap();
+}
+
+fn mem_available() -> u64 {
+    let info = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let line = info
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))
+        .unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+#[test]
+fn best_of_says_the_memory_two_models_need_and_refuses_what_does_not_fit() {
+    if !Path::new("/proc/meminfo").exists() {
+        return; // the plan needs the OS to say what is available
+    }
+    // A Llama-2-7B-wide reward model with enough layers that its f32
+    // weights need more than this machine has, but its q4k ones do not.
+    let available = mem_available();
+    let per_layer = (4 * 4096 * 4096 + 3 * 4096 * 11008) as u64 * 4;
+    let layers = (available * 5 / 4 / per_layer + 1) as usize;
+    let mut cfg = common::reward_config("rm-7b-shape").clone();
+    cfg["hidden_size"] = json!(4096);
+    cfg["intermediate_size"] = json!(11008);
+    cfg["num_attention_heads"] = json!(32);
+    cfg["num_key_value_heads"] = json!(32);
+    cfg["head_dim"] = json!(128);
+    cfg["num_hidden_layers"] = json!(layers);
+    let dir = common::scratch("reward-huge");
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let parsed = starling::model::Config::from_json(&cfg.to_string()).unwrap();
+    let mut shapes = starling::model::synthetic::tensor_shapes(&parsed);
+    shapes.remove("lm_head.weight");
+    shapes.insert("v_head.weight".into(), vec![1, 4096]);
+    let tensors: Vec<(String, Vec<usize>)> = shapes
+        .into_iter()
+        .map(|(n, s)| (n.replacen("model.", "transformer.", 1), s))
+        .collect();
+    write_sparse_safetensors(&dir.join("model.safetensors"), &tensors);
+    let m = models();
+    let tiny = common::tiny_model();
+    let mut a = best_of_args(tiny.to_str().unwrap(), m, &["--best-of", "2", "Hello"]);
+    a[10] = dir.to_str().unwrap();
+    let started = std::time::Instant::now();
+    let out = starling(&a, None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("note: --best-of 2 keeps both models loaded"),
+        "{stderr}"
+    );
+    let error = stderr.lines().last().unwrap();
+    assert!(error.starts_with("error: --best-of needs "), "{error}");
+    assert!(error.contains("more than the"), "{error}");
+    assert!(
+        error.contains("; with --reward-"),
+        "names the flag that fits: {error}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "refused before loading anything"
+    );
 }

@@ -26,6 +26,16 @@ use std::sync::Arc;
 /// carries.
 pub fn model_files(args: &ModelArgs) -> Result<(ModelFiles, String)> {
     let spec = ModelSpec::parse(&args.model)?.with_gguf_file(args.gguf_file.as_deref())?;
+    if let ModelSpec::Hub(m) = &spec
+        && let Some(k) = crate::source::known::by_repo(&m.repo).filter(|k| k.is_reward())
+    {
+        anyhow::bail!(
+            "{} is a reward model, not a chat model: score with `starling score --model {}`, or pick answers with `run --best-of N --reward-model {}`",
+            k.name,
+            k.name,
+            k.name
+        );
+    }
     let template = match (args.template.as_str(), spec.known_template()) {
         ("auto", Some(known)) => known.to_string(),
         (chosen, _) => chosen.to_string(),

@@ -17,8 +17,20 @@ fn hub_model(spec: &str) -> Result<HubModel> {
 
 pub fn pull(args: &PullArgs) -> Result<()> {
     let model = hub_model(&args.model)?;
-    let dir = hub::resolve(&model, HubOptions::from_env(false))?;
+    let options = HubOptions::from_env(false);
+    // A reward model whose card names another repo's tokenizer: both.
+    let borrowed = known::by_repo(&model.repo).and_then(|k| k.tokenizer);
+    let parts = match borrowed {
+        Some(_) => hub::Parts::NoTokenizer,
+        None => hub::Parts::All,
+    };
+    let dir = hub::resolve(&model, options.with_parts(parts))?;
     println!("{} ready in {}", model.repo, dir.display());
+    if let Some(repo) = borrowed {
+        let tokenizer = hub_model(repo)?;
+        let dir = hub::resolve(&tokenizer, options.with_parts(hub::Parts::TokenizerOnly))?;
+        println!("{repo} (its tokenizer) ready in {}", dir.display());
+    }
     Ok(())
 }
 

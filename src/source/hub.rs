@@ -239,7 +239,7 @@ fn cached_snapshot(model: &HubModel, parts: Parts) -> Option<PathBuf> {
     }
     let config = repo.get("config.json")?;
     let dir = config.parent()?.to_path_buf();
-    let files = super::local_dir(&dir).ok()?;
+    let files = super::local_dir_with(&dir, parts).ok()?;
     let complete = !files.weights.is_empty() && files.weights.iter().all(|w| w.is_file());
     complete.then_some(dir)
 }

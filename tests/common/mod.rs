@@ -384,3 +384,76 @@ pub fn load_tokenizer(dir: &Path) -> starling::tokenizer::TextTokenizer {
         .unwrap();
     starling::tokenizer::TextTokenizer::load(&files.tokenizer, Some(&cfg)).unwrap()
 }
+
+/// tests/data/reward-reference.json (scripts/reference-reward.py).
+#[allow(dead_code)]
+pub fn reward_reference() -> &'static Value {
+    static REF: OnceLock<Value> = OnceLock::new();
+    REF.get_or_init(|| {
+        let text =
+            std::fs::read_to_string(root().join("tests/data/reward-reference.json")).unwrap();
+        serde_json::from_str(&text).unwrap()
+    })
+}
+
+#[allow(dead_code)]
+pub fn reward_config(name: &str) -> &'static Value {
+    &reward_reference()["configs"][name]
+}
+
+#[allow(dead_code)]
+pub enum Format {
+    Safetensors,
+    Pickle,
+}
+
+/// A tokenizer directory: tokenizer.json converted from the Mistral v0.1
+/// SentencePiece model, plus `added` special tokens from 32000 on.
+#[allow(dead_code)]
+pub fn write_tokenizer(dir: &Path, added: &[&str]) {
+    std::fs::create_dir_all(dir).unwrap();
+    let decoder: serde_json::Map<String, Value> = added
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            (
+                (32000 + i).to_string(),
+                serde_json::json!({"content": t, "special": true}),
+            )
+        })
+        .collect();
+    let config = serde_json::json!({
+        "added_tokens_decoder": decoder,
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+    std::fs::copy(tokenizer_model(), dir.join("tokenizer.model")).unwrap();
+    let files = starling::source::tokenizer_dir(dir).unwrap();
+    let t = starling::reward::load_tokenizer(&files).unwrap();
+    t.inner().save(dir.join("tokenizer.json"), false).unwrap();
+    std::fs::remove_file(dir.join("tokenizer.model")).unwrap();
+}
+
+/// A reward-model directory of config `name`, its trunk under each of
+/// `prefixes` (the first also carries `v_head`), without a tokenizer.
+#[allow(dead_code)]
+pub fn write_reward_model(dir: &Path, name: &str, prefixes: &[&str], format: Format) {
+    std::fs::create_dir_all(dir).unwrap();
+    let text = reward_config(name).to_string();
+    std::fs::write(dir.join("config.json"), &text).unwrap();
+    let parsed = starling::model::Config::from_json(&text).unwrap();
+    let mut tensors = Vec::new();
+    for (i, prefix) in prefixes.iter().enumerate() {
+        for t in starling::model::synthetic::reward_tensors(&parsed, prefix) {
+            if i == 0 || t.0 != "v_head.weight" {
+                tensors.push(t);
+            }
+        }
+    }
+    match format {
+        Format::Safetensors => {
+            starling::model::synthetic::save_f32(&tensors, &dir.join("model.safetensors")).unwrap()
+        }
+        Format::Pickle => save_pytorch_f32(&tensors, &dir.join("pytorch_model.bin")),
+    }
+}
