@@ -124,14 +124,14 @@ pub fn load_text(files: &ModelFiles, template: &str) -> Result<Text> {
 /// chat template when the file has one.
 pub fn text_from_gguf(gguf: &Gguf, template: &str) -> Result<Text> {
     let config = gguf.config().clone();
-    let vocab = gguf.vocab()?;
+    let vocab = gguf.tokenizer_vocab()?;
     // As llama.cpp requires: one token per row of the embedding, and the
     // BOS/EOS ids among them (else answers would hold ids with no text).
     let path = gguf.path().display();
-    if vocab.pieces.len() != config.vocab_size {
+    if vocab.len() != config.vocab_size {
         bail!(
             "{path}: the vocabulary has {} tokens but the model {}",
-            vocab.pieces.len(),
+            vocab.len(),
             config.vocab_size
         );
     }
@@ -141,14 +141,14 @@ pub fn text_from_gguf(gguf: &Gguf, template: &str) -> Result<Text> {
         .map(|e| e.to_vec())
         .unwrap_or_default();
     for id in config.bos_token_id.iter().chain(&eos_ids) {
-        if *id as usize >= vocab.pieces.len() {
+        if *id as usize >= vocab.len() {
             bail!(
                 "{path}: BOS/EOS id {id} is not in the vocabulary of {} tokens",
-                vocab.pieces.len()
+                vocab.len()
             );
         }
     }
-    let tokenizer = TextTokenizer::from_vocab(&vocab)
+    let tokenizer = TextTokenizer::from_gguf_vocab(&vocab)
         .with_context(|| format!("building the tokenizer of {path}"))?;
     let name = |id: Option<u32>| id.and_then(|id| tokenizer.inner().id_to_token(id));
     let (bos, eos) = (

@@ -353,3 +353,119 @@ fn non_special_added_tokens_are_template_tokens_and_never_user_text() {
     assert!(!t.encode_text(evil).unwrap().contains(&32000));
     assert!(!t.encode_with_bos(evil).unwrap()[1..].contains(&1));
 }
+
+/// llama.cpp's vocabulary test cases for `name` (ggml-vocab-NAME.gguf.inp
+/// and .out): each input text with the ids llama.cpp and transformers give
+/// it, without BOS.
+fn llama_cpp_cases(name: &str) -> Vec<(String, Vec<u32>)> {
+    let dir = common::vocab_dir();
+    let inp = std::fs::read_to_string(dir.join(format!("ggml-vocab-{name}.gguf.inp"))).unwrap();
+    let out = std::fs::read_to_string(dir.join(format!("ggml-vocab-{name}.gguf.out"))).unwrap();
+    // Each case ends with the marker line; what follows the last is nothing.
+    let mut texts: Vec<&str> = inp.split("\n__ggml_vocab_test__\n").collect();
+    assert_eq!(
+        texts.pop(),
+        Some(""),
+        "{name}: the last case ends with the marker"
+    );
+    let ids: Vec<Vec<u32>> = out
+        .lines()
+        .map(|l| l.split_whitespace().map(|x| x.parse().unwrap()).collect())
+        .collect();
+    assert_eq!(texts.len(), ids.len(), "{name}: cases and answers pair up");
+    texts.into_iter().map(str::to_string).zip(ids).collect()
+}
+
+/// Every case of llama.cpp's suite for `name`, from the GGUF vocabulary and
+/// from the tokenizer.json it converts to (the published layout); returns
+/// how many cases ran.
+fn check_vocab_suite(name: &str) -> usize {
+    let path = common::vocab_dir().join(format!("ggml-vocab-{name}.gguf"));
+    let vocab = starling::weights::gguf::read_vocab(&path).unwrap();
+    let from_gguf = starling::tokenizer::TextTokenizer::from_gguf_vocab(&vocab).unwrap();
+    // The same vocabulary through tokenizer.json.
+    let dir = common::scratch(&format!("vocab-{name}"));
+    from_gguf
+        .inner()
+        .save(dir.join("tokenizer.json"), false)
+        .unwrap();
+    let files = starling::tokenizer::TokenizerFiles {
+        tokenizer_json: Some(dir.join("tokenizer.json")),
+        ..Default::default()
+    };
+    let from_json = starling::tokenizer::TextTokenizer::load(&files, None).unwrap();
+    let cases = llama_cpp_cases(name);
+    for (text, want) in &cases {
+        for (which, t) in [("gguf", &from_gguf), ("tokenizer.json", &from_json)] {
+            let got = t.encode_text(text).unwrap();
+            assert_eq!(&got, want, "{name} via {which}: {text:?}");
+            // And back: byte-level BPE decodes to the text exactly.
+            assert_eq!(&t.decode(&got).unwrap(), text, "{name} via {which}");
+        }
+    }
+    cases.len()
+}
+
+#[test]
+fn llama_3_byte_level_bpe_gives_llama_cpp_s_ids() {
+    let n = check_vocab_suite("llama-bpe");
+    assert!(n >= 30, "{n} cases");
+}
+
+#[test]
+fn qwen2_byte_level_bpe_gives_llama_cpp_s_ids() {
+    let n = check_vocab_suite("qwen2");
+    assert!(n >= 30, "{n} cases");
+}
+
+#[test]
+fn other_byte_level_bpe_families_give_llama_cpp_s_ids() {
+    // Every family of bpe::PRE_TOKENIZERS with a suite in llama.cpp's tests.
+    // (mpt's suite is not among them: GPT-NeoX's runs of spaces are added
+    // tokens, which llama.cpp reads from text and starling never does.)
+    let mut ran = Vec::new();
+    for name in [
+        "gpt-2",
+        "starcoder",
+        "refact",
+        "command-r",
+        "falcon",
+        "deepseek-coder",
+    ] {
+        ran.push((name, check_vocab_suite(name)));
+    }
+    eprintln!("llama.cpp vocabulary suites: {ran:?}");
+}
+
+#[test]
+fn byte_level_bpe_streams_exactly_the_full_decode() {
+    // Llama 3's vocabulary splits rare characters into tokens of partial
+    // UTF-8 bytes: the stream holds them until the character is whole.
+    let path = common::vocab_dir().join("ggml-vocab-llama-bpe.gguf");
+    let vocab = starling::weights::gguf::read_vocab(&path).unwrap();
+    let t = starling::tokenizer::TextTokenizer::from_gguf_vocab(&vocab).unwrap();
+    let mut split_chars = 0;
+    for (text, _) in llama_cpp_cases("llama-bpe").into_iter().chain([
+        ("🦀 rare 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ꙮ 👨‍👩‍👧‍👦".to_string(), vec![]),
+        ("  leading spaces, then 中文和日本語".to_string(), vec![]),
+    ]) {
+        let ids = t.encode_text(&text).unwrap();
+        split_chars += ids
+            .iter()
+            .filter(|&&id| t.decode(&[id]).unwrap().contains('\u{FFFD}'))
+            .count();
+        let mut stream = StreamDecoder::new(&t);
+        let mut out = String::new();
+        for &id in &ids {
+            if let Some(piece) = stream.push(id).unwrap() {
+                assert!(!piece.contains('\u{FFFD}'), "{text:?}: {piece:?}");
+                out.push_str(&piece);
+            }
+        }
+        if let Some(rest) = stream.finish().unwrap() {
+            out.push_str(&rest);
+        }
+        assert_eq!(out, t.decode(&ids).unwrap(), "{text:?}");
+    }
+    assert!(split_chars > 5, "the cases split characters across tokens");
+}

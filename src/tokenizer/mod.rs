@@ -16,6 +16,7 @@
 //! each run), without one in transformers' `legacy: false` layout
 //! (`Metaspace` with `prepend_scheme: "first"`, only at the very start).
 
+pub mod bpe;
 pub mod sentencepiece;
 
 use anyhow::{Context, Result, bail};
@@ -29,6 +30,36 @@ use tokenizers::{AddedToken, Tokenizer};
 pub enum Segment<'s> {
     Text(&'s str),
     Special(&'s str),
+}
+
+/// A vocabulary as a GGUF file carries it.
+#[derive(Debug, Clone)]
+pub enum Vocab {
+    /// `tokenizer.ggml.model = "llama"`: pieces with scores.
+    SentencePiece(sentencepiece::SpmVocab),
+    /// `tokenizer.ggml.model = "gpt2"`: tokens and merges.
+    Bpe(bpe::BpeVocab),
+}
+
+impl Vocab {
+    /// Tokens in the vocabulary (the ids run from 0 to this).
+    pub fn len(&self) -> usize {
+        match self {
+            Self::SentencePiece(v) => v.pieces.len(),
+            Self::Bpe(v) => v.tokens.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn to_tokenizer(&self) -> Result<Tokenizer> {
+        match self {
+            Self::SentencePiece(v) => v.to_tokenizer(),
+            Self::Bpe(v) => v.to_tokenizer(),
+        }
+    }
 }
 
 /// The files a tokenizer can come from, as found in a model directory.
@@ -192,6 +223,11 @@ impl TextTokenizer {
     /// A tokenizer from a bare SentencePiece vocabulary (a GGUF file's),
     /// under the same rule: text never spells a special token.
     pub fn from_vocab(vocab: &sentencepiece::SpmVocab) -> Result<Self> {
+        Self::new(vocab.to_tokenizer()?)
+    }
+
+    /// A tokenizer from a GGUF file's vocabulary, of either kind.
+    pub fn from_gguf_vocab(vocab: &Vocab) -> Result<Self> {
         Self::new(vocab.to_tokenizer()?)
     }
 

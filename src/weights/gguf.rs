@@ -15,6 +15,8 @@
 //! on quantized data unchanged.
 
 use crate::model::Config;
+use crate::tokenizer::Vocab;
+use crate::tokenizer::bpe::BpeVocab;
 use crate::tokenizer::sentencepiece::{Piece, PieceKind, SpmVocab};
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
@@ -224,6 +226,20 @@ impl Meta<'_> {
         if let Some(w) = self.arch_u64("attention.sliding_window")? {
             json["sliding_window"] = w.into();
         }
+        // RoPE scaling, as llama.cpp stores it: a type, or (Llama 3.1) a
+        // tensor of per-frequency factors. The config refuses what the
+        // decoder does not compute.
+        let scaling = self
+            .content
+            .metadata
+            .get(&format!("{}.rope.scaling.type", self.arch))
+            .and_then(|v| v.to_string().ok())
+            .filter(|t| t.as_str() != "none");
+        if let Some(kind) = scaling {
+            json["rope_scaling"] = serde_json::json!({ "type": kind });
+        } else if self.content.tensor_infos.contains_key("rope_freqs.weight") {
+            json["rope_scaling"] = serde_json::json!({ "type": "llama3 (rope_freqs.weight)" });
+        }
         if let Some(bos) = self.token_id("tokenizer.ggml.bos_token_id")? {
             json["bos_token_id"] = bos.into();
         }
@@ -237,6 +253,34 @@ impl Meta<'_> {
             )
         })
     }
+}
+
+/// The vocabulary of a GGUF file, whatever its architecture or tensors
+/// (llama.cpp's vocabulary-only test files; `starling tokenize`).
+pub fn read_vocab(path: &Path) -> Result<Vocab> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let size = file
+        .metadata()
+        .with_context(|| format!("reading the size of {}", path.display()))?
+        .len();
+    let content = super::gguf_header::read(&file, size)
+        .map_err(|e| anyhow::anyhow!("{}: not a valid GGUF file: {e}", path.display()))?;
+    let bos = content
+        .metadata
+        .get("tokenizer.ggml.bos_token_id")
+        .and_then(|v| v.to_u32().ok());
+    let mut config: Config = serde_json::from_value(serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 1, "hidden_size": 1,
+        "intermediate_size": 1, "num_hidden_layers": 1, "num_attention_heads": 1
+    }))?;
+    config.bos_token_id = bos;
+    let gguf = Gguf {
+        path: path.to_path_buf(),
+        content,
+        map: Bytes::new(),
+        config,
+    };
+    gguf.tokenizer_vocab()
 }
 
 impl Gguf {
@@ -310,7 +354,7 @@ impl Gguf {
             .unwrap_or("");
         if model != "llama" {
             bail!(
-                "{path}: tokenizer {} is not supported (only SentencePiece vocabularies, \"llama\")",
+                "{path}: tokenizer {} is not supported (SentencePiece \"llama\" and byte-level BPE \"gpt2\")",
                 super::shown(model)
             );
         }
@@ -348,6 +392,72 @@ impl Gguf {
         Ok(SpmVocab {
             pieces,
             add_dummy_prefix,
+        })
+    }
+
+    /// The vocabulary of `tokenizer.ggml.*`: SentencePiece (`llama`) or
+    /// byte-level BPE (`gpt2`, with `tokenizer.ggml.pre` naming its
+    /// pre-tokenizer family).
+    pub fn tokenizer_vocab(&self) -> Result<Vocab> {
+        match self.tokenizer_model() {
+            "gpt2" => Ok(Vocab::Bpe(self.bpe_vocab()?)),
+            _ => Ok(Vocab::SentencePiece(self.vocab()?)),
+        }
+    }
+
+    fn tokenizer_model(&self) -> &str {
+        self.meta("tokenizer.ggml.model")
+            .and_then(|v| v.to_string().ok())
+            .map(String::as_str)
+            .unwrap_or("")
+    }
+
+    /// The byte-level BPE vocabulary of `tokenizer.ggml.*`.
+    pub fn bpe_vocab(&self) -> Result<BpeVocab> {
+        let path = self.path.display();
+        let strings = |key: &str| -> Result<Vec<String>> {
+            let list = self
+                .meta(key)
+                .with_context(|| format!("{path}: metadata {key} is missing"))?
+                .to_vec()
+                .map_err(|_| anyhow::anyhow!("{path}: metadata {key} is not an array"))?;
+            list.iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    v.to_string()
+                        .cloned()
+                        .map_err(|_| anyhow::anyhow!("{path}: {key}[{i}] is not a string"))
+                })
+                .collect()
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges = strings("tokenizer.ggml.merges")?;
+        let types = self
+            .meta("tokenizer.ggml.token_type")
+            .and_then(|v| v.to_vec().ok());
+        let kinds = (0..tokens.len())
+            .map(|i| {
+                PieceKind::from_proto(types.and_then(|t| t.get(i)).and_then(|v| v.to_i32().ok()))
+            })
+            .collect();
+        let pre_name = self
+            .meta("tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok())
+            .cloned();
+        let pre = crate::tokenizer::bpe::pre_tokenizer(pre_name.as_deref())
+            .with_context(|| path.to_string())?;
+        let add_bos = self
+            .meta("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(pre.add_bos);
+        Ok(BpeVocab {
+            tokens,
+            kinds,
+            merges,
+            pre,
+            pre_name: pre_name.unwrap_or_else(|| "gpt-2".into()),
+            bos: self.config.bos_token_id,
+            add_bos,
         })
     }
 
