@@ -68,10 +68,11 @@ pub struct ScoreArgs {
     /// Print {"score": ...} instead of the bare number.
     #[arg(long)]
     pub json: bool,
-    /// Conversations scored together in each pass over the weights.
-    #[arg(long, value_name = "N", default_value_t = 8,
+    /// Conversations scored together in each pass over the weights (default:
+    /// 8, fewer when their KV caches would not fit in half the memory).
+    #[arg(long, value_name = "N",
           value_parser = clap::value_parser!(u16).range(1..=256).map(usize::from))]
-    pub parallel: usize,
+    pub parallel: Option<usize>,
     /// Print the load time and the scoring time on stderr.
     #[arg(long, short = 'v')]
     pub verbose: bool,
@@ -99,6 +100,10 @@ pub struct RewardArgs {
     /// Use only the local cache, never the network (also HF_HUB_OFFLINE=1).
     #[arg(long)]
     pub offline: bool,
+    /// Set for `run --best-of`, whose flags are --reward-template and
+    /// --reward-tokenizer (for the messages).
+    #[arg(skip)]
+    pub for_best_of: bool,
 }
 
 /// `run --best-of N`: sample N answers and keep the one a reward model prefers.
@@ -113,16 +118,16 @@ pub struct BestOfArgs {
     #[arg(long, value_name = "MODEL", requires = "best_of")]
     pub reward_model: Option<String>,
     /// The reward model's tokenizer when it ships none (directory or hub repo).
-    #[arg(long, value_name = "DIR|REPO")]
+    #[arg(long, value_name = "DIR|REPO", requires = "best_of")]
     pub reward_tokenizer: Option<String>,
     /// The reward model's template: auto, llama2-rm or chatml-rm.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = "auto", requires = "best_of")]
     pub reward_template: String,
     /// The reward model's weights dtype (as --dtype).
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, requires = "best_of")]
     pub reward_dtype: Option<DTypeArg>,
     /// Quantize the reward model while loading (as --quantize).
-    #[arg(long, value_name = "TYPE", value_parser = parse_block_quant)]
+    #[arg(long, value_name = "TYPE", value_parser = parse_block_quant, requires = "best_of")]
     pub reward_quantize: Option<GgmlDType>,
 }
 
@@ -134,6 +139,7 @@ impl BestOfArgs {
             template: self.reward_template.clone(),
             readout: "last".into(),
             offline,
+            for_best_of: true,
         })
     }
 

@@ -239,12 +239,27 @@ pub fn choose_dtype(
     config: &Config,
     device: &Device,
 ) -> Result<DType> {
+    choose_dtype_for(
+        choice,
+        stored,
+        weight_bytes(config, DType::F32) as u64,
+        device,
+    )
+}
+
+/// `choose_dtype` for weights of `f32_bytes` in f32 (a reward model's,
+/// whose head is one row, not a vocabulary).
+pub fn choose_dtype_for(
+    choice: DTypeChoice,
+    stored: Option<DType>,
+    f32_bytes: u64,
+    device: &Device,
+) -> Result<DType> {
     let available = if device.is_cpu() {
         available_memory()
     } else {
         None
     };
-    let f32_bytes = weight_bytes(config, DType::F32) as u64;
     let (dtype, fell_back) = decide_dtype(choice, stored, device.is_cpu(), f32_bytes, available)?;
     if fell_back {
         eprintln!(
@@ -398,12 +413,7 @@ pub fn load(
         );
     }
     let weights = Weights::open(&files.weights)?.quantize_to(quantize);
-    if weights.contains("v_head.weight") && !weights.contains("lm_head.weight") {
-        bail!(
-            "{} is a reward model (a v_head and no lm_head), not a chat model: score with `starling score`, or use it as `run --best-of N --reward-model`",
-            files.dir.display()
-        );
-    }
+    weights.ensure_not_reward_model(&files.dir)?;
     let text = match weights.gguf() {
         Some(gguf) => text_from_gguf(gguf, template)?,
         None => load_text(files, template)?,

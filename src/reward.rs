@@ -94,7 +94,19 @@ impl RewardModel {
                 config.vocab_size
             );
         }
-        let dtype = loader::model_dtype(options.dtype, &weights, &config, device)?;
+        let dtype = if weights.is_quantized() {
+            DType::F32 // quantized matrices take f32 activations
+        } else {
+            let f32_bytes = loader::planned_bytes(
+                &config,
+                &weights,
+                DTypeChoice::Fixed(DType::F32),
+                None,
+                device,
+                true,
+            )?;
+            loader::choose_dtype_for(options.dtype, weights.stored_dtype(), f32_bytes, device)?
+        };
         let layout = Layout {
             trunk: trunk.clone(),
             head: Head::Value,
@@ -113,7 +125,8 @@ impl RewardModel {
 
     /// The ids the model reads for `messages` (ending with the answer judged).
     pub fn encode(&self, messages: &[Message]) -> Result<Vec<u32>> {
-        self.template.encode(&self.tokenizer, messages)
+        self.template
+            .encode(&self.tokenizer, messages, max_tokens(self.model.max_len()))
     }
 
     /// The reward of `messages`: a conversation ending with the assistant's
@@ -136,7 +149,13 @@ impl RewardModel {
             Some(p) => self.model.probe(p.id, p.position, &mut cache)?,
             None => last,
         };
-        Ok(value.to_dtype(DType::F32)?.to_vec1::<f32>()?[0])
+        let v = value.to_dtype(DType::F32)?.to_vec1::<f32>()?[0];
+        if !v.is_finite() {
+            bail!(
+                "the reward is {v}, not a finite number (the model's weights, or its activations in this dtype, overflow)"
+            );
+        }
+        Ok(v)
     }
 
     /// Where the reward is read for `len` ids other than at the last one:
@@ -190,7 +209,9 @@ pub struct RewardEngine {
 impl RewardEngine {
     /// Queues the reward of `messages` (ending with the answer judged).
     pub fn submit(&self, messages: &[Message]) -> Result<Handle> {
-        let ids = self.template.encode(&self.tokenizer, messages)?;
+        let ids = self
+            .template
+            .encode(&self.tokenizer, messages, max_tokens(self.max_len))?;
         let probe = readout_probe(
             self.readout,
             self.template,
@@ -210,6 +231,12 @@ impl RewardEngine {
             .collect::<Result<Vec<_>>>()?;
         handles.into_iter().map(wait_reward).collect()
     }
+}
+
+/// The most tokens a reward model reads: the cards' 2048, or the model's
+/// own context when that is shorter.
+pub fn max_tokens(max_len: usize) -> usize {
+    REWARD_MAX_TOKENS.min(max_len)
 }
 
 /// The reward a score request's handle ends with.
@@ -275,6 +302,11 @@ pub fn open(files: &ModelFiles, quantize: Option<GgmlDType>) -> Result<(Config, 
             config.hidden_size
         ),
         Some(_) => {}
+    }
+    if weights.contains("v_head.bias") {
+        bail!(
+            "the value head has a bias (v_head.bias): the Starling reward models' heads have none, and starling reads only v_head.weight"
+        );
     }
     Ok((config, weights))
 }

@@ -59,6 +59,7 @@ fn args(dir: &Path, tokenizer: Option<&Path>, template: &str, readout: &str) -> 
         template: template.into(),
         readout: readout.into(),
         offline: true,
+        for_best_of: false,
     }
 }
 
@@ -326,7 +327,15 @@ fn each_line_scores_and_ranks_in_order_and_reports_bad_lines_in_place() {
         assert!(close(g.as_f64().unwrap() as f32, w), "{g} vs {w}");
     }
     assert_eq!(lines[1]["ranking"], json!([best, 1 - best]));
-    assert_eq!(lines[2]["error"]["line"], 4, "{}", lines[2]);
+    // Every output names its input line (blank lines are skipped).
+    let numbers: Vec<&Value> = lines.iter().map(|l| &l["line"]).collect();
+    assert_eq!(numbers, [1, 3, 4, 5]);
+    assert!(
+        lines[2]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("line 4: not valid JSON")
+    );
     assert!(
         lines[3]["error"]["message"]
             .as_str()
@@ -528,7 +537,7 @@ fn the_7b_template_gives_the_published_llama_2_ids_on_the_real_vocabulary() {
     assert!(cases.len() >= 5);
     for case in cases {
         let conv = messages(&case["messages"]);
-        let ids = template.encode(&tokenizer, &conv).unwrap();
+        let ids = template.encode(&tokenizer, &conv, 2048).unwrap();
         assert_eq!(ids, common::ids(&case["ids"]), "{conv:?}");
     }
 }
@@ -547,7 +556,7 @@ fn the_engine_reads_many_conversations_per_pass_as_it_reads_one() {
         let one_by_one: Vec<f32> = convs.iter().map(|c| alone.score(c).unwrap()).collect();
         // Fewer slots than conversations: some wait, some share passes.
         let engine = load(model, readout)
-            .into_engine(starling::commands::score::reward_engine_config(3))
+            .into_engine(starling::commands::score::reward_engine_config(3, 4096))
             .unwrap();
         let together = engine.score_all(&convs).unwrap();
         let key = format!("score_{readout}");
@@ -562,10 +571,16 @@ fn the_engine_reads_many_conversations_per_pass_as_it_reads_one() {
 fn a_reward_model_is_not_a_chat_model() {
     let m = models();
     let rm = m.rm34.to_str().unwrap();
-    fails_with(
-        &starling(&["run", "--model", rm, "Hello"], None),
-        "is a reward model (a v_head and no lm_head)",
-    );
+    for cmd in [
+        vec!["run", "--model", rm, "Hello"],
+        vec!["bench", "--model", rm, "-p", "4", "-n", "2", "-r", "1"],
+        vec!["quantize", rm, "/nonexistent/out.gguf"],
+    ] {
+        fails_with(
+            &starling(&cmd, None),
+            "is a reward model (a v_head and no lm_head)",
+        );
+    }
     fails_with(
         &starling(
             &["run", "--model", "starling-rm-7b", "--offline", "Hello"],
@@ -626,11 +641,12 @@ fn best_of_says_the_memory_two_models_need_and_refuses_what_does_not_fit() {
     if !Path::new("/proc/meminfo").exists() {
         return; // the plan needs the OS to say what is available
     }
-    // A Llama-2-7B-wide reward model with enough layers that its f32
-    // weights need more than this machine has, but its q4k ones do not.
+    // A Llama-2-7B-wide reward model with enough layers that even its f16
+    // weights need more than this machine has (so no automatic f16), but
+    // its q4k ones do not.
     let available = mem_available();
-    let per_layer = (4 * 4096 * 4096 + 3 * 4096 * 11008) as u64 * 4;
-    let layers = (available * 5 / 4 / per_layer + 1) as usize;
+    let per_layer_f16 = (4 * 4096 * 4096 + 3 * 4096 * 11008) as u64 * 2;
+    let layers = (available * 5 / 4 / per_layer_f16 + 1) as usize;
     let mut cfg = common::reward_config("rm-7b-shape").clone();
     cfg["hidden_size"] = json!(4096);
     cfg["intermediate_size"] = json!(11008);
@@ -671,5 +687,165 @@ fn best_of_says_the_memory_two_models_need_and_refuses_what_does_not_fit() {
     assert!(
         started.elapsed() < std::time::Duration::from_secs(30),
         "refused before loading anything"
+    );
+}
+
+#[test]
+fn each_line_answers_a_line_before_the_next_arrives() {
+    use std::io::{BufRead, BufReader, Write};
+    let m = models();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_starling"))
+        .args([
+            "score",
+            "--model",
+            m.rm34.to_str().unwrap(),
+            "--template",
+            "chatml-rm",
+            "--each-line",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for _ in 0..2 {
+            let mut line = String::new();
+            stdout.read_line(&mut line).unwrap();
+            let _ = tx.send(line);
+        }
+    });
+    for i in 0..2 {
+        // Stdin stays open: the answer must come while the next line is awaited.
+        writeln!(stdin, r#"{{"prompt":"q{i}","responses":["a","b"]}}"#).unwrap();
+        stdin.flush().unwrap();
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("an answer per line");
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["line"], i + 1, "{v}");
+    }
+    drop(stdin);
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn inputs_are_checked_strictly_and_bounded() {
+    let m = models();
+    let rm = m.rm34.to_str().unwrap();
+    let score = |extra: &[&str], stdin: &[u8]| {
+        let mut a = vec!["score", "--model", rm, "--template", "chatml-rm"];
+        a.extend_from_slice(extra);
+        starling(&a, Some(stdin))
+    };
+    fails_with(
+        &score(&[], br#"{"prompt":"q","responses":["a"],"sytem":"x"}"#),
+        "unexpected key \"sytem\"",
+    );
+    fails_with(
+        &score(&[], br#"{"messages":[{"role":"user","content":1}]}"#),
+        "\"messages\" must be an array of {\"role\": string, \"content\": string}",
+    );
+    // A system message for the ranking shape, and a byte-order mark.
+    let out = ok(&score(
+        &[],
+        "\u{feff}{\"system\":\"S\",\"prompt\":\"q\",\"responses\":[\"a\",\"a\"]}".as_bytes(),
+    ));
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        v["scores"][0], v["scores"][1],
+        "the same answer, the same score: {v}"
+    );
+    assert_eq!(v["ranking"], json!([0, 1]), "ties keep the input order");
+    // More than 8 MiB on one line.
+    let mut huge = br#"{"prompt":""#.to_vec();
+    huge.extend(std::iter::repeat_n(b'x', 9 << 20));
+    huge.extend(br#"","responses":["a"]}"#);
+    let out = score(&["--each-line"], &huge);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("longer than 8 MiB"));
+    fails_with(&score(&[], &huge), "standard input is longer than 8 MiB");
+    // The reward-model flags of run belong to --best-of.
+    let out = starling(&["run", "--reward-template", "chatml-rm", "hi"], None);
+    assert_eq!(out.status.code(), Some(2));
+    // Messages name the flags of the command at hand.
+    let tiny = common::tiny_model();
+    let out = starling(
+        &[
+            "run",
+            "--model",
+            tiny.to_str().unwrap(),
+            "--best-of",
+            "2",
+            "--temperature",
+            "0.5",
+            "--reward-model",
+            m.rm7.to_str().unwrap(),
+            "hi",
+        ],
+        None,
+    );
+    fails_with(&out, "give --reward-template llama2-rm");
+}
+
+#[test]
+fn non_finite_rewards_and_mismatched_checkpoints_are_refused() {
+    let root = common::scratch("reward-nan");
+    let cfg =
+        starling::model::Config::from_json(&common::reward_config("rm-34b-shape").to_string())
+            .unwrap();
+    type Tensors = Vec<(String, Vec<usize>, Vec<f32>)>;
+    let write = |name: &str, edit: &dyn Fn(&mut Tensors)| {
+        let dir = root.join(name);
+        write_reward_model(&dir, "rm-34b-shape", &["transformer"], Format::Safetensors);
+        write_tokenizer(&dir, &["<|im_start|>", "<|im_end|>"]);
+        let mut tensors = starling::model::synthetic::reward_tensors(&cfg, "transformer");
+        edit(&mut tensors);
+        starling::model::synthetic::save_f32(&tensors, &dir.join("model.safetensors")).unwrap();
+        dir
+    };
+    let conv = br#"[{"role":"user","content":"q"},{"role":"assistant","content":"a"}]"#;
+    let score = |dir: &Path| {
+        starling(
+            &[
+                "score",
+                "--model",
+                dir.to_str().unwrap(),
+                "--template",
+                "chatml-rm",
+            ],
+            Some(conv),
+        )
+    };
+    let nan = write("nan", &|t| {
+        for x in t.iter_mut().filter(|t| t.0 == "v_head.weight") {
+            x.2[0] = f32::NAN;
+        }
+    });
+    fails_with(&score(&nan), "not a finite number");
+    let biased = write("bias", &|t| {
+        t.push(("v_head.bias".into(), vec![1], vec![0.5]))
+    });
+    fails_with(&score(&biased), "v_head.bias");
+    let deeper = write("deeper", &|t| {
+        let extra: Vec<_> = t
+            .iter()
+            .filter(|x| x.0.starts_with("transformer.layers.1."))
+            .map(|x| {
+                (
+                    x.0.replace("layers.1.", "layers.2."),
+                    x.1.clone(),
+                    x.2.clone(),
+                )
+            })
+            .collect();
+        t.extend(extra);
+    });
+    fails_with(
+        &score(&deeper),
+        "the weights have a layer 2 but the config says num_hidden_layers is 2",
     );
 }

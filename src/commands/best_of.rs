@@ -30,7 +30,7 @@ pub fn run(args: &RunArgs, n: usize, conversation: Vec<Message>) -> Result<()> {
     let rm_source = score::resolve_reward(&reward)?;
     let (files, template) = super::model_files(&args.model)?;
     let device = loader::device(&args.device.device)?;
-    plan_memory(&files, &rm_source, args, n, &device)?;
+    let reward_dtype = plan_memory(&files, &rm_source, args, n, &device)?;
 
     let started = super::start_engine_with(&files, &template, &args.device, &args.engine, n)?;
     let sampling = args.sampling.resolve(&started.generation)?;
@@ -42,7 +42,7 @@ pub fn run(args: &RunArgs, n: usize, conversation: Vec<Message>) -> Result<()> {
     let rm = score::load_resolved(
         &rm_source,
         &reward,
-        args.best_of.dtype(),
+        reward_dtype,
         args.best_of.reward_quantize,
         &device,
     )?;
@@ -84,8 +84,9 @@ pub fn run(args: &RunArgs, n: usize, conversation: Vec<Message>) -> Result<()> {
             c
         })
         .collect();
+    let max_len = rm.model.max_len();
     let scores = rm
-        .into_engine(score::reward_engine_config(n))?
+        .into_engine(score::reward_engine_config(n, max_len))?
         .score_all(&judged)
         .context("scoring the answers")?;
     let best = score::ranking(&scores)[0];
@@ -140,15 +141,19 @@ struct Option_ {
 
 /// Says what the two models need, and refuses before loading when it is
 /// more than the memory available (on the CPU), naming flags that fit.
+/// Returns the reward model's dtype: as asked, or without `--reward-dtype`
+/// f16 for f32 weights that fit only so (said, as a single model's load
+/// says it).
 fn plan_memory(
     chat_files: &ModelFiles,
     rm: &RewardSource,
     args: &RunArgs,
     n: usize,
     device: &Device,
-) -> Result<()> {
+) -> Result<DTypeChoice> {
+    let asked = args.best_of.dtype();
     if chat_files.weights.is_empty() {
-        return Ok(()); // loading says so
+        return Ok(asked); // loading says so
     }
     let chat_weights = Weights::open(&chat_files.weights)?;
     let chat_config = match chat_weights.gguf() {
@@ -168,9 +173,14 @@ fn plan_memory(
     let reward = |dtype: DTypeChoice, q: Option<GgmlDType>| {
         loader::planned_bytes(&rm_config, &rm_weights, dtype, q, device, true)
     };
-    let (chat_dtype, rm_dtype) = (args.device.dtype(), args.best_of.dtype());
+    let (chat_dtype, rm_dtype) = (args.device.dtype(), asked);
     let chat_now = chat(chat_dtype, args.device.quantize)?;
-    let rm_now = reward(rm_dtype, args.best_of.reward_quantize)?;
+    // The reward model's KV caches: N inputs of up to 2048 positions (f32
+    // on the CPU), scored together.
+    let kv = (n * crate::reward::max_tokens(rm_config.max_position_embeddings)) as u64
+        * (2 * rm_config.num_hidden_layers * rm_config.num_kv_heads() * rm_config.head_dim() * 4)
+            as u64;
+    let rm_now = reward(rm_dtype, args.best_of.reward_quantize)? + kv;
     let available = if device.is_cpu() {
         loader::memory_available()
     } else {
@@ -181,16 +191,27 @@ fn plan_memory(
         .map(|a| format!(" of the {:.1} GB available", gb(a)))
         .unwrap_or_default();
     eprintln!(
-        "note: --best-of {n} keeps both models loaded: {:.1} GB of chat-model weights and {:.1} GB of reward-model weights, {:.1} GB together{of_available}",
+        "note: --best-of {n} keeps both models loaded: {:.1} GB of chat-model weights and {:.1} GB of reward-model weights and KV cache, {:.1} GB together{of_available}",
         gb(chat_now),
         gb(rm_now),
         gb(chat_now + rm_now)
     );
     let Some(available) = available else {
-        return Ok(());
+        return Ok(asked);
     };
     if chat_now + rm_now <= available {
-        return Ok(());
+        return Ok(asked);
+    }
+    if asked == DTypeChoice::Auto && args.best_of.reward_quantize.is_none() {
+        let f16 = reward(DTypeChoice::Fixed(DType::F16), None)? + kv;
+        if f16 < rm_now && chat_now + f16 <= available {
+            eprintln!(
+                "note: the reward model needs {:.1} GB in f32 beside the chat model, more than the memory available; loading it in f16 ({:.1} GB)",
+                gb(rm_now),
+                gb(f16)
+            );
+            return Ok(DTypeChoice::Fixed(DType::F16));
+        }
     }
     // Smaller ways to load each, from the least change on.
     let mut chat_options = vec![Option_ {
@@ -209,6 +230,7 @@ fn plan_memory(
         flags: vec![],
         bytes: rm_now,
     }];
+    let reward = |d, q| reward(d, q).map(|b| b + kv);
     if args.best_of.reward_quantize.is_none() {
         if args.best_of.reward_dtype.is_none() {
             let f16 = reward(DTypeChoice::Fixed(DType::F16), None)?;
@@ -228,7 +250,7 @@ fn plan_memory(
     }
     let fits = first_fit(&chat_options, &rm_options, available);
     let need = format!(
-        "--best-of needs {:.1} GB for the two models' weights, more than the {:.1} GB of memory available",
+        "--best-of needs {:.1} GB for the two models (weights, and the reward model's KV cache), more than the {:.1} GB of memory available",
         gb(chat_now + rm_now),
         gb(available)
     );

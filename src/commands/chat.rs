@@ -8,7 +8,7 @@ use crate::cli::ChatArgs;
 use crate::engine::{Chat, ChatSettings, TurnReport};
 use crate::template::Template;
 use anyhow::{Context, Result, bail};
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -106,11 +106,21 @@ impl Repl {
     /// stdout gets only the answers, one per turn.
     fn batch(&mut self) -> Result<()> {
         let stdin = std::io::stdin();
+        let mut stdin = stdin.lock();
         let mut lines = Assembler::default();
-        for line in stdin.lock().split(b'\n') {
-            let line = line.context("reading standard input")?;
-            let line = String::from_utf8(line)
-                .map_err(|_| anyhow::anyhow!("standard input is not valid UTF-8"))?;
+        let mut bytes = Vec::new();
+        for n in 1.. {
+            bytes.clear();
+            let what = format!("line {n} of standard input");
+            if super::input::read_line_bounded(&mut stdin, &mut bytes, &what)? == 0 {
+                break;
+            }
+            if bytes.last() == Some(&b'\n') {
+                bytes.pop();
+            }
+            let line = std::str::from_utf8(&bytes)
+                .map_err(|_| anyhow::anyhow!("{what} is not valid UTF-8"))?
+                .to_string();
             if let Some(input) = lines.push(line.trim_end_matches('\r'))
                 && let Next::Exit = self.handle(input)
             {

@@ -3,8 +3,37 @@
 
 use crate::template::Message;
 use anyhow::{Context, Result, bail};
-use std::io::{IsTerminal, Read};
+use std::io::{BufRead, IsTerminal, Read};
 use std::path::Path;
+
+/// The most bytes one input may have: a prompt, a conversation file, stdin,
+/// one `--each-line` line. Far beyond any context (128k tokens are about
+/// 0.5 MB of text), and a bound on what tokenizing can cost.
+pub const MAX_INPUT_BYTES: u64 = 8 << 20;
+
+fn too_long(what: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{what} is longer than {} MiB, more than any model's context holds",
+        MAX_INPUT_BYTES >> 20
+    )
+}
+
+/// Reads one line (up to and including `\n`) into `buf`, at most
+/// [`MAX_INPUT_BYTES`]; returns the bytes read (0 at the end).
+pub fn read_line_bounded(
+    reader: &mut impl BufRead,
+    buf: &mut Vec<u8>,
+    what: &str,
+) -> Result<usize> {
+    let n = reader
+        .take(MAX_INPUT_BYTES + 1)
+        .read_until(b'\n', buf)
+        .with_context(|| format!("reading {what}"))?;
+    if n as u64 > MAX_INPUT_BYTES {
+        return Err(too_long(what));
+    }
+    Ok(n)
+}
 
 /// All of stdin as UTF-8, or `None` when stdin is a terminal (nothing piped).
 pub fn piped_stdin() -> Result<Option<String>> {
@@ -15,8 +44,12 @@ pub fn piped_stdin() -> Result<Option<String>> {
     let mut bytes = Vec::new();
     stdin
         .lock()
+        .take(MAX_INPUT_BYTES + 1)
         .read_to_end(&mut bytes)
         .context("reading standard input")?;
+    if bytes.len() as u64 > MAX_INPUT_BYTES {
+        return Err(too_long("standard input"));
+    }
     match String::from_utf8(bytes) {
         Ok(text) => Ok(Some(text)),
         Err(e) => {
@@ -29,7 +62,7 @@ pub fn piped_stdin() -> Result<Option<String>> {
 
 /// A conversation file: a JSON array of {"role", "content"}.
 pub fn read_messages(path: &Path) -> Result<Vec<Message>> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let bytes = read_file(path)?;
     let text = String::from_utf8(bytes)
         .with_context(|| format!("{} is not valid UTF-8", path.display()))?;
     let messages: Vec<Message> = serde_json::from_str(&text).with_context(|| {
@@ -42,6 +75,19 @@ pub fn read_messages(path: &Path) -> Result<Vec<Message>> {
         bail!("{} holds no messages", path.display());
     }
     Ok(messages)
+}
+
+/// A whole file, at most [`MAX_INPUT_BYTES`].
+pub fn read_file(path: &Path) -> Result<Vec<u8>> {
+    let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_INPUT_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("reading {}", path.display()))?;
+    if bytes.len() as u64 > MAX_INPUT_BYTES {
+        return Err(too_long(&path.display().to_string()));
+    }
+    Ok(bytes)
 }
 
 /// Puts `system` first, replacing a system message the conversation has.

@@ -7,7 +7,7 @@ use crate::engine::{Event, GenerateRequest, Handle};
 use crate::template::{Message, Template};
 use anyhow::{Context, Result, bail};
 use std::collections::VecDeque;
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{IsTerminal, Write};
 use std::sync::mpsc::{self, TryRecvError};
 
 pub fn run(args: &RunArgs) -> Result<()> {
@@ -166,7 +166,11 @@ fn each_line_source(args: &RunArgs) -> Result<mpsc::Receiver<Prompt>> {
         let mut bytes = Vec::new();
         for n in 1.. {
             bytes.clear();
-            let prompt = match stdin.read_until(b'\n', &mut bytes) {
+            let prompt = match input::read_line_bounded(
+                &mut stdin,
+                &mut bytes,
+                &format!("line {n} of standard input"),
+            ) {
                 Ok(0) => return,
                 Ok(_) => match std::str::from_utf8(&bytes) {
                     Ok(line) => {
@@ -182,7 +186,7 @@ fn each_line_source(args: &RunArgs) -> Result<mpsc::Receiver<Prompt>> {
                         e.valid_up_to() + 1
                     )),
                 },
-                Err(e) => Err(anyhow::Error::new(e).context("reading standard input")),
+                Err(e) => Err(e),
             };
             let last = prompt.is_err();
             if tx.send(prompt).is_err() || last {

@@ -10,13 +10,15 @@ use crate::reward::{Readout, RewardModel, RewardOptions, wait_reward};
 use crate::source::hub::{HubOptions, Parts};
 use crate::source::{self, ModelFiles, ModelSpec, known};
 use crate::template::Message;
-use crate::template::reward::{REWARD_MAX_TOKENS, RewardTemplate};
+use crate::template::reward::RewardTemplate;
 use crate::tokenizer::TokenizerFiles;
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use candle_core::quantized::GgmlDType;
 use serde_json::{Value, json};
-use std::io::{BufRead, IsTerminal, Write};
+use std::collections::VecDeque;
+use std::io::{IsTerminal, Write};
+use std::sync::mpsc;
 
 /// What one input asks: the reward of a conversation, or the ranking of
 /// several answers to one prompt.
@@ -24,6 +26,7 @@ use std::io::{BufRead, IsTerminal, Write};
 pub enum Item {
     Conversation(Vec<Message>),
     Ranking {
+        system: Option<String>,
         prompt: String,
         responses: Vec<String>,
     },
@@ -33,16 +36,30 @@ impl Item {
     /// `[{"role", "content"}, ...]`, `{"messages": [...]}` or
     /// `{"prompt": "...", "responses": ["...", ...]}`.
     pub fn parse(text: &str) -> Result<Self> {
-        const SHAPES: &str = r#"expected [{"role", "content"}, ...], {"messages": [...]} or {"prompt": "...", "responses": ["...", ...]}"#;
+        const SHAPES: &str = r#"expected [{"role", "content"}, ...], {"messages": [...]} or {"prompt": "...", "responses": ["...", ...]} (and optionally "system")"#;
+        // A byte-order mark is not part of the document.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let value: Value = serde_json::from_str(text).context("not valid JSON")?;
         let messages = |v: Value| -> Result<Vec<Message>> {
-            let m: Vec<Message> = serde_json::from_value(v)
-                .context("\"messages\" must be an array of {\"role\", \"content\"} strings")?;
-            Ok(m)
+            serde_json::from_value(v).map_err(|_| {
+                anyhow::anyhow!(
+                    "\"messages\" must be an array of {{\"role\": string, \"content\": string}}"
+                )
+            })
         };
         match value {
             Value::Array(_) => Ok(Self::Conversation(messages(value)?)),
-            Value::Object(mut o) => {
+            Value::Object(o) => {
+                let keys: Vec<&str> = o.keys().map(String::as_str).collect();
+                let allowed: &[&str] = if o.contains_key("messages") {
+                    &["messages"]
+                } else {
+                    &["prompt", "responses", "system"]
+                };
+                if let Some(extra) = keys.iter().find(|k| !allowed.contains(k)) {
+                    bail!("unexpected key {}: {SHAPES}", crate::weights::shown(extra));
+                }
+                let mut o = o;
                 if let Some(m) = o.remove("messages") {
                     return Ok(Self::Conversation(messages(m)?));
                 }
@@ -50,14 +67,28 @@ impl Item {
                 else {
                     bail!("{SHAPES}");
                 };
-                let prompt: String =
-                    serde_json::from_value(prompt).context("\"prompt\" must be a string")?;
-                let responses: Vec<String> = serde_json::from_value(responses)
-                    .context("\"responses\" must be an array of strings")?;
+                let text = |v: Value, what: &str| -> Result<String> {
+                    v.as_str()
+                        .map(str::to_string)
+                        .with_context(|| format!("\"{what}\" must be a string"))
+                };
+                let prompt = text(prompt, "prompt")?;
+                let system = o.remove("system").map(|v| text(v, "system")).transpose()?;
+                let responses = match responses {
+                    Value::Array(list) => list
+                        .into_iter()
+                        .map(|v| text(v, "responses\" item"))
+                        .collect::<Result<Vec<_>>>()?,
+                    _ => bail!("\"responses\" must be an array of strings"),
+                };
                 if responses.is_empty() {
                     bail!("\"responses\" is empty: nothing to rank");
                 }
-                Ok(Self::Ranking { prompt, responses })
+                Ok(Self::Ranking {
+                    system,
+                    prompt,
+                    responses,
+                })
             }
             _ => bail!("{SHAPES}"),
         }
@@ -75,13 +106,20 @@ impl Item {
     pub fn conversations(&self) -> Vec<Vec<Message>> {
         match self {
             Self::Conversation(m) => vec![m.clone()],
-            Self::Ranking { prompt, responses } => responses
+            Self::Ranking {
+                system,
+                prompt,
+                responses,
+            } => responses
                 .iter()
                 .map(|r| {
-                    vec![
-                        Message::new("user", prompt.clone()),
-                        Message::new("assistant", r.clone()),
-                    ]
+                    let mut c: Vec<Message> = system
+                        .iter()
+                        .map(|s| Message::new("system", s.clone()))
+                        .collect();
+                    c.push(Message::new("user", prompt.clone()));
+                    c.push(Message::new("assistant", r.clone()));
+                    c
                 })
                 .collect(),
         }
@@ -96,15 +134,19 @@ pub fn ranking(scores: &[f32]) -> Vec<usize> {
 }
 
 pub fn run(args: &ScoreArgs) -> Result<()> {
-    // Every input is read and checked before the model loads.
-    let items: Vec<(Option<usize>, Result<Item>)> = if args.each_line {
-        read_lines()?
+    // Input that is not --each-line is read and checked before the model
+    // loads; --each-line's lines are scored as they arrive.
+    let single = if args.each_line {
+        if std::io::stdin().is_terminal() {
+            bail!("--each-line reads conversations from stdin, but nothing is piped in");
+        }
+        None
     } else if let Some(path) = &args.messages {
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let bytes = input::read_file(path)?;
         let text = String::from_utf8(bytes)
             .with_context(|| format!("{} is not valid UTF-8", path.display()))?;
         match Item::parse(&text).with_context(|| path.display().to_string())? {
-            item @ Item::Conversation(_) => vec![(None, Ok(item))],
+            item @ Item::Conversation(_) => Some(item),
             Item::Ranking { .. } => bail!(
                 "{}: --messages takes a conversation; rank answers with {{\"prompt\", \"responses\"}} on stdin",
                 path.display()
@@ -114,21 +156,24 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
         let text = input::piped_stdin()?.context(
             "nothing to score: give --messages FILE, pipe a conversation in, or use --each-line",
         )?;
-        vec![(None, Ok(Item::parse(&text).context("standard input")?))]
+        Some(Item::parse(&text).context("standard input")?)
     };
-    if !args.each_line
-        && let Some((_, Ok(item))) = items.first()
-    {
-        // Outside --each-line, a bad conversation is an error before loading.
+    if let Some(item) = &single {
         item.check()?;
     }
     let device = loader::device(&args.device.device)?;
-    let rm = load_reward(
+    let mut rm = load_reward(
         &args.reward,
         args.device.dtype(),
         args.device.quantize,
         &device,
     )?;
+    args.device.apply_kv_type(&mut rm.model);
+    if rm.readout == Readout::Card && rm.template == RewardTemplate::ChatMl {
+        eprintln!(
+            "note: --readout card is the 7B card's pad read-out (llama2-rm); the ChatML card reads the last token, as `last` does"
+        );
+    }
     if args.verbose {
         eprintln!(
             "reward model: trunk {}.*, template {}, {} weights, load_s={:.3}",
@@ -138,61 +183,94 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
             rm.load_s
         );
     }
-    let rm = rm.into_engine(reward_engine_config(args.parallel))?;
-    // Everything is queued at once, so the engine reads many conversations
-    // in each pass over the weights; results are printed in input order.
+    let parallel = fitting_parallel(&rm, args.parallel);
+    let max_len = rm.model.max_len();
+    let rm = rm.into_engine(reward_engine_config(parallel, max_len))?;
     let start = std::time::Instant::now();
-    let queued: Vec<Result<(&Item, Vec<Handle>)>> = items
-        .iter()
-        .map(|(_, item)| {
-            let item = item.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
-            let handles = item
-                .conversations()
-                .iter()
-                .map(|c| rm.submit(c))
-                .collect::<Result<Vec<_>>>()?;
-            Ok((item, handles))
-        })
-        .collect();
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let mut failed = 0;
     let mut scored = 0;
-    for ((line, _), queued) in items.iter().zip(queued) {
-        let result = queued.and_then(|(item, handles)| {
-            let scores = handles
-                .into_iter()
-                .map(wait_reward)
-                .collect::<Result<Vec<f32>>>()?;
-            Ok((item, scores))
-        });
-        if let Ok((_, scores)) = &result {
-            scored += scores.len();
+    if let Some(item) = single {
+        let scores = rm.score_all(&item.conversations())?;
+        scored += scores.len();
+        let line = match item {
+            Item::Conversation(_) if !args.json => scores[0].to_string(),
+            Item::Conversation(_) => json!({ "score": scores[0] }).to_string(),
+            Item::Ranking { .. } => {
+                json!({ "scores": scores, "ranking": ranking(&scores) }).to_string()
+            }
+        };
+        writeln!(out, "{line}")?;
+    } else {
+        // Lines are queued as they come (many share each pass over the
+        // weights) and answered in input order, each as soon as it and
+        // those before it are done; a bad line answers with an error in
+        // its place.
+        let lines = spawn_line_reader();
+        let mut pending: VecDeque<(usize, Result<Queued>)> = VecDeque::new();
+        let (mut open, mut failed, mut total) = (true, 0, 0);
+        loop {
+            while open {
+                let next = if pending.is_empty() {
+                    lines.recv().ok()
+                } else {
+                    match lines.try_recv() {
+                        Ok(next) => Some(next),
+                        Err(mpsc::TryRecvError::Empty) => break,
+                        Err(mpsc::TryRecvError::Disconnected) => None,
+                    }
+                };
+                let Some((n, item)) = next else {
+                    open = false;
+                    break;
+                };
+                total += 1;
+                let queued = item.and_then(|item| {
+                    let handles = item
+                        .conversations()
+                        .iter()
+                        .map(|c| rm.submit(c))
+                        .collect::<Result<Vec<_>>>()?;
+                    Ok((matches!(item, Item::Ranking { .. }), handles))
+                });
+                pending.push_back((n, queued));
+            }
+            let Some((n, queued)) = pending.pop_front() else {
+                break;
+            };
+            let result = queued.and_then(|(ranked, handles)| {
+                let scores = handles
+                    .into_iter()
+                    .map(wait_reward)
+                    .collect::<Result<Vec<f32>>>()?;
+                Ok((ranked, scores))
+            });
+            let line = match result {
+                Ok((false, scores)) => {
+                    scored += 1;
+                    json!({ "line": n, "score": scores[0] })
+                }
+                Ok((true, scores)) => {
+                    scored += scores.len();
+                    json!({ "line": n, "scores": scores, "ranking": ranking(&scores) })
+                }
+                Err(e) => {
+                    failed += 1;
+                    let message = format!("line {n}: {}", super::error_line(&e));
+                    json!({ "line": n, "error": { "message": message } })
+                }
+            };
+            writeln!(out, "{line}")?;
+            out.flush()?;
         }
-        match (result, line) {
-            (Ok((Item::Conversation(_), scores)), _) if !args.json && !args.each_line => {
-                writeln!(out, "{}", scores[0])?;
-            }
-            (Ok((Item::Conversation(_), scores)), _) => {
-                writeln!(out, "{}", json!({ "score": scores[0] }))?;
-            }
-            (Ok((Item::Ranking { .. }, scores)), _) => {
-                let ranking = ranking(&scores);
-                writeln!(out, "{}", json!({ "scores": scores, "ranking": ranking }))?;
-            }
-            (Err(e), Some(n)) => {
-                failed += 1;
-                let message = format!("line {n}: {}", super::error_line(&e));
-                writeln!(
-                    out,
-                    "{}",
-                    json!({ "error": { "message": message, "line": n } })
-                )?;
-            }
-            (Err(e), None) => return Err(e),
+        if total == 0 {
+            bail!("--each-line: stdin holds nothing to score");
         }
-        out.flush()?;
+        if failed > 0 {
+            bail!("{failed} of {total} lines could not be scored (see their \"error\" lines)");
+        }
     }
+    out.flush()?;
     if args.verbose {
         let s = start.elapsed().as_secs_f64();
         eprintln!(
@@ -200,47 +278,65 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
             s / scored.max(1) as f64
         );
     }
-    if failed > 0 {
-        bail!(
-            "{failed} of {} lines could not be scored (see their \"error\" lines)",
-            items.len()
-        );
-    }
     Ok(())
 }
 
-/// `--each-line`: every non-blank stdin line, parsed (a bad one keeps its
-/// place as an error, so outputs stay aligned with inputs).
-fn read_lines() -> Result<Vec<(Option<usize>, Result<Item>)>> {
-    if std::io::stdin().is_terminal() {
-        bail!("--each-line reads conversations from stdin, but nothing is piped in");
+/// A queued line: whether it ranks responses, and its requests.
+type Queued = (bool, Vec<Handle>);
+
+/// `--parallel`, or (not given) 8 sequences, fewer when their KV caches
+/// would not fit in half the memory available (then said).
+fn fitting_parallel(rm: &RewardModel, asked: Option<usize>) -> usize {
+    const DEFAULT: usize = 8;
+    if let Some(p) = asked {
+        return p; // the engine refuses what does not fit, naming what would
     }
-    let mut items = Vec::new();
-    let mut stdin = std::io::stdin().lock();
-    let mut bytes = Vec::new();
-    for n in 1.. {
-        bytes.clear();
-        if stdin
-            .read_until(b'\n', &mut bytes)
-            .context("reading standard input")?
-            == 0
-        {
-            break;
+    let per_sequence =
+        crate::reward::max_tokens(rm.model.max_len()) * rm.model.kv_bytes_per_position();
+    let fit = loader::memory_available()
+        .map(|bytes| (bytes / 2 / per_sequence.max(1) as u64) as usize)
+        .unwrap_or(DEFAULT);
+    if fit < DEFAULT {
+        eprintln!(
+            "note: scoring {} conversations at a time: the KV caches of {DEFAULT} would not fit in half the memory available",
+            fit.max(1)
+        );
+    }
+    fit.clamp(1, DEFAULT)
+}
+
+/// `--each-line`: a thread hands over each non-blank stdin line, parsed and
+/// checked, with its line number, as soon as it is complete (a bounded
+/// read-ahead). A line that cannot be read ends the intake with its error.
+fn spawn_line_reader() -> mpsc::Receiver<(usize, Result<Item>)> {
+    let (tx, rx) = mpsc::sync_channel(256);
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut bytes = Vec::new();
+        for n in 1.. {
+            bytes.clear();
+            let what = format!("line {n} of standard input");
+            let item = match input::read_line_bounded(&mut stdin, &mut bytes, &what) {
+                Ok(0) => return,
+                Ok(_) => match std::str::from_utf8(&bytes) {
+                    Ok(line) if line.trim().is_empty() => continue,
+                    Ok(line) => Item::parse(line).and_then(|item| item.check().map(|()| item)),
+                    Err(e) => Err(anyhow::anyhow!(
+                        "not valid UTF-8 (invalid byte at column {})",
+                        e.valid_up_to() + 1
+                    )),
+                },
+                Err(e) => {
+                    let _ = tx.send((n, Err(e)));
+                    return;
+                }
+            };
+            if tx.send((n, item)).is_err() {
+                return;
+            }
         }
-        let item = match std::str::from_utf8(&bytes) {
-            Ok(line) if line.trim().is_empty() => continue,
-            Ok(line) => Item::parse(line).and_then(|item| item.check().map(|()| item)),
-            Err(e) => Err(anyhow::anyhow!(
-                "not valid UTF-8 (invalid byte at column {})",
-                e.valid_up_to() + 1
-            )),
-        };
-        items.push((Some(n), item));
-    }
-    if items.is_empty() {
-        bail!("--each-line: stdin holds nothing to score");
-    }
-    Ok(items)
+    });
+    rx
 }
 
 /// The reward model `args` names, its tokenizer, and its template,
@@ -252,6 +348,12 @@ pub struct RewardSource {
 }
 
 pub fn resolve_reward(args: &RewardArgs) -> Result<RewardSource> {
+    // Flags as the command at hand spells them.
+    let (template_flag, tokenizer_flag) = if args.for_best_of {
+        ("--reward-template", "--reward-tokenizer")
+    } else {
+        ("--template", "--tokenizer")
+    };
     let spec = ModelSpec::parse(&args.model)?;
     let known = match &spec {
         ModelSpec::Hub(m) => known::by_repo(&m.repo),
@@ -265,16 +367,30 @@ pub fn resolve_reward(args: &RewardArgs) -> Result<RewardSource> {
             k.name
         );
     }
-    let template = match (args.template.as_str(), known) {
-        ("auto", Some(k)) => RewardTemplate::builtin(k.template)?,
-        ("auto", None) => bail!(
-            "which format does {} read? give --template llama2-rm (Llama-2 [INST], Starling-RM-7B-alpha's) or chatml-rm (Starling-RM-34B's)",
+    let which = || {
+        anyhow::anyhow!(
+            "which format does {} read? give {template_flag} llama2-rm (Llama-2 [INST], Starling-RM-7B-alpha's) or chatml-rm (Starling-RM-34B's)",
             args.model
-        ),
-        (name, _) => RewardTemplate::builtin(name)?,
+        )
     };
+    let named = match args.template.as_str() {
+        "auto" => None,
+        name => Some(RewardTemplate::builtin(name).context(template_flag)?),
+    };
+    // An unknown hub repo is not downloaded only to ask for its format.
+    if named.is_none() && known.is_none() && matches!(spec, ModelSpec::Hub(_)) {
+        return Err(which());
+    }
     let options = HubOptions::from_env(args.offline);
     let files = source::resolve(&spec, options.with_parts(Parts::NoTokenizer))?;
+    // What the files are comes first: a chat model or a GGUF is refused
+    // as such, whatever else is missing.
+    crate::reward::open(&files, None)?;
+    let template = match (named, known) {
+        (Some(t), _) => t,
+        (None, Some(k)) => RewardTemplate::builtin(k.template)?,
+        (None, None) => return Err(which()),
+    };
     let has_own =
         files.tokenizer.tokenizer_json.is_some() || files.tokenizer.sentencepiece_model.is_some();
     let tokenizer = match (&args.tokenizer, has_own, known.and_then(|k| k.tokenizer)) {
@@ -283,13 +399,13 @@ pub fn resolve_reward(args: &RewardArgs) -> Result<RewardSource> {
         (None, true, _) => files.tokenizer.clone(),
         (None, false, Some(repo)) => source::resolve_tokenizer(&ModelSpec::parse(repo)?, options)
             .with_context(|| {
-            format!(
-                "{} ships no tokenizer; its card takes {repo}'s (or give --tokenizer DIR|REPO)",
-                args.model
-            )
-        })?,
+                format!(
+                    "{} ships no tokenizer; its card takes {repo}'s (or give {tokenizer_flag} DIR|REPO)",
+                    args.model
+                )
+            })?,
         (None, false, None) => bail!(
-            "{} ships no tokenizer: give --tokenizer DIR|REPO (the tokenizer it was trained with)",
+            "{} ships no tokenizer: give {tokenizer_flag} DIR|REPO (the tokenizer it was trained with)",
             files.dir.display()
         ),
     };
@@ -303,11 +419,11 @@ pub fn resolve_reward(args: &RewardArgs) -> Result<RewardSource> {
 /// The engine settings for reward models: every input fits in the cards'
 /// 2048 tokens, and prompts are all there is to read, so a step takes as
 /// many prompt rows as a chunk holds.
-pub fn reward_engine_config(parallel: usize) -> EngineConfig {
+pub fn reward_engine_config(parallel: usize, max_len: usize) -> EngineConfig {
     EngineConfig {
         parallel,
         batch_tokens: PREFILL_CHUNK,
-        context: Some(REWARD_MAX_TOKENS),
+        context: Some(crate::reward::max_tokens(max_len)),
     }
 }
 

@@ -341,7 +341,22 @@ impl Drop for Engine {
 fn slot_context(config: &EngineConfig, max_len: usize, per_position: usize) -> Result<usize> {
     if let Some(context) = config.context {
         ensure!(context >= 1, "the context must be at least 1 position");
-        return Ok(context.min(max_len));
+        let context = context.min(max_len);
+        // A context given is still bounded by memory: the caches grow as
+        // they fill, and would otherwise grow into the OOM killer.
+        if let Some(bytes) = available_memory() {
+            let need = (config.parallel * context) as u64 * per_position as u64;
+            let fits = bytes / 2 / (context * per_position.max(1)) as u64;
+            ensure!(
+                need <= bytes / 2,
+                "{} sequences of {context} positions need {:.1} GB of KV cache, more than half the {:.1} GB of memory available: give --parallel {} or a smaller --ctx-size",
+                config.parallel,
+                need as f64 / 1e9,
+                bytes as f64 / 1e9,
+                fits.max(1)
+            );
+        }
+        return Ok(context);
     }
     let cap = available_memory()
         .map(|bytes| bytes / 2 / (config.parallel * per_position.max(1)) as u64)
@@ -538,7 +553,12 @@ impl<'t> StepLoop<'t> {
                 self.start(slot, follower, 0, true);
             }
             // At least the last prompt token is fed again: its logits are needed.
-            let keep = common.min(submission.request.prompt.len() - 1);
+            // A score is read from a fresh cache: the same input gives the
+            // same reward bit for bit, whatever ran before or beside it.
+            let keep = match submission.kind {
+                Kind::Generate => common.min(submission.request.prompt.len() - 1),
+                Kind::Score(_) => 0,
+            };
             self.start(leader, submission, keep, false);
             if let Some(a) = self.slots[leader].active.as_mut() {
                 a.followers = followers;
@@ -772,10 +792,15 @@ impl<'t> StepLoop<'t> {
         }
         .and_then(|t| {
             let values = t.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
-            values
+            let v = values
                 .first()
                 .copied()
-                .ok_or_else(|| anyhow!("the model's output is empty"))
+                .ok_or_else(|| anyhow!("the model's output is empty"))?;
+            ensure!(
+                v.is_finite(),
+                "the model's output is {v}, not a finite number (its weights, or the activations in this dtype, overflow)"
+            );
+            Ok(v)
         });
         match value {
             Ok(v) => {

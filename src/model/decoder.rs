@@ -150,6 +150,14 @@ impl Model {
             weight_dtype,
             device,
         )?;
+        // A checkpoint with more layers than the config says would run
+        // silently truncated: refuse it.
+        let n = config.num_hidden_layers;
+        if weights.contains(&format!("{trunk}.layers.{n}.input_layernorm.weight")) {
+            anyhow::bail!(
+                "the weights have a layer {n} but the config says num_hidden_layers is {n}: the config does not describe these weights"
+            );
+        }
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for l in 0..config.num_hidden_layers {
             let p = format!("{trunk}.layers.{l}");

@@ -160,6 +160,27 @@ pub fn local_dir(dir: &Path) -> Result<ModelFiles> {
 
 /// The tokenizer files in `dir` (a model directory, or a tokenizer's alone).
 pub fn tokenizer_dir(dir: &Path) -> Result<TokenizerFiles> {
+    // A tokenizer.json or tokenizer.model named directly: that file, with
+    // the tokenizer_config.json beside it.
+    if dir.is_file() {
+        let parent = dir.parent().unwrap_or(Path::new("."));
+        let mut files = tokenizer_files(parent);
+        match dir.extension().and_then(|e| e.to_str()) {
+            Some("json") => {
+                files.tokenizer_json = Some(dir.to_path_buf());
+                files.sentencepiece_model = None;
+            }
+            Some("model") => {
+                files.tokenizer_json = None;
+                files.sentencepiece_model = Some(dir.to_path_buf());
+            }
+            _ => bail!(
+                "{} is neither a tokenizer directory nor a tokenizer.json or tokenizer.model file",
+                dir.display()
+            ),
+        }
+        return Ok(files);
+    }
     if !dir.is_dir() {
         bail!("tokenizer directory {} does not exist", dir.display());
     }

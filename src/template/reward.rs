@@ -36,7 +36,7 @@ impl RewardTemplate {
             "llama2-rm" => Ok(Self::Llama2),
             "chatml-rm" => Ok(Self::ChatMl),
             other => bail!(
-                "unknown reward template {:?} (llama2-rm or chatml-rm)",
+                "unknown reward template {:?} (auto, llama2-rm or chatml-rm)",
                 other.chars().take(64).collect::<String>()
             ),
         }
@@ -90,13 +90,18 @@ impl RewardTemplate {
     }
 
     /// The ids the reward model reads: the rendering encoded (text never
-    /// spells a special token), then cut from the left to
-    /// [`REWARD_MAX_TOKENS`] as the cards' tokenizers do with
-    /// `truncation_side = "left"`: for Llama-2 the automatic BOS is added
-    /// after the cut (BOS + the last 2047 ids).
-    pub fn encode(&self, tokenizer: &TextTokenizer, messages: &[Message]) -> Result<Vec<u32>> {
+    /// spells a special token), then cut from the left to `max` tokens
+    /// ([`REWARD_MAX_TOKENS`] for the Starling models) as the cards'
+    /// tokenizers do with `truncation_side = "left"`: for Llama-2 the
+    /// automatic BOS is added after the cut (BOS + the last 2047 ids).
+    pub fn encode(
+        &self,
+        tokenizer: &TextTokenizer,
+        messages: &[Message],
+        max: usize,
+    ) -> Result<Vec<u32>> {
         let ids = super::encode_segments(tokenizer, &self.render(messages)?)?;
-        Ok(truncate_left(ids, self.keeps_first(), REWARD_MAX_TOKENS))
+        Ok(truncate_left(ids, self.keeps_first(), max.max(2)))
     }
 
     /// Whether the first id is the tokenizer's automatic BOS, kept by the cut.

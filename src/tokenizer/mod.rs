@@ -345,7 +345,7 @@ impl TextTokenizer {
                 }
                 Segment::Special(token) => {
                     let id = self.token_id(token).with_context(|| {
-                        format!("the chat template needs the token {token:?}, which this tokenizer does not have")
+                        format!("the template needs the token {token:?}, which this tokenizer does not have")
                     })?;
                     specials.push(id);
                     joined.push_str(SENTINEL);

@@ -295,6 +295,18 @@ impl Weights {
         }
     }
 
+    /// Refuses a reward model's weights (a `v_head` and no `lm_head`)
+    /// where a chat model is needed, by name, with what to use instead.
+    pub fn ensure_not_reward_model(&self, what: &Path) -> Result<()> {
+        if self.contains("v_head.weight") && !self.contains("lm_head.weight") {
+            bail!(
+                "{} is a reward model (a v_head and no lm_head), not a chat model: score with `starling score`, or use it as `run --best-of N --reward-model`",
+                what.display()
+            );
+        }
+        Ok(())
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         match &self.store {
             Store::Synthetic { names } => names.contains_key(name),

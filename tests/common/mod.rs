@@ -308,10 +308,22 @@ pub fn starling(args: &[&str], stdin: Option<&[u8]>) -> Output {
         Stdio::null()
     });
     let mut child = cmd.spawn().expect("starting starling");
-    if let Some(input) = stdin {
-        child.stdin.take().unwrap().write_all(input).unwrap();
+    // Stdin is written from a thread while the output is read (a large
+    // input and output would otherwise fill both pipes); a process that
+    // stops reading early (a refused input) is not the writer's failure.
+    let writer = stdin.map(|input| {
+        let input = input.to_vec();
+        let mut pipe = child.stdin.take().unwrap();
+        std::thread::spawn(move || match pipe.write_all(&input) {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => panic!("writing stdin: {e}"),
+            _ => {}
+        })
+    });
+    let out = child.wait_with_output().unwrap();
+    if let Some(w) = writer {
+        w.join().unwrap();
     }
-    child.wait_with_output().unwrap()
+    out
 }
 
 /// Stdout of a run that must succeed.
