@@ -352,13 +352,15 @@ pub fn planned_bytes(
     device: &Device,
     value_head: bool,
 ) -> Result<u64> {
-    let mut params: u64 = crate::model::synthetic::tensor_shapes(config)
+    let mut shapes = crate::model::synthetic::tensor_shapes(config);
+    if value_head {
+        shapes.remove("lm_head.weight");
+        shapes.insert("v_head.weight".into(), vec![1, config.hidden_size]);
+    }
+    let params: u64 = shapes
         .values()
         .map(|s| s.iter().product::<usize>() as u64)
         .sum();
-    if value_head {
-        params -= ((config.vocab_size - 1) * config.hidden_size) as u64;
-    }
     if let Some(q) = quantize.filter(|&q| crate::model::linear::is_block_format(q)) {
         return Ok(params * q.type_size() as u64 / q.block_size() as u64);
     }

@@ -38,6 +38,10 @@ pub struct Config {
     pub rope_scaling: Option<serde_json::Value>,
     #[serde(default)]
     pub attention_bias: bool,
+    /// Qwen2: whether `sliding_window` applies at all (transformers'
+    /// default: no).
+    #[serde(default)]
+    pub use_sliding_window: bool,
     #[serde(default)]
     pub mlp_bias: bool,
     #[serde(default)]
@@ -77,12 +81,33 @@ fn default_max_position_embeddings() -> usize {
     2048
 }
 
+/// How rotary embeddings stretch to longer contexts, as transformers'
+/// `modeling_rope_utils` computes each type's inverse frequencies.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by `factor` (inverse frequencies, equivalently).
+    Linear {
+        factor: f64,
+    },
+    /// Llama 3.1's: low frequencies divided by `factor`, high ones kept,
+    /// those between interpolated (`_compute_llama3_parameters`).
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
 /// Which decoder family the checkpoint belongs to. Mistral is Llama plus a
 /// sliding attention window; Llama configs never carry a window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
     Mistral,
     Llama,
+    /// Qwen2 / Qwen2.5: Llama plus biases on the q, k and v projections.
+    Qwen2,
 }
 
 impl Config {
@@ -100,10 +125,11 @@ impl Config {
 
     pub fn family(&self) -> Result<Family> {
         let arch = |name: &str| self.architectures.iter().any(|a| a == name);
-        let known = arch("MistralForCausalLM") || arch("LlamaForCausalLM");
+        let known =
+            arch("MistralForCausalLM") || arch("LlamaForCausalLM") || arch("Qwen2ForCausalLM");
         if let Some(t) = self.model_type.as_deref()
             && known
-            && !matches!(t, "mistral" | "llama")
+            && !matches!(t, "mistral" | "llama" | "qwen2")
         {
             let shown: String = t.chars().take(64).collect();
             bail!(
@@ -111,7 +137,9 @@ impl Config {
                 self.architectures
             );
         }
-        if arch("MistralForCausalLM") || self.model_type.as_deref() == Some("mistral") {
+        if arch("Qwen2ForCausalLM") || self.model_type.as_deref() == Some("qwen2") {
+            Ok(Family::Qwen2)
+        } else if arch("MistralForCausalLM") || self.model_type.as_deref() == Some("mistral") {
             Ok(Family::Mistral)
         } else if arch("LlamaForCausalLM")
             // The Starling reward models' configs (a Llama trunk with a value head).
@@ -122,7 +150,7 @@ impl Config {
             Ok(Family::Llama)
         } else {
             bail!(
-                "unsupported architecture {:?} (model_type {:?}): starling runs MistralForCausalLM and LlamaForCausalLM",
+                "unsupported architecture {:?} (model_type {:?}): starling runs MistralForCausalLM, LlamaForCausalLM and Qwen2ForCausalLM",
                 self.architectures,
                 self.model_type
             )
@@ -138,6 +166,16 @@ impl Config {
             .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
+    /// Which attention projections carry a bias, `[q, k, v, o]`: Qwen2's
+    /// q, k and v always; Llama's all four with `attention_bias`.
+    pub fn attention_biases(&self) -> [bool; 4] {
+        match self.family() {
+            Ok(Family::Qwen2) => [true, true, true, false],
+            _ if self.attention_bias => [true; 4],
+            _ => [false; 4],
+        }
+    }
+
     /// The attention window, only for Mistral (transformers' Llama has
     /// none). A window as long as the context hides nothing, so it is none:
     /// that also keeps `position + window` from overflowing.
@@ -148,6 +186,58 @@ impl Config {
                 .filter(|&w| w < self.max_position_embeddings),
             _ => None,
         }
+    }
+
+    /// `rope_scaling`, checked: every number finite and in range, the type
+    /// one the decoder computes.
+    pub fn rope_scaling(&self) -> Result<RopeScaling> {
+        let Some(scaling) = self.rope_scaling.as_ref().filter(|s| !s.is_null()) else {
+            return Ok(RopeScaling::None);
+        };
+        let kind = scaling
+            .get("rope_type")
+            .or_else(|| scaling.get("type"))
+            .and_then(|v| v.as_str())
+            .unwrap_or("?");
+        let number = |key: &str| -> Result<f64> {
+            let v = scaling
+                .get(key)
+                .and_then(|v| v.as_f64())
+                .with_context(|| format!("rope_scaling of type {kind:?} needs a number {key}"))?;
+            ensure!(
+                v.is_finite() && v > 0.0 && v < 1e6,
+                "rope_scaling {key} is {v}: expected a positive number"
+            );
+            Ok(v)
+        };
+        Ok(match kind {
+            "default" => RopeScaling::None,
+            "linear" => RopeScaling::Linear {
+                factor: number("factor")?,
+            },
+            "llama3" => {
+                let (low, high) = (number("low_freq_factor")?, number("high_freq_factor")?);
+                ensure!(
+                    high > low,
+                    "rope_scaling high_freq_factor ({high}) must be above low_freq_factor ({low})"
+                );
+                let original = number("original_max_position_embeddings")?;
+                ensure!(
+                    original.fract() == 0.0,
+                    "rope_scaling original_max_position_embeddings must be a whole number"
+                );
+                RopeScaling::Llama3 {
+                    factor: number("factor")?,
+                    low_freq_factor: low,
+                    high_freq_factor: high,
+                    original_max_position_embeddings: original,
+                }
+            }
+            other => bail!(
+                "rope_scaling of type {} is not supported (default, linear, llama3)",
+                crate::weights::shown(other)
+            ),
+        })
     }
 
     fn validate(&self) -> Result<()> {
@@ -216,22 +306,13 @@ impl Config {
                 "hidden_act {act:?} is not supported (only silu)"
             );
         }
+        ensure!(!self.mlp_bias, "MLP biases (mlp_bias) are not supported");
+        // Qwen2 windows only some layers (max_window_layers): not computed here.
         ensure!(
-            !self.attention_bias && !self.mlp_bias,
-            "attention or MLP biases are not supported"
+            !(self.family()? == Family::Qwen2 && self.use_sliding_window),
+            "use_sliding_window: true is not supported for Qwen2 (its window covers only some layers)"
         );
-        if let Some(scaling) = &self.rope_scaling
-            && !scaling.is_null()
-        {
-            let kind = scaling
-                .get("rope_type")
-                .or_else(|| scaling.get("type"))
-                .and_then(|v| v.as_str())
-                .unwrap_or("?");
-            if kind != "default" {
-                bail!("rope_scaling of type {kind:?} is not supported yet");
-            }
-        }
+        self.rope_scaling()?;
         if let Some(w) = self.sliding_window {
             ensure!(w > 0, "sliding_window must be positive");
         }

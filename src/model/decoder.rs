@@ -8,7 +8,7 @@
 //! Here queries are regrouped instead (`[kv_heads, n_rep*seq, d]`), so
 //! attention reads the cache as a strided view, for every dtype and device.
 
-use super::config::Config;
+use super::config::{Config, RopeScaling};
 use super::kv_cache::KvCache;
 use super::linear::{Embedding, Linear, dense_bytes};
 use crate::kernels::{PROMPT_ROWS, RowClass};
@@ -47,6 +47,8 @@ struct Attention {
     k: Linear,
     v: Linear,
     o: Linear,
+    /// Biases of q, k, v, o (`[out]`), where the family has them.
+    bias: [Option<Tensor>; 4],
 }
 
 struct Mlp {
@@ -168,6 +170,21 @@ impl Model {
                     k: mat(&format!("{p}.self_attn.k_proj.weight"), &[kv_heads * hd, h])?,
                     v: mat(&format!("{p}.self_attn.v_proj.weight"), &[kv_heads * hd, h])?,
                     o: mat(&format!("{p}.self_attn.o_proj.weight"), &[h, heads * hd])?,
+                    bias: {
+                        let outs = [heads * hd, kv_heads * hd, kv_heads * hd, h];
+                        let mut bias = [None, None, None, None];
+                        for (i, (name, has)) in ["q", "k", "v", "o"]
+                            .iter()
+                            .zip(config.attention_biases())
+                            .enumerate()
+                        {
+                            if has {
+                                let b = format!("{p}.self_attn.{name}_proj.bias");
+                                bias[i] = Some(weights.bias(&b, outs[i], dtype, device)?);
+                            }
+                        }
+                        bias
+                    },
                 },
                 post_norm: get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
                 mlp: Mlp {
@@ -192,6 +209,7 @@ impl Model {
         let (cos, sin) = rope_tables(
             hd,
             config.rope_theta,
+            config.rope_scaling()?,
             config.max_position_embeddings,
             dtype,
             device,
@@ -539,9 +557,15 @@ impl Model {
         short_rows: usize,
         batch: &mut [Chunk<'_>],
     ) -> Result<Tensor> {
-        let q_all = w.q.forward_split(x, short_rows)?;
-        let k_all = w.k.forward_split(x, short_rows)?;
-        let v_all = w.v.forward_split(x, short_rows)?;
+        let with_bias = |y: Tensor, b: &Option<Tensor>| -> Result<Tensor> {
+            Ok(match b {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            })
+        };
+        let q_all = with_bias(w.q.forward_split(x, short_rows)?, &w.bias[0])?;
+        let k_all = with_bias(w.k.forward_split(x, short_rows)?, &w.bias[1])?;
+        let v_all = with_bias(w.v.forward_split(x, short_rows)?, &w.bias[2])?;
         let mut outs = Vec::with_capacity(segments.len());
         for &c in order {
             let s = &segments[c];
@@ -566,8 +590,10 @@ impl Model {
         } else {
             Tensor::cat(&outs, 0)?
         };
-        w.o.forward_split(&out, short_rows)
-            .context("attention output projection")
+        let out =
+            w.o.forward_split(&out, short_rows)
+                .context("attention output projection")?;
+        with_bias(out, &w.bias[3])
     }
 
     /// One chunk's attention over its own cache: `q`, `k`, `v` are its rows
@@ -656,19 +682,66 @@ struct Segment {
     write: bool,
 }
 
+/// The inverse frequencies `[head_dim/2]` of rotary embeddings, in f32 as
+/// transformers computes them (`modeling_rope_utils`: the default, then
+/// the scaling type's change).
+pub fn inv_freq(hd: usize, theta: f64, scaling: RopeScaling) -> Vec<f32> {
+    let base: Vec<f32> = (0..hd)
+        .step_by(2)
+        .map(|i| 1.0 / (theta as f32).powf(i as f32 / hd as f32))
+        .collect();
+    match scaling {
+        RopeScaling::None => base,
+        RopeScaling::Linear { factor } => base.iter().map(|f| f / factor as f32).collect(),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings: old,
+        } => {
+            let (factor, low, high, old) = (
+                factor as f32,
+                low_freq_factor as f32,
+                high_freq_factor as f32,
+                old as f32,
+            );
+            let low_freq_wavelen = old / low;
+            let high_freq_wavelen = old / high;
+            base.iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f32::consts::PI / f;
+                    // wavelen < high_freq_wavelen: no scaling; above the low one: / factor.
+                    let scaled = if wavelen > low_freq_wavelen {
+                        f / factor
+                    } else {
+                        f
+                    };
+                    // Frequencies are finite and positive, so this is transformers'
+                    // ~(wavelen < high) & ~(wavelen > low).
+                    let medium = wavelen >= high_freq_wavelen && wavelen <= low_freq_wavelen;
+                    if medium {
+                        let smooth = (old / wavelen - low) / (high - low);
+                        (1.0 - smooth) * scaled / factor + smooth * scaled
+                    } else {
+                        scaled
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
 /// cos/sin tables `[max_len, head_dim/2]` computed as transformers does
 /// (inverse frequencies and angles in f32), then cast to the run's dtype.
 fn rope_tables(
     hd: usize,
     theta: f64,
+    scaling: RopeScaling,
     max_len: usize,
     dtype: DType,
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
-    let inv_freq: Vec<f32> = (0..hd)
-        .step_by(2)
-        .map(|i| 1.0 / (theta as f32).powf(i as f32 / hd as f32))
-        .collect();
+    let inv_freq = inv_freq(hd, theta, scaling);
     let half = inv_freq.len();
     let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
     let positions = Tensor::arange(0u32, max_len as u32, device)?

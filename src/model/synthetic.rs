@@ -21,7 +21,11 @@ pub fn tensor_shapes(config: &Config) -> BTreeMap<String, Vec<usize>> {
         vec![config.vocab_size, h],
     );
     shapes.insert("model.norm.weight".to_string(), vec![h]);
-    shapes.insert("lm_head.weight".to_string(), vec![config.vocab_size, h]);
+    // Tied embeddings (Llama 3.2 1B/3B, small Qwen2.5): the head is the table.
+    if !config.tie_word_embeddings {
+        shapes.insert("lm_head.weight".to_string(), vec![config.vocab_size, h]);
+    }
+    let biases = config.attention_biases();
     for l in 0..config.num_hidden_layers {
         let p = format!("model.layers.{l}");
         for (name, shape) in [
@@ -36,6 +40,14 @@ pub fn tensor_shapes(config: &Config) -> BTreeMap<String, Vec<usize>> {
             ("mlp.down_proj.weight", vec![h, inter]),
         ] {
             shapes.insert(format!("{p}.{name}"), shape);
+        }
+        for ((name, out), has) in [("q", q), ("k", kv), ("v", kv), ("o", h)]
+            .into_iter()
+            .zip(biases)
+        {
+            if has {
+                shapes.insert(format!("{p}.self_attn.{name}_proj.bias"), vec![out]);
+            }
         }
     }
     shapes

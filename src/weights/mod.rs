@@ -295,6 +295,17 @@ impl Weights {
         }
     }
 
+    /// A bias vector `[len]` in `dtype`: it is added in the activations'
+    /// dtype (f32 on the CPU for bf16 weights), so it is read as such.
+    pub fn bias(&self, name: &str, len: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+        let dtype = if device.is_cpu() && dtype == DType::BF16 {
+            DType::F32
+        } else {
+            dtype
+        };
+        self.tensor(name, &[len], dtype, device)
+    }
+
     /// Refuses a reward model's weights (a `v_head` and no `lm_head`)
     /// where a chat model is needed, by name, with what to use instead.
     pub fn ensure_not_reward_model(&self, what: &Path) -> Result<()> {
