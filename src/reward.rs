@@ -225,11 +225,17 @@ impl RewardEngine {
 
     /// The rewards of `conversations`, in order, all queued at once.
     pub fn score_all(&self, conversations: &[Vec<Message>]) -> Result<Vec<f32>> {
-        let handles = conversations
-            .iter()
-            .map(|c| self.submit(c))
-            .collect::<Result<Vec<_>>>()?;
-        handles.into_iter().map(wait_reward).collect()
+        self.score_each(conversations).into_iter().collect()
+    }
+
+    /// Each conversation's reward or error, in order, all queued at once:
+    /// one that fails (a reward that is not finite) leaves the others.
+    pub fn score_each(&self, conversations: &[Vec<Message>]) -> Vec<Result<f32>> {
+        let handles: Vec<Result<Handle>> = conversations.iter().map(|c| self.submit(c)).collect();
+        handles
+            .into_iter()
+            .map(|h| h.and_then(wait_reward))
+            .collect()
     }
 }
 

@@ -573,13 +573,12 @@ fn a_reward_model_is_not_a_chat_model() {
     let rm = m.rm34.to_str().unwrap();
     for cmd in [
         vec!["run", "--model", rm, "Hello"],
+        // As Starling-RM-7B-alpha ships: no tokenizer at all.
+        vec!["run", "--model", m.rm7.to_str().unwrap(), "Hello"],
         vec!["bench", "--model", rm, "-p", "4", "-n", "2", "-r", "1"],
         vec!["quantize", rm, "/nonexistent/out.gguf"],
     ] {
-        fails_with(
-            &starling(&cmd, None),
-            "is a reward model (a v_head and no lm_head)",
-        );
+        fails_with(&starling(&cmd, None), "is a reward model");
     }
     fails_with(
         &starling(
@@ -760,14 +759,46 @@ fn inputs_are_checked_strictly_and_bounded() {
         "the same answer, the same score: {v}"
     );
     assert_eq!(v["ranking"], json!([0, 1]), "ties keep the input order");
-    // More than 8 MiB on one line.
+    fails_with(
+        &score(
+            &[],
+            br#"[{"role":"user","content":"q","name":"bob"},{"role":"assistant","content":"a"}]"#,
+        ),
+        "unexpected key \"name\" in a message",
+    );
+    // More than 8 MiB on one line: that line gets the error, the next ones
+    // are still scored.
     let mut huge = br#"{"prompt":""#.to_vec();
     huge.extend(std::iter::repeat_n(b'x', 9 << 20));
     huge.extend(br#"","responses":["a"]}"#);
-    let out = score(&["--each-line"], &huge);
+    let ok_line = br#"{"prompt":"q","responses":["a"]}"#;
+    let mut lines = ok_line.to_vec();
+    lines.push(b'\n');
+    lines.extend(&huge);
+    lines.push(b'\n');
+    lines.extend(ok_line);
+    lines.push(b'\n');
+    let out = score(&["--each-line"], &lines);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("longer than 8 MiB"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let outputs: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(outputs.len(), 3, "{stdout}");
+    assert!(
+        outputs[1]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("line 2: the line is longer than 8 MiB")
+    );
+    assert_eq!(outputs[2]["line"], 3);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("1 of 3 lines"));
     fails_with(&score(&[], &huge), "standard input is longer than 8 MiB");
+    // A ranking's prompt counts once per response.
+    let prompt = "p ".repeat(3 << 20);
+    let many = json!({"prompt": prompt, "responses": ["a", "b", "c"]}).to_string();
+    fails_with(&score(&[], many.as_bytes()), "counts once per response");
     // The reward-model flags of run belong to --best-of.
     let out = starling(&["run", "--reward-template", "chatml-rm", "hi"], None);
     assert_eq!(out.status.code(), Some(2));
@@ -789,6 +820,37 @@ fn inputs_are_checked_strictly_and_bounded() {
         None,
     );
     fails_with(&out, "give --reward-template llama2-rm");
+    // A template the reward tokenizer cannot render is refused before any answer.
+    let out = starling(
+        &[
+            "run",
+            "--model",
+            tiny.to_str().unwrap(),
+            "--best-of",
+            "2",
+            "--temperature",
+            "0.5",
+            "--reward-model",
+            m.rm7.to_str().unwrap(),
+            "--reward-tokenizer",
+            m.llama_tokenizer.to_str().unwrap(),
+            "--reward-template",
+            "chatml-rm",
+            "hi",
+        ],
+        None,
+    );
+    // (after best-of's note on the memory both models need)
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr
+            .lines()
+            .last()
+            .unwrap()
+            .contains("--reward-template chatml-rm with the reward model's tokenizer"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -826,6 +888,42 @@ fn non_finite_rewards_and_mismatched_checkpoints_are_refused() {
         }
     });
     fails_with(&score(&nan), "not a finite number");
+    // One token's embedding NaN: only the conversation holding it fails,
+    // beside others in the same passes.
+    let zebra = {
+        let dir = root.join("probe-tokenizer");
+        write_tokenizer(&dir, &["<|im_start|>", "<|im_end|>"]);
+        let t = starling::reward::load_tokenizer(&starling::source::tokenizer_dir(&dir).unwrap())
+            .unwrap();
+        t.encode_text("zebra").unwrap()[1] as usize
+    };
+    let row = write("nan-row", &|t| {
+        for x in t
+            .iter_mut()
+            .filter(|t| t.0 == "transformer.embed_tokens.weight")
+        {
+            x.2[zebra * cfg.hidden_size] = f32::NAN;
+        }
+    });
+    let rm = load_reward(
+        &args(&row, None, "chatml-rm", "last"),
+        DTypeChoice::Auto,
+        None,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()
+    .into_engine(starling::commands::score::reward_engine_config(2, 4096))
+    .unwrap();
+    let conv = |answer: &str| vec![Message::new("user", "q"), Message::new("assistant", answer)];
+    let results = rm.score_each(&[conv("horse"), conv("zebra"), conv("horse")]);
+    assert!(
+        results[1]
+            .as_ref()
+            .unwrap_err()
+            .to_string()
+            .contains("not a finite number")
+    );
+    assert_eq!(results[0].as_ref().unwrap(), results[2].as_ref().unwrap());
     let biased = write("bias", &|t| {
         t.push(("v_head.bias".into(), vec![1], vec![0.5]))
     });
@@ -848,4 +946,12 @@ fn non_finite_rewards_and_mismatched_checkpoints_are_refused() {
         &score(&deeper),
         "the weights have a layer 2 but the config says num_hidden_layers is 2",
     );
+    let stray = write("stray", &|t| {
+        t.push((
+            "transformer.layers.7.mlp.up_proj.weight".into(),
+            vec![1],
+            vec![0.0],
+        ))
+    });
+    fails_with(&score(&stray), "the weights have a layer 7");
 }

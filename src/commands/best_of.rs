@@ -45,7 +45,17 @@ pub fn run(args: &RunArgs, n: usize, conversation: Vec<Message>) -> Result<()> {
         reward_dtype,
         args.best_of.reward_quantize,
         &device,
-    )?;
+    )
+    .context("loading the reward model (--reward-model, --reward-tokenizer)")?;
+    // The reward template must fit the reward tokenizer: known before any
+    // answer is generated.
+    rm.encode(&[Message::new("user", "?"), Message::new("assistant", "!")])
+        .with_context(|| {
+            format!(
+                "--reward-template {} with the reward model's tokenizer",
+                rm.template.name()
+            )
+        })?;
     if args.answer.verbose {
         eprintln!("{}", started.engine.describe());
     }
@@ -85,28 +95,40 @@ pub fn run(args: &RunArgs, n: usize, conversation: Vec<Message>) -> Result<()> {
         })
         .collect();
     let max_len = rm.model.max_len();
-    let scores = rm
+    // An answer whose reward cannot be read (not finite) is listed with its
+    // error and never chosen; the others still are.
+    let results = rm
         .into_engine(score::reward_engine_config(n, max_len))?
-        .score_all(&judged)
-        .context("scoring the answers")?;
+        .score_each(&judged);
+    let scores: Vec<f32> = results
+        .iter()
+        .map(|r| *r.as_ref().unwrap_or(&f32::NEG_INFINITY))
+        .collect();
     let best = score::ranking(&scores)[0];
+    if let Err(e) = &results[best] {
+        return Err(anyhow::anyhow!("{e:#}").context("no answer could be scored"));
+    }
 
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     if args.json {
         let choices: Vec<serde_json::Value> = outcomes
             .iter()
-            .zip(&scores)
+            .zip(&results)
             .enumerate()
-            .map(|(i, (o, s))| {
-                serde_json::json!({
+            .map(|(i, (o, r))| {
+                let mut choice = serde_json::json!({
                     "index": i,
                     "seed": sampling.seed.wrapping_add(i as u64),
                     "response": o.text,
-                    "score": s,
+                    "score": r.as_ref().ok(),
                     "stop_reason": o.stop.as_str(),
                     "gen_tokens": o.stats.gen_tokens,
-                })
+                });
+                if let Err(e) = r {
+                    choice["error"] = serde_json::json!(super::error_line(e));
+                }
+                choice
             })
             .collect();
         let line = serde_json::json!({
@@ -122,11 +144,12 @@ pub fn run(args: &RunArgs, n: usize, conversation: Vec<Message>) -> Result<()> {
     }
     out.flush()?;
     if args.answer.verbose {
-        for (i, s) in scores.iter().enumerate() {
-            eprintln!(
-                "choice={i} seed={} score={s}",
-                sampling.seed.wrapping_add(i as u64)
-            );
+        for (i, r) in results.iter().enumerate() {
+            let seed = sampling.seed.wrapping_add(i as u64);
+            match r {
+                Ok(s) => eprintln!("choice={i} seed={seed} score={s}"),
+                Err(e) => eprintln!("choice={i} seed={seed} error={:?}", super::error_line(e)),
+            }
         }
     }
     Ok(())

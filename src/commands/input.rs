@@ -25,14 +25,36 @@ pub fn read_line_bounded(
     buf: &mut Vec<u8>,
     what: &str,
 ) -> Result<usize> {
+    // The limit is on the line's text; its newline comes on top.
     let n = reader
         .take(MAX_INPUT_BYTES + 1)
         .read_until(b'\n', buf)
         .with_context(|| format!("reading {what}"))?;
-    if n as u64 > MAX_INPUT_BYTES {
+    if n as u64 > MAX_INPUT_BYTES && buf.last() != Some(&b'\n') {
         return Err(too_long(what));
     }
     Ok(n)
+}
+
+/// Discards the rest of a line that was too long (up to and including its
+/// newline), reading a buffer at a time; returns whether input remains.
+pub fn skip_line(reader: &mut impl BufRead) -> Result<bool> {
+    loop {
+        let buf = reader.fill_buf().context("reading standard input")?;
+        if buf.is_empty() {
+            return Ok(false);
+        }
+        match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                reader.consume(i + 1);
+                return Ok(true);
+            }
+            None => {
+                let n = buf.len();
+                reader.consume(n);
+            }
+        }
+    }
 }
 
 /// All of stdin as UTF-8, or `None` when stdin is a terminal (nothing piped).

@@ -41,11 +41,26 @@ impl Item {
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let value: Value = serde_json::from_str(text).context("not valid JSON")?;
         let messages = |v: Value| -> Result<Vec<Message>> {
-            serde_json::from_value(v).map_err(|_| {
+            let shape = || {
                 anyhow::anyhow!(
                     "\"messages\" must be an array of {{\"role\": string, \"content\": string}}"
                 )
-            })
+            };
+            // Nothing but role and content: a key the scorer would ignore
+            // (a "name", a misspelt "contnet") is refused instead.
+            if let Value::Array(list) = &v
+                && let Some(extra) = list.iter().find_map(|m| {
+                    m.as_object()?
+                        .keys()
+                        .find(|k| !matches!(k.as_str(), "role" | "content"))
+                })
+            {
+                bail!(
+                    "unexpected key {} in a message (role and content only)",
+                    crate::weights::shown(extra)
+                );
+            }
+            serde_json::from_value(v).map_err(|_| shape())
         };
         match value {
             Value::Array(_) => Ok(Self::Conversation(messages(value)?)),
@@ -68,16 +83,20 @@ impl Item {
                     bail!("{SHAPES}");
                 };
                 let text = |v: Value, what: &str| -> Result<String> {
-                    v.as_str()
-                        .map(str::to_string)
-                        .with_context(|| format!("\"{what}\" must be a string"))
+                    v.as_str().map(str::to_string).with_context(|| {
+                        if what == "responses" {
+                            "\"responses\" must be an array of strings".to_string()
+                        } else {
+                            format!("\"{what}\" must be a string")
+                        }
+                    })
                 };
                 let prompt = text(prompt, "prompt")?;
                 let system = o.remove("system").map(|v| text(v, "system")).transpose()?;
                 let responses = match responses {
                     Value::Array(list) => list
                         .into_iter()
-                        .map(|v| text(v, "responses\" item"))
+                        .map(|v| text(v, "responses"))
                         .collect::<Result<Vec<_>>>()?,
                     _ => bail!("\"responses\" must be an array of strings"),
                 };
@@ -94,9 +113,40 @@ impl Item {
         }
     }
 
+    /// How many conversations it asks to score.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Conversation(_) => 1,
+            Self::Ranking { responses, .. } => responses.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Whether every conversation can be judged (see
-    /// [`crate::template::reward::check_conversation`]).
+    /// [`crate::template::reward::check_conversation`]), and the text to
+    /// tokenize is bounded: a ranking's prompt counts once per response.
     pub fn check(&self) -> Result<()> {
+        let bytes: u64 = match self {
+            Self::Conversation(m) => m.iter().map(|m| m.content.len() as u64).sum(),
+            Self::Ranking {
+                system,
+                prompt,
+                responses,
+            } => {
+                let shared = (prompt.len() + system.as_ref().map_or(0, String::len)) as u64;
+                responses.iter().map(|r| shared + r.len() as u64).sum()
+            }
+        };
+        if bytes > input::MAX_INPUT_BYTES {
+            bail!(
+                "this asks to score {} MB of text (a ranking's prompt counts once per response), more than {} MiB",
+                bytes / 1_000_000,
+                input::MAX_INPUT_BYTES >> 20
+            );
+        }
         self.conversations()
             .iter()
             .try_for_each(|c| crate::template::reward::check_conversation(c))
@@ -153,9 +203,11 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
             ),
         }
     } else {
-        let text = input::piped_stdin()?.context(
-            "nothing to score: give --messages FILE, pipe a conversation in, or use --each-line",
-        )?;
+        let text = input::piped_stdin()?
+            .filter(|t| !t.trim().is_empty())
+            .context(
+                "nothing to score: give --messages FILE, pipe a conversation in, or use --each-line",
+            )?;
         Some(Item::parse(&text).context("standard input")?)
     };
     if let Some(item) = &single {
@@ -183,7 +235,7 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
             rm.load_s
         );
     }
-    let parallel = fitting_parallel(&rm, args.parallel);
+    let parallel = fitting_parallel(&rm, args.parallel)?;
     let max_len = rm.model.max_len();
     let rm = rm.into_engine(reward_engine_config(parallel, max_len))?;
     let start = std::time::Instant::now();
@@ -209,8 +261,13 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
         let lines = spawn_line_reader();
         let mut pending: VecDeque<(usize, Result<Queued>)> = VecDeque::new();
         let (mut open, mut failed, mut total) = (true, 0, 0);
+        // Conversations queued at most: enough to fill every slot several
+        // times over, few enough that answers keep coming and memory stays
+        // bounded whatever the input's rate.
+        let most = 8 * parallel.max(8);
+        let mut queued_conversations = 0;
         loop {
-            while open {
+            while open && queued_conversations < most {
                 let next = if pending.is_empty() {
                     lines.recv().ok()
                 } else {
@@ -225,6 +282,9 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
                     break;
                 };
                 total += 1;
+                if let Ok(item) = &item {
+                    queued_conversations += item.len();
+                }
                 let queued = item.and_then(|item| {
                     let handles = item
                         .conversations()
@@ -238,6 +298,9 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
             let Some((n, queued)) = pending.pop_front() else {
                 break;
             };
+            if let Ok((_, handles)) = &queued {
+                queued_conversations -= handles.len();
+            }
             let result = queued.and_then(|(ranked, handles)| {
                 let scores = handles
                     .into_iter()
@@ -286,23 +349,34 @@ type Queued = (bool, Vec<Handle>);
 
 /// `--parallel`, or (not given) 8 sequences, fewer when their KV caches
 /// would not fit in half the memory available (then said).
-fn fitting_parallel(rm: &RewardModel, asked: Option<usize>) -> usize {
+fn fitting_parallel(rm: &RewardModel, asked: Option<usize>) -> Result<usize> {
     const DEFAULT: usize = 8;
     if let Some(p) = asked {
-        return p; // the engine refuses what does not fit, naming what would
+        return Ok(p); // the engine refuses what does not fit, naming what would
     }
     let per_sequence =
         crate::reward::max_tokens(rm.model.max_len()) * rm.model.kv_bytes_per_position();
     let fit = loader::memory_available()
         .map(|bytes| (bytes / 2 / per_sequence.max(1) as u64) as usize)
         .unwrap_or(DEFAULT);
+    if fit == 0 {
+        return Err(anyhow::anyhow!(
+            "even one conversation's KV cache ({:.1} GB for {} positions) does not fit in half the memory available: try --kv-type f16, or --quantize",
+            per_sequence as f64 / 1e9,
+            crate::reward::max_tokens(rm.model.max_len())
+        ));
+    }
     if fit < DEFAULT {
+        let what = if fit == 1 {
+            "one conversation"
+        } else {
+            "conversations"
+        };
         eprintln!(
-            "note: scoring {} conversations at a time: the KV caches of {DEFAULT} would not fit in half the memory available",
-            fit.max(1)
+            "note: scoring {fit} {what} at a time: the KV caches of {DEFAULT} would not fit in half the memory available"
         );
     }
-    fit.clamp(1, DEFAULT)
+    Ok(fit.min(DEFAULT))
 }
 
 /// `--each-line`: a thread hands over each non-blank stdin line, parsed and
@@ -315,8 +389,7 @@ fn spawn_line_reader() -> mpsc::Receiver<(usize, Result<Item>)> {
         let mut bytes = Vec::new();
         for n in 1.. {
             bytes.clear();
-            let what = format!("line {n} of standard input");
-            let item = match input::read_line_bounded(&mut stdin, &mut bytes, &what) {
+            let item = match input::read_line_bounded(&mut stdin, &mut bytes, "the line") {
                 Ok(0) => return,
                 Ok(_) => match std::str::from_utf8(&bytes) {
                     Ok(line) if line.trim().is_empty() => continue,
@@ -326,10 +399,15 @@ fn spawn_line_reader() -> mpsc::Receiver<(usize, Result<Item>)> {
                         e.valid_up_to() + 1
                     )),
                 },
-                Err(e) => {
-                    let _ = tx.send((n, Err(e)));
-                    return;
-                }
+                // Too long: that line is answered with the error, and
+                // reading goes on after it.
+                Err(e) => match input::skip_line(&mut stdin) {
+                    Ok(_) => Err(e),
+                    Err(read) => {
+                        let _ = tx.send((n, Err(read)));
+                        return;
+                    }
+                },
             };
             if tx.send((n, item)).is_err() {
                 return;

@@ -347,13 +347,18 @@ fn slot_context(config: &EngineConfig, max_len: usize, per_position: usize) -> R
         if let Some(bytes) = available_memory() {
             let need = (config.parallel * context) as u64 * per_position as u64;
             let fits = bytes / 2 / (context * per_position.max(1)) as u64;
+            let hint = if fits == 0 {
+                "even one does not fit: give a smaller --ctx-size, or --kv-type f16".to_string()
+            } else {
+                format!("give --parallel {fits} or a smaller --ctx-size")
+            };
             ensure!(
                 need <= bytes / 2,
-                "{} sequences of {context} positions need {:.1} GB of KV cache, more than half the {:.1} GB of memory available: give --parallel {} or a smaller --ctx-size",
+                "{} sequence{} of {context} positions need {:.1} GB of KV cache, more than half the {:.1} GB of memory available: {hint}",
                 config.parallel,
+                if config.parallel == 1 { "" } else { "s" },
                 need as f64 / 1e9,
                 bytes as f64 / 1e9,
-                fits.max(1)
             );
         }
         return Ok(context);

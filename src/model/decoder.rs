@@ -155,9 +155,27 @@ impl Model {
         // A checkpoint with more layers than the config says would run
         // silently truncated: refuse it.
         let n = config.num_hidden_layers;
-        if weights.contains(&format!("{trunk}.layers.{n}.input_layernorm.weight")) {
+        let layers_prefix = format!("{trunk}.layers.");
+        let beyond = weights
+            .names()
+            .iter()
+            .filter_map(|name| {
+                name.strip_prefix(&layers_prefix)?
+                    .split('.')
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .filter(|&l| l >= n)
+            .max()
+            .or_else(|| {
+                weights
+                    .contains(&format!("{trunk}.layers.{n}.input_layernorm.weight"))
+                    .then_some(n)
+            });
+        if let Some(l) = beyond {
             anyhow::bail!(
-                "the weights have a layer {n} but the config says num_hidden_layers is {n}: the config does not describe these weights"
+                "the weights have a layer {l} but the config says num_hidden_layers is {n}: the config does not describe these weights"
             );
         }
         let mut layers = Vec::with_capacity(config.num_hidden_layers);

@@ -179,10 +179,17 @@ pub fn tokenizer_dir(dir: &Path) -> Result<TokenizerFiles> {
                 dir.display()
             ),
         }
+        let named = dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if named == "tokenizer_config.json" || named == "config.json" {
+            bail!(
+                "{} is not a tokenizer: give its directory, or tokenizer.json / tokenizer.model",
+                dir.display()
+            );
+        }
         return Ok(files);
     }
     if !dir.is_dir() {
-        bail!("tokenizer directory {} does not exist", dir.display());
+        bail!("tokenizer {} does not exist", dir.display());
     }
     let files = tokenizer_files(dir);
     if files.tokenizer_json.is_none() && files.sentencepiece_model.is_none() {
@@ -214,6 +221,24 @@ fn tokenizer_files(dir: &Path) -> TokenizerFiles {
         tokenizer_config: file("tokenizer_config.json"),
         added_tokens: file("added_tokens.json"),
     }
+}
+
+/// Whether a config.json names a reward model's architecture.
+fn is_reward_config(path: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return false;
+    };
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return false;
+    };
+    value["architectures"].as_array().is_some_and(|a| {
+        a.iter().any(|x| {
+            matches!(
+                x.as_str(),
+                Some("LLMForSequenceRegression" | "LlamaForSequenceClassification")
+            )
+        })
+    })
 }
 
 /// `local_dir`, where `Parts::NoTokenizer` accepts a directory without one.
@@ -260,6 +285,13 @@ pub fn local_dir_with(dir: &Path, parts: hub::Parts) -> Result<ModelFiles> {
         && tokenizer.tokenizer_json.is_none()
         && tokenizer.sentencepiece_model.is_none()
     {
+        // Starling-RM-7B-alpha ships no tokenizer: say what it is.
+        if is_reward_config(&config) {
+            bail!(
+                "{} is a reward model, not a chat model: score with `starling score`, or use it as `run --best-of N --reward-model`",
+                dir.display()
+            );
+        }
         bail!(
             "no tokenizer: {} has neither tokenizer.json nor tokenizer.model",
             dir.display()
