@@ -66,6 +66,10 @@ fn logits_and_greedy_ids_match_transformers_code() {
                     worst = worst.max((*g as f64 - w.as_f64().unwrap()).abs());
                 }
             }
+            eprintln!(
+                "{name}, {} tokens: worst logit difference {worst:.2e}",
+                prompt.len()
+            );
             assert!(
                 worst <= 1e-4,
                 "{name}, {} tokens: logits differ by {worst}",
