@@ -130,3 +130,173 @@ fn unsupported_rope_scaling_and_windows_are_refused_by_name() {
     });
     assert!(err.contains("use_sliding_window"), "{err}");
 }
+
+/// A model directory as the hub publishes the family: config.json (tied,
+/// with the family's rope and biases), deterministic weights, the real
+/// vocabulary as tokenizer.json (from llama.cpp's vocabulary file), the
+/// real chat template, and generation_config.json's end ids.
+fn write_family_dir(
+    name: &str,
+    config: &Value,
+    vocab: &str,
+    template: &str,
+    special: (&str, &str),
+    eos: &[u32],
+) -> std::path::PathBuf {
+    let dir = common::scratch(name);
+    let vocab = starling::weights::gguf::read_vocab(
+        &common::vocab_dir().join(format!("ggml-vocab-{vocab}.gguf")),
+    )
+    .unwrap();
+    let tokenizer = starling::tokenizer::TextTokenizer::from_gguf_vocab(&vocab).unwrap();
+    tokenizer
+        .inner()
+        .save(dir.join("tokenizer.json"), false)
+        .unwrap();
+    let mut config = config.clone();
+    config["vocab_size"] = vocab.len().into();
+    config["eos_token_id"] = serde_json::json!(eos);
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let parsed = Config::from_json(&config.to_string()).unwrap();
+    starling::model::synthetic::write_safetensors(&parsed, &dir).unwrap();
+    let source = std::fs::read_to_string(common::templates_dir().join(template)).unwrap();
+    let tok_config = serde_json::json!({
+        "bos_token": special.0, "eos_token": special.1, "chat_template": source,
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), tok_config.to_string()).unwrap();
+    std::fs::write(
+        dir.join("generation_config.json"),
+        serde_json::json!({"eos_token_id": eos}).to_string(),
+    )
+    .unwrap();
+    dir
+}
+
+fn tokenize(dir: &std::path::Path, conv: &Value) -> Vec<u32> {
+    let path = dir.join("conv.json");
+    std::fs::write(&path, conv.to_string()).unwrap();
+    let out = common::ok(&common::starling(
+        &[
+            "tokenize",
+            "--model",
+            dir.to_str().unwrap(),
+            "--messages",
+            path.to_str().unwrap(),
+        ],
+        None,
+    ));
+    common::ids(&serde_json::from_str(&out).unwrap())
+}
+
+/// `starling run` on a directory as the family publishes it: the prompt is
+/// the real template over the real vocabulary (user text that spells a
+/// special token stays text), and the greedy answer is what the decoder
+/// gives for those ids, ending at the family's end-of-turn id.
+fn check_family_end_to_end(dir: &std::path::Path, eot: u32, markers: &[&str]) {
+    let conv = serde_json::json!([{"role": "user", "content": "Hello <|eot_id|><|im_end|>"}]);
+    let ids = tokenize(dir, &conv);
+    let files = starling::source::local_dir(dir).unwrap();
+    let text = starling::loader::load_text(&files, "auto").unwrap();
+    assert!(text.stop_ids.contains(&eot), "{:?}", text.stop_ids);
+    let rendered = text.tokenizer.inner().decode(&ids, false).unwrap();
+    for m in markers {
+        assert!(rendered.contains(m), "{m:?} in {rendered:?}");
+    }
+    // The typed markers are text: each special id appears only where the template puts it.
+    // Two turns end: the template's system block and the user's.
+    let eot_count = ids.iter().filter(|&&i| i == eot).count();
+    assert_eq!(eot_count, 2, "end-of-turn ids in {ids:?}");
+    // The answer: starling run against the decoder's own greedy loop.
+    let config = Config::from_file(&dir.join("config.json")).unwrap();
+    let weights = Weights::open(&[dir.join("model.safetensors")]).unwrap();
+    let model = Model::load(
+        &config,
+        &weights,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let mut cache = model.new_cache();
+    let mut last: Vec<f32> = model
+        .forward(&ids, &mut cache, Logits::Last)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let mut answer = Vec::new();
+    for _ in 0..6 {
+        let id = argmax(&last);
+        if text.stop_ids.contains(&id) {
+            break;
+        }
+        answer.push(id);
+        last = model
+            .forward(&[id], &mut cache, Logits::Last)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+    }
+    let want = text.tokenizer.decode(&answer).unwrap();
+    let path = dir.join("conv.json");
+    let out = common::ok(&common::starling(
+        &[
+            "run",
+            "--model",
+            dir.to_str().unwrap(),
+            "--temperature",
+            "0",
+            "-n",
+            "6",
+            "--messages",
+            path.to_str().unwrap(),
+        ],
+        None,
+    ));
+    // Byte-level BPE decodes a leading space as one (no word-start marker
+    // to drop, unlike SentencePiece): the answer is exactly its decode.
+    assert_eq!(out.strip_suffix('\n').unwrap(), want);
+}
+
+#[test]
+fn a_llama_3_1_directory_runs_with_its_own_vocabulary_and_template() {
+    let mut config = reference()["models"]["tiny-llama3"]["config"].clone();
+    config["bos_token_id"] = 128000.into();
+    let dir = write_family_dir(
+        "llama3-dir",
+        &config,
+        "llama-bpe",
+        "meta-llama-Llama-3.1-8B-Instruct.jinja",
+        ("<|begin_of_text|>", "<|eot_id|>"),
+        &[128001, 128008, 128009],
+    );
+    check_family_end_to_end(
+        &dir,
+        128009,
+        &[
+            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>",
+            "<|start_header_id|>user<|end_header_id|>\n\nHello <|eot_id|><|im_end|><|eot_id|>",
+            "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        ],
+    );
+}
+
+#[test]
+fn a_qwen2_5_directory_runs_with_its_own_vocabulary_and_template() {
+    let mut config = reference()["models"]["tiny-qwen2"]["config"].clone();
+    config["bos_token_id"] = Value::Null;
+    let dir = write_family_dir(
+        "qwen2-dir",
+        &config,
+        "qwen2",
+        "Qwen-Qwen2.5-7B-Instruct.jinja",
+        ("", "<|im_end|>"),
+        &[151645, 151643],
+    );
+    check_family_end_to_end(
+        &dir,
+        151645,
+        &[
+            "<|im_start|>system\nYou are Qwen",
+            "<|im_start|>user\nHello <|eot_id|><|im_end|><|im_end|>\n<|im_start|>assistant\n",
+        ],
+    );
+}
