@@ -300,3 +300,78 @@ fn a_qwen2_5_directory_runs_with_its_own_vocabulary_and_template() {
         ],
     );
 }
+
+#[test]
+fn a_gguf_carries_llama_3_1_scaling_as_llama_cpp_does() {
+    // The tiny Llama 3 over the Mistral SentencePiece vocabulary (so that
+    // `quantize` can write its vocabulary), as a directory and as the GGUF
+    // that `starling quantize` writes: rope scaling becomes llama.cpp's
+    // rope_freqs.weight, and the two give the same logits.
+    let mut config = reference()["models"]["tiny-llama3"]["config"].clone();
+    config["vocab_size"] = 32000.into();
+    let dir = common::scratch("llama3-gguf");
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let parsed = Config::from_json(&config.to_string()).unwrap();
+    starling::model::synthetic::write_safetensors(&parsed, &dir).unwrap();
+    std::fs::copy(common::tokenizer_model(), dir.join("tokenizer.model")).unwrap();
+    let gguf = dir.join("tiny-llama3.gguf");
+    common::ok(&common::starling(
+        &[
+            "quantize",
+            dir.to_str().unwrap(),
+            gguf.to_str().unwrap(),
+            "--type",
+            "f32",
+        ],
+        None,
+    ));
+    let file = starling::weights::gguf::Gguf::open(&gguf).unwrap();
+    let factors = file
+        .config()
+        .rope_freq_factors
+        .clone()
+        .expect("rope_freqs.weight");
+    assert_eq!(factors.len(), 8);
+    assert!(
+        factors.contains(&8.0) && factors.contains(&1.0),
+        "{factors:?}"
+    );
+    let from_gguf = {
+        let weights = Weights::open(std::slice::from_ref(&gguf)).unwrap();
+        Model::load(
+            file.config(),
+            &weights,
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
+    let from_dir = {
+        let weights = Weights::open(&[dir.join("model.safetensors")]).unwrap();
+        Model::load(
+            &parsed,
+            &weights,
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
+    let ids: Vec<u32> = (0..70).map(|i| (i * 7919 + 13) % 32000).collect();
+    let a: Vec<Vec<f32>> = from_gguf
+        .forward(&ids, &mut from_gguf.new_cache(), Logits::All)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let b: Vec<Vec<f32>> = from_dir
+        .forward(&ids, &mut from_dir.new_cache(), Logits::All)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let worst = a
+        .iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(worst <= 1e-4, "GGUF and directory differ by {worst}");
+}

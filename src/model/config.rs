@@ -48,6 +48,11 @@ pub struct Config {
     pub bos_token_id: Option<u32>,
     #[serde(default)]
     pub eos_token_id: Option<TokenIds>,
+    /// Divisors of the rotary inverse frequencies, one per frequency, as a
+    /// GGUF stores Llama 3.1's scaling (`rope_freqs.weight`, llama.cpp's
+    /// `freq_factors`); never in a config.json.
+    #[serde(skip)]
+    pub rope_freq_factors: Option<Vec<f32>>,
     /// The checkpoint's own dtype ("float32", "bfloat16", "float16"); newer
     /// transformers write `dtype`, older ones `torch_dtype`.
     #[serde(default, alias = "torch_dtype")]

@@ -228,6 +228,7 @@ impl Model {
             hd,
             config.rope_theta,
             config.rope_scaling()?,
+            config.rope_freq_factors.as_deref(),
             config.max_position_embeddings,
             dtype,
             device,
@@ -755,11 +756,24 @@ fn rope_tables(
     hd: usize,
     theta: f64,
     scaling: RopeScaling,
+    factors: Option<&[f32]>,
     max_len: usize,
     dtype: DType,
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
-    let inv_freq = inv_freq(hd, theta, scaling);
+    let mut inv_freq = inv_freq(hd, theta, scaling);
+    // A GGUF's per-frequency divisors (llama.cpp's `freq_factors`).
+    if let Some(factors) = factors {
+        anyhow::ensure!(
+            factors.len() == inv_freq.len(),
+            "{} rope frequency factors for {} frequencies",
+            factors.len(),
+            inv_freq.len()
+        );
+        for (f, d) in inv_freq.iter_mut().zip(factors) {
+            *f /= d;
+        }
+    }
     let half = inv_freq.len();
     let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
     let positions = Tensor::arange(0u32, max_len as u32, device)?

@@ -20,9 +20,9 @@ use crate::tokenizer::bpe::BpeVocab;
 use crate::tokenizer::sentencepiece::{Piece, PieceKind, SpmVocab};
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
-use candle_core::Device;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};
 
 pub struct Gguf {
@@ -41,6 +41,9 @@ pub enum Rows {
     /// The Hugging Face order (rope pairs a head's two halves).
     HuggingFace,
 }
+
+/// Llama 3.1's RoPE scaling as llama.cpp stores it: a divisor per frequency.
+pub const ROPE_FREQS: &str = "rope_freqs.weight";
 
 /// The GGUF name of a Hugging Face Llama/Mistral tensor name.
 pub fn gguf_name(hf: &str) -> Option<String> {
@@ -237,8 +240,6 @@ impl Meta<'_> {
             .filter(|t| t.as_str() != "none");
         if let Some(kind) = scaling {
             json["rope_scaling"] = serde_json::json!({ "type": kind });
-        } else if self.content.tensor_infos.contains_key("rope_freqs.weight") {
-            json["rope_scaling"] = serde_json::json!({ "type": "llama3 (rope_freqs.weight)" });
         }
         if let Some(bos) = self.token_id("tokenizer.ggml.bos_token_id")? {
             json["bos_token_id"] = bos.into();
@@ -317,12 +318,45 @@ impl Gguf {
         // file while the model runs.
         let map = unsafe { memmap2::Mmap::map(&file) }
             .with_context(|| format!("mapping {} into memory", path.display()))?;
-        Ok(Self {
+        let mut gguf = Self {
             path: path.to_path_buf(),
             content,
             map: Bytes::from_owner(map),
             config,
-        })
+        };
+        if gguf.content.tensor_infos.contains_key(ROPE_FREQS) {
+            gguf.config.rope_freq_factors = Some(gguf.rope_freq_factors()?);
+        }
+        Ok(gguf)
+    }
+
+    /// `rope_freqs.weight`: f32, one positive finite divisor per rotary
+    /// frequency (`head_dim / 2` of them).
+    fn rope_freq_factors(&self) -> Result<Vec<f32>> {
+        let path = self.path.display();
+        let info = &self.content.tensor_infos[ROPE_FREQS];
+        let half = self.config.head_dim() / 2;
+        if info.ggml_dtype != GgmlDType::F32 || info.shape.dims() != [half] {
+            bail!(
+                "{path}: {ROPE_FREQS} is {:?} of shape {:?}, expected F32 of [{half}]",
+                info.ggml_dtype,
+                info.shape.dims()
+            );
+        }
+        let start = usize::try_from(self.content.tensor_data_offset + info.offset)
+            .context("tensor offset overflows")?;
+        let bytes = self
+            .map
+            .get(start..start + 4 * half)
+            .with_context(|| format!("{path}: {ROPE_FREQS} lies past the end of the file"))?;
+        let factors: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        if let Some(bad) = factors.iter().find(|f| !(f.is_finite() && **f > 0.0)) {
+            bail!("{path}: {ROPE_FREQS} holds {bad}, not a positive finite factor");
+        }
+        Ok(factors)
     }
 
     /// The whole file as mapped.
@@ -665,6 +699,39 @@ pub fn write(path: &Path, header: &GgufHeader, tensors: Vec<(String, QTensor)>) 
             None => q,
         };
         named.push((name, q));
+    }
+    // Llama 3.1's scaling as llama.cpp's converter writes it: a divisor per
+    // frequency (1 above the high band, `factor` below the low one,
+    // interpolated between).
+    if let crate::model::config::RopeScaling::Llama3 {
+        factor,
+        low_freq_factor: low,
+        high_freq_factor: high,
+        original_max_position_embeddings: old,
+    } = config.rope_scaling()?
+    {
+        let hd = config.head_dim();
+        let factors: Vec<f32> = (0..hd)
+            .step_by(2)
+            .map(|i| {
+                let freq = 1.0 / config.rope_theta.powf(i as f64 / hd as f64);
+                let wavelen = 2.0 * std::f64::consts::PI / freq;
+                if wavelen < old / high {
+                    1.0
+                } else if wavelen > old / low {
+                    factor as f32
+                } else {
+                    let smooth = (old / wavelen - low) / (high - low);
+                    (1.0 / ((1.0 - smooth) / factor + smooth)) as f32
+                }
+            })
+            .collect();
+        let n = factors.len();
+        let t = Tensor::from_vec(factors, n, &Device::Cpu)?;
+        named.push((
+            ROPE_FREQS.to_string(),
+            QTensor::quantize(&t, GgmlDType::F32)?,
+        ));
     }
     // llama.cpp's order: embeddings, each block, the final norm and output.
     let rank = |n: &str| -> (usize, usize, String) {
