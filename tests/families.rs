@@ -172,7 +172,12 @@ fn write_family_dir(
     dir
 }
 
-fn tokenize(dir: &std::path::Path, conv: &Value) -> Vec<u32> {
+fn tokenize(model: &std::path::Path, conv: &Value) -> Vec<u32> {
+    let dir = if model.is_dir() {
+        model
+    } else {
+        model.parent().unwrap()
+    };
     let path = dir.join("conv.json");
     std::fs::write(&path, conv.to_string()).unwrap();
     let out = common::ok(&common::starling(
@@ -277,6 +282,73 @@ fn a_llama_3_1_directory_runs_with_its_own_vocabulary_and_template() {
             "<|start_header_id|>assistant<|end_header_id|>\n\n",
         ],
     );
+}
+
+#[test]
+fn a_llama_3_directory_quantized_to_gguf_keeps_its_vocabulary_and_answers() {
+    let mut config = reference()["models"]["tiny-llama3"]["config"].clone();
+    config["bos_token_id"] = 128000.into();
+    let dir = write_family_dir(
+        "llama3-quantize",
+        &config,
+        "llama-bpe",
+        "meta-llama-Llama-3.1-8B-Instruct.jinja",
+        ("<|begin_of_text|>", "<|eot_id|>"),
+        &[128001, 128008, 128009],
+    );
+    let gguf = dir.join("llama3.gguf");
+    common::ok(&common::starling(
+        &[
+            "quantize",
+            dir.to_str().unwrap(),
+            gguf.to_str().unwrap(),
+            "--type",
+            "f32",
+        ],
+        None,
+    ));
+    // The byte-level vocabulary as llama.cpp's converter writes it.
+    let vocab = starling::weights::gguf::read_vocab(&gguf).unwrap();
+    let starling::tokenizer::Vocab::Bpe(bpe) = &vocab else {
+        panic!("a SentencePiece vocabulary was written");
+    };
+    assert_eq!(bpe.pre_name, "llama-bpe");
+    assert_eq!(bpe.tokens.len(), 128256);
+    let from_gguf = starling::tokenizer::TextTokenizer::from_gguf_vocab(&vocab).unwrap();
+    let files = starling::source::local_dir(&dir).unwrap();
+    let from_dir = starling::loader::load_text(&files, "auto")
+        .unwrap()
+        .tokenizer;
+    for text in [
+        "Hello world",
+        "  ümlauts, 中文 and 🦀 1234567",
+        "<|eot_id|> stays text",
+    ] {
+        assert_eq!(
+            from_gguf.encode_text(text).unwrap(),
+            from_dir.encode_text(text).unwrap(),
+            "{text:?}"
+        );
+    }
+    // The same prompt and the same greedy answer from the GGUF as from the directory.
+    let conv = serde_json::json!([{"role": "user", "content": "Hello"}]);
+    assert_eq!(tokenize(&gguf, &conv), tokenize(&dir, &conv));
+    let answer = |model: &std::path::Path| {
+        common::ok(&common::starling(
+            &[
+                "run",
+                "--model",
+                model.to_str().unwrap(),
+                "--temperature",
+                "0",
+                "-n",
+                "6",
+                "Hello",
+            ],
+            None,
+        ))
+    };
+    assert_eq!(answer(&gguf), answer(&dir));
 }
 
 #[test]

@@ -297,7 +297,7 @@ fn bases(root: &Path) -> Bases {
         let header = starling::weights::gguf::GgufHeader {
             name: "fuzz",
             config: &gcfg,
-            vocab: &vocab,
+            vocab: &starling::tokenizer::Vocab::SentencePiece(vocab.clone()),
             chat_template: Some(TEMPLATE),
             file_type: starling::weights::gguf::file_type(dtype),
         };

@@ -6,8 +6,9 @@
 use crate::cli::{ModelArgs, QuantizeArgs};
 use crate::model::linear::{self, output_quant};
 use crate::model::{Config, synthetic};
+use crate::tokenizer::bpe::BpeVocab;
 use crate::tokenizer::sentencepiece::{Piece, PieceKind, SpmVocab};
-use crate::tokenizer::{TextTokenizer, TokenizerConfig};
+use crate::tokenizer::{TextTokenizer, TokenizerConfig, Vocab};
 use crate::weights::Weights;
 use crate::weights::gguf::{self, GgufHeader};
 use anyhow::{Context, Result, bail};
@@ -25,12 +26,17 @@ pub fn run(args: &QuantizeArgs) -> Result<()> {
             let Some(path) = &args.vocab else {
                 bail!("a synthetic model has no vocabulary: pass --vocab tokenizer.model");
             };
-            let vocab = padded(spm_file(path)?, &config);
+            let vocab = Vocab::SentencePiece(padded(spm_file(path)?, &config));
             (format!("synthetic {shape}"), config, weights, vocab, None)
         }
         None => read_model(args)?,
     };
 
+    // The writer speaks llama.cpp's `llama` architecture only.
+    if config.family()? == crate::model::Family::Qwen2 || config.attention_biases().contains(&true)
+    {
+        bail!("writing Qwen2 (or attention biases) as GGUF is not supported yet");
+    }
     let shapes = synthetic::tensor_shapes(&config);
     let bar = indicatif::ProgressBar::new(shapes.len() as u64).with_style(
         indicatif::ProgressStyle::with_template("quantizing {bar:30} {pos}/{len} {msg}")
@@ -79,7 +85,7 @@ pub fn run(args: &QuantizeArgs) -> Result<()> {
     Ok(())
 }
 
-type Model = (String, Config, Weights, SpmVocab, Option<String>);
+type Model = (String, Config, Weights, Vocab, Option<String>);
 
 /// A real model's config, weights, vocabulary and chat template.
 fn read_model(args: &QuantizeArgs) -> Result<Model> {
@@ -97,19 +103,38 @@ fn read_model(args: &QuantizeArgs) -> Result<Model> {
     weights.ensure_not_reward_model(&files.dir)?;
     if let Some(g) = weights.gguf() {
         let config = g.config().clone();
-        let vocab = g.vocab()?;
+        let vocab = g.tokenizer_vocab()?;
         let template = g.chat_template();
         return Ok((args.model.clone(), config, weights, vocab, template));
     }
     let text = crate::loader::load_text(&files, "auto")?;
-    let spm = match (&args.vocab, &files.tokenizer.sentencepiece_model) {
-        (Some(path), _) | (None, Some(path)) => spm_file(path)?,
-        (None, None) => bail!(
+    let vocab = match (
+        &args.vocab,
+        &files.tokenizer.sentencepiece_model,
+        &files.tokenizer.tokenizer_json,
+    ) {
+        (Some(path), _, _) | (None, Some(path), _) => Vocab::SentencePiece(padded(
+            with_added_tokens(spm_file(path)?, &text.tokenizer),
+            &text.config,
+        )),
+        // A byte-level BPE tokenizer.json (Llama 3, Qwen2).
+        (None, None, Some(json)) => {
+            let source = std::fs::read_to_string(json)
+                .with_context(|| format!("reading {}", json.display()))?;
+            let mut bpe = BpeVocab::from_tokenizer_json(&source, text.config.bos_token_id)
+                .with_context(|| format!("{}: a GGUF vocabulary is written from SentencePiece pieces or byte-level BPE (pass --vocab tokenizer.model)", json.display()))?;
+            // One token per embedding row, as llama.cpp's converter pads.
+            for id in bpe.tokens.len()..text.config.vocab_size {
+                bpe.tokens.push(format!("[PAD{id}]"));
+                bpe.kinds.push(PieceKind::Unused);
+            }
+            Vocab::Bpe(bpe)
+        }
+        (None, None, None) => bail!(
             "{} has no tokenizer.model: a GGUF vocabulary is written from SentencePiece pieces (pass --vocab tokenizer.model)",
             files.dir.display()
         ),
     };
-    let vocab = padded(with_added_tokens(spm, &text.tokenizer), &text.config);
     let template = match &files.tokenizer.tokenizer_config {
         Some(p) => match TokenizerConfig::from_file(p)?.chat_template {
             Some(t) => Some(t.default_template()?.to_string()),

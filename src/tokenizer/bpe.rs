@@ -135,6 +135,99 @@ pub struct BpeVocab {
 }
 
 impl BpeVocab {
+    /// The vocabulary of a byte-level BPE tokenizer.json (the layout Llama 3
+    /// and Qwen2 publish), to write as GGUF: the family is found by its
+    /// pre-tokenizer's regexes; added tokens take their ids (special:
+    /// control, else user-defined).
+    pub fn from_tokenizer_json(text: &str, bos: Option<u32>) -> Result<Self> {
+        let doc: Value = serde_json::from_str(text).context("parsing tokenizer.json")?;
+        let model = &doc["model"];
+        if model["type"] != "BPE" {
+            bail!("tokenizer.json's model is not BPE");
+        }
+        let vocab = model["vocab"]
+            .as_object()
+            .context("tokenizer.json has no model.vocab")?;
+        let added = doc["added_tokens"].as_array().cloned().unwrap_or_default();
+        let mut by_id: std::collections::BTreeMap<u64, (String, PieceKind)> = Default::default();
+        for (token, id) in vocab {
+            let id = id.as_u64().context("a vocabulary id is not a number")?;
+            by_id.insert(id, (token.clone(), PieceKind::Normal));
+        }
+        for t in &added {
+            let (Some(id), Some(content)) = (t["id"].as_u64(), t["content"].as_str()) else {
+                bail!("an added token has no id or content");
+            };
+            let kind = if t["special"].as_bool().unwrap_or(false) {
+                PieceKind::Control
+            } else {
+                PieceKind::UserDefined
+            };
+            by_id.insert(id, (content.to_string(), kind));
+        }
+        let n = by_id.len();
+        if by_id.keys().enumerate().any(|(i, &id)| id != i as u64) {
+            bail!(
+                "tokenizer.json's ids do not run from 0 to {}",
+                n.saturating_sub(1)
+            );
+        }
+        let (tokens, kinds) = by_id.into_values().unzip();
+        let merges = model["merges"]
+            .as_array()
+            .context("tokenizer.json has no model.merges")?
+            .iter()
+            .map(|m| match m {
+                Value::String(s) => Ok(s.clone()),
+                Value::Array(pair) => match (
+                    pair.first().and_then(Value::as_str),
+                    pair.get(1).and_then(Value::as_str),
+                ) {
+                    (Some(a), Some(b)) => Ok(format!("{a} {b}")),
+                    _ => bail!("a merge is not a pair of strings"),
+                },
+                _ => bail!("a merge is not a string or a pair"),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // The family: the Split regexes before ByteLevel, or GPT-2's own
+        // (ByteLevel with use_regex).
+        let pre = &doc["pre_tokenizer"];
+        let mut regexes: Vec<&str> = Vec::new();
+        let steps: Vec<&Value> = match pre["type"].as_str() {
+            Some("Sequence") => pre["pretokenizers"]
+                .as_array()
+                .map(|a| a.iter().collect())
+                .unwrap_or_default(),
+            _ => vec![pre],
+        };
+        for step in steps {
+            match step["type"].as_str() {
+                Some("Split") => regexes.extend(step["pattern"]["Regex"].as_str()),
+                Some("ByteLevel") if step["use_regex"].as_bool().unwrap_or(true) => {
+                    regexes.push(GPT2)
+                }
+                _ => {}
+            }
+        }
+        let family = PRE_TOKENIZERS
+            .iter()
+            .find(|p| p.regexes == regexes.as_slice())
+            .context("tokenizer.json's pre-tokenizer is none of the supported families (see bpe::PRE_TOKENIZERS)")?;
+        let add_bos = doc["post_processor"]
+            .to_string()
+            .contains("TemplateProcessing")
+            && bos.is_some();
+        Ok(Self {
+            tokens,
+            kinds,
+            merges,
+            pre: family,
+            pre_name: family.names[0].to_string(),
+            bos,
+            add_bos,
+        })
+    }
+
     /// The tokenizer in the layout the models publish as tokenizer.json.
     /// Control tokens become special added tokens, user-defined ones plain
     /// added tokens (starling never reads either from text: see the module

@@ -571,10 +571,120 @@ impl Gguf {
 pub struct GgufHeader<'a> {
     pub name: &'a str,
     pub config: &'a Config,
-    pub vocab: &'a SpmVocab,
+    pub vocab: &'a Vocab,
     pub chat_template: Option<&'a str>,
     /// llama.cpp's `general.file_type` (its LLAMA_FTYPE number).
     pub file_type: u32,
+}
+
+/// `tokenizer.ggml.*` of a SentencePiece vocabulary, as llama.cpp's
+/// converter writes it.
+fn spm_metadata(meta: &mut Vec<(String, Value)>, vocab: &SpmVocab, config: &Config) {
+    let u32v = |v: usize| Value::U32(v as u32);
+    let pieces = &vocab.pieces;
+    meta.push(("tokenizer.ggml.model".into(), Value::String("llama".into())));
+    meta.push((
+        "tokenizer.ggml.tokens".into(),
+        Value::Array(
+            pieces
+                .iter()
+                .map(|p| Value::String(p.text.clone()))
+                .collect(),
+        ),
+    ));
+    meta.push((
+        "tokenizer.ggml.scores".into(),
+        Value::Array(pieces.iter().map(|p| Value::F32(p.score)).collect()),
+    ));
+    meta.push((
+        "tokenizer.ggml.token_type".into(),
+        Value::Array(
+            pieces
+                .iter()
+                .map(|p| Value::I32(p.kind.to_proto()))
+                .collect(),
+        ),
+    ));
+    meta.push((
+        "tokenizer.ggml.add_space_prefix".into(),
+        Value::Bool(vocab.add_dummy_prefix),
+    ));
+    let find = |text: &str| pieces.iter().position(|p| p.text == text);
+    let bos = config
+        .bos_token_id
+        .map(|b| b as usize)
+        .or_else(|| find("<s>"));
+    let eos = config
+        .eos_token_id
+        .as_ref()
+        .and_then(|e| e.to_vec().first().map(|&e| e as usize))
+        .or_else(|| find("</s>"));
+    if let Some(bos) = bos {
+        meta.push(("tokenizer.ggml.bos_token_id".into(), u32v(bos)));
+        meta.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(true)));
+    }
+    if let Some(eos) = eos {
+        meta.push(("tokenizer.ggml.eos_token_id".into(), u32v(eos)));
+        meta.push(("tokenizer.ggml.add_eos_token".into(), Value::Bool(false)));
+    }
+    if let Some(unk) = pieces.iter().position(|p| p.kind == PieceKind::Unknown) {
+        meta.push(("tokenizer.ggml.unknown_token_id".into(), u32v(unk)));
+    }
+}
+
+/// `tokenizer.ggml.*` of a byte-level BPE vocabulary (`gpt2`), as llama.cpp's
+/// converter writes it: tokens, types, merges and the pre-tokenizer's name.
+fn bpe_metadata(meta: &mut Vec<(String, Value)>, vocab: &BpeVocab, config: &Config) {
+    let u32v = |v: u32| Value::U32(v);
+    meta.push(("tokenizer.ggml.model".into(), Value::String("gpt2".into())));
+    meta.push((
+        "tokenizer.ggml.pre".into(),
+        Value::String(vocab.pre_name.clone()),
+    ));
+    meta.push((
+        "tokenizer.ggml.tokens".into(),
+        Value::Array(
+            vocab
+                .tokens
+                .iter()
+                .map(|t| Value::String(t.clone()))
+                .collect(),
+        ),
+    ));
+    meta.push((
+        "tokenizer.ggml.token_type".into(),
+        Value::Array(
+            vocab
+                .kinds
+                .iter()
+                .map(|k| Value::I32(k.to_proto()))
+                .collect(),
+        ),
+    ));
+    meta.push((
+        "tokenizer.ggml.merges".into(),
+        Value::Array(
+            vocab
+                .merges
+                .iter()
+                .map(|m| Value::String(m.clone()))
+                .collect(),
+        ),
+    ));
+    if let Some(bos) = config.bos_token_id.or(vocab.bos) {
+        meta.push(("tokenizer.ggml.bos_token_id".into(), u32v(bos)));
+    }
+    meta.push((
+        "tokenizer.ggml.add_bos_token".into(),
+        Value::Bool(vocab.add_bos),
+    ));
+    if let Some(eos) = config
+        .eos_token_id
+        .as_ref()
+        .and_then(|e| e.to_vec().first().copied())
+    {
+        meta.push(("tokenizer.ggml.eos_token_id".into(), u32v(eos)));
+    }
 }
 
 /// llama.cpp's `general.file_type` for a file whose matrices are `dtype`.
@@ -624,58 +734,13 @@ pub fn write(path: &Path, header: &GgufHeader, tensors: Vec<(String, QTensor)>) 
             Value::F32(config.rms_norm_eps as f32),
         ),
         (arch("rope.freq_base"), Value::F32(config.rope_theta as f32)),
-        ("tokenizer.ggml.model".into(), Value::String("llama".into())),
     ];
     if let Some(w) = config.window() {
         meta.push((arch("attention.sliding_window"), u32v(w)));
     }
-    let pieces = &header.vocab.pieces;
-    meta.push((
-        "tokenizer.ggml.tokens".into(),
-        Value::Array(
-            pieces
-                .iter()
-                .map(|p| Value::String(p.text.clone()))
-                .collect(),
-        ),
-    ));
-    meta.push((
-        "tokenizer.ggml.scores".into(),
-        Value::Array(pieces.iter().map(|p| Value::F32(p.score)).collect()),
-    ));
-    meta.push((
-        "tokenizer.ggml.token_type".into(),
-        Value::Array(
-            pieces
-                .iter()
-                .map(|p| Value::I32(p.kind.to_proto()))
-                .collect(),
-        ),
-    ));
-    meta.push((
-        "tokenizer.ggml.add_space_prefix".into(),
-        Value::Bool(header.vocab.add_dummy_prefix),
-    ));
-    let find = |text: &str| pieces.iter().position(|p| p.text == text);
-    let bos = config
-        .bos_token_id
-        .map(|b| b as usize)
-        .or_else(|| find("<s>"));
-    let eos = config
-        .eos_token_id
-        .as_ref()
-        .and_then(|e| e.to_vec().first().map(|&e| e as usize))
-        .or_else(|| find("</s>"));
-    if let Some(bos) = bos {
-        meta.push(("tokenizer.ggml.bos_token_id".into(), u32v(bos)));
-        meta.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(true)));
-    }
-    if let Some(eos) = eos {
-        meta.push(("tokenizer.ggml.eos_token_id".into(), u32v(eos)));
-        meta.push(("tokenizer.ggml.add_eos_token".into(), Value::Bool(false)));
-    }
-    if let Some(unk) = pieces.iter().position(|p| p.kind == PieceKind::Unknown) {
-        meta.push(("tokenizer.ggml.unknown_token_id".into(), u32v(unk)));
+    match header.vocab {
+        Vocab::SentencePiece(v) => spm_metadata(&mut meta, v, config),
+        Vocab::Bpe(v) => bpe_metadata(&mut meta, v, config),
     }
     if let Some(t) = header.chat_template {
         meta.push(("tokenizer.chat_template".into(), Value::String(t.into())));
