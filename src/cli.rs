@@ -167,8 +167,9 @@ pub struct QuantizeArgs {
     /// q4k (written as llama.cpp's Q4_K_M mix: Q6_K output), q5k, q6k, q8_0, q4_0, f16, bf16 or f32.
     #[arg(long = "type", short = 't', value_name = "TYPE", default_value = "q4k", value_parser = parse_quant)]
     pub qtype: GgmlDType,
-    /// A SentencePiece tokenizer.model for the vocabulary, when the model has none
-    /// (synthetic models, tokenizer.json-only models).
+    /// The vocabulary, when the model has none (synthetic models): a SentencePiece
+    /// tokenizer.model, or a GGUF file's vocabulary (e.g. llama.cpp's
+    /// ggml-vocab-llama-bpe.gguf for a Llama 3 shape).
     #[arg(long, value_name = "FILE")]
     pub vocab: Option<PathBuf>,
     /// Use only the local cache, never the network (also HF_HUB_OFFLINE=1).

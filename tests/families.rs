@@ -447,3 +447,47 @@ fn a_gguf_carries_llama_3_1_scaling_as_llama_cpp_does() {
         .fold(0f32, f32::max);
     assert!(worst <= 1e-4, "GGUF and directory differ by {worst}");
 }
+
+#[test]
+fn a_synthetic_shape_takes_a_gguf_vocabulary() {
+    // What the Llama 3 8B race quantizes: random weights of a shape, with
+    // llama.cpp's Llama 3 vocabulary file as --vocab.
+    let mut config = reference()["models"]["tiny-llama3"]["config"].clone();
+    config["vocab_size"] = 128256.into();
+    config["bos_token_id"] = 128000.into();
+    let dir = common::scratch("synthetic-bpe");
+    let shape = dir.join("config.json");
+    std::fs::write(&shape, config.to_string()).unwrap();
+    let out = dir.join("l3.gguf");
+    let vocab = common::vocab_dir().join("ggml-vocab-llama-bpe.gguf");
+    common::ok(&common::starling(
+        &[
+            "quantize",
+            &format!("synthetic:{}", shape.display()),
+            out.to_str().unwrap(),
+            "--type",
+            "q8_0",
+            "--vocab",
+            vocab.to_str().unwrap(),
+        ],
+        None,
+    ));
+    let written = starling::weights::gguf::read_vocab(&out).unwrap();
+    assert!(matches!(&written, starling::tokenizer::Vocab::Bpe(v) if v.pre_name == "llama-bpe"));
+    // A vocabulary larger than the shape is refused.
+    config["vocab_size"] = 1000.into();
+    std::fs::write(&shape, config.to_string()).unwrap();
+    common::fails_with(
+        &common::starling(
+            &[
+                "quantize",
+                &format!("synthetic:{}", shape.display()),
+                out.to_str().unwrap(),
+                "--vocab",
+                vocab.to_str().unwrap(),
+            ],
+            None,
+        ),
+        "more than the shape's vocab_size of 1000",
+    );
+}

@@ -26,7 +26,29 @@ pub fn run(args: &QuantizeArgs) -> Result<()> {
             let Some(path) = &args.vocab else {
                 bail!("a synthetic model has no vocabulary: pass --vocab tokenizer.model");
             };
-            let vocab = Vocab::SentencePiece(padded(spm_file(path)?, &config));
+            let vocab = if gguf::is_gguf(path) {
+                let mut vocab = gguf::read_vocab(path)?;
+                match &mut vocab {
+                    Vocab::SentencePiece(v) => *v = padded(std::mem::take(v), &config),
+                    Vocab::Bpe(v) => {
+                        for id in v.tokens.len()..config.vocab_size {
+                            v.tokens.push(format!("[PAD{id}]"));
+                            v.kinds.push(PieceKind::Unused);
+                        }
+                    }
+                }
+                vocab
+            } else {
+                Vocab::SentencePiece(padded(spm_file(path)?, &config))
+            };
+            if vocab.len() != config.vocab_size {
+                bail!(
+                    "{} has {} tokens, more than the shape's vocab_size of {}",
+                    path.display(),
+                    vocab.len(),
+                    config.vocab_size
+                );
+            }
             (format!("synthetic {shape}"), config, weights, vocab, None)
         }
         None => read_model(args)?,

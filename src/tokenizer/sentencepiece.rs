@@ -67,7 +67,7 @@ pub struct Piece {
 }
 
 /// A SentencePiece vocabulary and the settings the conversion depends on.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct SpmVocab {
     pub pieces: Vec<Piece>,
     pub add_dummy_prefix: bool,
