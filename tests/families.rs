@@ -491,3 +491,76 @@ fn a_synthetic_shape_takes_a_gguf_vocabulary() {
         "more than the shape's vocab_size of 1000",
     );
 }
+
+#[test]
+fn a_qwen2_directory_quantized_to_gguf_answers_as_the_directory_does() {
+    // llama.cpp's `qwen2` architecture: biases as blk.N.attn_{q,k,v}.bias,
+    // q/k rows in transformers' order (rope on halves), tied embeddings.
+    let mut config = reference()["models"]["tiny-qwen2"]["config"].clone();
+    config["bos_token_id"] = Value::Null;
+    let dir = write_family_dir(
+        "qwen2-quantize",
+        &config,
+        "qwen2",
+        "Qwen-Qwen2.5-7B-Instruct.jinja",
+        ("", "<|im_end|>"),
+        &[151645, 151643],
+    );
+    let gguf = dir.join("qwen2.gguf");
+    common::ok(&common::starling(
+        &[
+            "quantize",
+            dir.to_str().unwrap(),
+            gguf.to_str().unwrap(),
+            "--type",
+            "f32",
+        ],
+        None,
+    ));
+    let file = starling::weights::gguf::Gguf::open(&gguf).unwrap();
+    assert_eq!(
+        file.config().family().unwrap(),
+        starling::model::Family::Qwen2
+    );
+    let from_gguf = {
+        let weights = Weights::open(std::slice::from_ref(&gguf)).unwrap();
+        Model::load(
+            file.config(),
+            &weights,
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
+    let parsed = Config::from_file(&dir.join("config.json")).unwrap();
+    let from_dir = {
+        let weights = Weights::open(&[dir.join("model.safetensors")]).unwrap();
+        Model::load(
+            &parsed,
+            &weights,
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
+    let ids: Vec<u32> = (0..40).map(|i| (i * 7919 + 13) % 151936).collect();
+    let a: Vec<Vec<f32>> = from_gguf
+        .forward(&ids, &mut from_gguf.new_cache(), Logits::All)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let b: Vec<Vec<f32>> = from_dir
+        .forward(&ids, &mut from_dir.new_cache(), Logits::All)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let worst = a
+        .iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(worst <= 1e-4, "GGUF and directory differ by {worst}");
+    let conv = serde_json::json!([{"role": "user", "content": "Hello"}]);
+    assert_eq!(tokenize(&gguf, &conv), tokenize(&dir, &conv));
+}

@@ -54,10 +54,10 @@ pub fn run(args: &QuantizeArgs) -> Result<()> {
         None => read_model(args)?,
     };
 
-    // The writer speaks llama.cpp's `llama` architecture only.
-    if config.family()? == crate::model::Family::Qwen2 || config.attention_biases().contains(&true)
+    // llama.cpp's `llama` architecture has no attention biases.
+    if config.family()? != crate::model::Family::Qwen2 && config.attention_biases().contains(&true)
     {
-        bail!("writing Qwen2 (or attention biases) as GGUF is not supported yet");
+        bail!("writing Llama attention biases (attention_bias) as GGUF is not supported");
     }
     let shapes = synthetic::tensor_shapes(&config);
     let bar = indicatif::ProgressBar::new(shapes.len() as u64).with_style(

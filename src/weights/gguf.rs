@@ -59,29 +59,53 @@ pub fn gguf_name(hf: &str) -> Option<String> {
     let rest = hf.strip_prefix("model.layers.")?;
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let part = match rest {
-        "input_layernorm.weight" => "attn_norm",
-        "self_attn.q_proj.weight" => "attn_q",
-        "self_attn.k_proj.weight" => "attn_k",
-        "self_attn.v_proj.weight" => "attn_v",
-        "self_attn.o_proj.weight" => "attn_output",
-        "post_attention_layernorm.weight" => "ffn_norm",
-        "mlp.gate_proj.weight" => "ffn_gate",
-        "mlp.up_proj.weight" => "ffn_up",
-        "mlp.down_proj.weight" => "ffn_down",
+    let (rest, kind) = match rest.strip_suffix(".weight") {
+        Some(r) => (r, "weight"),
+        None => (rest.strip_suffix(".bias")?, "bias"),
+    };
+    let part = match (rest, kind) {
+        ("input_layernorm", "weight") => "attn_norm",
+        ("self_attn.q_proj", _) => "attn_q",
+        ("self_attn.k_proj", _) => "attn_k",
+        ("self_attn.v_proj", _) => "attn_v",
+        ("self_attn.o_proj", _) => "attn_output",
+        ("post_attention_layernorm", "weight") => "ffn_norm",
+        ("mlp.gate_proj", "weight") => "ffn_gate",
+        ("mlp.up_proj", "weight") => "ffn_up",
+        ("mlp.down_proj", "weight") => "ffn_down",
         _ => return None,
     };
-    Some(format!("blk.{layer}.{part}.weight"))
+    Some(format!("blk.{layer}.{part}.{kind}"))
 }
 
 /// The number of rope heads whose rows llama.cpp permutes in tensor `hf`.
 pub fn permuted_heads(hf: &str, config: &Config) -> Option<usize> {
+    // llama.cpp's converter permutes only the `llama` architecture's rows;
+    // Qwen2 keeps transformers' order (its rope is NEOX: halves).
+    if uses_halves(config) {
+        return None;
+    }
     if hf.ends_with("self_attn.q_proj.weight") {
         Some(config.num_attention_heads)
     } else if hf.ends_with("self_attn.k_proj.weight") {
         Some(config.num_kv_heads())
     } else {
         None
+    }
+}
+
+/// Whether the GGUF keeps q/k rows in transformers' order (rope on halves),
+/// as llama.cpp does for Qwen2.
+pub fn uses_halves(config: &Config) -> bool {
+    matches!(config.family(), Ok(crate::model::Family::Qwen2))
+}
+
+/// llama.cpp's architecture name for a config.
+pub fn arch_name(config: &Config) -> &'static str {
+    if uses_halves(config) {
+        "qwen2"
+    } else {
+        "llama"
     }
 }
 
@@ -210,8 +234,12 @@ impl Meta<'_> {
             },
         };
         let heads = self.required("attention.head_count")?;
+        let architecture = match self.arch {
+            "qwen2" => "Qwen2ForCausalLM",
+            _ => "LlamaForCausalLM",
+        };
         let mut json = serde_json::json!({
-            "architectures": ["LlamaForCausalLM"],
+            "architectures": [architecture],
             "vocab_size": vocab,
             "hidden_size": self.required("embedding_length")?,
             "intermediate_size": self.required("feed_forward_length")?,
@@ -300,9 +328,9 @@ impl Gguf {
             .and_then(|v| v.to_string().ok())
             .cloned()
             .unwrap_or_default();
-        if !matches!(arch.as_str(), "llama" | "mistral") {
+        if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2") {
             bail!(
-                "{}: architecture {} is not supported (llama or mistral)",
+                "{}: architecture {} is not supported (llama, mistral or qwen2)",
                 path.display(),
                 super::shown(&arch)
             );
@@ -709,10 +737,11 @@ pub fn file_type(dtype: GgmlDType) -> u32 {
 /// half-written model behind.
 pub fn write(path: &Path, header: &GgufHeader, tensors: Vec<(String, QTensor)>) -> Result<()> {
     let config = header.config;
-    let arch = |k: &str| format!("llama.{k}");
+    let name = arch_name(config);
+    let arch = |k: &str| format!("{name}.{k}");
     let u32v = |v: usize| Value::U32(v as u32);
     let mut meta: Vec<(String, Value)> = vec![
-        ("general.architecture".into(), Value::String("llama".into())),
+        ("general.architecture".into(), Value::String(name.into())),
         ("general.name".into(), Value::String(header.name.into())),
         ("general.file_type".into(), Value::U32(header.file_type)),
         ("general.quantization_version".into(), Value::U32(2)),

@@ -189,8 +189,8 @@ impl Weights {
     /// out pair the dimensions rope rotates: a GGUF's as llama.cpp stores
     /// them, everything else as transformers does.
     pub fn rope_layout(&self) -> RopeLayout {
-        match self.store {
-            Store::Gguf(_) => RopeLayout::AdjacentPairs,
+        match &self.store {
+            Store::Gguf(g) if !gguf::uses_halves(g.config()) => RopeLayout::AdjacentPairs,
             _ => RopeLayout::Halves,
         }
     }
