@@ -30,12 +30,15 @@ cd "$scratch"
 # Checks: every one that is about the server, none that needs the schema to
 # know facts it cannot (a max_tokens beyond the context, an id outside the
 # vocabulary are schema-valid and still a 400: positive_data_acceptance is
-# left out). A fixed seed makes a failure reproducible.
+# left out). A fixed seed makes a failure reproducible. One worker:
+# with two, Hypothesis's cache of lambda sources (read when schemathesis
+# prints a strategy) raced once and failed the run with a KeyError inside
+# the tool, not the server ("Inconsistent results", FlakyFailure).
 "$venv/bin/python" -m schemathesis.cli run "$url/openapi.json" \
   --checks not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance,negative_data_rejection \
   --max-time "$seconds" \
   --request-timeout 30 \
-  --workers 2 \
+  --workers 1 \
   --seed 1 \
   --suppress-health-check all \
   --no-color
