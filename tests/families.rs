@@ -408,43 +408,7 @@ fn a_gguf_carries_llama_3_1_scaling_as_llama_cpp_does() {
         factors.contains(&8.0) && factors.contains(&1.0),
         "{factors:?}"
     );
-    let from_gguf = {
-        let weights = Weights::open(std::slice::from_ref(&gguf)).unwrap();
-        Model::load(
-            file.config(),
-            &weights,
-            candle_core::DType::F32,
-            &candle_core::Device::Cpu,
-        )
-        .unwrap()
-    };
-    let from_dir = {
-        let weights = Weights::open(&[dir.join("model.safetensors")]).unwrap();
-        Model::load(
-            &parsed,
-            &weights,
-            candle_core::DType::F32,
-            &candle_core::Device::Cpu,
-        )
-        .unwrap()
-    };
-    let ids: Vec<u32> = (0..70).map(|i| (i * 7919 + 13) % 32000).collect();
-    let a: Vec<Vec<f32>> = from_gguf
-        .forward(&ids, &mut from_gguf.new_cache(), Logits::All)
-        .unwrap()
-        .to_vec2()
-        .unwrap();
-    let b: Vec<Vec<f32>> = from_dir
-        .forward(&ids, &mut from_dir.new_cache(), Logits::All)
-        .unwrap()
-        .to_vec2()
-        .unwrap();
-    let worst = a
-        .iter()
-        .flatten()
-        .zip(b.iter().flatten())
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
+    let worst = worst_gguf_against_dir(&gguf, &dir, 70, 32000);
     assert!(worst <= 1e-4, "GGUF and directory differ by {worst}");
 }
 
@@ -522,45 +486,39 @@ fn a_qwen2_directory_quantized_to_gguf_answers_as_the_directory_does() {
         file.config().family().unwrap(),
         starling::model::Family::Qwen2
     );
-    let from_gguf = {
-        let weights = Weights::open(std::slice::from_ref(&gguf)).unwrap();
-        Model::load(
-            file.config(),
-            &weights,
-            candle_core::DType::F32,
-            &candle_core::Device::Cpu,
-        )
-        .unwrap()
-    };
-    let parsed = Config::from_file(&dir.join("config.json")).unwrap();
-    let from_dir = {
-        let weights = Weights::open(&[dir.join("model.safetensors")]).unwrap();
-        Model::load(
-            &parsed,
-            &weights,
-            candle_core::DType::F32,
-            &candle_core::Device::Cpu,
-        )
-        .unwrap()
-    };
-    let ids: Vec<u32> = (0..40).map(|i| (i * 7919 + 13) % 151936).collect();
-    let a: Vec<Vec<f32>> = from_gguf
-        .forward(&ids, &mut from_gguf.new_cache(), Logits::All)
-        .unwrap()
-        .to_vec2()
-        .unwrap();
-    let b: Vec<Vec<f32>> = from_dir
-        .forward(&ids, &mut from_dir.new_cache(), Logits::All)
-        .unwrap()
-        .to_vec2()
-        .unwrap();
-    let worst = a
-        .iter()
-        .flatten()
-        .zip(b.iter().flatten())
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
+    let worst = worst_gguf_against_dir(&gguf, &dir, 40, 151936);
     assert!(worst <= 1e-4, "GGUF and directory differ by {worst}");
     let conv = serde_json::json!([{"role": "user", "content": "Hello"}]);
     assert_eq!(tokenize(&gguf, &conv), tokenize(&dir, &conv));
+}
+
+/// The largest logit difference, over `positions` pseudo-random ids below
+/// `vocab`, between the GGUF that `starling quantize` wrote and the
+/// directory it came from (both in f32).
+fn worst_gguf_against_dir(
+    gguf: &std::path::Path,
+    dir: &std::path::Path,
+    positions: u32,
+    vocab: u32,
+) -> f32 {
+    let cpu = candle_core::Device::Cpu;
+    let file = starling::weights::gguf::Gguf::open(gguf).unwrap();
+    let weights = Weights::open(&[gguf.to_path_buf()]).unwrap();
+    let from_gguf = Model::load(file.config(), &weights, candle_core::DType::F32, &cpu).unwrap();
+    let config = Config::from_file(&dir.join("config.json")).unwrap();
+    let weights = Weights::open(&[dir.join("model.safetensors")]).unwrap();
+    let from_dir = Model::load(&config, &weights, candle_core::DType::F32, &cpu).unwrap();
+    let ids: Vec<u32> = (0..positions).map(|i| (i * 7919 + 13) % vocab).collect();
+    let logits = |m: &Model| -> Vec<Vec<f32>> {
+        m.forward(&ids, &mut m.new_cache(), Logits::All)
+            .unwrap()
+            .to_vec2()
+            .unwrap()
+    };
+    let (a, b) = (logits(&from_gguf), logits(&from_dir));
+    a.iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
 }

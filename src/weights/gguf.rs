@@ -287,13 +287,7 @@ impl Meta<'_> {
 /// The vocabulary of a GGUF file, whatever its architecture or tensors
 /// (llama.cpp's vocabulary-only test files; `starling tokenize`).
 pub fn read_vocab(path: &Path) -> Result<Vocab> {
-    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let size = file
-        .metadata()
-        .with_context(|| format!("reading the size of {}", path.display()))?
-        .len();
-    let content = super::gguf_header::read(&file, size)
-        .map_err(|e| anyhow::anyhow!("{}: not a valid GGUF file: {e}", path.display()))?;
+    let (_, content) = read_header(path)?;
     let bos = content
         .metadata
         .get("tokenizer.ggml.bos_token_id")
@@ -312,16 +306,21 @@ pub fn read_vocab(path: &Path) -> Result<Vocab> {
     gguf.tokenizer_vocab()
 }
 
+/// The open file and its checked header.
+fn read_header(path: &Path) -> Result<(std::fs::File, Content)> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let size = file
+        .metadata()
+        .with_context(|| format!("reading the size of {}", path.display()))?
+        .len();
+    let content = super::gguf_header::read(&file, size)
+        .map_err(|e| anyhow::anyhow!("{}: not a valid GGUF file: {e}", path.display()))?;
+    Ok((file, content))
+}
+
 impl Gguf {
     pub fn open(path: &Path) -> Result<Self> {
-        let file =
-            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        let size = file
-            .metadata()
-            .with_context(|| format!("reading the size of {}", path.display()))?
-            .len();
-        let content = super::gguf_header::read(&file, size)
-            .map_err(|e| anyhow::anyhow!("{}: not a valid GGUF file: {e}", path.display()))?;
+        let (file, content) = read_header(path)?;
         let arch = content
             .metadata
             .get("general.architecture")
