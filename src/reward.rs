@@ -173,14 +173,15 @@ impl RewardModel {
     /// Starts an engine over this model, so that many conversations share
     /// each pass over the weights (continuous batching, as for answers).
     pub fn into_engine(self, config: EngineConfig) -> Result<RewardEngine> {
-        let pad = readout_probe(
+        // A read-out the model cannot give (no `<unk>`, a context under
+        // 2048) fails here, before any input is queued.
+        readout_probe(
             self.readout,
             self.template,
             &self.tokenizer,
             self.model.max_len(),
             1,
-        )?
-        .map(|p| p.id);
+        )?;
         let max_len = self.model.max_len();
         let tokenizer = Arc::new(self.tokenizer);
         let engine = Engine::start(self.model, Some(tokenizer.clone()), config)?;
@@ -189,7 +190,6 @@ impl RewardModel {
             tokenizer,
             template: self.template,
             readout: self.readout,
-            pad,
             max_len,
         })
     }
@@ -202,7 +202,6 @@ pub struct RewardEngine {
     pub tokenizer: Arc<TextTokenizer>,
     pub template: RewardTemplate,
     pub readout: Readout,
-    pad: Option<u32>,
     max_len: usize,
 }
 
@@ -219,7 +218,6 @@ impl RewardEngine {
             self.max_len,
             ids.len(),
         )?;
-        debug_assert!(probe.is_none() || self.pad.is_some());
         self.engine.submit_score(ids, probe)
     }
 

@@ -157,7 +157,7 @@ pub fn run(args: &RunArgs, n: usize, conversation: Vec<Message>) -> Result<()> {
 
 /// One way to load a model: the flags it takes and the bytes it needs.
 #[derive(Debug, Clone, PartialEq)]
-struct Option_ {
+struct LoadChoice {
     flags: Vec<String>,
     bytes: u64,
 }
@@ -237,19 +237,19 @@ fn plan_memory(
         }
     }
     // Smaller ways to load each, from the least change on.
-    let mut chat_options = vec![Option_ {
+    let mut chat_options = vec![LoadChoice {
         flags: vec![],
         bytes: chat_now,
     }];
     if args.device.quantize.is_none() {
         for (flag, q) in [("q8_0", GgmlDType::Q8_0), ("q4k", GgmlDType::Q4K)] {
-            chat_options.push(Option_ {
+            chat_options.push(LoadChoice {
                 flags: vec![format!("--quantize {flag}")],
                 bytes: chat(chat_dtype, Some(q))?,
             });
         }
     }
-    let mut rm_options = vec![Option_ {
+    let mut rm_options = vec![LoadChoice {
         flags: vec![],
         bytes: rm_now,
     }];
@@ -258,14 +258,14 @@ fn plan_memory(
         if args.best_of.reward_dtype.is_none() {
             let f16 = reward(DTypeChoice::Fixed(DType::F16), None)?;
             if f16 < rm_now {
-                rm_options.push(Option_ {
+                rm_options.push(LoadChoice {
                     flags: vec!["--reward-dtype f16".into()],
                     bytes: f16,
                 });
             }
         }
         for (flag, q) in [("q8_0", GgmlDType::Q8_0), ("q4k", GgmlDType::Q4K)] {
-            rm_options.push(Option_ {
+            rm_options.push(LoadChoice {
                 flags: vec![format!("--reward-quantize {flag}")],
                 bytes: reward(rm_dtype, Some(q))?,
             });
@@ -289,7 +289,7 @@ fn plan_memory(
 
 /// The first pair that fits in `available`, with the fewest flags and,
 /// among those, the most bytes (the least loss).
-fn first_fit(chat: &[Option_], rm: &[Option_], available: u64) -> Option<(Vec<String>, u64)> {
+fn first_fit(chat: &[LoadChoice], rm: &[LoadChoice], available: u64) -> Option<(Vec<String>, u64)> {
     let mut pairs: Vec<(Vec<String>, u64)> = chat
         .iter()
         .flat_map(|c| {
@@ -308,8 +308,8 @@ fn first_fit(chat: &[Option_], rm: &[Option_], available: u64) -> Option<(Vec<St
 mod tests {
     use super::*;
 
-    fn opt(flags: &[&str], gb: u64) -> Option_ {
-        Option_ {
+    fn opt(flags: &[&str], gb: u64) -> LoadChoice {
+        LoadChoice {
             flags: flags.iter().map(|s| s.to_string()).collect(),
             bytes: gb * 1_000_000_000,
         }
