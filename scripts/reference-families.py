@@ -1,22 +1,29 @@
 #!/usr/bin/env python3
-"""Writes tests/data/family-reference.json: logits and greedy ids of a tiny
-Llama 3 model (rope_scaling llama3, tied embeddings, GQA), a tiny linear-
-scaled Llama and a tiny Qwen2 model (q/k/v biases, tied embeddings), on the
-weights of tests/family-weights.md.
+"""Writes tests/data/family-reference.json: logits and greedy ids from
+transformers itself for tiny models of the Llama 3 family (rope_scaling
+llama3, tied embeddings, GQA), Llama with linear and with dynamic rope
+scaling, and Qwen2 (q/k/v biases, tied embeddings), on the weights of
+tests/family-weights.md.
 
-torch from PyPI pulls gigabytes of CUDA wheels, so this is a float64 numpy
-re-implementation of transformers' code, line by line: the rotary inverse
-frequencies of `modeling_rope_utils` (`_compute_default_rope_parameters`,
-`_compute_linear_scaling_rope_parameters`, `_compute_llama3_parameters`, in
-float32 as there), and the forward of `LlamaModel` / `Qwen2Model` (eager
-attention, causal mask, `repeat_kv`, `rotate_half`). Greedy ids re-run the
-whole sequence each step (no cache), as the reference for starling's cached
-loop.
+transformers' LlamaForCausalLM / Qwen2ForCausalLM run in float64 with eager
+attention (rope's frequencies and angles stay float32 there, as in every
+dtype). Logits come from one forward pass over the prompt; greedy ids from
+the cached loop generate() runs (the prompt in one pass, then a token per
+pass), which is what starling's cached loop must reproduce. With dynamic
+scaling the two differ past the original context: a pass's frequencies
+depend on the sequence's length at that pass.
 
-Run by hand (not in CI):  pip install numpy && python scripts/reference-families.py
+Run by hand (not in CI; torch from PyPI is about 5 GB with its CUDA wheels,
+and runs on the CPU without a GPU):
+    python -m venv /tmp/torchvenv
+    /tmp/torchvenv/bin/pip install torch 'transformers==4.57.*' numpy
+    /tmp/torchvenv/bin/python scripts/reference-families.py
 """
-import json, math
+import json
+
 import numpy as np
+import torch
+import transformers
 
 BASE = {
     "vocab_size": 512, "hidden_size": 64, "intermediate_size": 160,
@@ -33,6 +40,9 @@ CONFIGS = {
     "tiny-llama-linear": dict(BASE, architectures=["LlamaForCausalLM"], model_type="llama",
                               rope_theta=10000.0, tie_word_embeddings=False,
                               rope_scaling={"type": "linear", "factor": 4.0}),
+    "tiny-llama-dynamic": dict(BASE, architectures=["LlamaForCausalLM"], model_type="llama",
+                               rope_theta=10000.0, tie_word_embeddings=False, max_position_embeddings=64,
+                               rope_scaling={"type": "dynamic", "factor": 4.0}),
     "tiny-qwen2": dict(BASE, architectures=["Qwen2ForCausalLM"], model_type="qwen2",
                        rope_theta=1000000.0, tie_word_embeddings=True,
                        use_sliding_window=False, sliding_window=32),
@@ -40,6 +50,7 @@ CONFIGS = {
 PROMPTS = [
     [1, 17, 300, 42, 99, 511, 7, 260, 13, 13, 480, 5],
     [1] + [(i * 37 + 11) % 512 for i in range(80)],  # beyond the 64 original positions
+    [1] + [(i * 53 + 7) % 512 for i in range(59)],  # its answer crosses position 64
 ]
 GREEDY = 8
 
@@ -86,92 +97,61 @@ def weights(c):
             for k, n in enumerate(names)}
 
 
-def inv_freq(c):
-    """modeling_rope_utils, in float32 as there."""
-    dim, base = c["head_dim"], c["rope_theta"]
-    f = (1.0 / (np.float32(base) ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)))).astype(np.float32)
-    s = c.get("rope_scaling") or {}
-    kind = s.get("rope_type", s.get("type", "default"))
-    if kind == "linear":
-        f = (f / np.float32(s["factor"])).astype(np.float32)
-    elif kind == "llama3":
-        factor, low, high = np.float32(s["factor"]), np.float32(s["low_freq_factor"]), np.float32(s["high_freq_factor"])
-        old = np.float32(s["original_max_position_embeddings"])
-        low_freq_wavelen = old / low
-        high_freq_wavelen = old / high
-        wavelen = np.float32(2 * math.pi) / f
-        inv_freq_llama = np.where(wavelen > low_freq_wavelen, f / factor, f).astype(np.float32)
-        smooth_factor = ((old / wavelen - low) / (high - low)).astype(np.float32)
-        smoothed = ((1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama).astype(np.float32)
-        is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
-        f = np.where(is_medium, smoothed, inv_freq_llama).astype(np.float32)
-    return f
+def model_of(c):
+    """A fresh transformers model (float64, eager attention) holding the
+    weights of tests/family-weights.md. Fresh per run: dynamic rope scaling
+    keeps state (the longest sequence seen) in the model."""
+    qwen = c["model_type"] == "qwen2"
+    config_class = transformers.Qwen2Config if qwen else transformers.LlamaConfig
+    model_class = transformers.Qwen2ForCausalLM if qwen else transformers.LlamaForCausalLM
+    args = {k: v for k, v in c.items() if k not in ("architectures", "model_type")}
+    model = model_class(config_class(**args, attn_implementation="eager")).double().eval()
+    state = {n: torch.from_numpy(w) for n, w in weights(c).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected, unexpected
+    assert missing == (["lm_head.weight"] if c["tie_word_embeddings"] else []), missing
+    if c["tie_word_embeddings"]:
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    return model
 
 
-def forward(c, w, ids):
-    """LlamaModel / Qwen2Model forward + lm_head (tied: the embedding)."""
-    n, hd = len(ids), c["head_dim"]
-    heads, kvh = c["num_attention_heads"], c["num_key_value_heads"]
-    # LlamaRotaryEmbedding: freqs = (inv_freq @ position_ids) in float32, cos/sin in float32.
-    freqs = (np.arange(n, dtype=np.float32)[:, None] * inv_freq(c)[None, :]).astype(np.float32)
-    emb = np.concatenate([freqs, freqs], -1)
-    cos, sin = np.cos(emb).astype(np.float64), np.sin(emb).astype(np.float64)
+@torch.no_grad()
+def full_forward(c, ids):
+    """Every position's logits from one forward pass, `[len, vocab]`."""
+    return model_of(c)(input_ids=torch.tensor([ids])).logits[0].numpy()
 
-    def rotate_half(x):
-        return np.concatenate([-x[..., hd // 2:], x[..., :hd // 2]], -1)
 
-    def rms(x, weight):
-        return weight * (x / np.sqrt((x * x).mean(-1, keepdims=True) + c["rms_norm_eps"]))
-
-    def proj(h, p, name):
-        y = h @ w[p + f"self_attn.{name}_proj.weight"].T
-        b = w.get(p + f"self_attn.{name}_proj.bias")
-        return y + b if b is not None else y
-
-    causal = np.tril(np.ones((n, n), dtype=bool))
-    x = w["model.embed_tokens.weight"][np.asarray(ids)]
-    for l in range(c["num_hidden_layers"]):
-        p = f"model.layers.{l}."
-        h = rms(x, w[p + "input_layernorm.weight"])
-        q = proj(h, p, "q").reshape(n, heads, hd).transpose(1, 0, 2)
-        k = proj(h, p, "k").reshape(n, kvh, hd).transpose(1, 0, 2)
-        v = proj(h, p, "v").reshape(n, kvh, hd).transpose(1, 0, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        out = np.empty((heads, n, hd))
-        for head in range(heads):
-            kv = head // (heads // kvh)
-            scores = (q[head] @ k[kv].T) / math.sqrt(hd)
-            scores = np.where(causal, scores, -np.inf)
-            scores -= scores.max(-1, keepdims=True)
-            probs = np.exp(scores)
-            probs /= probs.sum(-1, keepdims=True)
-            out[head] = probs @ v[kv]
-        x = x + proj(out.transpose(1, 0, 2).reshape(n, heads * hd), p, "o")
-        h = rms(x, w[p + "post_attention_layernorm.weight"])
-        gate = h @ w[p + "mlp.gate_proj.weight"].T
-        x = x + ((gate / (1 + np.exp(-gate))) * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
-    x = rms(x, w["model.norm.weight"])
-    head = w["model.embed_tokens.weight"] if c["tie_word_embeddings"] else w["lm_head.weight"]
-    return x @ head.T
+@torch.no_grad()
+def cached_greedy(c, ids, n):
+    """`generate(do_sample=False)`'s ids: the prompt in one pass, then one
+    token per pass over the KV cache. Checked against generate itself."""
+    model = model_of(c)
+    out = model(input_ids=torch.tensor([ids]), use_cache=True)
+    new = []
+    for _ in range(n):
+        token = int(out.logits[0, -1].argmax())
+        new.append(token)
+        out = model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+    config = transformers.GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None,
+                                           pad_token_id=0)
+    generated = model_of(c).generate(torch.tensor([ids]), generation_config=config)[0, len(ids):]
+    assert generated.tolist() == new, (generated.tolist(), new)
+    return new
 
 
 def main():
     out = {"about": __doc__.strip().splitlines()[0], "script": "scripts/reference-families.py",
-           "numpy": np.__version__, "models": {}}
+           "transformers": transformers.__version__, "torch": torch.__version__, "models": {}}
     for name, c in CONFIGS.items():
-        w = weights(c)
         cases = []
         for prompt in PROMPTS:
-            logits = forward(c, w, prompt)
-            ids = list(prompt)
-            for _ in range(GREEDY):
-                ids.append(int(np.argmax(forward(c, w, ids)[-1])))
+            logits = full_forward(c, prompt)
+            greedy = cached_greedy(c, prompt, GREEDY)
             positions = [0, len(prompt) // 2, len(prompt) - 1]
             cases.append({"prompt": prompt, "positions": positions,
                           "logits": [logits[p].tolist() for p in positions],
-                          "greedy": ids[len(prompt):]})
-            print(name, len(prompt), ids[len(prompt):])
+                          "greedy": greedy})
+            print(name, len(prompt), greedy)
         out["models"][name] = {"config": c, "cases": cases}
     with open("tests/data/family-reference.json", "w") as f:
         json.dump(out, f)

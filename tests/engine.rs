@@ -108,14 +108,17 @@ fn batched(
                     ids: &p[done[k]..to],
                     cache,
                     logits: to == p.len(),
+                    seq_len: p.len(),
                 });
                 who.push((k, to == p.len()));
                 done[k] = to;
             } else {
+                let seq_len = cache.len() + 1;
                 batch.push(Chunk {
                     ids: std::slice::from_ref(&pending[k]),
                     cache,
                     logits: true,
+                    seq_len,
                 });
                 who.push((k, true));
             }

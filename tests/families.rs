@@ -1,6 +1,6 @@
 //! The Llama 3 and Qwen2 families on tiny models (tests/family-weights.md):
-//! RoPE scaling (llama3, linear), tied embeddings, GQA, q/k/v biases,
-//! against a numpy re-implementation of transformers' code
+//! RoPE scaling (llama3, linear, dynamic), tied embeddings, GQA, q/k/v
+//! biases, against transformers' own logits and generate() ids
 //! (scripts/reference-families.py made tests/data/family-reference.json).
 
 mod common;
@@ -42,10 +42,10 @@ fn argmax(v: &[f32]) -> u32 {
 }
 
 #[test]
-fn logits_and_greedy_ids_match_transformers_code() {
+fn logits_and_greedy_ids_match_transformers() {
     let r = reference();
     let models = r["models"].as_object().unwrap();
-    assert_eq!(models.len(), 3);
+    assert_eq!(models.len(), 4);
     for (name, m) in models {
         let model = load(name, &m["config"]);
         for case in m["cases"].as_array().unwrap() {
@@ -102,6 +102,88 @@ fn logits_and_greedy_ids_match_transformers_code() {
     }
 }
 
+/// Dynamic scaling's frequencies depend on the sequence's length at each
+/// pass, so the engine must treat a prompt cut into chunks as one pass, and
+/// must not reuse keys rotated for another length.
+#[test]
+fn dynamic_rope_scaling_answers_as_transformers_through_the_engine_and_reused_caches() {
+    use starling::engine::{Engine, EngineConfig, GenerateRequest, SamplerConfig, Session};
+    let r = reference();
+    let m = &r["models"]["tiny-llama-dynamic"];
+    let cases = m["cases"].as_array().unwrap();
+    let greedy = |prompt: Vec<u32>, max_tokens: usize| GenerateRequest {
+        prompt,
+        sampling: SamplerConfig {
+            temperature: 0.0,
+            ..SamplerConfig::default()
+        },
+        max_tokens,
+        stop_ids: vec![],
+        stop_texts: vec![],
+        continuation: false,
+        logprobs: None,
+    };
+    // Prompts of 12, 81 and 60 tokens (the original context is 64) read in
+    // chunks of 16 rows, two sequences at a time, one slot reused by the third.
+    let config = EngineConfig {
+        parallel: 2,
+        batch_tokens: 16,
+        context: None,
+    };
+    let engine = Engine::start(load("dynamic-engine", &m["config"]), None, config).unwrap();
+    let handles: Vec<_> = cases
+        .iter()
+        .map(|c| {
+            let n = c["greedy"].as_array().unwrap().len();
+            engine.submit(greedy(common::ids(&c["prompt"]), n)).unwrap()
+        })
+        .collect();
+    for (c, h) in cases.iter().zip(handles) {
+        let outcome = h.wait(&mut |_| Ok(()), None).unwrap();
+        assert_eq!(
+            outcome.ids,
+            common::ids(&c["greedy"]),
+            "engine, {}",
+            c["prompt"]
+        );
+    }
+
+    // A session that read the 81-token prompt holds keys rotated for 81
+    // positions: the 60-token prefix of it must be read afresh, and so must
+    // the prompt after a turn past the original context.
+    let model = load("dynamic-session", &m["config"]);
+    let fresh = |prompt: &[u32]| -> Vec<f32> {
+        model
+            .forward(prompt, &mut model.new_cache(), Logits::Last)
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let long = common::ids(&cases[1]["prompt"]);
+    let mut session = Session::new(load("dynamic-session", &m["config"]));
+    session.prefill(&long).unwrap();
+    for prompt in [&long[..60], &long[..70], &long[..]] {
+        let (logits, prefill) = session.prefill(prompt).unwrap();
+        let logits: Vec<f32> = logits.to_vec1().unwrap();
+        assert!(
+            logits == fresh(prompt),
+            "{} tokens: not a fresh run's logits",
+            prompt.len()
+        );
+        assert_eq!(prefill.cached, 0, "{} tokens", prompt.len());
+    }
+    // Under the original context, keys written at default frequencies are reused.
+    let short = &long[..40];
+    session.prefill(short).unwrap();
+    let (logits, prefill) = session.prefill(&long[..50]).unwrap();
+    assert_eq!(prefill.cached, 40);
+    let logits: Vec<f32> = logits.to_vec1().unwrap();
+    assert!(
+        logits == fresh(&long[..50]),
+        "50 tokens: not a fresh run's logits"
+    );
+}
+
 #[test]
 fn unsupported_rope_scaling_and_windows_are_refused_by_name() {
     let base = reference()["models"]["tiny-llama3"]["config"].clone();
@@ -116,11 +198,21 @@ fn unsupported_rope_scaling_and_windows_are_refused_by_name() {
     let err =
         with(&|c| c["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0}));
     assert!(
-        err.contains("\"yarn\" is not supported (default, linear, llama3)"),
+        err.contains("\"yarn\" is not supported (default, linear, dynamic, llama3)"),
         "{err}"
     );
     let err = with(&|c| c["rope_scaling"]["factor"] = serde_json::json!(-1.0));
     assert!(err.contains("factor is -1"), "{err}");
+    let err = with(&|c| c["rope_scaling"] = serde_json::json!({"type": "dynamic", "factor": 0.5}));
+    assert!(
+        err.contains("needs a factor of at least 1, not 0.5"),
+        "{err}"
+    );
+    let err = with(&|c| {
+        c["rope_scaling"] = serde_json::json!({"type": "dynamic", "factor": 1e5});
+        c["max_position_embeddings"] = serde_json::json!(131072);
+    });
+    assert!(err.contains("more than starling supports"), "{err}");
     let err = with(&|c| c["rope_scaling"]["high_freq_factor"] = serde_json::json!(0.5));
     assert!(err.contains("must be above low_freq_factor"), "{err}");
     let err = with(&|c| {
@@ -521,4 +613,54 @@ fn worst_gguf_against_dir(
         .zip(b.iter().flatten())
         .map(|(x, y)| (x - y).abs())
         .fold(0f32, f32::max)
+}
+
+/// Linear scaling goes into a GGUF as llama.cpp's converter writes it
+/// (`rope.scaling.type` and `.factor`) and comes back; dynamic scaling,
+/// which llama.cpp does not have, is refused before anything is written.
+#[test]
+fn rope_scaling_types_go_into_gguf_files_or_are_refused_by_name() {
+    let mut config = reference()["models"]["tiny-llama-linear"]["config"].clone();
+    config["bos_token_id"] = 128000.into();
+    let dir = write_family_dir(
+        "linear-quantize",
+        &config,
+        "llama-bpe",
+        "meta-llama-Llama-3.1-8B-Instruct.jinja",
+        ("<|begin_of_text|>", "<|eot_id|>"),
+        &[128001, 128008, 128009],
+    );
+    let gguf = dir.join("linear.gguf");
+    let quantize = |out: &std::path::Path| {
+        common::starling(
+            &[
+                "quantize",
+                dir.to_str().unwrap(),
+                out.to_str().unwrap(),
+                "--type",
+                "f32",
+            ],
+            None,
+        )
+    };
+    common::ok(&quantize(&gguf));
+    let file = starling::weights::gguf::Gguf::open(&gguf).unwrap();
+    assert_eq!(
+        file.config().rope_scaling().unwrap(),
+        starling::model::config::RopeScaling::Linear { factor: 4.0 }
+    );
+    let worst = worst_gguf_against_dir(&gguf, &dir, 100, 128256);
+    assert!(worst <= 1e-4, "GGUF and directory differ by {worst}");
+
+    let dynamic = reference()["models"]["tiny-llama-dynamic"]["config"]["rope_scaling"].clone();
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    config["rope_scaling"] = dynamic;
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let out = dir.join("dynamic.gguf");
+    common::fails_with(
+        &quantize(&out),
+        "writing dynamic rope scaling as GGUF is not supported",
+    );
+    assert!(!out.exists());
 }

@@ -59,6 +59,12 @@ pub fn run(args: &QuantizeArgs) -> Result<()> {
     {
         bail!("writing Llama attention biases (attention_bias) as GGUF is not supported");
     }
+    // llama.cpp's rope scaling types are none, linear, yarn and longrope.
+    if let crate::model::config::RopeScaling::Dynamic { .. } = config.rope_scaling()? {
+        bail!(
+            "writing dynamic rope scaling as GGUF is not supported: llama.cpp has no such type (none, linear, yarn, longrope)"
+        );
+    }
     let shapes = synthetic::tensor_shapes(&config);
     let bar = indicatif::ProgressBar::new(shapes.len() as u64).with_style(
         indicatif::ProgressStyle::with_template("quantizing {bar:30} {pos}/{len} {msg}")

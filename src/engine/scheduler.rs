@@ -560,8 +560,12 @@ impl<'t> StepLoop<'t> {
             // At least the last prompt token is fed again: its logits are needed.
             // A score is read from a fresh cache: the same input gives the
             // same reward bit for bit, whatever ran before or beside it.
+            let len = submission.request.prompt.len();
             let keep = match submission.kind {
-                Kind::Generate => common.min(submission.request.prompt.len() - 1),
+                Kind::Generate => {
+                    self.model
+                        .reusable_prefix(&self.slots[leader].cache, len, common.min(len - 1))
+                }
                 Kind::Score(_) => 0,
             };
             self.start(leader, submission, keep, false);
@@ -657,11 +661,18 @@ impl<'t> StepLoop<'t> {
                 let Some((feed, logits)) = *p else { continue };
                 let Slot { cache, active, .. } = slot;
                 let a = active.as_ref().expect("planned slots are active");
-                let ids = match feed {
-                    Feed::Prompt { from, to } => &a.submission.request.prompt[from..to],
-                    Feed::Token => std::slice::from_ref(&a.pending),
+                let prompt = &a.submission.request.prompt;
+                // A prompt is one pass for rope, however many steps read it.
+                let (ids, seq_len) = match feed {
+                    Feed::Prompt { from, to } => (&prompt[from..to], prompt.len()),
+                    Feed::Token => (std::slice::from_ref(&a.pending), cache.len() + 1),
                 };
-                chunks.push(Chunk { ids, cache, logits });
+                chunks.push(Chunk {
+                    ids,
+                    cache,
+                    logits,
+                    seq_len,
+                });
             }
             self.model.forward_batch(&mut chunks)
         };

@@ -68,7 +68,9 @@ impl Session {
             .take_while(|(a, b)| a == b)
             .count();
         // At least the last prompt token is fed again: its logits are needed.
-        let keep = common.min(prompt.len() - 1);
+        let keep =
+            self.model
+                .reusable_prefix(&self.cache, prompt.len(), common.min(prompt.len() - 1));
         self.truncate(keep);
         let logits = self.feed(&prompt[keep..], Logits::Last)?;
         Ok((

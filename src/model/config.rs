@@ -95,6 +95,16 @@ pub enum RopeScaling {
     Linear {
         factor: f64,
     },
+    /// Dynamic NTK (`_compute_dynamic_ntk_parameters`): beyond
+    /// `max_position_embeddings` positions, the base grows with the length
+    /// of the sequence, so the frequencies of a forward pass depend on how
+    /// long the sequence is by its end. The context becomes
+    /// `max_position_embeddings × factor`, as vLLM sets it.
+    Dynamic {
+        factor: f64,
+        /// `max_position_embeddings`: below it, the default frequencies.
+        original: usize,
+    },
     /// Llama 3.1's: low frequencies divided by `factor`, high ones kept,
     /// those between interpolated (`_compute_llama3_parameters`).
     Llama3 {
@@ -220,6 +230,28 @@ impl Config {
             "linear" => RopeScaling::Linear {
                 factor: number("factor")?,
             },
+            "dynamic" => {
+                let factor = number("factor")?;
+                ensure!(
+                    factor >= 1.0,
+                    "rope_scaling of type \"dynamic\" needs a factor of at least 1, not {factor}"
+                );
+                // The base's exponent is head_dim / (head_dim - 2).
+                ensure!(
+                    self.head_dim() > 2,
+                    "rope_scaling of type \"dynamic\" needs a head_dim above 2"
+                );
+                let context = self.max_position_embeddings as f64 * factor;
+                ensure!(
+                    context <= MAX_CONTEXT as f64,
+                    "max_position_embeddings × the dynamic rope_scaling factor is {context}, \
+                     more than starling supports ({MAX_CONTEXT})"
+                );
+                RopeScaling::Dynamic {
+                    factor,
+                    original: self.max_position_embeddings,
+                }
+            }
             "llama3" => {
                 let (low, high) = (number("low_freq_factor")?, number("high_freq_factor")?);
                 ensure!(
@@ -239,9 +271,18 @@ impl Config {
                 }
             }
             other => bail!(
-                "rope_scaling of type {} is not supported (default, linear, llama3)",
+                "rope_scaling of type {} is not supported (default, linear, dynamic, llama3)",
                 crate::weights::shown(other)
             ),
+        })
+    }
+
+    /// Positions a sequence may hold: `max_position_embeddings`, or with
+    /// dynamic RoPE scaling that times its factor (the point of the scaling).
+    pub fn context_len(&self) -> Result<usize> {
+        Ok(match self.rope_scaling()? {
+            RopeScaling::Dynamic { factor, original } => (original as f64 * factor) as usize,
+            _ => self.max_position_embeddings,
         })
     }
 

@@ -71,8 +71,12 @@ pub struct Model {
     lm_head: Linear,
     /// Whether `lm_head` shares the embedding's storage.
     tied: bool,
+    /// Rope's cos/sin `[max_len, head_dim/2]` at the default (or fixed-scaled) frequencies.
     cos: Tensor,
     sin: Tensor,
+    /// Dynamic NTK scaling's inputs: a pass past the original context
+    /// computes its own frequencies.
+    dynamic: Option<DynamicRope>,
     rope_layout: RopeLayout,
     heads: usize,
     kv_heads: usize,
@@ -224,15 +228,31 @@ impl Model {
                 weights.linear("lm_head.weight", &[vocab, h], weight_dtype, device, true)?
             }
         };
+        let scaling = config.rope_scaling()?;
+        let max_len = config.context_len()?;
         let (cos, sin) = rope_tables(
             hd,
             config.rope_theta,
-            config.rope_scaling()?,
+            scaling,
             config.rope_freq_factors.as_deref(),
-            config.max_position_embeddings,
+            max_len,
             dtype,
             device,
         )?;
+        let dynamic = match scaling {
+            RopeScaling::Dynamic { factor, original } => {
+                anyhow::ensure!(
+                    config.rope_freq_factors.is_none(),
+                    "dynamic rope scaling with per-frequency factors is not supported"
+                );
+                Some(DynamicRope {
+                    theta: config.rope_theta,
+                    factor,
+                    original,
+                })
+            }
+            _ => None,
+        };
         Ok(Self {
             embed,
             layers,
@@ -241,13 +261,14 @@ impl Model {
             tied,
             cos,
             sin,
+            dynamic,
             rope_layout: weights.rope_layout(),
             heads,
             kv_heads,
             head_dim: hd,
             eps: config.rms_norm_eps as f32,
             window: config.window(),
-            max_len: config.max_position_embeddings,
+            max_len,
             dtype,
             // f16 caches are widened to f32 for the attention products on the
             // CPU (candle has no f16 CPU matmul): 5% of a 7B decode step at
@@ -343,6 +364,8 @@ impl Model {
     pub fn forward(&self, ids: &[u32], cache: &mut KvCache, which: Logits) -> Result<Tensor> {
         anyhow::ensure!(!ids.is_empty(), "forward needs at least one token");
         cache.reserve(ids.len())?;
+        // The whole call is one pass for rope (transformers' seq_len).
+        let seq_len = cache.len() + ids.len();
         let mut outputs = Vec::new();
         let mut last = None;
         for chunk in ids.chunks(PREFILL_CHUNK) {
@@ -350,6 +373,7 @@ impl Model {
                 ids: chunk,
                 cache: &mut *cache,
                 logits: true,
+                seq_len,
             }])?;
             match which {
                 Logits::All => outputs.push(self.head(&hidden, RowClass::Prompt)?),
@@ -446,11 +470,13 @@ impl Model {
                 None => 0,
             };
             let kv_end = pos + seq;
+            let (cos, sin, rescaled) = self.rope_rows(pos, seq, chunk.seq_len.max(kv_end))?;
             segments.push(Segment {
                 start,
                 seq,
-                cos: self.cos.narrow(0, pos, seq)?,
-                sin: self.sin.narrow(0, pos, seq)?,
+                cos,
+                sin,
+                rescaled,
                 kv_start,
                 kv_end,
                 mask: self.mask(pos, seq, kv_start, kv_end)?,
@@ -458,7 +484,10 @@ impl Model {
             });
         }
         let x = self.layers_forward(x, &segments, &order, short_rows, batch)?;
-        for chunk in batch.iter_mut() {
+        for (chunk, segment) in batch.iter_mut().zip(&segments) {
+            if segment.rescaled {
+                chunk.cache.mark_rescaled(chunk.cache.len());
+            }
             chunk.cache.commit(chunk.ids.len());
         }
         Ok((x, segments))
@@ -488,11 +517,13 @@ impl Model {
             Some(w) => (position + 1).saturating_sub(w).min(held),
             None => 0,
         };
+        let (cos, sin, rescaled) = self.rope_rows(position, 1, position + 1)?;
         let segments = [Segment {
             start: 0,
             seq: 1,
-            cos: self.cos.narrow(0, position, 1)?,
-            sin: self.sin.narrow(0, position, 1)?,
+            cos,
+            sin,
+            rescaled,
             kv_start,
             kv_end: held,
             mask: None,
@@ -503,6 +534,7 @@ impl Model {
             ids: &ids,
             cache,
             logits: true,
+            seq_len: position + 1,
         }];
         let x = self.embed.forward(&ids, self.dtype, &self.device)?;
         let x = self.layers_forward(x, &segments, &[0], 1, &mut batch)?;
@@ -686,6 +718,11 @@ pub struct Chunk<'a> {
     /// Whether the last position's logits are wanted (a prefill chunk
     /// that does not end its prompt needs none).
     pub logits: bool,
+    /// The sequence's length once the feed this chunk belongs to is done
+    /// (its whole prompt, for a prompt cut into chunks; at least the
+    /// chunk's end). Dynamic RoPE scaling takes its frequencies from it, as
+    /// transformers takes them from the last position of a forward call.
+    pub seq_len: usize,
 }
 
 /// Where a chunk's rows sit in the batch, and its positions' rope and mask.
@@ -694,6 +731,8 @@ struct Segment {
     seq: usize,
     cos: Tensor,
     sin: Tensor,
+    /// Whether `cos`/`sin` come from rescaled frequencies (dynamic scaling).
+    rescaled: bool,
     kv_start: usize,
     kv_end: usize,
     mask: Option<Tensor>,
@@ -710,7 +749,8 @@ pub fn inv_freq(hd: usize, theta: f64, scaling: RopeScaling) -> Vec<f32> {
         .map(|i| 1.0 / (theta as f32).powf(i as f32 / hd as f32))
         .collect();
     match scaling {
-        RopeScaling::None => base,
+        // Dynamic scaling changes nothing up to the original context.
+        RopeScaling::None | RopeScaling::Dynamic { .. } => base,
         RopeScaling::Linear { factor } => base.iter().map(|f| f / factor as f32).collect(),
         RopeScaling::Llama3 {
             factor,
@@ -750,6 +790,72 @@ pub fn inv_freq(hd: usize, theta: f64, scaling: RopeScaling) -> Vec<f32> {
     }
 }
 
+/// Dynamic NTK scaling (transformers' `_compute_dynamic_ntk_parameters`).
+#[derive(Debug, Clone, Copy)]
+struct DynamicRope {
+    theta: f64,
+    factor: f64,
+    /// `max_position_embeddings`: up to it, the default frequencies.
+    original: usize,
+}
+
+/// The inverse frequencies `[head_dim/2]` dynamic NTK scaling gives a
+/// forward pass whose sequence is `seq_len` long:
+/// `base = theta · (factor·L/original − (factor − 1))^(d/(d−2))` with
+/// `L = max(seq_len, original)`, in f32 as transformers computes it when
+/// its rotary embedding grows (`dynamic_rope_update`). Source: the
+/// "dynamic NTK" of /u/bloc97 and /u/emozilla, as transformers implements it.
+pub fn dynamic_inv_freq(
+    hd: usize,
+    theta: f64,
+    factor: f64,
+    original: usize,
+    seq_len: usize,
+) -> Vec<f32> {
+    let len = seq_len.max(original) as f32;
+    let (factor32, original) = (factor as f32, original as f32);
+    let grown = (factor32 * len / original - (factor - 1.0) as f32)
+        .powf((hd as f64 / (hd - 2) as f64) as f32);
+    let base = theta as f32 * grown;
+    (0..hd)
+        .step_by(2)
+        .map(|i| 1.0 / base.powf(i as f32 / hd as f32))
+        .collect()
+}
+
+impl Model {
+    /// Rope's cos/sin `[seq, head_dim/2]` for positions `pos..pos+seq` of a
+    /// pass that leaves the sequence `seq_len` long, and whether they are
+    /// rescaled (dynamic scaling past the original context).
+    fn rope_rows(&self, pos: usize, seq: usize, seq_len: usize) -> Result<(Tensor, Tensor, bool)> {
+        if let Some(d) = self.dynamic
+            && seq_len > d.original
+        {
+            let inv_freq = dynamic_inv_freq(self.head_dim, d.theta, d.factor, d.original, seq_len);
+            let (cos, sin) = rope_angles(inv_freq, pos, pos + seq, self.dtype, &self.device)?;
+            return Ok((cos, sin, true));
+        }
+        Ok((
+            self.cos.narrow(0, pos, seq)?,
+            self.sin.narrow(0, pos, seq)?,
+            false,
+        ))
+    }
+
+    /// How many of the positions `cache` holds a prompt of `prompt_len`
+    /// tokens can reuse, of the `common` its ids share with the cache's:
+    /// all of them, but with dynamic RoPE scaling only keys rotated with the
+    /// frequencies a fresh run of this prompt would use (none, for a prompt
+    /// past the original context: its frequencies depend on its length).
+    pub fn reusable_prefix(&self, cache: &KvCache, prompt_len: usize, common: usize) -> usize {
+        match self.dynamic {
+            Some(d) if prompt_len > d.original => 0,
+            Some(_) => common.min(cache.rescaled_from().unwrap_or(usize::MAX)),
+            None => common,
+        }
+    }
+}
+
 /// cos/sin tables `[max_len, head_dim/2]` computed as transformers does
 /// (inverse frequencies and angles in f32), then cast to the run's dtype.
 fn rope_tables(
@@ -774,11 +880,23 @@ fn rope_tables(
             *f /= d;
         }
     }
+    rope_angles(inv_freq, 0, max_len, dtype, device)
+}
+
+/// cos/sin `[to - from, head_dim/2]` of positions `from..to` times
+/// `inv_freq`, in f32, cast to `dtype`.
+fn rope_angles(
+    inv_freq: Vec<f32>,
+    from: usize,
+    to: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
     let half = inv_freq.len();
     let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
-    let positions = Tensor::arange(0u32, max_len as u32, device)?
+    let positions = Tensor::arange(from as u32, to as u32, device)?
         .to_dtype(DType::F32)?
-        .reshape((max_len, 1))?;
+        .reshape((to - from, 1))?;
     let freqs = positions.broadcast_mul(&inv_freq)?;
     Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
 }

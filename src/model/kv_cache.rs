@@ -24,6 +24,10 @@ pub struct KvCache {
     head_dim: usize,
     dtype: DType,
     device: Device,
+    /// The first position whose keys were rotated with rescaled
+    /// frequencies (dynamic RoPE scaling past the original context), or
+    /// `usize::MAX`: such keys are right only for the pass that wrote them.
+    rescaled_from: usize,
 }
 
 impl KvCache {
@@ -45,6 +49,7 @@ impl KvCache {
             head_dim,
             dtype,
             device: device.clone(),
+            rescaled_from: usize::MAX,
         }
     }
 
@@ -60,6 +65,19 @@ impl KvCache {
     /// Forgets every position from `len` on; the buffers stay allocated.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+        if self.rescaled_from >= self.len {
+            self.rescaled_from = usize::MAX;
+        }
+    }
+
+    /// Where the keys rotated with rescaled frequencies begin (`None`: none are).
+    pub fn rescaled_from(&self) -> Option<usize> {
+        (self.rescaled_from != usize::MAX).then_some(self.rescaled_from)
+    }
+
+    /// Records that positions from `pos` on were written with rescaled frequencies.
+    pub(crate) fn mark_rescaled(&mut self, pos: usize) {
+        self.rescaled_from = self.rescaled_from.min(pos);
     }
 
     /// Makes room for `extra` more positions, growing every layer's buffer if needed.
@@ -129,6 +147,7 @@ impl KvCache {
     pub(crate) fn copy_from(&mut self, other: &KvCache, len: usize) -> Result<()> {
         ensure!(len <= other.len, "copying {len} positions of {}", other.len);
         self.len = 0;
+        self.rescaled_from = usize::MAX;
         if len == 0 {
             return Ok(());
         }
@@ -140,6 +159,9 @@ impl KvCache {
             vc.slice_set(&v.contiguous()?, 1, 0)?;
         }
         self.len = len;
+        if other.rescaled_from < len {
+            self.rescaled_from = other.rescaled_from;
+        }
         Ok(())
     }
 
@@ -184,6 +206,26 @@ mod tests {
         cache.truncate(2);
         assert_eq!(cache.len(), 2);
         Ok(())
+    }
+
+    #[test]
+    fn rescaled_keys_are_forgotten_with_their_positions() {
+        let mut cache = KvCache::new(1, 1, 2, 64, DType::F32, &Device::Cpu);
+        cache.reserve(10).unwrap();
+        cache.commit(10);
+        assert_eq!(cache.rescaled_from(), None);
+        cache.mark_rescaled(6);
+        cache.mark_rescaled(8);
+        assert_eq!(cache.rescaled_from(), Some(6));
+        cache.truncate(7);
+        assert_eq!(cache.rescaled_from(), Some(6));
+        let mut copy = KvCache::new(1, 1, 2, 64, DType::F32, &Device::Cpu);
+        copy.copy_from(&cache, 7).unwrap();
+        assert_eq!(copy.rescaled_from(), Some(6));
+        copy.copy_from(&cache, 5).unwrap();
+        assert_eq!(copy.rescaled_from(), None);
+        cache.truncate(6);
+        assert_eq!(cache.rescaled_from(), None);
     }
 
     #[test]

@@ -268,6 +268,13 @@ impl Meta<'_> {
             .filter(|t| t.as_str() != "none");
         if let Some(kind) = scaling {
             json["rope_scaling"] = serde_json::json!({ "type": kind });
+            let factor = format!("{}.rope.scaling.factor", self.arch);
+            if let Some(v) = self.content.metadata.get(&factor) {
+                let f = v
+                    .to_f32()
+                    .with_context(|| format!("{factor} is not a 32-bit float"))?;
+                json["rope_scaling"]["factor"] = f64::from(f).into();
+            }
         }
         if let Some(bos) = self.token_id("tokenizer.ggml.bos_token_id")? {
             json["bos_token_id"] = bos.into();
@@ -765,6 +772,10 @@ pub fn write(path: &Path, header: &GgufHeader, tensors: Vec<(String, QTensor)>) 
     ];
     if let Some(w) = config.window() {
         meta.push((arch("attention.sliding_window"), u32v(w)));
+    }
+    if let crate::model::config::RopeScaling::Linear { factor } = config.rope_scaling()? {
+        meta.push((arch("rope.scaling.type"), Value::String("linear".into())));
+        meta.push((arch("rope.scaling.factor"), Value::F32(factor as f32)));
     }
     match header.vocab {
         Vocab::SentencePiece(v) => spm_metadata(&mut meta, v, config),
