@@ -494,6 +494,43 @@ fn a_dropped_connection_leaves_nothing_that_passes_for_complete() {
     assert_eq!(cached, repo_files(REPO).unwrap()["model.safetensors"]);
 }
 
+/// A hub that accepts connections and then sends nothing, before the file
+/// list or in the middle of the weights, ends the command with one line
+/// after the stall limit instead of hanging it.
+#[test]
+fn a_stalled_hub_ends_the_command_instead_of_hanging_it() {
+    let stall = [("STARLING_HUB_STALL_S", "1")];
+    let needle = "sent nothing for 1 s: the download stalled";
+    // Silent from the first request: the repo's file list never comes.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", silent.local_addr().unwrap());
+    let held = std::thread::spawn(move || {
+        let (stream, _) = silent.accept().unwrap();
+        std::thread::sleep(std::time::Duration::from_secs(5));
+        drop(stream);
+    });
+    let home = common::scratch("hub-stall");
+    let started = std::time::Instant::now();
+    fails_with(
+        &starling(&home, Some(&endpoint), &stall, &["pull", REPO]),
+        needle,
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(4));
+    held.join().unwrap();
+
+    // Stalled in the middle: config and tokenizer came, the weights do not.
+    let hub = Hub::start();
+    hub.hold.store(true, Ordering::SeqCst);
+    let out = starling(&home, Some(&hub.endpoint()), &stall, &run_args());
+    hub.hold.store(false, Ordering::SeqCst);
+    fails_with(&out, needle);
+    assert!(!snapshot(&home).join("model.safetensors").exists());
+    assert_eq!(
+        answer(&starling(&home, Some(&hub.endpoint()), &[], &run_args())),
+        golden_answer()
+    );
+}
+
 #[test]
 fn model_names_parse_as_directories_names_and_repos() {
     use starling::source::ModelSpec;

@@ -190,9 +190,74 @@ pub fn resolve(model: &HubModel, options: HubOptions) -> Result<PathBuf> {
             model.repo
         );
     }
-    match &model.gguf {
-        Some(choice) => download_gguf(model, choice),
-        None => download(model, options.parts),
+    let model = model.clone();
+    guard_stalls(move |activity| match &model.gguf {
+        Some(choice) => download_gguf(&model, choice, activity),
+        None => download(&model, options.parts, activity),
+    })
+}
+
+/// How long a download may receive nothing before it is abandoned
+/// (`STARLING_HUB_STALL_S` overrides; 60 s by default).
+fn stall_limit() -> std::time::Duration {
+    let seconds = std::env::var("STARLING_HUB_STALL_S")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0 && *s < 1e6)
+        .unwrap_or(60.0);
+    std::time::Duration::from_secs_f64(seconds)
+}
+
+/// When the transfers last made progress: a request answered, bytes received.
+#[derive(Clone)]
+struct Activity(std::sync::Arc<std::sync::Mutex<std::time::Instant>>);
+
+impl Activity {
+    fn tick(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
+    }
+
+    fn idle(&self) -> std::time::Duration {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).elapsed()
+    }
+}
+
+/// Runs `work` (the transfers) on its own thread and gives up when it
+/// makes no progress for `stall_limit()`.
+///
+/// hf-hub 0.5's blocking client builds its ureq agent inside and sets no
+/// timeouts, so a hub that accepts a connection and then sends nothing
+/// would hang the command forever. The stalled thread is left blocked on
+/// its socket (nothing can interrupt it); the command ends with the error,
+/// and hf-hub's `.part` file lets the next try resume.
+fn guard_stalls<T: Send + 'static>(
+    work: impl FnOnce(&Activity) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let activity = Activity(std::sync::Arc::new(std::sync::Mutex::new(
+        std::time::Instant::now(),
+    )));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let watched = activity.clone();
+    std::thread::Builder::new()
+        .name("hub-download".into())
+        .spawn(move || {
+            let _ = tx.send(work(&watched));
+        })
+        .context("starting the download thread")?;
+    let limit = stall_limit();
+    loop {
+        match rx.recv_timeout(std::time::Duration::from_millis(200)) {
+            Ok(result) => return result,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                bail!("the download thread ended without an answer")
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if activity.idle() > limit => bail!(
+                "the hub at {} sent nothing for {:.0} s: the download stalled (try again; set STARLING_HUB_STALL_S to wait longer)",
+                endpoint(),
+                limit.as_secs_f64()
+            ),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        }
     }
 }
 
@@ -214,18 +279,16 @@ fn cached_gguf(model: &HubModel, choice: &GgufChoice) -> Option<PathBuf> {
 }
 
 /// Downloads one GGUF file: everything a run needs is inside it.
-fn download_gguf(model: &HubModel, choice: &GgufChoice) -> Result<PathBuf> {
+fn download_gguf(model: &HubModel, choice: &GgufChoice, activity: &Activity) -> Result<PathBuf> {
     let api = api()?;
     let repo = api.repo(repo_handle(model));
     let info = repo.info().map_err(|e| explain(model, e))?;
+    activity.tick();
     let listed: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
     let name = choice.pick(&model.repo, &listed)?;
-    match Bar::new() {
-        Some(bar) => repo.download_with_progress(name, bar),
-        None => repo.download_with_progress(name, ()),
-    }
-    .map_err(|e| explain(model, e))
-    .with_context(|| format!("downloading {name} from {}", model.repo))
+    repo.download_with_progress(name, Watch::new(activity))
+        .map_err(|e| explain(model, e))
+        .with_context(|| format!("downloading {name} from {}", model.repo))
 }
 
 /// A cached snapshot of `model` that has everything a run needs, if any.
@@ -292,10 +355,11 @@ fn explain(model: &HubModel, e: ApiError) -> anyhow::Error {
     anyhow::anyhow!("downloading {}: {e}", model.repo)
 }
 
-fn download(model: &HubModel, parts: Parts) -> Result<PathBuf> {
+fn download(model: &HubModel, parts: Parts, activity: &Activity) -> Result<PathBuf> {
     let api = api()?;
     let repo = api.repo(repo_handle(model));
     let info = repo.info().map_err(|e| explain(model, e))?;
+    activity.tick();
     let listed: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
     let has = |name: &str| listed.contains(&name);
     if parts != Parts::TokenizerOnly && !has("config.json") {
@@ -319,12 +383,9 @@ fn download(model: &HubModel, parts: Parts) -> Result<PathBuf> {
         );
     }
     let fetch = |name: &str| -> Result<PathBuf> {
-        match Bar::new() {
-            Some(bar) => repo.download_with_progress(name, bar),
-            None => repo.download_with_progress(name, ()),
-        }
-        .map_err(|e| explain(model, e))
-        .with_context(|| format!("downloading {name} from {}", model.repo))
+        repo.download_with_progress(name, Watch::new(activity))
+            .map_err(|e| explain(model, e))
+            .with_context(|| format!("downloading {name} from {}", model.repo))
     };
     let get = |name: &str| cached(model, name).map(Ok).unwrap_or_else(|| fetch(name));
     let mut config = None;
@@ -392,16 +453,40 @@ impl Bar {
     }
 }
 
-impl hf_hub::api::Progress for Bar {
+/// One file's progress: the activity the stall guard watches, and the bar.
+struct Watch {
+    activity: Activity,
+    bar: Option<Bar>,
+}
+
+impl Watch {
+    fn new(activity: &Activity) -> Self {
+        Self {
+            activity: activity.clone(),
+            bar: Bar::new(),
+        }
+    }
+}
+
+impl hf_hub::api::Progress for Watch {
     fn init(&mut self, size: usize, filename: &str) {
-        self.0.set_length(size as u64);
-        self.0.set_position(0);
-        self.0.set_message(filename.to_string());
+        self.activity.tick();
+        if let Some(Bar(bar)) = &self.bar {
+            bar.set_length(size as u64);
+            bar.set_position(0);
+            bar.set_message(filename.to_string());
+        }
     }
     fn update(&mut self, size: usize) {
-        self.0.inc(size as u64);
+        self.activity.tick();
+        if let Some(Bar(bar)) = &self.bar {
+            bar.inc(size as u64);
+        }
     }
     fn finish(&mut self) {
-        self.0.finish();
+        self.activity.tick();
+        if let Some(Bar(bar)) = &self.bar {
+            bar.finish();
+        }
     }
 }
