@@ -484,13 +484,14 @@ fn same_seed_same_answer_whatever_else_is_in_the_batch() {
     }
 }
 
-/// An f16 KV cache (`--kv-type f16`) takes half the memory, and answers
-/// stay close to an f32 cache's (the default).
+/// An f16 KV cache (the default for quantized weights, as llama.cpp's)
+/// takes half the memory, and answers stay close to an f32 cache's (the
+/// default for f32 weights, `--kv-type f32`).
 #[test]
 fn an_f16_kv_cache_halves_the_memory_and_stays_close_to_f32() {
+    assert_eq!(model(None).kv_dtype(), DType::F32);
     let mut q = quantized_model();
-    assert_eq!(q.kv_dtype(), DType::F32);
-    q.set_kv_dtype(DType::F16);
+    assert_eq!(q.kv_dtype(), DType::F16);
     let half_bytes = q.kv_bytes_per_position();
     let prompt = &prompts()[5];
     let mut half_cache = q.new_cache();

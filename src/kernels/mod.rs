@@ -3,6 +3,7 @@
 //! matrix product over threads. Pure functions over slices, each tested
 //! against a scalar reference; `model::linear` chooses among them.
 
+pub(crate) mod attention;
 pub(crate) mod bf16;
 pub(crate) mod q4_0;
 pub(crate) mod q4k;

@@ -228,6 +228,7 @@ impl Model {
                 weights.linear("lm_head.weight", &[vocab, h], weight_dtype, device, true)?
             }
         };
+        let f32_weights = layers.first().is_none_or(|l| l.mlp.up.format() == "F32");
         let scaling = config.rope_scaling()?;
         let max_len = config.context_len()?;
         let (cos, sin) = rope_tables(
@@ -270,18 +271,21 @@ impl Model {
             window: config.window(),
             max_len,
             dtype,
-            // f16 caches are widened to f32 for the attention products on the
-            // CPU (candle has no f16 CPU matmul): 5% of a 7B decode step at
-            // 160 positions, growing with the context, so f32 stays the
-            // default until attention reads f16 itself; `--kv-type f16`
-            // halves the cache's memory.
-            kv_dtype: dtype,
+            // Quantized and half-precision weights get an f16 cache on the
+            // CPU (llama.cpp's default: half the memory; decode attention
+            // reads it in place); f32 weights keep f32, so the goldens hold.
+            kv_dtype: if device.is_cpu() && dtype == DType::F32 && !f32_weights {
+                DType::F16
+            } else {
+                dtype
+            },
             device: device.clone(),
         })
     }
 
-    /// The KV cache's dtype: f16 halves its memory (llama.cpp's default);
-    /// f32 keeps exactly the f32 computation.
+    /// The KV cache's dtype: f16 (the default for quantized and
+    /// half-precision weights on the CPU, as llama.cpp's) halves its memory;
+    /// f32 (the default for f32 weights) keeps exactly the f32 computation.
     pub fn kv_dtype(&self) -> DType {
         self.kv_dtype
     }
@@ -681,6 +685,17 @@ impl Model {
         if s.write {
             cache.write(layer, &k, &v)?;
         }
+        let scale = 1.0 / (hd as f64).sqrt();
+        // One query row: the decode kernel reads the cache in place, in its dtype.
+        if seq == 1 && s.mask.is_none() && q.dtype() == DType::F32 {
+            let qv = q.flatten_all()?.to_vec1::<f32>()?;
+            let out = cache.with_view(layer, s.kv_start, s.kv_end, |view| {
+                crate::kernels::attention::decode(&qv, view, heads, kvh, hd, scale as f32)
+            });
+            if let Some(out) = out {
+                return Ok(Tensor::from_vec(out, (1, heads * hd), &self.device)?);
+            }
+        }
         let (k_all, v_all) = cache.view(layer, s.kv_start, s.kv_end)?;
         // An f16 cache under f32 activations is widened for the products.
         let (k_all, v_all) = if k_all.dtype() == self.dtype {
@@ -692,7 +707,6 @@ impl Model {
 
         // Query heads h*n_rep..(h+1)*n_rep share kv head h: regroup the queries.
         let q = q.reshape((kvh, n_rep * seq, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
         let scores = (q.matmul(&k_all.t()?)? * scale)?.to_dtype(DType::F32)?;
         let scores = match &s.mask {
             Some(mask) => scores

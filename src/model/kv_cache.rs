@@ -142,6 +142,51 @@ impl KvCache {
         ))
     }
 
+    /// Runs `f` over layer `layer`'s positions `start..end` (written, not
+    /// necessarily committed yet) read in place
+    /// (the decode attention kernel); `None` when the buffers are not CPU
+    /// f32 or f16 storage.
+    pub(crate) fn with_view<R>(
+        &self,
+        layer: usize,
+        start: usize,
+        end: usize,
+        f: impl FnOnce(crate::kernels::attention::CacheView<'_>) -> R,
+    ) -> Option<R> {
+        use crate::kernels::attention::{CacheView, KvBuf};
+        use candle_core::{CpuStorage, Storage};
+        let (k, v) = self.layers.get(layer)?;
+        // Up to the capacity: a pass reads the positions it has just written
+        // before they are committed.
+        if end > self.capacity || start > end {
+            return None;
+        }
+        let (ks, kl) = k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        if !kl.is_contiguous() || !vl.is_contiguous() {
+            return None;
+        }
+        let (ko, vo, n) = (kl.start_offset(), vl.start_offset(), k.elem_count());
+        let (k, v) = match (&*ks, &*vs) {
+            (Storage::Cpu(CpuStorage::F32(k)), Storage::Cpu(CpuStorage::F32(v))) => (
+                KvBuf::F32(k.get(ko..ko + n)?),
+                KvBuf::F32(v.get(vo..vo + n)?),
+            ),
+            (Storage::Cpu(CpuStorage::F16(k)), Storage::Cpu(CpuStorage::F16(v))) => (
+                KvBuf::F16(k.get(ko..ko + n)?),
+                KvBuf::F16(v.get(vo..vo + n)?),
+            ),
+            _ => return None,
+        };
+        Some(f(CacheView {
+            k,
+            v,
+            capacity: self.capacity,
+            start,
+            end,
+        }))
+    }
+
     /// Makes this cache hold a copy of `other`'s first `len` positions (a
     /// forked prompt: copied, not recomputed).
     pub(crate) fn copy_from(&mut self, other: &KvCache, len: usize) -> Result<()> {

@@ -1,0 +1,342 @@
+//! Decode attention: one query row per head against a sequence's KV cache,
+//! read in place in its own dtype (f32, or f16 widened in registers).
+//!
+//! candle has no f16 matmul on the CPU, so through candle an f16 cache is
+//! first widened to an f32 copy of every cached position, every layer,
+//! every token; and its seven small ops per layer (products, scale,
+//! softmax, regrouping) cost more than the arithmetic at short contexts.
+//! This is scaled dot-product attention (Vaswani et al. 2017) with grouped
+//! query heads (GQA, Ainslie et al. 2023): query head `h` reads kv head
+//! `h / (heads / kv_heads)`, as transformers' `repeat_kv` does.
+
+use half::f16;
+use rayon::prelude::*;
+
+/// One layer's key or value buffer, `[kv_heads, capacity, head_dim]`.
+#[derive(Clone, Copy)]
+pub enum KvBuf<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
+/// The live positions `start..end` of one layer's cache.
+#[derive(Clone, Copy)]
+pub struct CacheView<'a> {
+    pub k: KvBuf<'a>,
+    pub v: KvBuf<'a>,
+    /// Positions each kv head's buffer holds (the stride between heads).
+    pub capacity: usize,
+    pub start: usize,
+    pub end: usize,
+}
+
+/// `softmax(q·kᵀ · scale) · v` for one query per head: `q` is
+/// `[heads, head_dim]` (after rope), the result `[heads, head_dim]`, in f32.
+///
+/// Work is split by kv head: the query heads sharing one read each key and
+/// value row once. Every output is summed in position order whatever the
+/// thread count, so a sequence's result does not depend on the batch.
+///
+/// Panics when the slices are shorter than the shapes say (the caller
+/// builds both from one cache).
+pub fn decode(
+    q: &[f32],
+    view: CacheView<'_>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    scale: f32,
+) -> Vec<f32> {
+    let n = view.end - view.start;
+    let rep = heads / kv_heads;
+    let mut out = vec![0f32; heads * head_dim];
+    let mut scores = vec![0f32; heads * n];
+    out.par_chunks_mut(rep * head_dim)
+        .zip(scores.par_chunks_mut(rep * n))
+        .zip(q.par_chunks(rep * head_dim))
+        .enumerate()
+        .for_each(|(g, ((out, scores), q))| {
+            let base = (g * view.capacity + view.start) * head_dim;
+            let rows = base..base + n * head_dim;
+            // Scores: each key row once for the group's queries.
+            for p in 0..n {
+                let at = p * head_dim;
+                for r in 0..rep {
+                    let qr = &q[r * head_dim..(r + 1) * head_dim];
+                    scores[r * n + p] = match view.k {
+                        KvBuf::F32(k) => dot_f32(qr, &k[rows.clone()][at..at + head_dim]),
+                        KvBuf::F16(k) => dot_f16(qr, &k[rows.clone()][at..at + head_dim]),
+                    } * scale;
+                }
+            }
+            for r in 0..rep {
+                let s = &mut scores[r * n..(r + 1) * n];
+                let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for x in s.iter_mut() {
+                    *x = (*x - max).exp();
+                    sum += *x;
+                }
+                let inv = 1.0 / sum;
+                for x in s.iter_mut() {
+                    *x *= inv;
+                }
+            }
+            // Values: each row once, added to every query of the group.
+            for p in 0..n {
+                let at = p * head_dim;
+                for r in 0..rep {
+                    let o = &mut out[r * head_dim..(r + 1) * head_dim];
+                    let w = scores[r * n + p];
+                    match view.v {
+                        KvBuf::F32(v) => axpy_f32(o, w, &v[rows.clone()][at..at + head_dim]),
+                        KvBuf::F16(v) => axpy_f16(o, w, &v[rows.clone()][at..at + head_dim]),
+                    }
+                }
+            }
+        });
+    out
+}
+
+fn simd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| std::is_x86_feature_detected!("avx512f"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd() && a.len().is_multiple_of(16) {
+        // SAFETY: avx512f was detected; the lengths are equal multiples of 16.
+        return unsafe { x86::dot_f32(a, b) };
+    }
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd() && a.len().is_multiple_of(16) {
+        // SAFETY: as above.
+        return unsafe { x86::dot_f16(a, b) };
+    }
+    a.iter().zip(b).map(|(x, y)| x * y.to_f32()).sum()
+}
+
+fn axpy_f32(out: &mut [f32], w: f32, v: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd() && out.len().is_multiple_of(16) {
+        // SAFETY: as above.
+        return unsafe { x86::axpy_f32(out, w, v) };
+    }
+    for (o, x) in out.iter_mut().zip(v) {
+        *o += w * x;
+    }
+}
+
+fn axpy_f16(out: &mut [f32], w: f32, v: &[f16]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd() && out.len().is_multiple_of(16) {
+        // SAFETY: as above.
+        return unsafe { x86::axpy_f16(out, w, v) };
+    }
+    for (o, x) in out.iter_mut().zip(v) {
+        *o += w * x.to_f32();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use half::f16;
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        let mut acc = _mm512_setzero_ps();
+        for i in (0..a.len()).step_by(16) {
+            // SAFETY: i + 16 <= len for both slices.
+            unsafe {
+                let x = _mm512_loadu_ps(a.as_ptr().add(i));
+                let y = _mm512_loadu_ps(b.as_ptr().add(i));
+                acc = _mm512_fmadd_ps(x, y, acc);
+            }
+        }
+        _mm512_reduce_add_ps(acc)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        let mut acc = _mm512_setzero_ps();
+        for i in (0..a.len()).step_by(16) {
+            // SAFETY: i + 16 <= len; f16 is 16 bits, read unaligned.
+            unsafe {
+                let x = _mm512_loadu_ps(a.as_ptr().add(i));
+                let h = _mm256_loadu_si256(b.as_ptr().add(i).cast());
+                acc = _mm512_fmadd_ps(x, _mm512_cvtph_ps(h), acc);
+            }
+        }
+        _mm512_reduce_add_ps(acc)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn axpy_f32(out: &mut [f32], w: f32, v: &[f32]) {
+        assert_eq!(out.len(), v.len());
+        let w = _mm512_set1_ps(w);
+        for i in (0..out.len()).step_by(16) {
+            // SAFETY: i + 16 <= len for both slices.
+            unsafe {
+                let o = out.as_mut_ptr().add(i);
+                let x = _mm512_loadu_ps(v.as_ptr().add(i));
+                _mm512_storeu_ps(o, _mm512_fmadd_ps(w, x, _mm512_loadu_ps(o)));
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn axpy_f16(out: &mut [f32], w: f32, v: &[f16]) {
+        assert_eq!(out.len(), v.len());
+        let w = _mm512_set1_ps(w);
+        for i in (0..out.len()).step_by(16) {
+            // SAFETY: as above.
+            unsafe {
+                let o = out.as_mut_ptr().add(i);
+                let x = _mm512_cvtph_ps(_mm256_loadu_si256(v.as_ptr().add(i).cast()));
+                _mm512_storeu_ps(o, _mm512_fmadd_ps(w, x, _mm512_loadu_ps(o)));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The textbook formula in f64, query by query.
+    fn reference(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        cap: usize,
+        (start, end): (usize, usize),
+        (heads, kv_heads, hd): (usize, usize, usize),
+    ) -> Vec<f64> {
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut out = vec![0f64; heads * hd];
+        for h in 0..heads {
+            let g = h / (heads / kv_heads);
+            let row = |t: &[f32], p: usize| -> Vec<f64> {
+                let at = (g * cap + p) * hd;
+                t[at..at + hd].iter().map(|&x| x as f64).collect()
+            };
+            let scores: Vec<f64> = (start..end)
+                .map(|p| {
+                    let key = row(k, p);
+                    (0..hd).map(|d| q[h * hd + d] as f64 * key[d]).sum::<f64>() * scale
+                })
+                .collect();
+            let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for (i, p) in (start..end).enumerate() {
+                let value = row(v, p);
+                for d in 0..hd {
+                    out[h * hd + d] += e[i] / sum * value[d];
+                }
+            }
+        }
+        out
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let x = (i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8;
+                (x as f32 / (1u32 << 24) as f32 - 0.5) * 2.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matches_the_formula_in_f32_and_f16_for_every_shape() {
+        // head_dim 64 and 128 take the SIMD path, 6 the scalar one; GQA and MHA.
+        for (heads, kv_heads, hd) in [(8, 2, 64), (4, 4, 128), (6, 3, 6)] {
+            for (cap, start, end) in [(40, 0, 1), (40, 0, 37), (300, 17, 260)] {
+                let q = values(heads * hd, 1);
+                let k = values(kv_heads * cap * hd, 2);
+                let v = values(kv_heads * cap * hd, 3);
+                let want = reference(&q, &k, &v, cap, (start, end), (heads, kv_heads, hd));
+                let scale = 1.0 / (hd as f32).sqrt();
+                let view = |k: KvBuf<'_>, v: KvBuf<'_>| -> Vec<f32> {
+                    let view = CacheView {
+                        k,
+                        v,
+                        capacity: cap,
+                        start,
+                        end,
+                    };
+                    decode(&q, view, heads, kv_heads, hd, scale)
+                };
+                let got = view(KvBuf::F32(&k), KvBuf::F32(&v));
+                let worst = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(g, w)| (*g as f64 - w).abs())
+                    .fold(0f64, f64::max);
+                assert!(
+                    worst < 1e-5,
+                    "f32 {heads}/{kv_heads}/{hd} {start}..{end}: {worst}"
+                );
+                // f16 storage: exact against the formula on the rounded values.
+                let (k16, v16): (Vec<f16>, Vec<f16>) = (
+                    k.iter().map(|&x| f16::from_f32(x)).collect(),
+                    v.iter().map(|&x| f16::from_f32(x)).collect(),
+                );
+                let (kr, vr): (Vec<f32>, Vec<f32>) = (
+                    k16.iter().map(|x| x.to_f32()).collect(),
+                    v16.iter().map(|x| x.to_f32()).collect(),
+                );
+                let want = reference(&q, &kr, &vr, cap, (start, end), (heads, kv_heads, hd));
+                let got = view(KvBuf::F16(&k16), KvBuf::F16(&v16));
+                let worst = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(g, w)| (*g as f64 - w).abs())
+                    .fold(0f64, f64::max);
+                assert!(
+                    worst < 1e-5,
+                    "f16 {heads}/{kv_heads}/{hd} {start}..{end}: {worst}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_result_does_not_depend_on_the_thread_count() {
+        let (heads, kv_heads, hd, cap) = (8, 2, 64, 200);
+        let q = values(heads * hd, 4);
+        let k = values(kv_heads * cap * hd, 5);
+        let v = values(kv_heads * cap * hd, 6);
+        let view = CacheView {
+            k: KvBuf::F32(&k),
+            v: KvBuf::F32(&v),
+            capacity: cap,
+            start: 3,
+            end: 190,
+        };
+        let run = |threads: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| decode(&q, view, heads, kv_heads, hd, 0.125))
+        };
+        assert_eq!(run(1), run(3));
+    }
+}
