@@ -279,8 +279,8 @@ pub struct DeviceArgs {
     /// checkpoint then runs in ~4.5–8.5 bits per weight, no conversion step).
     #[arg(long, value_name = "TYPE", value_parser = parse_block_quant)]
     pub quantize: Option<GgmlDType>,
-    /// KV cache dtype. Default: the activations' (f32 on the CPU). f16 halves the
-    /// cache's memory but is widened to f32 for attention (slower decode).
+    /// KV cache dtype. Default on the CPU: f16 for quantized and half-precision
+    /// weights (half the memory, as llama.cpp), f32 for f32 weights (exact).
     #[arg(long, value_enum, value_name = "TYPE")]
     pub kv_type: Option<KvTypeArg>,
 }
