@@ -38,8 +38,10 @@ llama = post("/completion", {"prompt": prompt, "n_predict": n, "temperature": 0,
                              "cache_prompt": False})["content"]
 ours_ids = json.loads(subprocess.run([starling, "tokenize", "--model", model, "--", prompt],
                                      capture_output=True, text=True, check=True).stdout)
+# Bytes, decoded without newline translation: text=True would turn a
+# generated "\r\n" into "\n" and report a difference that is not there.
 ours = subprocess.run([starling, "run", "--model", model, "--template", "raw", "--temperature", "0",
-                       "-n", str(n), prompt], capture_output=True, text=True, check=True).stdout
+                       "-n", str(n), prompt], capture_output=True, check=True).stdout.decode("utf-8")
 ours = ours[:-1] if ours.endswith("\n") else ours
 print(f"prompt ids   llama.cpp {llama_ids}\n             starling  {ours_ids}")
 print(f"continuation llama.cpp {llama!r}\n             starling  {ours!r}")

@@ -162,7 +162,30 @@ pub fn text_from_gguf(gguf: &Gguf, template: &str) -> Result<Text> {
     );
     let jinja = gguf.chat_template();
     let template = choose_template(template, &tokenizer, jinja.as_deref(), bos, eos)?;
-    let stop_ids = stop_ids(&template, &tokenizer, config.eos_token_id.iter());
+    let mut stop_ids = stop_ids(&template, &tokenizer, config.eos_token_id.iter());
+    // A GGUF carries one EOS id; the others that end an answer (Llama 3's
+    // <|eot_id|>, Qwen's <|endoftext|> beside <|im_end|>) are its end-of-turn
+    // keys and, as llama.cpp finds them, tokens with these texts.
+    for id in gguf.end_of_turn_ids()? {
+        if id as usize >= vocab.len() {
+            bail!(
+                "{path}: end-of-turn id {id} is not in the vocabulary of {} tokens",
+                vocab.len()
+            );
+        }
+        stop_ids.push(id);
+    }
+    // Only tokens of the vocabulary's own special ones: Qwen's byte-level
+    // "</s>" is ordinary text (HTML), not an end.
+    let specials = tokenizer.template_tokens();
+    stop_ids.extend(
+        specials
+            .iter()
+            .filter(|(text, _)| END_OF_GENERATION.contains(&text.as_str()))
+            .map(|&(_, id)| id),
+    );
+    stop_ids.sort_unstable();
+    stop_ids.dedup();
     Ok(Text {
         tokenizer,
         template,
@@ -171,6 +194,24 @@ pub fn text_from_gguf(gguf: &Gguf, template: &str) -> Result<Text> {
         config,
     })
 }
+
+/// Special tokens that end an answer in a GGUF model whatever its metadata
+/// says: from llama.cpp's list (`llama_vocab::impl::load`,
+/// `special_eog_ids`), which also takes them when they are ordinary text.
+const END_OF_GENERATION: [&str; 12] = [
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<|end_of_turn|>",
+    "<EOT>",
+    "</s>",
+    "<eos>",
+    "<end_of_utterance>",
+];
 
 /// The ids that end an answer: the template's end-of-turn tokens and the
 /// model's EOS ids, or `</s>` when neither names any.

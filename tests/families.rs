@@ -202,7 +202,12 @@ fn unsupported_rope_scaling_and_windows_are_refused_by_name() {
         "{err}"
     );
     let err = with(&|c| c["rope_scaling"]["factor"] = serde_json::json!(-1.0));
-    assert!(err.contains("factor is -1"), "{err}");
+    assert!(
+        err.contains("factor is -1: expected a positive number below 1e6"),
+        "{err}"
+    );
+    let err = with(&|c| c["rope_scaling"]["factor"] = serde_json::json!(1e308));
+    assert!(err.contains("factor is 1e308: expected"), "{err}");
     let err = with(&|c| c["rope_scaling"] = serde_json::json!({"type": "dynamic", "factor": 0.5}));
     assert!(
         err.contains("needs a factor of at least 1, not 0.5"),
@@ -441,6 +446,43 @@ fn a_llama_3_directory_quantized_to_gguf_keeps_its_vocabulary_and_answers() {
         ))
     };
     assert_eq!(answer(&gguf), answer(&dir));
+    // Every id that ends a directory's answer ends the GGUF's too
+    // (<|end_of_text|>, <|eom_id|>, <|eot_id|>), not only its one EOS id.
+    let stops = |m: &std::path::Path| -> Vec<u32> {
+        let text = match m.extension() {
+            Some(_) => {
+                let file = starling::weights::gguf::Gguf::open(m).unwrap();
+                starling::loader::text_from_gguf(&file, "auto").unwrap()
+            }
+            None => starling::loader::load_text(&starling::source::local_dir(m).unwrap(), "auto")
+                .unwrap(),
+        };
+        text.stop_ids
+    };
+    assert_eq!(stops(&dir), [128001, 128008, 128009]);
+    // 128008 is <|reserved_special_token_3|> in this (3.0) vocabulary: a
+    // GGUF holds one EOS id, and 3.1's <|eom_id|> would be found by its text.
+    assert_eq!(stops(&gguf), [128001, 128009]);
+    // Quantizing the GGUF again keeps its rope frequency divisors (Llama 3.1's scaling).
+    let again = dir.join("again.gguf");
+    common::ok(&common::starling(
+        &[
+            "quantize",
+            gguf.to_str().unwrap(),
+            again.to_str().unwrap(),
+            "--type",
+            "f32",
+        ],
+        None,
+    ));
+    let file = starling::weights::gguf::Gguf::open(&again).unwrap();
+    assert!(
+        file.config().rope_freq_factors.is_some(),
+        "rope_freqs.weight was dropped"
+    );
+    let worst = worst_gguf_against_dir(&again, &dir, 100, 128256);
+    assert!(worst <= 1e-4, "the GGUF quantized again differs by {worst}");
+    assert_eq!(stops(&again), stops(&gguf));
 }
 
 #[test]
@@ -582,6 +624,12 @@ fn a_qwen2_directory_quantized_to_gguf_answers_as_the_directory_does() {
     assert!(worst <= 1e-4, "GGUF and directory differ by {worst}");
     let conv = serde_json::json!([{"role": "user", "content": "Hello"}]);
     assert_eq!(tokenize(&gguf, &conv), tokenize(&dir, &conv));
+    // <|im_end|> and <|endoftext|> end a GGUF's answer as a directory's.
+    let file = starling::weights::gguf::Gguf::open(&gguf).unwrap();
+    let stops = starling::loader::text_from_gguf(&file, "auto")
+        .unwrap()
+        .stop_ids;
+    assert_eq!(stops, [151643, 151645]);
 }
 
 /// The largest logit difference, over `positions` pseudo-random ids below
@@ -663,4 +711,45 @@ fn rope_scaling_types_go_into_gguf_files_or_are_refused_by_name() {
         "writing dynamic rope scaling as GGUF is not supported",
     );
     assert!(!out.exists());
+}
+
+/// A base model with no chat template (Llama 3.0, Qwen2.5 base): the
+/// fallback's "<s>" is not a special token of a byte-level vocabulary, so
+/// `auto` says so and names `--template raw`, which answers.
+#[test]
+fn a_byte_level_model_without_a_chat_template_is_pointed_at_raw() {
+    for (name, vocab) in [("tiny-llama3", "llama-bpe"), ("tiny-qwen2", "qwen2")] {
+        let mut config = reference()["models"][name]["config"].clone();
+        config["bos_token_id"] = Value::Null;
+        let dir = write_family_dir(
+            &format!("{vocab}-base"),
+            &config,
+            vocab,
+            "Qwen-Qwen2.5-7B-Instruct.jinja",
+            ("", "<|endoftext|>"),
+            &[],
+        );
+        let path = dir.join("tokenizer_config.json");
+        let mut tc: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        tc.as_object_mut().unwrap().remove("chat_template");
+        std::fs::write(&path, tc.to_string()).unwrap();
+        let model = dir.to_str().unwrap();
+        common::fails_with(
+            &common::starling(&["run", "--model", model, "Hello"], None),
+            "needs the special token \"<s>\", which this vocabulary does not have (--template raw",
+        );
+        common::ok(&common::starling(
+            &[
+                "run",
+                "--model",
+                model,
+                "--template",
+                "raw",
+                "-n",
+                "3",
+                "Hello",
+            ],
+            None,
+        ));
+    }
 }

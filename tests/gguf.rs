@@ -303,6 +303,98 @@ fn broken_gguf_files_fail_in_one_line() {
     );
 }
 
+/// `src` with its metadata edited by `edit`, written to `dst`.
+fn edited(src: &Path, dst: &Path, edit: impl Fn(&mut std::collections::HashMap<String, G>)) {
+    let mut file = std::fs::File::open(src).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let mut meta = content.metadata.clone();
+    edit(&mut meta);
+    let tensors: Vec<(String, QTensor)> = content
+        .tensor_infos
+        .keys()
+        .map(|n| {
+            (
+                n.clone(),
+                content.tensor(&mut file, n, &Device::Cpu).unwrap(),
+            )
+        })
+        .collect();
+    let meta: Vec<(&str, &G)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    gguf_file::write(&mut std::fs::File::create(dst).unwrap(), &meta, &tensors).unwrap();
+}
+
+/// Per-token arrays (types, scores) of the wrong length, of the wrong kind
+/// or with values out of range are refused by name, never half-used.
+#[test]
+fn per_token_vocabulary_arrays_are_checked() {
+    let dir = common::scratch("gguf-per-token");
+    let good = twin("gguf-per-token-src", GgmlDType::F32, None);
+    let short = |key: &str| {
+        let key = key.to_string();
+        move |m: &mut std::collections::HashMap<String, G>| {
+            let G::Array(values) = m[&key].clone() else {
+                panic!("{key} is an array")
+            };
+            m.insert(key.clone(), G::Array(values[..10].to_vec()));
+        }
+    };
+    let set = |key: &str, at: usize, value: G| {
+        let key = key.to_string();
+        move |m: &mut std::collections::HashMap<String, G>| {
+            let G::Array(mut values) = m[&key].clone() else {
+                panic!("{key} is an array")
+            };
+            values[at] = value.clone();
+            m.insert(key.clone(), G::Array(values));
+        }
+    };
+    type Edit = Box<dyn Fn(&mut std::collections::HashMap<String, G>)>;
+    let cases: Vec<(Edit, &str)> = vec![
+        (
+            Box::new(short("tokenizer.ggml.token_type")),
+            "tokenizer.ggml.token_type has 10 entries for 32002 tokens",
+        ),
+        (
+            Box::new(short("tokenizer.ggml.scores")),
+            "tokenizer.ggml.scores has 10 entries for 32002 tokens",
+        ),
+        (
+            Box::new(set("tokenizer.ggml.token_type", 5, G::I32(9))),
+            "tokenizer.ggml.token_type[5] is not a token type from 0 to 6",
+        ),
+        (
+            Box::new(set("tokenizer.ggml.scores", 7, G::F32(f32::NAN))),
+            "tokenizer.ggml.scores[7] is not a 32-bit float",
+        ),
+        (
+            Box::new(|m: &mut std::collections::HashMap<String, G>| {
+                m.insert("tokenizer.ggml.token_type".into(), G::U32(1));
+            }),
+            "tokenizer.ggml.token_type is not an array",
+        ),
+    ];
+    for (i, (edit, needle)) in cases.iter().enumerate() {
+        let path = dir.join(format!("case{i}.gguf"));
+        edited(&good, &path, edit);
+        let model = path.display().to_string();
+        fails_with(
+            &starling(&["run", "--model", &model, "Hello"], None),
+            needle,
+        );
+    }
+    // Without the optional arrays, the vocabulary reads as llama.cpp reads it.
+    let path = dir.join("bare.gguf");
+    edited(&good, &path, |m| {
+        m.remove("tokenizer.ggml.scores");
+    });
+    let model = path.display().to_string();
+    ok(&starling(
+        &["tokenize", "--model", &model, "--", "Hello"],
+        None,
+    ));
+}
+
 /// `--dtype bf16` on the CPU keeps the matrices in bf16 and computes in f32
 /// (norm weights stay as stored): with an f32 KV cache (the default, asked
 /// for here all the same), generation and short prompts are an f32 run of

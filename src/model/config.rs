@@ -221,7 +221,8 @@ impl Config {
                 .with_context(|| format!("rope_scaling of type {kind:?} needs a number {key}"))?;
             ensure!(
                 v.is_finite() && v > 0.0 && v < 1e6,
-                "rope_scaling {key} is {v}: expected a positive number"
+                "rope_scaling {key} is {}: expected a positive number below 1e6",
+                shown_number(v)
             );
             Ok(v)
         };
@@ -234,7 +235,8 @@ impl Config {
                 let factor = number("factor")?;
                 ensure!(
                     factor >= 1.0,
-                    "rope_scaling of type \"dynamic\" needs a factor of at least 1, not {factor}"
+                    "rope_scaling of type \"dynamic\" needs a factor of at least 1, not {}",
+                    shown_number(factor)
                 );
                 // The base's exponent is head_dim / (head_dim - 2).
                 ensure!(
@@ -311,14 +313,14 @@ impl Config {
             self.num_hidden_layers
         );
         ensure!(
-            self.rope_theta.is_finite() && self.rope_theta > 0.0,
-            "rope_theta must be a positive number, not {}",
-            self.rope_theta
+            self.rope_theta.is_finite() && self.rope_theta > 0.0 && self.rope_theta < 1e30,
+            "rope_theta must be a positive number below 1e30, not {}",
+            shown_number(self.rope_theta)
         );
         ensure!(
             self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0,
             "rms_norm_eps must be a number >= 0, not {}",
-            self.rms_norm_eps
+            shown_number(self.rms_norm_eps)
         );
         ensure!(
             (1..=MAX_CONTEXT).contains(&self.max_position_embeddings),
@@ -363,6 +365,15 @@ impl Config {
             ensure!(w > 0, "sliding_window must be positive");
         }
         Ok(())
+    }
+}
+
+/// A number from a config as an error shows it: 1e308 as `1e308`, not 309 digits.
+fn shown_number(v: f64) -> String {
+    if v.is_finite() && v.abs() < 1e6 {
+        format!("{v}")
+    } else {
+        format!("{v:e}")
     }
 }
 

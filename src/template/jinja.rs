@@ -214,8 +214,9 @@ fn environment(source: &str) -> Result<Environment<'static>> {
     env.add_function("raise_exception", |msg: String| -> Result<String, Error> {
         Err(Error::new(ErrorKind::InvalidOperation, msg))
     });
-    env.add_function("strftime_now", |format: String| -> String {
-        super::clock::strftime(&format, super::clock::now())
+    env.add_function("strftime_now", |format: String| -> Result<String, Error> {
+        super::clock::strftime_now(&format)
+            .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))
     });
     env.add_filter("tojson", super::pyjson::tojson_filter);
     // jinja2's select/reject/selectattr/rejectattr/map begin with `if

@@ -344,9 +344,21 @@ impl TextTokenizer {
                     joined.push_str(text);
                 }
                 Segment::Special(token) => {
-                    let id = self.token_id(token).with_context(|| {
-                        format!("the template needs the token {token:?}, which this tokenizer does not have")
-                    })?;
+                    // An added token only: "<s>" is ordinary text (HTML) in
+                    // byte-level vocabularies, and never a BOS there.
+                    let id = self
+                        .token_id(token)
+                        .filter(|&id| {
+                            self.inner
+                                .get_added_vocabulary()
+                                .simple_id_to_token(id)
+                                .is_some()
+                        })
+                        .with_context(|| {
+                            format!(
+                                "the template needs the special token {token:?}, which this vocabulary does not have (--template raw feeds the text as it is)"
+                            )
+                        })?;
                     specials.push(id);
                     joined.push_str(SENTINEL);
                 }

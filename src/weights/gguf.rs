@@ -18,7 +18,7 @@ use crate::model::Config;
 use crate::tokenizer::Vocab;
 use crate::tokenizer::bpe::BpeVocab;
 use crate::tokenizer::sentencepiece::{Piece, PieceKind, SpmVocab};
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use bytes::Bytes;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -433,24 +433,21 @@ impl Gguf {
                 .map_err(|_| anyhow::anyhow!("{path}: metadata {key} is not an array"))
         };
         let tokens = list("tokenizer.ggml.tokens")?;
-        let scores = self
-            .meta("tokenizer.ggml.scores")
-            .and_then(|v| v.to_vec().ok());
-        let types = self
-            .meta("tokenizer.ggml.token_type")
-            .and_then(|v| v.to_vec().ok());
+        let scores = self.per_token(
+            "tokenizer.ggml.scores",
+            tokens.len(),
+            "a 32-bit float",
+            |v| v.to_f32().ok().filter(|s| s.is_finite()),
+        )?;
+        let types = self.token_types(tokens.len())?;
         let mut pieces = Vec::with_capacity(tokens.len());
         for (i, token) in tokens.iter().enumerate() {
             let text = token
                 .to_string()
                 .map_err(|_| anyhow::anyhow!("{path}: token {i} is not a string"))?
                 .clone();
-            let score = scores
-                .and_then(|s| s.get(i))
-                .and_then(|v| v.to_f32().ok())
-                .unwrap_or(0.0);
-            let kind =
-                PieceKind::from_proto(types.and_then(|t| t.get(i)).and_then(|v| v.to_i32().ok()));
+            let score = scores.as_ref().map_or(0.0, |s| s[i]);
+            let kind = PieceKind::from_proto(types.as_ref().map(|t| t[i]));
             pieces.push(Piece { text, score, kind });
         }
         let add_dummy_prefix = self
@@ -500,13 +497,9 @@ impl Gguf {
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
         let merges = strings("tokenizer.ggml.merges")?;
-        let types = self
-            .meta("tokenizer.ggml.token_type")
-            .and_then(|v| v.to_vec().ok());
+        let types = self.token_types(tokens.len())?;
         let kinds = (0..tokens.len())
-            .map(|i| {
-                PieceKind::from_proto(types.and_then(|t| t.get(i)).and_then(|v| v.to_i32().ok()))
-            })
+            .map(|i| PieceKind::from_proto(types.as_ref().map(|t| t[i])))
             .collect();
         let pre_name = self
             .meta("tokenizer.ggml.pre")
@@ -527,6 +520,62 @@ impl Gguf {
             bos: self.config.bos_token_id,
             add_bos,
         })
+    }
+
+    /// `tokenizer.ggml.token_type`, when present: one of llama.cpp's types
+    /// (0 undefined, 1 normal, 2 unknown, 3 control, 4 user-defined, 5
+    /// unused, 6 byte) per token.
+    fn token_types(&self, n: usize) -> Result<Option<Vec<i32>>> {
+        self.per_token(
+            "tokenizer.ggml.token_type",
+            n,
+            "a token type from 0 to 6",
+            |v| v.to_i32().ok().filter(|t| (0..=6).contains(t)),
+        )
+    }
+
+    /// An optional per-token array (`key`): absent is `None`, as llama.cpp
+    /// takes it; present, it must hold `n` entries that `read` accepts.
+    fn per_token<T>(
+        &self,
+        key: &str,
+        n: usize,
+        what: &str,
+        read: impl Fn(&Value) -> Option<T>,
+    ) -> Result<Option<Vec<T>>> {
+        let path = self.path.display();
+        let Some(value) = self.meta(key) else {
+            return Ok(None);
+        };
+        let values = value
+            .to_vec()
+            .map_err(|_| anyhow::anyhow!("{path}: metadata {key} is not an array"))?;
+        ensure!(
+            values.len() == n,
+            "{path}: metadata {key} has {} entries for {n} tokens",
+            values.len()
+        );
+        values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| read(v).with_context(|| format!("{path}: {key}[{i}] is not {what}")))
+            .collect::<Result<Vec<T>>>()
+            .map(Some)
+    }
+
+    /// `tokenizer.ggml.eot_token_id` and `eom_token_id`: end of turn and
+    /// end of message (Llama 3.1's `<|eom_id|>`), which also end an answer.
+    pub fn end_of_turn_ids(&self) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        for key in ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
+            let meta = Meta {
+                content: &self.content,
+                arch: "",
+                path: &self.path,
+            };
+            ids.extend(meta.token_id(key)?);
+        }
+        Ok(ids)
     }
 
     pub fn chat_template(&self) -> Option<String> {
@@ -719,6 +768,15 @@ fn bpe_metadata(meta: &mut Vec<(String, Value)>, vocab: &BpeVocab, config: &Conf
     {
         meta.push(("tokenizer.ggml.eos_token_id".into(), u32v(eos)));
     }
+    // End of turn and of message, as llama.cpp names them (it also finds
+    // them by text when they are missing).
+    let find = |text: &str| vocab.tokens.iter().position(|t| t == text);
+    if let Some(eot) = find("<|eot_id|>").or_else(|| find("<|im_end|>")) {
+        meta.push(("tokenizer.ggml.eot_token_id".into(), u32v(eot as u32)));
+    }
+    if let Some(eom) = find("<|eom_id|>") {
+        meta.push(("tokenizer.ggml.eom_token_id".into(), u32v(eom as u32)));
+    }
 }
 
 /// llama.cpp's `general.file_type` for a file whose matrices are `dtype`.
@@ -806,8 +864,14 @@ pub fn write(path: &Path, header: &GgufHeader, tensors: Vec<(String, QTensor)>) 
     }
     // Llama 3.1's scaling as llama.cpp's converter writes it: a divisor per
     // frequency (1 above the high band, `factor` below the low one,
-    // interpolated between).
-    if let crate::model::config::RopeScaling::Llama3 {
+    // interpolated between). A GGUF source's own divisors are kept as read.
+    if let Some(factors) = &config.rope_freq_factors {
+        let t = Tensor::from_slice(factors, factors.len(), &Device::Cpu)?;
+        named.push((
+            ROPE_FREQS.to_string(),
+            QTensor::quantize(&t, GgmlDType::F32)?,
+        ));
+    } else if let crate::model::config::RopeScaling::Llama3 {
         factor,
         low_freq_factor: low,
         high_freq_factor: high,
