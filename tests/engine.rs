@@ -8,8 +8,7 @@ mod common;
 use candle_core::{DType, Device};
 use common::{golden, ids};
 use starling::engine::{
-    Engine, EngineConfig, GenerateRequest, Request, Sampler, SamplerConfig, Session, StopReason,
-    generate,
+    Engine, EngineConfig, Request, Sampler, SamplerConfig, Session, StopReason, generate,
 };
 use starling::model::{Chunk, Config, Logits, Model, synthetic};
 use starling::tokenizer::TextTokenizer;
@@ -199,20 +198,7 @@ fn batched_sequences_keep_a_sliding_window_smaller_than_their_prompts() {
     batched_matches_alone(Some(8));
 }
 
-fn greedy(max_tokens: usize, prompt: Vec<u32>) -> GenerateRequest {
-    GenerateRequest {
-        prompt,
-        sampling: SamplerConfig {
-            temperature: 0.0,
-            ..SamplerConfig::default()
-        },
-        max_tokens,
-        stop_ids: vec![],
-        stop_texts: vec![],
-        continuation: false,
-        logprobs: None,
-    }
-}
+use common::greedy_request as greedy;
 
 /// The answer a single-sequence session gives.
 fn session_answer(window: Option<usize>, prompt: &[u32], max_tokens: usize) -> Vec<u32> {

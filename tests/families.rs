@@ -107,22 +107,10 @@ fn logits_and_greedy_ids_match_transformers() {
 /// must not reuse keys rotated for another length.
 #[test]
 fn dynamic_rope_scaling_answers_as_transformers_through_the_engine_and_reused_caches() {
-    use starling::engine::{Engine, EngineConfig, GenerateRequest, SamplerConfig, Session};
+    use starling::engine::{Engine, EngineConfig, Session};
     let r = reference();
     let m = &r["models"]["tiny-llama-dynamic"];
     let cases = m["cases"].as_array().unwrap();
-    let greedy = |prompt: Vec<u32>, max_tokens: usize| GenerateRequest {
-        prompt,
-        sampling: SamplerConfig {
-            temperature: 0.0,
-            ..SamplerConfig::default()
-        },
-        max_tokens,
-        stop_ids: vec![],
-        stop_texts: vec![],
-        continuation: false,
-        logprobs: None,
-    };
     // Prompts of 12, 81 and 60 tokens (the original context is 64) read in
     // chunks of 16 rows, two sequences at a time, one slot reused by the third.
     let config = EngineConfig {
@@ -135,7 +123,9 @@ fn dynamic_rope_scaling_answers_as_transformers_through_the_engine_and_reused_ca
         .iter()
         .map(|c| {
             let n = c["greedy"].as_array().unwrap().len();
-            engine.submit(greedy(common::ids(&c["prompt"]), n)).unwrap()
+            engine
+                .submit(common::greedy_request(n, common::ids(&c["prompt"])))
+                .unwrap()
         })
         .collect();
     for (c, h) in cases.iter().zip(handles) {

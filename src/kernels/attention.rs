@@ -283,16 +283,18 @@ mod tests {
                     };
                     decode(&q, view, heads, kv_heads, hd, scale)
                 };
-                let got = view(KvBuf::F32(&k), KvBuf::F32(&v));
-                let worst = got
-                    .iter()
-                    .zip(&want)
-                    .map(|(g, w)| (*g as f64 - w).abs())
-                    .fold(0f64, f64::max);
-                assert!(
-                    worst < 1e-5,
-                    "f32 {heads}/{kv_heads}/{hd} {start}..{end}: {worst}"
-                );
+                let check = |kind: &str, got: Vec<f32>, want: Vec<f64>| {
+                    let worst = got
+                        .iter()
+                        .zip(&want)
+                        .map(|(g, w)| (*g as f64 - w).abs())
+                        .fold(0f64, f64::max);
+                    assert!(
+                        worst < 1e-5,
+                        "{kind} {heads}/{kv_heads}/{hd} {start}..{end}: {worst}"
+                    );
+                };
+                check("f32", view(KvBuf::F32(&k), KvBuf::F32(&v)), want);
                 // f16 storage: exact against the formula on the rounded values.
                 let (k16, v16): (Vec<f16>, Vec<f16>) = (
                     k.iter().map(|&x| f16::from_f32(x)).collect(),
@@ -303,16 +305,7 @@ mod tests {
                     v16.iter().map(|x| x.to_f32()).collect(),
                 );
                 let want = reference(&q, &kr, &vr, cap, (start, end), (heads, kv_heads, hd));
-                let got = view(KvBuf::F16(&k16), KvBuf::F16(&v16));
-                let worst = got
-                    .iter()
-                    .zip(&want)
-                    .map(|(g, w)| (*g as f64 - w).abs())
-                    .fold(0f64, f64::max);
-                assert!(
-                    worst < 1e-5,
-                    "f16 {heads}/{kv_heads}/{hd} {start}..{end}: {worst}"
-                );
+                check("f16", view(KvBuf::F16(&k16), KvBuf::F16(&v16)), want);
             }
         }
     }

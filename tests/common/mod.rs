@@ -469,3 +469,19 @@ pub fn write_reward_model(dir: &Path, name: &str, prefixes: &[&str], format: For
         Format::Pickle => save_pytorch_f32(&tensors, &dir.join("pytorch_model.bin")),
     }
 }
+
+/// A greedy request (temperature 0) for `max_tokens` after `prompt`.
+pub fn greedy_request(max_tokens: usize, prompt: Vec<u32>) -> starling::engine::GenerateRequest {
+    starling::engine::GenerateRequest {
+        prompt,
+        sampling: starling::engine::SamplerConfig {
+            temperature: 0.0,
+            ..starling::engine::SamplerConfig::default()
+        },
+        max_tokens,
+        stop_ids: vec![],
+        stop_texts: vec![],
+        continuation: false,
+        logprobs: None,
+    }
+}
