@@ -1,7 +1,8 @@
 //! CPU matrix kernels: quantized blocks (Q4_0, Q4_K, Q5_K, Q6_K and Q8_0 through AVX-512
 //! VNNI, with panels for prompts) and bf16, and the driver that spreads a
-//! matrix product over threads. Pure functions over slices, each tested
-//! against a scalar reference; `model::linear` chooses among them.
+//! matrix product over threads; and decode attention over a KV cache read
+//! in place (`attention`). Pure functions over slices, each tested against
+//! a scalar reference; `model::linear` and the decoder choose among them.
 
 pub(crate) mod attention;
 pub(crate) mod bf16;
