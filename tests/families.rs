@@ -193,11 +193,14 @@ fn unsupported_rope_scaling_and_windows_are_refused_by_name() {
     );
     let err = with(&|c| c["rope_scaling"]["factor"] = serde_json::json!(-1.0));
     assert!(
-        err.contains("factor is -1: expected a positive number below 1e6"),
+        err.contains("factor is -1: expected a number from 1e-6 to 1e6"),
         "{err}"
     );
     let err = with(&|c| c["rope_scaling"]["factor"] = serde_json::json!(1e308));
     assert!(err.contains("factor is 1e308: expected"), "{err}");
+    // Positive, but 0 once in f32.
+    let err = with(&|c| c["rope_scaling"]["factor"] = serde_json::json!(1e-320));
+    assert!(err.contains("factor is 1e-320: expected"), "{err}");
     let err = with(&|c| c["rope_scaling"] = serde_json::json!({"type": "dynamic", "factor": 0.5}));
     assert!(
         err.contains("needs a factor of at least 1, not 0.5"),
@@ -687,6 +690,15 @@ fn rope_scaling_types_go_into_gguf_files_or_are_refused_by_name() {
         file.config().rope_scaling().unwrap(),
         starling::model::config::RopeScaling::Linear { factor: 4.0 }
     );
+    // general.name is the model's own name, not the path it was made from.
+    let content =
+        candle_core::quantized::gguf_file::Content::read(&mut std::fs::File::open(&gguf).unwrap())
+            .unwrap();
+    let name = content.metadata["general.name"]
+        .to_string()
+        .unwrap()
+        .clone();
+    assert_eq!(name, dir.file_name().unwrap().to_str().unwrap());
     let worst = worst_gguf_against_dir(&gguf, &dir, 100, 128256);
     assert!(worst <= 1e-4, "GGUF and directory differ by {worst}");
 

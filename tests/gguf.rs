@@ -365,7 +365,7 @@ fn per_token_vocabulary_arrays_are_checked() {
         ),
         (
             Box::new(set("tokenizer.ggml.scores", 7, G::F32(f32::NAN))),
-            "tokenizer.ggml.scores[7] is not a 32-bit float",
+            "tokenizer.ggml.scores[7] is not a finite 32-bit float",
         ),
         (
             Box::new(|m: &mut std::collections::HashMap<String, G>| {
@@ -383,6 +383,22 @@ fn per_token_vocabulary_arrays_are_checked() {
             needle,
         );
     }
+    // A byte-level vocabulary does not use its scores, but checks them too.
+    let bpe = common::root().join("target/test-assets/vocab/ggml-vocab-llama-bpe.gguf");
+    let path = dir.join("bpe-scores.gguf");
+    edited(&bpe, &path, |m| {
+        m.insert(
+            "tokenizer.ggml.scores".into(),
+            G::Array(vec![G::F32(0.0); 10]),
+        );
+    });
+    let err = starling::weights::gguf::read_vocab(&path)
+        .map(|_| ())
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("tokenizer.ggml.scores has 10 entries for 128256 tokens"),
+        "{err:#}"
+    );
     // Without the optional arrays, the vocabulary reads as llama.cpp reads it.
     let path = dir.join("bare.gguf");
     edited(&good, &path, |m| {

@@ -133,7 +133,7 @@ fn read_model(args: &QuantizeArgs) -> Result<Model> {
         let config = g.config().clone();
         let vocab = g.tokenizer_vocab()?;
         let template = g.chat_template();
-        return Ok((args.model.clone(), config, weights, vocab, template));
+        return Ok((general_name(&args.model), config, weights, vocab, template));
     }
     let text = crate::loader::load_text(&files, "auto")?;
     let vocab = match (
@@ -170,7 +170,13 @@ fn read_model(args: &QuantizeArgs) -> Result<Model> {
         },
         None => None,
     };
-    Ok((args.model.clone(), text.config, weights, vocab, template))
+    Ok((
+        general_name(&args.model),
+        text.config,
+        weights,
+        vocab,
+        template,
+    ))
 }
 
 fn spm_file(path: &Path) -> Result<SpmVocab> {
@@ -215,4 +221,19 @@ fn padded(mut vocab: SpmVocab, config: &Config) -> SpmVocab {
         });
     }
     vocab
+}
+
+/// `general.name`: a repo id as given, a local model by its own name
+/// (the directory's, or the file's stem): a shared file should not carry
+/// the path it was made from.
+fn general_name(model: &str) -> String {
+    let Ok(path) = Path::new(model).canonicalize() else {
+        return model.to_string();
+    };
+    let own = if path.is_file() {
+        path.file_stem()
+    } else {
+        path.file_name()
+    };
+    own.map_or_else(|| "model".to_string(), |n| n.to_string_lossy().into_owned())
 }

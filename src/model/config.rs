@@ -220,8 +220,8 @@ impl Config {
                 .and_then(|v| v.as_f64())
                 .with_context(|| format!("rope_scaling of type {kind:?} needs a number {key}"))?;
             ensure!(
-                v.is_finite() && v > 0.0 && v < 1e6,
-                "rope_scaling {key} is {}: expected a positive number below 1e6",
+                v.is_finite() && (1e-6..1e6).contains(&v),
+                "rope_scaling {key} is {}: expected a number from 1e-6 to 1e6",
                 shown_number(v)
             );
             Ok(v)
@@ -368,9 +368,10 @@ impl Config {
     }
 }
 
-/// A number from a config as an error shows it: 1e308 as `1e308`, not 309 digits.
+/// A number from a config as an error shows it: 1e308 as `1e308`, not 309
+/// digits (and 1e-320 as `1e-320`).
 fn shown_number(v: f64) -> String {
-    if v.is_finite() && v.abs() < 1e6 {
+    if v == 0.0 || (v.is_finite() && (1e-4..1e6).contains(&v.abs())) {
         format!("{v}")
     } else {
         format!("{v:e}")

@@ -433,12 +433,7 @@ impl Gguf {
                 .map_err(|_| anyhow::anyhow!("{path}: metadata {key} is not an array"))
         };
         let tokens = list("tokenizer.ggml.tokens")?;
-        let scores = self.per_token(
-            "tokenizer.ggml.scores",
-            tokens.len(),
-            "a 32-bit float",
-            |v| v.to_f32().ok().filter(|s| s.is_finite()),
-        )?;
+        let scores = self.scores(tokens.len())?;
         let types = self.token_types(tokens.len())?;
         let mut pieces = Vec::with_capacity(tokens.len());
         for (i, token) in tokens.iter().enumerate() {
@@ -498,6 +493,9 @@ impl Gguf {
         let tokens = strings("tokenizer.ggml.tokens")?;
         let merges = strings("tokenizer.ggml.merges")?;
         let types = self.token_types(tokens.len())?;
+        // Unused by byte-level BPE (merges rank the pairs), but checked as
+        // every number in the file is.
+        self.scores(tokens.len())?;
         let kinds = (0..tokens.len())
             .map(|i| PieceKind::from_proto(types.as_ref().map(|t| t[i])))
             .collect();
@@ -532,6 +530,13 @@ impl Gguf {
             "a token type from 0 to 6",
             |v| v.to_i32().ok().filter(|t| (0..=6).contains(t)),
         )
+    }
+
+    /// `tokenizer.ggml.scores`, when present: a finite f32 per token.
+    fn scores(&self, n: usize) -> Result<Option<Vec<f32>>> {
+        self.per_token("tokenizer.ggml.scores", n, "a finite 32-bit float", |v| {
+            v.to_f32().ok().filter(|s| s.is_finite())
+        })
     }
 
     /// An optional per-token array (`key`): absent is `None`, as llama.cpp
