@@ -687,7 +687,7 @@ impl Model {
         }
         let scale = 1.0 / (hd as f64).sqrt();
         // One query row: the decode kernel reads the cache in place, in its dtype.
-        if seq == 1 && s.mask.is_none() && q.dtype() == DType::F32 {
+        if seq == 1 && s.mask.is_none() && q.dtype() == DType::F32 && self.device.is_cpu() {
             let qv = q.flatten_all()?.to_vec1::<f32>()?;
             let out = cache.with_view(layer, s.kv_start, s.kv_end, |view| {
                 crate::kernels::attention::decode(&qv, view, heads, kvh, hd, scale as f32)
