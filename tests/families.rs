@@ -355,14 +355,7 @@ fn check_family_end_to_end(dir: &std::path::Path, eot: u32, markers: &[&str]) {
 fn a_llama_3_1_directory_runs_with_its_own_vocabulary_and_template() {
     let mut config = reference()["models"]["tiny-llama3"]["config"].clone();
     config["bos_token_id"] = 128000.into();
-    let dir = write_family_dir(
-        "llama3-dir",
-        &config,
-        "llama-bpe",
-        "meta-llama-Llama-3.1-8B-Instruct.jinja",
-        ("<|begin_of_text|>", "<|eot_id|>"),
-        &[128001, 128008, 128009],
-    );
+    let dir = llama_3_1_dir("llama3-dir", &config);
     check_family_end_to_end(
         &dir,
         128009,
@@ -378,25 +371,9 @@ fn a_llama_3_1_directory_runs_with_its_own_vocabulary_and_template() {
 fn a_llama_3_directory_quantized_to_gguf_keeps_its_vocabulary_and_answers() {
     let mut config = reference()["models"]["tiny-llama3"]["config"].clone();
     config["bos_token_id"] = 128000.into();
-    let dir = write_family_dir(
-        "llama3-quantize",
-        &config,
-        "llama-bpe",
-        "meta-llama-Llama-3.1-8B-Instruct.jinja",
-        ("<|begin_of_text|>", "<|eot_id|>"),
-        &[128001, 128008, 128009],
-    );
+    let dir = llama_3_1_dir("llama3-quantize", &config);
     let gguf = dir.join("llama3.gguf");
-    common::ok(&common::starling(
-        &[
-            "quantize",
-            dir.to_str().unwrap(),
-            gguf.to_str().unwrap(),
-            "--type",
-            "f32",
-        ],
-        None,
-    ));
+    common::ok(&quantize_f32(&dir, &gguf));
     // The byte-level vocabulary as llama.cpp's converter writes it.
     let vocab = starling::weights::gguf::read_vocab(&gguf).unwrap();
     let starling::tokenizer::Vocab::Bpe(bpe) = &vocab else {
@@ -458,16 +435,7 @@ fn a_llama_3_directory_quantized_to_gguf_keeps_its_vocabulary_and_answers() {
     assert_eq!(stops(&gguf), [128001, 128009]);
     // Quantizing the GGUF again keeps its rope frequency divisors (Llama 3.1's scaling).
     let again = dir.join("again.gguf");
-    common::ok(&common::starling(
-        &[
-            "quantize",
-            gguf.to_str().unwrap(),
-            again.to_str().unwrap(),
-            "--type",
-            "f32",
-        ],
-        None,
-    ));
+    common::ok(&quantize_f32(&gguf, &again));
     let file = starling::weights::gguf::Gguf::open(&again).unwrap();
     assert!(
         file.config().rope_freq_factors.is_some(),
@@ -514,16 +482,7 @@ fn a_gguf_carries_llama_3_1_scaling_as_llama_cpp_does() {
     starling::model::synthetic::write_safetensors(&parsed, &dir).unwrap();
     std::fs::copy(common::tokenizer_model(), dir.join("tokenizer.model")).unwrap();
     let gguf = dir.join("tiny-llama3.gguf");
-    common::ok(&common::starling(
-        &[
-            "quantize",
-            dir.to_str().unwrap(),
-            gguf.to_str().unwrap(),
-            "--type",
-            "f32",
-        ],
-        None,
-    ));
+    common::ok(&quantize_f32(&dir, &gguf));
     let file = starling::weights::gguf::Gguf::open(&gguf).unwrap();
     let factors = file
         .config()
@@ -598,16 +557,7 @@ fn a_qwen2_directory_quantized_to_gguf_answers_as_the_directory_does() {
         &[151645, 151643],
     );
     let gguf = dir.join("qwen2.gguf");
-    common::ok(&common::starling(
-        &[
-            "quantize",
-            dir.to_str().unwrap(),
-            gguf.to_str().unwrap(),
-            "--type",
-            "f32",
-        ],
-        None,
-    ));
+    common::ok(&quantize_f32(&dir, &gguf));
     let file = starling::weights::gguf::Gguf::open(&gguf).unwrap();
     assert_eq!(
         file.config().family().unwrap(),
@@ -663,28 +613,9 @@ fn worst_gguf_against_dir(
 fn rope_scaling_types_go_into_gguf_files_or_are_refused_by_name() {
     let mut config = reference()["models"]["tiny-llama-linear"]["config"].clone();
     config["bos_token_id"] = 128000.into();
-    let dir = write_family_dir(
-        "linear-quantize",
-        &config,
-        "llama-bpe",
-        "meta-llama-Llama-3.1-8B-Instruct.jinja",
-        ("<|begin_of_text|>", "<|eot_id|>"),
-        &[128001, 128008, 128009],
-    );
+    let dir = llama_3_1_dir("linear-quantize", &config);
     let gguf = dir.join("linear.gguf");
-    let quantize = |out: &std::path::Path| {
-        common::starling(
-            &[
-                "quantize",
-                dir.to_str().unwrap(),
-                out.to_str().unwrap(),
-                "--type",
-                "f32",
-            ],
-            None,
-        )
-    };
-    common::ok(&quantize(&gguf));
+    common::ok(&quantize_f32(&dir, &gguf));
     let file = starling::weights::gguf::Gguf::open(&gguf).unwrap();
     assert_eq!(
         file.config().rope_scaling().unwrap(),
@@ -709,7 +640,7 @@ fn rope_scaling_types_go_into_gguf_files_or_are_refused_by_name() {
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     let out = dir.join("dynamic.gguf");
     common::fails_with(
-        &quantize(&out),
+        &quantize_f32(&dir, &out),
         "writing dynamic rope scaling as GGUF is not supported",
     );
     assert!(!out.exists());
@@ -754,4 +685,30 @@ fn a_byte_level_model_without_a_chat_template_is_pointed_at_raw() {
             None,
         ));
     }
+}
+
+/// `starling quantize FROM TO --type f32`.
+fn quantize_f32(from: &std::path::Path, to: &std::path::Path) -> std::process::Output {
+    common::starling(
+        &[
+            "quantize",
+            from.to_str().unwrap(),
+            to.to_str().unwrap(),
+            "--type",
+            "f32",
+        ],
+        None,
+    )
+}
+
+/// A Llama 3.1-shaped directory of `config` (its vocabulary, template and end ids).
+fn llama_3_1_dir(name: &str, config: &Value) -> std::path::PathBuf {
+    write_family_dir(
+        name,
+        config,
+        "llama-bpe",
+        "meta-llama-Llama-3.1-8B-Instruct.jinja",
+        ("<|begin_of_text|>", "<|eot_id|>"),
+        &[128001, 128008, 128009],
+    )
 }

@@ -804,8 +804,8 @@ fn inputs_are_checked_strictly_and_bounded() {
     assert_eq!(out.status.code(), Some(2));
     // Messages name the flags of the command at hand.
     let tiny = common::tiny_model();
-    let out = starling(
-        &[
+    let best_of = |extra: &[&str]| {
+        let mut args = vec![
             "run",
             "--model",
             tiny.to_str().unwrap(),
@@ -815,31 +815,19 @@ fn inputs_are_checked_strictly_and_bounded() {
             "0.5",
             "--reward-model",
             m.rm7.to_str().unwrap(),
-            "hi",
-        ],
-        None,
-    );
-    fails_with(&out, "give --reward-template llama2-rm");
+        ];
+        args.extend_from_slice(extra);
+        args.push("hi");
+        starling(&args, None)
+    };
+    fails_with(&best_of(&[]), "give --reward-template llama2-rm");
     // A template the reward tokenizer cannot render is refused before any answer.
-    let out = starling(
-        &[
-            "run",
-            "--model",
-            tiny.to_str().unwrap(),
-            "--best-of",
-            "2",
-            "--temperature",
-            "0.5",
-            "--reward-model",
-            m.rm7.to_str().unwrap(),
-            "--reward-tokenizer",
-            m.llama_tokenizer.to_str().unwrap(),
-            "--reward-template",
-            "chatml-rm",
-            "hi",
-        ],
-        None,
-    );
+    let out = best_of(&[
+        "--reward-tokenizer",
+        m.llama_tokenizer.to_str().unwrap(),
+        "--reward-template",
+        "chatml-rm",
+    ]);
     // (after best-of's note on the memory both models need)
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
