@@ -103,12 +103,17 @@ pub(crate) fn test_values(n: usize, seed: u64) -> Vec<f32> {
 /// rows of 4096 values and four tokens each: its scalar reference equals the
 /// dot product with candle's dequantization up to the activations' 8-bit
 /// rounding (2% of the products' magnitudes), and its `dot` and `dot4`
-/// equal the scalar reference to 1e-4.
+/// equal the scalar reference to 1e-4, and to 1e-5 on blocks of extreme
+/// bytes against activations of ±127 (the largest products a kernel's
+/// integer lanes must hold).
 #[cfg(test)]
 pub(crate) struct KernelUnderTest<X> {
     pub dtype: candle_core::quantized::GgmlDType,
     pub block_bytes: usize,
     pub block_values: usize,
+    /// Offsets of the block's f16 fields (set to 1.0 in the extreme blocks,
+    /// which would otherwise be NaN or zero).
+    pub halves: &'static [usize],
     pub quantize: fn(&[f32]) -> Vec<X>,
     pub scalar: fn(&[u8], &[X]) -> f32,
     pub dot: fn(&[u8], &[X]) -> f32,
@@ -150,6 +155,29 @@ impl<X> KernelUnderTest<X> {
             for (got, xq) in four.iter().zip(&xq) {
                 let scalar = (self.scalar)(&row, xq);
                 assert!(close(*got, scalar), "{got} vs {scalar}");
+            }
+        }
+        let cols = 1024;
+        let blocks = cols / self.block_values;
+        let xs = [1f32, -1.0].map(|v| (self.quantize)(&vec![v; cols]));
+        for fill in [0xFFu8, 0x7F, 0x80, 0xAA, 0x55, 0x00] {
+            let mut row = vec![fill; blocks * self.block_bytes];
+            for block in row.chunks_exact_mut(self.block_bytes) {
+                for &at in self.halves {
+                    block[at..at + 2].copy_from_slice(&half::f16::ONE.to_le_bytes());
+                }
+            }
+            for x in &xs {
+                // Integer products are exact, so only the float sums' order
+                // differs: 1e-5 (an off-by-one in a lane's product is 6e-5).
+                let (scalar, one) = ((self.scalar)(&row, x), (self.dot)(&row, x));
+                let tight = (one - scalar).abs() <= 1e-5 * scalar.abs().max(1.0);
+                assert!(tight, "fill {fill:#x}: {one} vs {scalar}");
+                let four = (self.dot4)(&row, [x, x, x, x]);
+                assert!(
+                    four.iter().all(|&v| v == one),
+                    "fill {fill:#x}: {four:?} vs {one}"
+                );
             }
         }
     }

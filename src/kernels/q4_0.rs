@@ -111,6 +111,7 @@ mod tests {
         KernelUnderTest {
             dtype: candle_core::quantized::GgmlDType::Q4_0,
             block_bytes: BLOCK_BYTES,
+            halves: &[0],
             block_values: 32,
             quantize: |x| {
                 let mut q = vec![Q8Pair::zeros(); x.len() / PAIR];

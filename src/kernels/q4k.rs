@@ -181,6 +181,24 @@ pub fn dot2(rows: [&[u8]; 2], x: &[Q8K]) -> [f32; 2] {
     rows.map(|row| dot_scalar(row, x))
 }
 
+/// `pshufb` indices that spread scales `j..j + 4` (bytes of the 16 unpacked
+/// scales and mins) as 16-bit lanes against `packs(p_lo, p_hi)` of two
+/// products: per 128-bit lane, 4 dwords of the low nibbles' product, then 4
+/// of the high ones'; lanes 0-1 cover sub-blocks `j` and `j + 1`, lanes 2-3
+/// `j + 2` and `j + 3`. Every high byte is -1 (zero).
+const fn scale_index(j: i8) -> [i8; 64] {
+    let mut out = [-1i8; 64];
+    let mut i = 0;
+    while i < 32 {
+        let (lane, high) = (i / 8, (i % 8) / 4);
+        out[2 * i] = j + 2 * (lane / 2) as i8 + high as i8;
+        i += 1;
+    }
+    out
+}
+const SCALES_0_3: [i8; 64] = scale_index(0);
+const SCALES_4_7: [i8; 64] = scale_index(4);
+
 /// The VNNI kernel for Q4_K, and with `Q5` for Q5_K: the same block with a
 /// fifth bit per value (`qh: [u8; 32]` after the scales, the 4-bit `qs`
 /// moved 32 bytes on; see `q5k`). `R` rows (of equal length) times `N`
@@ -213,14 +231,24 @@ pub(super) unsafe fn dot_vnni<const R: usize, const N: usize, const Q5: bool>(
         let nib = _mm512_set1_epi8(0x0F);
         let one = _mm256_set1_epi8(1);
         let zero = _mm512_setzero_si512();
-        // Lanes 0-7 take one sub-block's scale, lanes 8-15 the next-but-one's.
-        let i_al = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
-        let i_ah = _mm512_setr_epi32(1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3);
-        let i_bl = _mm512_setr_epi32(4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6);
-        let i_bh = _mm512_setr_epi32(5, 5, 5, 5, 5, 5, 5, 5, 7, 7, 7, 7, 7, 7, 7, 7);
-        const KMASK1: u32 = 0x3f3f3f3f;
-        const KMASK2: u32 = 0x0f0f0f0f;
-        const KMASK3: u32 = 0x03030303;
+        let i_a = _mm512_loadu_si512(SCALES_0_3.as_ptr().cast());
+        let i_b = _mm512_loadu_si512(SCALES_4_7.as_ptr().cast());
+        // ggml's unpacking of the 12 scale bytes (`get_scale_min_k4`, as
+        // u32 words s0, s1, s2) in one 128-bit pass rather than a dozen
+        // scalar operations: lanes u0, u1 = the 8 scales, u2, u3 = the 8 mins.
+        //   u0 = s0 & K1                  u1 = (s2 & K2) | ((s0 >> 6) & K3) << 4
+        //   u2 = s1 & K1                  u3 = ((s2 >> 4) & K2) | ((s1 >> 6) & K3) << 4
+        const K1: i32 = 0x3f3f3f3f;
+        const K2: i32 = 0x0f0f0f0f;
+        const K3_4: i32 = 0x30303030;
+        let shift_a = _mm_setr_epi32(0, 0, 0, 4);
+        let mask_a = _mm_setr_epi32(K1, K2, K1, K2);
+        let mask_b = _mm_setr_epi32(0, K3_4, 0, K3_4);
+        // Each min twice, as 16-bit lanes against the 16 sums of 16 activations.
+        let i_m = _mm256_setr_epi8(
+            8, -1, 8, -1, 9, -1, 9, -1, 10, -1, 10, -1, 11, -1, 11, -1, 12, -1, 12, -1, 13, -1, 13,
+            -1, 14, -1, 14, -1, 15, -1, 15, -1,
+        );
         let mut facc = [[_mm512_setzero_ps(); N]; R];
         let mut macc = [[_mm256_setzero_ps(); N]; R];
         for blk in 0..blocks {
@@ -228,40 +256,29 @@ pub(super) unsafe fn dot_vnni<const R: usize, const N: usize, const Q5: bool>(
                 let b = rows[r].as_ptr().add(blk * block_bytes);
                 // Two blocks ahead: the hardware prefetcher alone leaves the
                 // threads waiting on memory between blocks.
-                _mm_prefetch::<_MM_HINT_T0>(b.add(2 * block_bytes).cast());
-                _mm_prefetch::<_MM_HINT_T0>(b.add(2 * block_bytes + 64).cast());
-                _mm_prefetch::<_MM_HINT_T0>(b.add(2 * block_bytes + 128).cast());
+                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(2 * block_bytes).cast());
+                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(2 * block_bytes + 64).cast());
+                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(2 * block_bytes + 128).cast());
                 if Q5 {
-                    _mm_prefetch::<_MM_HINT_T0>(b.add(2 * block_bytes + 175).cast());
+                    _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(2 * block_bytes + 175).cast());
                 }
-                // d and dmin, two halves, converted together.
+                // [d, dmin, 0, 0], converted together.
                 let dd = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(b.cast::<i32>())));
-                let d = _mm_cvtss_f32(dd);
-                let dmin = _mm_cvtss_f32(_mm_shuffle_ps::<1>(dd, dd));
-                // ggml's unpacking of the 12 scale bytes: u0,u1 = scales, u2,u3 = mins.
-                let s = b.add(4).cast::<u32>();
-                let (s0, s1, s2) = (
-                    std::ptr::read_unaligned(s),
-                    std::ptr::read_unaligned(s.add(1)),
-                    std::ptr::read_unaligned(s.add(2)),
+                // 16 bytes from the scales on: 12 scale bytes and 4 of `qs`/`qh`
+                // (ignored), all inside the block.
+                let v = _mm_loadu_si128(b.add(4).cast());
+                let a = _mm_and_si128(
+                    _mm_srlv_epi32(_mm_shuffle_epi32::<0b10_01_10_00>(v), shift_a),
+                    mask_a,
                 );
-                let u3 = ((s2 >> 4) & KMASK2) | (((s1 >> 6) & KMASK3) << 4);
-                let u2 = s1 & KMASK1;
-                let u1 = (s2 & KMASK2) | (((s0 >> 6) & KMASK3) << 4);
-                let u0 = s0 & KMASK1;
-                // The sub-block scales times d, as floats: scaling the integer
-                // dot products in f32 (convert + fma) keeps port 0 freer than
-                // an integer multiply (two port-0 uops on AVX-512 cores) would.
-                let sc32 = _mm512_cvtepu8_epi32(_mm_set_epi32(0, 0, u1 as i32, u0 as i32));
-                let scf = _mm512_mul_ps(_mm512_cvtepi32_ps(sc32), _mm512_set1_ps(d));
-                let m8 = _mm_set_epi32(0, 0, u3 as i32, u2 as i32);
-                let m16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8));
-                let (s_al, s_ah, s_bl, s_bh) = (
-                    _mm512_permutexvar_ps(i_al, scf),
-                    _mm512_permutexvar_ps(i_ah, scf),
-                    _mm512_permutexvar_ps(i_bl, scf),
-                    _mm512_permutexvar_ps(i_bh, scf),
+                let c = _mm_and_si128(
+                    _mm_srli_epi32::<2>(_mm_shuffle_epi32::<0b01_01_00_00>(v)),
+                    mask_b,
                 );
+                let u = _mm_or_si128(a, c);
+                let u4 = _mm512_broadcast_i32x4(u);
+                let (s_a, s_b) = (_mm512_shuffle_epi8(u4, i_a), _mm512_shuffle_epi8(u4, i_b));
+                let m16 = _mm256_shuffle_epi8(_mm512_castsi512_si256(u4), i_m);
                 let qa = _mm512_loadu_si512(b.add(qs_at).cast());
                 let qb = _mm512_loadu_si512(b.add(qs_at + 64).cast());
                 let mut w_al = _mm512_and_si512(qa, nib);
@@ -294,22 +311,32 @@ pub(super) unsafe fn dot_vnni<const R: usize, const N: usize, const Q5: bool>(
                     let xq = xb.qs.as_ptr();
                     macro_rules! dp {
                         ($w:expr, $at:expr) => {
-                            _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(
-                                zero,
-                                $w,
-                                _mm512_load_si512(xq.add($at).cast()),
-                            ))
+                            _mm512_dpbusd_epi32(zero, $w, _mm512_load_si512(xq.add($at).cast()))
                         };
                     }
-                    let mut acc = _mm512_mul_ps(dp!(w_al, 0), s_al);
-                    acc = _mm512_fmadd_ps(dp!(w_ah, 64), s_ah, acc);
-                    acc = _mm512_fmadd_ps(dp!(w_bl, 128), s_bl, acc);
-                    acc = _mm512_fmadd_ps(dp!(w_bh, 192), s_bh, acc);
-                    facc[r][t] = _mm512_fmadd_ps(acc, _mm512_set1_ps(xb.d), facc[r][t]);
+                    // The block's integer dot product, sub-block scales
+                    // applied in integers (exact: |sum| < 2^23), then one
+                    // conversion and one multiply-add per block. A product
+                    // fits 16 bits (|p| <= 4 * 31 * 127), so `packs` of two
+                    // never saturates.
+                    let pa = _mm512_packs_epi32(dp!(w_al, 0), dp!(w_ah, 64));
+                    let pb = _mm512_packs_epi32(dp!(w_bl, 128), dp!(w_bh, 192));
+                    let acc = _mm512_dpwssd_epi32(_mm512_madd_epi16(pa, s_a), pb, s_b);
+                    // [d·xd, dmin·xd, ..]
+                    let dx = _mm_mul_ps(dd, _mm_set1_ps(xb.d));
+                    facc[r][t] = _mm512_fmadd_ps(
+                        _mm512_cvtepi32_ps(acc),
+                        _mm512_broadcastss_ps(dx),
+                        facc[r][t],
+                    );
                     // Mins: each of the 8 mins times the sum of its 32 activations.
                     let bs = _mm256_load_si256(xb.bsums.as_ptr().cast());
                     let mins = _mm256_cvtepi32_ps(_mm256_madd_epi16(bs, m16));
-                    macc[r][t] = _mm256_fmadd_ps(mins, _mm256_set1_ps(xb.d * dmin), macc[r][t]);
+                    macc[r][t] = _mm256_fmadd_ps(
+                        mins,
+                        _mm256_broadcastss_ps(_mm_movehdup_ps(dx)),
+                        macc[r][t],
+                    );
                 }
             }
         }
@@ -376,6 +403,25 @@ mod tests {
         let norm: f32 = w.iter().map(|a| a.abs()).sum::<f32>() / 127.0 * 4.0;
         let got = dot_scalar(&row, &xq);
         assert!((got - exact).abs() < norm, "{got} vs {exact}");
+    }
+
+    #[test]
+    fn kernels_compute_the_dequantized_dot_product_and_agree() {
+        super::super::KernelUnderTest {
+            dtype: GgmlDType::Q4K,
+            block_bytes: BLOCK_BYTES,
+            block_values: QK,
+            halves: &[0, 2],
+            quantize: |x| {
+                let mut q = vec![Q8K::zeros(); x.len() / QK];
+                quantize_q8k(x, &mut q);
+                q
+            },
+            scalar: dot_scalar,
+            dot,
+            dot4: dot_n::<4>,
+        }
+        .check();
     }
 
     #[test]

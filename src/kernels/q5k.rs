@@ -74,6 +74,7 @@ mod tests {
         KernelUnderTest {
             dtype: candle_core::quantized::GgmlDType::Q5K,
             block_bytes: BLOCK_BYTES,
+            halves: &[0, 2],
             block_values: QK,
             quantize: |x| {
                 let mut q = vec![Q8K::zeros(); x.len() / QK];

@@ -87,73 +87,101 @@ unsafe fn dot_vnni<const N: usize>(row: &[u8], xs: [&[Q8K]; N]) -> [f32; N] {
             assert!(x.len() >= blocks, "activations shorter than the row");
         }
         let zero = _mm512_setzero_si512();
-        let m4 = _mm256_set1_epi8(0x0F);
-        let m2 = _mm256_set1_epi8(0x03);
-        // Which of the 16 scales each dword lane of a product takes: the P
-        // vector of half n holds values 0-31 and 64-95 of it, Q 32-63 and
-        // 96-127 (the activations' stored chunk order), 4 lanes per 16 values.
-        let i_p = [
-            _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 4, 4, 4, 4, 5, 5, 5, 5),
-            _mm512_setr_epi32(8, 8, 8, 8, 9, 9, 9, 9, 12, 12, 12, 12, 13, 13, 13, 13),
+        let nib = _mm512_set1_epi8(0x0F);
+        let bits45 = _mm512_set1_epi8(0x30);
+        // The activations' stored chunk order (`CHUNK_ORDER`) pairs, in one
+        // 64-byte load at 128n + 64h, the 32 values of `ql[64n + 32h..][..32]`'s
+        // low nibbles with those of its high nibbles. So each weight vector is
+        // those 32 `ql` bytes in both halves, the upper half shifted down 4.
+        let ql_shift = _mm512_setr_epi64(
+            0,
+            0,
+            0,
+            0,
+            0x0004_0004_0004_0004,
+            0x0004_0004_0004_0004,
+            0x0004_0004_0004_0004,
+            0x0004_0004_0004_0004,
+        );
+        // The two high bits of those values, moved to bits 4-5 by rotating
+        // each 32-bit lane (every byte's bits stay inside their byte): for
+        // h = 0, bits 0-1 (rotate by 4) and bits 4-5 (by 0); for h = 1,
+        // bits 2-3 (by 2) and bits 6-7 (by 30).
+        let qh_rot = [
+            _mm512_setr_epi32(4, 4, 4, 4, 4, 4, 4, 4, 0, 0, 0, 0, 0, 0, 0, 0),
+            _mm512_setr_epi32(2, 2, 2, 2, 2, 2, 2, 2, 30, 30, 30, 30, 30, 30, 30, 30),
         ];
-        let i_q = [
-            _mm512_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3, 6, 6, 6, 6, 7, 7, 7, 7),
-            _mm512_setr_epi32(
-                10, 10, 10, 10, 11, 11, 11, 11, 14, 14, 14, 14, 15, 15, 15, 15,
-            ),
+        // Which of the 16 scales each dword lane of a product takes: the
+        // vector for (n, h) holds values 128n + 32h + [0, 32) and
+        // 128n + 32h + [64, 96), 4 lanes per 16 values.
+        let i_s = [
+            [
+                _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 4, 4, 4, 4, 5, 5, 5, 5),
+                _mm512_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3, 6, 6, 6, 6, 7, 7, 7, 7),
+            ],
+            [
+                _mm512_setr_epi32(8, 8, 8, 8, 9, 9, 9, 9, 12, 12, 12, 12, 13, 13, 13, 13),
+                _mm512_setr_epi32(
+                    10, 10, 10, 10, 11, 11, 11, 11, 14, 14, 14, 14, 15, 15, 15, 15,
+                ),
+            ],
         ];
         let mut facc = [_mm512_setzero_ps(); N];
         for blk in 0..blocks {
             let b = row.as_ptr().add(blk * BLOCK_BYTES);
-            _mm_prefetch::<_MM_HINT_T0>(b.add(2 * BLOCK_BYTES).cast());
-            _mm_prefetch::<_MM_HINT_T0>(b.add(2 * BLOCK_BYTES + 64).cast());
-            _mm_prefetch::<_MM_HINT_T0>(b.add(2 * BLOCK_BYTES + 128).cast());
-            _mm_prefetch::<_MM_HINT_T0>(b.add(2 * BLOCK_BYTES + 192).cast());
+            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(2 * BLOCK_BYTES).cast());
+            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(2 * BLOCK_BYTES + 64).cast());
+            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(2 * BLOCK_BYTES + 128).cast());
+            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(2 * BLOCK_BYTES + 192).cast());
             // In registers (F16C): `q4k::f16` is a call into `half` that
             // cannot inline into this function, 6% of a Q4_K_M token.
-            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
-                std::ptr::read_unaligned(b.add(208).cast::<u16>()),
+            let d = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(std::ptr::read_unaligned(
+                b.add(208).cast::<u16>(),
             ))));
-            // The 16 scales times d, as floats; the same for the -32 term.
-            let sc32 = _mm512_cvtepi8_epi32(_mm_loadu_si128(b.add(192).cast()));
-            let scf = _mm512_mul_ps(_mm512_cvtepi32_ps(sc32), _mm512_set1_ps(d));
-            let mut w = [[_mm512_setzero_si512(); 2]; 2];
-            let mut s = [[_mm512_setzero_ps(); 2]; 2];
+            // The 16 signed scales as 16-bit lanes, and as 32-bit lanes whose
+            // high 16 bits are zero: `madd`/`dpwssd` of a product
+            // (|p| <= 4 * 63 * 127, a 16-bit number) with one is exactly
+            // p * scale, whatever the signs.
+            let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(b.add(192).cast()));
+            let sc32 = _mm512_cvtepu16_epi32(sc16);
+            // 32 · scale, for the −32 offset of every stored value.
+            let sc16x32 = _mm256_slli_epi16::<5>(sc16);
+            let mut w = [[zero; 2]; 2];
+            let mut s = [[zero; 2]; 2];
             for n in 0..2 {
-                let ql0 = _mm256_loadu_si256(b.add(64 * n).cast());
-                let ql1 = _mm256_loadu_si256(b.add(64 * n + 32).cast());
-                let qh = _mm256_loadu_si256(b.add(128 + 32 * n).cast());
-                // The two high bits of each value, moved to bits 4-5.
-                let h0 = _mm256_slli_epi16::<4>(_mm256_and_si256(qh, m2));
-                let h2 = _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<2>(qh), m2));
-                let h4 = _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<4>(qh), m2));
-                let h6 = _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(qh), m2));
-                let p_lo = _mm256_or_si256(_mm256_and_si256(ql0, m4), h0);
-                let p_hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4), h4);
-                let q_lo = _mm256_or_si256(_mm256_and_si256(ql1, m4), h2);
-                let q_hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4), h6);
-                w[n][0] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(p_lo), p_hi);
-                w[n][1] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q_lo), q_hi);
-                s[n][0] = _mm512_permutexvar_ps(i_p[n], scf);
-                s[n][1] = _mm512_permutexvar_ps(i_q[n], scf);
+                let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(b.add(128 + 32 * n).cast()));
+                for h in 0..2 {
+                    let ql =
+                        _mm512_broadcast_i64x4(_mm256_loadu_si256(b.add(64 * n + 32 * h).cast()));
+                    let hi = _mm512_and_si512(_mm512_rolv_epi32(qh, qh_rot[h]), bits45);
+                    // (ql >> shift) & 0x0F | hi
+                    w[n][h] =
+                        _mm512_ternarylogic_epi32::<0xEA>(_mm512_srlv_epi16(ql, ql_shift), nib, hi);
+                    s[n][h] = _mm512_permutexvar_epi32(i_s[n][h], sc32);
+                }
             }
             for t in 0..N {
                 let xb = &xs[t][blk];
                 let xq = xb.qs.as_ptr();
-                let mut acc = _mm512_setzero_ps();
-                for n in 0..2 {
-                    for h in 0..2 {
-                        let x = _mm512_load_si512(xq.add(128 * n + 64 * h).cast());
-                        let dp = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, w[n][h], x));
-                        acc = _mm512_fmadd_ps(dp, s[n][h], acc);
-                    }
-                }
-                // −32 · Σ scale·d · (sum of the 16 activations it scales).
-                let bs = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_load_si256(
-                    xb.bsums.as_ptr().cast(),
-                )));
-                acc = _mm512_fnmadd_ps(_mm512_mul_ps(bs, scf), _mm512_set1_ps(32.0), acc);
-                facc[t] = _mm512_fmadd_ps(acc, _mm512_set1_ps(xb.d), facc[t]);
+                let dp = |n: usize, h: usize| {
+                    _mm512_dpbusd_epi32(
+                        zero,
+                        w[n][h],
+                        _mm512_load_si512(xq.add(128 * n + 64 * h).cast()),
+                    )
+                };
+                // The block's integer dot product (exact in integers: |sum| < 2^28),
+                // then one conversion and one multiply-add.
+                let mut acc = _mm512_madd_epi16(dp(0, 0), s[0][0]);
+                acc = _mm512_dpwssd_epi32(acc, dp(0, 1), s[0][1]);
+                acc = _mm512_dpwssd_epi32(acc, dp(1, 0), s[1][0]);
+                acc = _mm512_dpwssd_epi32(acc, dp(1, 1), s[1][1]);
+                // −32 · Σ scale · (sum of the 16 activations it scales).
+                let offset =
+                    _mm256_madd_epi16(_mm256_load_si256(xb.bsums.as_ptr().cast()), sc16x32);
+                acc = _mm512_sub_epi32(acc, _mm512_zextsi256_si512(offset));
+                let dx = _mm512_broadcastss_ps(_mm_mul_ps(d, _mm_set1_ps(xb.d)));
+                facc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), dx, facc[t]);
             }
         }
         let mut out = [0f32; N];
@@ -175,6 +203,7 @@ mod tests {
         KernelUnderTest {
             dtype: candle_core::quantized::GgmlDType::Q6K,
             block_bytes: BLOCK_BYTES,
+            halves: &[208],
             block_values: QK,
             quantize: |x| {
                 let mut q = vec![Q8K::zeros(); x.len() / QK];
