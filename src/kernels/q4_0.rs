@@ -62,11 +62,12 @@ unsafe fn dot_vnni<const N: usize>(row: &[u8], xs: [&[Q8Pair]; N]) -> [f32; N] {
         let zero = _mm512_setzero_si512();
         let nib = _mm_set1_epi8(0x0F);
         let eight = _mm512_set1_epi8(8);
+        let offset = _mm512_set1_epi8(-128);
         let spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
         let mut facc = [_mm512_setzero_ps(); N];
         for p in 0..pairs {
             let b = row.as_ptr().add(p * 2 * BLOCK_BYTES);
-            _mm_prefetch::<_MM_HINT_T0>(b.add(8 * BLOCK_BYTES).cast());
+            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(super::PREFETCH_BYTES).cast());
             // One block's 32 values: the 16 low nibbles, then the 16 high.
             macro_rules! block {
                 ($at:expr) => {{
@@ -84,14 +85,13 @@ unsafe fn dot_vnni<const N: usize>(row: &[u8], xs: [&[Q8Pair]; N]) -> [f32; N] {
             let d1 = std::ptr::read_unaligned(b.add(BLOCK_BYTES).cast::<u16>()) as i32;
             let dw = _mm_cvtph_ps(_mm_cvtsi32_si128(d0 | (d1 << 16)));
             let dw = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(dw));
-            // vpdpbusd wants unsigned × signed: |w| times x with w's sign.
-            let absw = _mm512_abs_epi8(w);
-            let negative = _mm512_movepi8_mask(w);
+            // vpdpbusd wants unsigned × signed: the activations offset by
+            // 128 times w, from −128·Σw per lane (see `q8_0`).
+            let start = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, offset, w));
             for t in 0..N {
                 let xp = &xs[t][p];
-                let x = _mm512_load_si512(xp.qs().as_ptr().cast());
-                let signed = _mm512_mask_sub_epi8(x, negative, zero, x);
-                let dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, absw, signed));
+                let x = _mm512_load_si512(xp.qu().as_ptr().cast());
+                let dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, x, w));
                 let scale = _mm512_mul_ps(dw, _mm512_load_ps(xp.scales().as_ptr()));
                 facc[t] = _mm512_fmadd_ps(dot, scale, facc[t]);
             }

@@ -254,13 +254,13 @@ pub(super) unsafe fn dot_vnni<const R: usize, const N: usize, const Q5: bool>(
         for blk in 0..blocks {
             for r in 0..R {
                 let b = rows[r].as_ptr().add(blk * block_bytes);
-                // Two blocks ahead: the hardware prefetcher alone leaves the
-                // threads waiting on memory between blocks.
-                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(2 * block_bytes).cast());
-                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(2 * block_bytes + 64).cast());
-                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(2 * block_bytes + 128).cast());
+                // `PREFETCH_BYTES` ahead: the hardware prefetcher alone
+                // leaves the threads waiting on memory between blocks.
+                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(super::PREFETCH_BYTES).cast());
+                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(super::PREFETCH_BYTES + 64).cast());
+                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(super::PREFETCH_BYTES + 128).cast());
                 if Q5 {
-                    _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(2 * block_bytes + 175).cast());
+                    _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(super::PREFETCH_BYTES + 175).cast());
                 }
                 // [d, dmin, 0, 0], converted together.
                 let dd = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(b.cast::<i32>())));

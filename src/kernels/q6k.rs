@@ -129,10 +129,10 @@ unsafe fn dot_vnni<const N: usize>(row: &[u8], xs: [&[Q8K]; N]) -> [f32; N] {
         let mut facc = [_mm512_setzero_ps(); N];
         for blk in 0..blocks {
             let b = row.as_ptr().add(blk * BLOCK_BYTES);
-            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(2 * BLOCK_BYTES).cast());
-            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(2 * BLOCK_BYTES + 64).cast());
-            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(2 * BLOCK_BYTES + 128).cast());
-            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(2 * BLOCK_BYTES + 192).cast());
+            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(super::PREFETCH_BYTES).cast());
+            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(super::PREFETCH_BYTES + 64).cast());
+            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(super::PREFETCH_BYTES + 128).cast());
+            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(super::PREFETCH_BYTES + 192).cast());
             // In registers (F16C): `q4k::f16` is a call into `half` that
             // cannot inline into this function, 6% of a Q4_K_M token.
             let d = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(std::ptr::read_unaligned(

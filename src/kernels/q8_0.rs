@@ -1,7 +1,9 @@
 //! The Q8_0 × Q8 dot product with AVX-512 VNNI (see `q4k` for why this
 //! crate has its own kernels). A Q8_0 block is `d: f16, qs: [i8; 32]`
 //! (34 bytes); the kernel takes two blocks per 64-byte register. `vpdpbusd`
-//! wants unsigned × signed bytes, so it multiplies |w| by x with w's sign.
+//! wants unsigned × signed bytes, so it multiplies the activations offset
+//! by 128 (stored so once per token) by the signed weights, starting from
+//! −128·Σw (once per block for all tokens): one instruction per token.
 
 use super::q4k::f16;
 
@@ -11,11 +13,13 @@ pub const BLOCK_BYTES: usize = 34;
 pub const PAIR: usize = 64;
 
 /// 64 activations quantized in two halves of 32 (each with its scale), the
-/// scales already spread over the 16 lanes the kernel multiplies by.
+/// scales already spread over the 16 lanes the kernel multiplies by; also
+/// offset by 128 as unsigned bytes, the side `vpdpbusd` takes unsigned.
 #[derive(Clone)]
 #[repr(C, align(64))]
 pub struct Q8Pair {
     qs: [i8; PAIR],
+    qu: [u8; PAIR],
     d: [f32; 16],
 }
 
@@ -23,6 +27,7 @@ impl Q8Pair {
     pub fn zeros() -> Self {
         Self {
             qs: [0; PAIR],
+            qu: [128; PAIR],
             d: [0.0; 16],
         }
     }
@@ -30,6 +35,11 @@ impl Q8Pair {
     /// The 64 quantized activations (64-byte aligned).
     pub(super) fn qs(&self) -> &[i8; PAIR] {
         &self.qs
+    }
+
+    /// The 64 quantized activations plus 128, as unsigned bytes (64-byte aligned).
+    pub(super) fn qu(&self) -> &[u8; PAIR] {
+        &self.qu
     }
 
     /// The two halves' scales spread over 16 lanes (64-byte aligned).
@@ -52,6 +62,12 @@ pub fn quantize(x: &[f32], out: &mut [Q8Pair]) {
             let id = if d > 0.0 { 1.0 / d } else { 0.0 };
             for (q, v) in pair.qs[32 * half..32 * (half + 1)].iter_mut().zip(chunk) {
                 *q = super::q4k::nearest_i8(v * id);
+            }
+            for (u, &q) in pair.qu[32 * half..32 * (half + 1)]
+                .iter_mut()
+                .zip(&pair.qs[32 * half..32 * (half + 1)])
+            {
+                *u = (q as u8) ^ 0x80;
             }
             pair.d[8 * half..8 * (half + 1)].fill(d);
         }
@@ -108,12 +124,13 @@ unsafe fn dot_vnni<const N: usize>(row: &[u8], xs: [&[Q8Pair]; N]) -> [f32; N] {
             assert!(x.len() >= pairs, "activations shorter than the row");
         }
         let zero = _mm512_setzero_si512();
+        let offset = _mm512_set1_epi8(-128);
         let spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
         let mut facc = [_mm512_setzero_ps(); N];
         for p in 0..pairs {
             let b = row.as_ptr().add(p * 2 * BLOCK_BYTES);
-            _mm_prefetch::<_MM_HINT_T0>(b.add(4 * BLOCK_BYTES).cast());
-            _mm_prefetch::<_MM_HINT_T0>(b.add(4 * BLOCK_BYTES + 64).cast());
+            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(super::PREFETCH_BYTES).cast());
+            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(super::PREFETCH_BYTES + 64).cast());
             let w = _mm512_inserti64x4::<1>(
                 _mm512_castsi256_si512(_mm256_loadu_si256(b.add(2).cast())),
                 _mm256_loadu_si256(b.add(BLOCK_BYTES + 2).cast()),
@@ -122,13 +139,12 @@ unsafe fn dot_vnni<const N: usize>(row: &[u8], xs: [&[Q8Pair]; N]) -> [f32; N] {
             let d1 = std::ptr::read_unaligned(b.add(BLOCK_BYTES).cast::<u16>()) as i32;
             let dw = _mm_cvtph_ps(_mm_cvtsi32_si128(d0 | (d1 << 16)));
             let dw = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(dw));
-            let absw = _mm512_abs_epi8(w);
-            let negative = _mm512_movepi8_mask(w);
+            // −128·Σw per lane: Σ(x + 128)·w from here is Σx·w.
+            let start = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, offset, w));
             for t in 0..N {
                 let xp = &xs[t][p];
-                let x = _mm512_load_si512(xp.qs.as_ptr().cast());
-                let signed = _mm512_mask_sub_epi8(x, negative, zero, x);
-                let dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, absw, signed));
+                let x = _mm512_load_si512(xp.qu.as_ptr().cast());
+                let dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, x, w));
                 let scale = _mm512_mul_ps(dw, _mm512_load_ps(xp.d.as_ptr()));
                 facc[t] = _mm512_fmadd_ps(dot, scale, facc[t]);
             }
@@ -139,49 +155,36 @@ unsafe fn dot_vnni<const N: usize>(row: &[u8], xs: [&[Q8Pair]; N]) -> [f32; N] {
 
 #[cfg(test)]
 mod tests {
+    use super::super::KernelUnderTest;
     use super::*;
-    use candle_core::quantized::{GgmlDType, QTensor};
-    use candle_core::{Device, Tensor};
-
-    use super::super::test_values as values;
 
     #[test]
     fn kernels_compute_the_dequantized_dot_product_and_agree() {
-        for seed in 0..6 {
-            let w = Tensor::from_vec(values(4096, seed), (1, 4096), &Device::Cpu).unwrap();
-            let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
-            let deq: Vec<f32> = q
-                .dequantize(&Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let row = q.data().unwrap().into_owned();
-            let xs: Vec<Vec<f32>> = (0..4).map(|k| values(4096, 100 + seed * 4 + k)).collect();
-            let xq: Vec<Vec<Q8Pair>> = xs
-                .iter()
-                .map(|x| {
-                    let mut q = vec![Q8Pair::zeros(); 64];
-                    quantize(x, &mut q);
-                    q
-                })
-                .collect();
-            let exact: f32 = deq.iter().zip(&xs[0]).map(|(a, b)| a * b).sum();
-            let scalar = dot_scalar(&row, &xq[0]);
-            assert!(
-                (scalar - exact).abs() < 0.05 * exact.abs().max(1.0),
-                "{scalar} vs {exact}"
-            );
-            let one = dot(&row, &xq[0]);
-            assert!(
-                (one - scalar).abs() <= 1e-4 * scalar.abs().max(1.0),
-                "{one} vs {scalar}"
-            );
-            let four = dot_n(&row, [&xq[0], &xq[1], &xq[2], &xq[3]]);
-            for (k, x) in xq.iter().enumerate() {
-                let want = dot_scalar(&row, x);
-                assert!((four[k] - want).abs() <= 1e-4 * want.abs().max(1.0));
+        KernelUnderTest {
+            dtype: candle_core::quantized::GgmlDType::Q8_0,
+            block_bytes: BLOCK_BYTES,
+            block_values: 32,
+            halves: &[0],
+            quantize: |x| {
+                let mut q = vec![Q8Pair::zeros(); x.len() / PAIR];
+                quantize(x, &mut q);
+                q
+            },
+            scalar: dot_scalar,
+            dot,
+            dot4: dot_n::<4>,
+        }
+        .check();
+    }
+
+    #[test]
+    fn the_offset_activations_are_the_signed_ones_plus_128() {
+        let x = super::super::test_values(128, 9);
+        let mut q = vec![Q8Pair::zeros(); 2];
+        quantize(&x, &mut q);
+        for pair in &q {
+            for (&s, &u) in pair.qs.iter().zip(&pair.qu) {
+                assert_eq!(u as i32, s as i32 + 128);
             }
         }
     }
