@@ -103,7 +103,6 @@ unsafe fn dot_vnni<const N: usize>(row: &[u8], xs: [&[Q8Pair]; N]) -> [f32; N] {
 #[cfg(test)]
 mod tests {
     use super::super::KernelUnderTest;
-    use super::super::q8_0::{PAIR, quantize};
     use super::*;
 
     #[test]
@@ -113,11 +112,7 @@ mod tests {
             block_bytes: BLOCK_BYTES,
             halves: &[0],
             block_values: 32,
-            quantize: |x| {
-                let mut q = vec![Q8Pair::zeros(); x.len() / PAIR];
-                quantize(x, &mut q);
-                q
-            },
+            quantize: super::super::q8_0::quantized,
             scalar: dot_scalar,
             dot,
             dot4: dot_n::<4>,

@@ -72,6 +72,14 @@ pub fn quantize_q8k(x: &[f32], out: &mut [Q8K]) {
     }
 }
 
+/// `x` quantized into a fresh vector (the kernels' tests).
+#[cfg(test)]
+pub(super) fn quantized_q8k(x: &[f32]) -> Vec<Q8K> {
+    let mut q = vec![Q8K::zeros(); x.len() / QK];
+    quantize_q8k(x, &mut q);
+    q
+}
+
 /// `v` (within ±127.5) rounded to the nearest integer, ties to even, as
 /// ggml's `nearest_int` does it: adding 1.5·2²³ leaves the integer in the
 /// low mantissa bits. Plain adds and masks vectorise; `f32::round` is a
@@ -412,11 +420,7 @@ mod tests {
             block_bytes: BLOCK_BYTES,
             block_values: QK,
             halves: &[0, 2],
-            quantize: |x| {
-                let mut q = vec![Q8K::zeros(); x.len() / QK];
-                quantize_q8k(x, &mut q);
-                q
-            },
+            quantize: quantized_q8k,
             scalar: dot_scalar,
             dot,
             dot4: dot_n::<4>,

@@ -195,7 +195,7 @@ unsafe fn dot_vnni<const N: usize>(row: &[u8], xs: [&[Q8K]; N]) -> [f32; N] {
 #[cfg(test)]
 mod tests {
     use super::super::KernelUnderTest;
-    use super::super::q4k::{QK, quantize_q8k};
+    use super::super::q4k::QK;
     use super::*;
 
     #[test]
@@ -205,11 +205,7 @@ mod tests {
             block_bytes: BLOCK_BYTES,
             halves: &[208],
             block_values: QK,
-            quantize: |x| {
-                let mut q = vec![Q8K::zeros(); x.len() / QK];
-                quantize_q8k(x, &mut q);
-                q
-            },
+            quantize: super::super::q4k::quantized_q8k,
             scalar: dot_scalar,
             dot,
             dot4: dot_n::<4>,

@@ -74,6 +74,14 @@ pub fn quantize(x: &[f32], out: &mut [Q8Pair]) {
     }
 }
 
+/// `x` quantized into a fresh vector (the kernels' tests).
+#[cfg(test)]
+pub(super) fn quantized(x: &[f32]) -> Vec<Q8Pair> {
+    let mut q = vec![Q8Pair::zeros(); x.len() / PAIR];
+    quantize(x, &mut q);
+    q
+}
+
 /// Plain-Rust reference and fallback.
 pub fn dot_scalar(row: &[u8], x: &[Q8Pair]) -> f32 {
     let mut sum = 0f32;
@@ -165,11 +173,7 @@ mod tests {
             block_bytes: BLOCK_BYTES,
             block_values: 32,
             halves: &[0],
-            quantize: |x| {
-                let mut q = vec![Q8Pair::zeros(); x.len() / PAIR];
-                quantize(x, &mut q);
-                q
-            },
+            quantize: quantized,
             scalar: dot_scalar,
             dot,
             dot4: dot_n::<4>,
