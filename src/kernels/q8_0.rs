@@ -60,14 +60,11 @@ pub fn quantize(x: &[f32], out: &mut [Q8Pair]) {
             let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
             let d = amax / 127.0;
             let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-            for (q, v) in pair.qs[32 * half..32 * (half + 1)].iter_mut().zip(chunk) {
+            let range = 32 * half..32 * (half + 1);
+            let (qs, qu) = (&mut pair.qs[range.clone()], &mut pair.qu[range]);
+            for ((q, u), v) in qs.iter_mut().zip(qu).zip(chunk) {
                 *q = super::q4k::nearest_i8(v * id);
-            }
-            for (u, &q) in pair.qu[32 * half..32 * (half + 1)]
-                .iter_mut()
-                .zip(&pair.qs[32 * half..32 * (half + 1)])
-            {
-                *u = (q as u8) ^ 0x80;
+                *u = (*q as u8) ^ 0x80;
             }
             pair.d[8 * half..8 * (half + 1)].fill(d);
         }
