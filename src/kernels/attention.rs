@@ -9,8 +9,8 @@
 //! query heads (GQA, Ainslie et al. 2023): query head `h` reads kv head
 //! `h / (heads / kv_heads)`, as transformers' `repeat_kv` does.
 
+use super::pool;
 use half::f16;
-use rayon::prelude::*;
 
 /// One layer's key or value buffer, `[kv_heads, capacity, head_dim]`.
 #[derive(Clone, Copy)]
@@ -50,12 +50,15 @@ pub fn decode(
     let n = view.end - view.start;
     let rep = heads / kv_heads;
     let mut out = vec![0f32; heads * head_dim];
-    let mut scores = vec![0f32; heads * n];
-    out.par_chunks_mut(rep * head_dim)
-        .zip(scores.par_chunks_mut(rep * n))
-        .zip(q.par_chunks(rep * head_dim))
-        .enumerate()
-        .for_each(|(g, ((out, scores), q))| {
+    thread_local! {
+        /// One group's scores, kept between calls (no allocation per layer).
+        static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    pool::for_each_chunk_mut(&mut out, rep * head_dim, |g, out| {
+        SCORES.with_borrow_mut(|scores| {
+            scores.clear();
+            scores.resize(rep * n, 0.0);
+            let q = &q[g * rep * head_dim..(g + 1) * rep * head_dim];
             let base = (g * view.capacity + view.start) * head_dim;
             let rows = base..base + n * head_dim;
             // Scores: each key row once for the group's queries.
@@ -94,7 +97,8 @@ pub fn decode(
                     }
                 }
             }
-        });
+        })
+    });
     out
 }
 

@@ -6,6 +6,7 @@
 
 pub(crate) mod attention;
 pub(crate) mod bf16;
+pub(crate) mod pool;
 pub(crate) mod q4_0;
 pub(crate) mod q4k;
 pub(crate) mod q4k_panel;

@@ -11,7 +11,7 @@
 //! `GgmlType::vec_dot` on CPUs without AVX-512 VNNI), prompts of 16+ tokens through panels of sixteen rows
 //! unpacked in cache (`q4k_panel`, `q8_0_panel`).
 
-use super::{PROMPT_ROWS, RowClass, q4_0, q4k, q4k_panel, q5k, q6k, q8_0, q8_0_panel};
+use super::{PROMPT_ROWS, RowClass, pool, q4_0, q4k, q4k_panel, q5k, q6k, q8_0, q8_0_panel};
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use candle_core::quantized::k_quants::{
@@ -19,7 +19,6 @@ use candle_core::quantized::k_quants::{
 };
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-use rayon::prelude::*;
 
 /// Rows of the weight matrix per parallel task: small enough to balance two
 /// to sixteen threads, large enough that scheduling costs nothing.
@@ -379,20 +378,18 @@ pub(super) fn rows_in_pairs(
     dot2: impl Fn(usize, usize) -> [f32; 2] + Sync,
 ) -> Vec<f32> {
     let mut out = vec![0f32; n];
-    out.par_chunks_mut(ROWS_PER_TASK)
-        .enumerate()
-        .for_each(|(task, dst)| {
-            let r0 = task * ROWS_PER_TASK;
-            let half = dst.len() / 2;
-            for i in 0..half {
-                let [a, b] = dot2(r0 + i, r0 + half + i);
-                dst[i] = a;
-                dst[half + i] = b;
-            }
-            if dst.len() % 2 == 1 {
-                dst[2 * half] = dot(r0 + 2 * half);
-            }
-        });
+    pool::for_each_chunk_mut(&mut out, ROWS_PER_TASK, |task, dst| {
+        let r0 = task * ROWS_PER_TASK;
+        let half = dst.len() / 2;
+        for i in 0..half {
+            let [a, b] = dot2(r0 + i, r0 + half + i);
+            dst[i] = a;
+            dst[half + i] = b;
+        }
+        if dst.len() % 2 == 1 {
+            dst[2 * half] = dot(r0 + 2 * half);
+        }
+    });
     out
 }
 
@@ -408,14 +405,12 @@ pub(super) fn rows_by_tasks<X: Sync>(
 ) -> Vec<f32> {
     let mut out = vec![0f32; m * n];
     if m == 1 {
-        out.par_chunks_mut(ROWS_PER_TASK)
-            .enumerate()
-            .for_each(|(task, dst)| {
-                let r0 = task * ROWS_PER_TASK;
-                for (i, o) in dst.iter_mut().enumerate() {
-                    *o = dot(r0 + i, xq);
-                }
-            });
+        pool::for_each_chunk_mut(&mut out, ROWS_PER_TASK, |task, dst| {
+            let r0 = task * ROWS_PER_TASK;
+            for (i, o) in dst.iter_mut().enumerate() {
+                *o = dot(r0 + i, xq);
+            }
+        });
         return out;
     }
     bands(n, m, |rows, band, width| {
@@ -437,17 +432,15 @@ pub(super) fn bands(
     fill: impl Fn(std::ops::Range<usize>, &mut [f32], usize) + Sync,
 ) -> Vec<f32> {
     let mut out = vec![0f32; m * n];
-    let bands: Vec<Vec<f32>> = (0..n.div_ceil(ROWS_PER_TASK))
-        .into_par_iter()
-        .map(|task| {
-            let r0 = task * ROWS_PER_TASK;
-            let r1 = (r0 + ROWS_PER_TASK).min(n);
-            let width = r1 - r0;
-            let mut band = vec![0f32; m * width];
-            fill(r0..r1, &mut band, width);
-            band
-        })
-        .collect();
+    let mut bands: Vec<Vec<f32>> = vec![Vec::new(); n.div_ceil(ROWS_PER_TASK)];
+    pool::for_each_chunk_mut(&mut bands, 1, |task, slot| {
+        let r0 = task * ROWS_PER_TASK;
+        let r1 = (r0 + ROWS_PER_TASK).min(n);
+        let width = r1 - r0;
+        let mut band = vec![0f32; m * width];
+        fill(r0..r1, &mut band, width);
+        slot[0] = band;
+    });
     for (task, band) in bands.iter().enumerate() {
         let r0 = task * ROWS_PER_TASK;
         let width = band.len() / m;
