@@ -89,23 +89,35 @@ impl<T> SendPtr<T> {
 
 static POOL: OnceLock<Pool> = OnceLock::new();
 
+/// Bits of [`Pool::signal`] that hold the region's helper count.
+const HELPER_BITS: u32 = 16;
+
 #[derive(Default)]
 struct Pool {
     /// Held by the one caller whose region is running.
     dispatch: Mutex<()>,
-    /// The region to run; written only by the holder of `dispatch` while
-    /// no worker reads it (`pending` is zero), read by workers after they
-    /// see `epoch` move.
+    /// The region to run; written only by the holder of `dispatch` after
+    /// it saw `pending` reach zero (with Acquire), so while no worker reads
+    /// it; read by the region's helpers after they see `signal` move.
     job: JobCell,
-    /// Bumped once per region: a worker that sees it move takes the job.
-    epoch: AtomicU64,
+    /// `epoch << HELPER_BITS | helpers`, written once per region (SeqCst:
+    /// a worker going to sleep and the dispatcher deciding whether to wake
+    /// it must agree on the order of this and `sleepers`). Workers with an
+    /// index under `helpers` take the region's job; the others sit it out
+    /// without touching it.
+    signal: AtomicU64,
     /// The next task to claim.
     next: AtomicUsize,
-    /// Workers that have not yet finished with the current region.
+    /// Helpers that have not yet finished with the current region.
     pending: AtomicUsize,
-    panicked: AtomicBool,
-    /// Workers spawned so far (guarded: only the dispatcher spawns).
+    /// The first panic of a helper's task in the current region, raised
+    /// again on the caller (kept, never dropped on the worker: a payload
+    /// whose drop panics must not kill the worker).
+    payload: Mutex<Option<Box<dyn std::any::Any + Send>>>,
+    /// Workers spawned so far (only the dispatcher spawns).
     workers: Mutex<usize>,
+    /// Set when the system refused a thread: use the ones there are.
+    spawn_failed: AtomicBool,
     sleepers: AtomicUsize,
     sleep: Mutex<()>,
     wake: Condvar,
@@ -123,8 +135,6 @@ struct Job {
     /// reaches zero, which `run` waits for before it returns or unwinds.
     task: *const (dyn Fn(usize) + Sync),
     n: usize,
-    /// Workers that take tasks (the others only report in).
-    helpers: usize,
 }
 
 impl Default for Job {
@@ -132,46 +142,40 @@ impl Default for Job {
         Self {
             task: &(|_: usize| {}) as &(dyn Fn(usize) + Sync),
             n: 0,
-            helpers: 0,
         }
     }
 }
 
 impl Pool {
+    /// Runs `task(0..n)` on the caller and up to `helpers` workers. The
+    /// caller must hold `dispatch`.
     fn run(&'static self, helpers: usize, n: usize, task: &(dyn Fn(usize) + Sync)) {
-        let workers = {
-            let mut spawned = self.workers.lock().unwrap_or_else(|e| e.into_inner());
-            while *spawned < helpers {
-                let (index, seen) = (*spawned, self.epoch.load(Ordering::Acquire));
-                let started = std::thread::Builder::new()
-                    .name(format!("starling-kernel-{index}"))
-                    .spawn(move || self.work(index, seen));
-                if started.is_err() {
-                    break;
-                }
-                *spawned += 1;
-            }
-            *spawned
-        };
-        // SAFETY: `pending` is zero (the previous region waited for it) and
-        // we hold `dispatch`, so no worker reads the job while it changes.
+        let helpers = self.spawn(helpers).min((1 << HELPER_BITS) - 1);
+        if let Some(stale) = lock(&self.payload).take() {
+            // A panic the caller did not see (its own came first): leaked,
+            // as dropping it could panic here.
+            std::mem::forget(stale);
+        }
+        // SAFETY: the previous region ended when `Finish` saw `pending`
+        // reach zero (Acquire), and we hold `dispatch`: no worker reads the
+        // job while it changes.
         unsafe {
             let job = &mut *self.job.0.get();
-            // Erase the lifetime: every worker is done with `task` before
+            // Erase the lifetime: every helper is done with `task` before
             // `Finish` below lets this function return or unwind.
             job.task = std::mem::transmute::<
                 *const (dyn Fn(usize) + Sync + '_),
                 *const (dyn Fn(usize) + Sync + 'static),
             >(task as *const _);
             job.n = n;
-            job.helpers = helpers.min(workers);
         }
         self.next.store(0, Ordering::Relaxed);
-        self.panicked.store(false, Ordering::Relaxed);
-        self.pending.store(workers, Ordering::Relaxed);
-        self.epoch.fetch_add(1, Ordering::Release);
+        self.pending.store(helpers, Ordering::Relaxed);
+        let epoch = (self.signal.load(Ordering::Relaxed) >> HELPER_BITS) + 1;
+        self.signal
+            .store(epoch << HELPER_BITS | helpers as u64, Ordering::SeqCst);
         if self.sleepers.load(Ordering::SeqCst) > 0 {
-            let _guard = self.sleep.lock().unwrap_or_else(|e| e.into_inner());
+            let _guard = lock(&self.sleep);
             self.wake.notify_all();
         }
         struct Finish(&'static Pool);
@@ -185,9 +189,30 @@ impl Pool {
         let finish = Finish(self);
         self.claim(n, task);
         drop(finish);
-        if self.panicked.load(Ordering::Relaxed) {
-            panic!("a kernel task panicked on a worker thread");
+        if let Some(payload) = lock(&self.payload).take() {
+            std::panic::resume_unwind(payload);
         }
+    }
+
+    /// Spawns workers up to `helpers` (fewer if the system refuses one);
+    /// returns how many there are.
+    fn spawn(&'static self, helpers: usize) -> usize {
+        let mut spawned = lock(&self.workers);
+        while *spawned < helpers && !self.spawn_failed.load(Ordering::Relaxed) {
+            // Read under `dispatch`, before this region's signal: the new
+            // worker sees the region start.
+            let (index, seen) = (*spawned, self.signal.load(Ordering::SeqCst));
+            let started = std::thread::Builder::new()
+                .name(format!("starling-kernel-{index}"))
+                // As the compute pools' threads, whose work this takes over.
+                .stack_size(8 << 20)
+                .spawn(move || self.work(index, seen));
+            match started {
+                Ok(_) => *spawned += 1,
+                Err(_) => self.spawn_failed.store(true, Ordering::Relaxed),
+            }
+        }
+        (*spawned).min(helpers)
     }
 
     /// Runs tasks until none is left unclaimed.
@@ -202,46 +227,55 @@ impl Pool {
     }
 
     fn work(&self, index: usize, mut seen: u64) {
+        let mut helped = true;
         loop {
-            seen = self.wait_past(seen);
-            // SAFETY: the dispatcher wrote the job before bumping `epoch`
-            // (Release, read with Acquire) and leaves it alone until this
-            // worker decrements `pending`.
-            let (task, n, helpers) = unsafe {
+            // A worker the last region did without sleeps at once: spinning
+            // would only take a core from the ones that work.
+            seen = self.wait_past(seen, helped);
+            helped = index < (seen & ((1 << HELPER_BITS) - 1)) as usize;
+            if !helped {
+                continue;
+            }
+            // SAFETY: the dispatcher wrote the job before the signal (SeqCst
+            // store, read here with SeqCst) and leaves it alone until this
+            // helper decrements `pending`.
+            let (task, n) = unsafe {
                 let job = &*self.job.0.get();
-                (job.task, job.n, job.helpers)
+                (&*job.task, job.n)
             };
-            if index < helpers {
-                // SAFETY: valid until `pending` reaches zero (see `Job::task`).
-                let task = unsafe { &*task };
-                if catch_unwind(AssertUnwindSafe(|| self.claim(n, task))).is_err() {
-                    self.panicked.store(true, Ordering::Relaxed);
+            if let Err(payload) = catch_unwind(AssertUnwindSafe(|| self.claim(n, task))) {
+                let mut slot = lock(&self.payload);
+                match *slot {
+                    None => *slot = Some(payload),
+                    Some(_) => std::mem::forget(payload),
                 }
             }
             self.pending.fetch_sub(1, Ordering::Release);
         }
     }
 
-    /// Spins until `epoch` moves past `seen`, for at most [`SPIN`], then
-    /// sleeps until it does; returns the new epoch.
-    fn wait_past(&self, seen: u64) -> u64 {
-        let start = Instant::now();
-        let mut spins = 0u32;
-        loop {
-            let now = self.epoch.load(Ordering::Acquire);
-            if now != seen {
-                return now;
-            }
-            std::hint::spin_loop();
-            spins = spins.wrapping_add(1);
-            if spins.is_multiple_of(1024) && start.elapsed() > SPIN {
-                break;
+    /// Waits until `signal` moves past `seen` (spinning for up to [`SPIN`]
+    /// first when `spin`, then sleeping); returns the new signal.
+    fn wait_past(&self, seen: u64, spin: bool) -> u64 {
+        if spin {
+            let start = Instant::now();
+            let mut spins = 0u32;
+            loop {
+                let now = self.signal.load(Ordering::SeqCst);
+                if now != seen {
+                    return now;
+                }
+                std::hint::spin_loop();
+                spins = spins.wrapping_add(1);
+                if spins & 1023 == 0 && start.elapsed() > SPIN {
+                    break;
+                }
             }
         }
-        let mut guard = self.sleep.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = lock(&self.sleep);
         self.sleepers.fetch_add(1, Ordering::SeqCst);
         loop {
-            let now = self.epoch.load(Ordering::SeqCst);
+            let now = self.signal.load(Ordering::SeqCst);
             if now != seen {
                 self.sleepers.fetch_sub(1, Ordering::SeqCst);
                 return now;
@@ -251,27 +285,52 @@ impl Pool {
     }
 }
 
+/// The data behind `m`, poisoned or not (every holder leaves it consistent).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// A pool of its own (the global one may be busy with another test,
+    /// which would send `run` down rayon's road), left running.
+    fn private() -> &'static Pool {
+        Box::leak(Box::default())
+    }
+
+    fn counted(pool: &'static Pool, helpers: usize, n: usize) -> Vec<usize> {
+        let counts: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+        pool.run(helpers, n, &|i| {
+            counts[i].fetch_add(1, Ordering::Relaxed);
+        });
+        counts.into_iter().map(AtomicUsize::into_inner).collect()
+    }
+
     #[test]
-    fn every_task_runs_once_whatever_the_thread_count() {
-        for threads in [1, 2, 3] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
+    fn every_task_runs_once_as_the_helper_count_changes() {
+        let pool = private();
+        for helpers in [2, 0, 1, 3, 1, 2] {
             for n in [0, 1, 2, 7, 300] {
-                let counts: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
-                pool.install(|| {
-                    run(n, &|i| {
-                        counts[i].fetch_add(1, Ordering::Relaxed);
-                    })
-                });
-                assert!(counts.iter().all(|c| c.load(Ordering::Relaxed) == 1));
+                assert!(counted(pool, helpers, n).iter().all(|&c| c == 1));
             }
         }
+        assert_eq!(*lock(&pool.workers), 3);
+    }
+
+    #[test]
+    fn workers_take_tasks() {
+        let pool = private();
+        let caller = std::thread::current().id();
+        let elsewhere = AtomicUsize::new(0);
+        pool.run(1, 64, &|_| {
+            if std::thread::current().id() != caller {
+                elsewhere.fetch_add(1, Ordering::Relaxed);
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        });
+        assert!(elsewhere.into_inner() > 0, "the worker took no task");
     }
 
     #[test]
@@ -295,36 +354,55 @@ mod tests {
 
     #[test]
     fn a_sleeping_worker_wakes_for_the_next_region() {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .unwrap();
-        pool.install(|| {
-            let done = AtomicUsize::new(0);
-            for _ in 0..3 {
-                run(64, &|_| {
-                    done.fetch_add(1, Ordering::Relaxed);
-                });
-                std::thread::sleep(SPIN * 3);
+        let pool = private();
+        for _ in 0..3 {
+            assert!(counted(pool, 1, 64).iter().all(|&c| c == 1));
+            // It spins for SPIN, then sleeps (a loaded machine may take longer).
+            let start = Instant::now();
+            while pool.sleepers.load(Ordering::SeqCst) == 0 {
+                assert!(start.elapsed() < Duration::from_secs(5), "never slept");
+                std::thread::sleep(SPIN);
             }
-            assert_eq!(done.load(Ordering::Relaxed), 192);
-        });
+        }
     }
 
     #[test]
-    fn a_panicking_task_panics_the_caller_and_the_pool_goes_on() {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .unwrap();
-        pool.install(|| {
-            let caught = catch_unwind(|| run(100, &|i| assert_ne!(i, 57, "task 57")));
-            assert!(caught.is_err());
-            let done = AtomicUsize::new(0);
-            run(100, &|_| {
-                done.fetch_add(1, Ordering::Relaxed);
+    fn a_panic_on_a_worker_reaches_the_caller_and_the_pool_goes_on() {
+        let pool = private();
+        let caller = std::thread::current().id();
+        let caught = catch_unwind(AssertUnwindSafe(|| {
+            pool.run(1, 100, &|_| {
+                if std::thread::current().id() != caller {
+                    panic!("worker task");
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            })
+        }));
+        let payload = caught.expect_err("the worker's panic was lost");
+        assert_eq!(payload.downcast_ref::<&str>(), Some(&"worker task"));
+        assert!(counted(pool, 1, 100).iter().all(|&c| c == 1));
+        let caught = catch_unwind(AssertUnwindSafe(|| {
+            pool.run(1, 100, &|i| assert_ne!(i, 0, "caller task"))
+        }));
+        assert!(caught.is_err());
+        assert!(counted(pool, 1, 100).iter().all(|&c| c == 1));
+    }
+
+    #[test]
+    fn run_follows_rayons_thread_count() {
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let seen = Mutex::new(std::collections::HashSet::new());
+            pool.install(|| {
+                run(64, &|_| {
+                    lock(&seen).insert(std::thread::current().id());
+                    std::thread::sleep(Duration::from_micros(200));
+                })
             });
-            assert_eq!(done.load(Ordering::Relaxed), 100);
-        });
+            assert!(lock(&seen).len() <= threads);
+        }
     }
 }
