@@ -79,7 +79,8 @@ fn argument_error(e: clap::Error) -> ExitCode {
 /// candle asks for the thread count on every CPU matmul, and without
 /// RAYON_NUM_THREADS it re-reads /proc/cpuinfo each time (a measured 8% of a
 /// decode step on a small model). Resolve it once, from `--threads` or the
-/// default (physical cores), before any compute thread starts.
+/// default (physical cores, within the CPUs the process may use), before
+/// any compute thread starts.
 /// RAYON_NUM_THREADS from the environment is checked like `--threads`.
 fn pin_thread_count(threads: Option<u16>) -> Result<(), String> {
     let max = starling::cli::MAX_THREADS;
@@ -95,7 +96,10 @@ fn pin_thread_count(threads: Option<u16>) -> Result<(), String> {
                     )),
                 };
             }
+            // Physical cores, but no more than the CPUs this process may
+            // use (`taskset`, a container's cpuset or quota).
             Err(_) => candle_core::utils::get_num_threads()
+                .min(std::thread::available_parallelism().map_or(1, |n| n.get()))
                 .min(max as usize)
                 .to_string(),
         },
