@@ -59,7 +59,7 @@ pub fn run(n: usize, task: &(dyn Fn(usize) + Sync)) {
     }
     let pool = POOL.get_or_init(Pool::default);
     // A panic in an earlier region poisons the lock; the pool is sound
-    // all the same (that region waited for every worker).
+    // all the same (that region waited for every task).
     let _turn = match pool.dispatch.try_lock() {
         Ok(turn) => turn,
         Err(std::sync::TryLockError::Poisoned(turn)) => turn.into_inner(),
@@ -322,6 +322,15 @@ mod tests {
         Box::leak(Box::default())
     }
 
+    /// Spins until `ready` (a loaded machine may start a worker late), for
+    /// at most five seconds.
+    fn wait_for(ready: impl Fn() -> bool) {
+        let start = Instant::now();
+        while !ready() && start.elapsed() < Duration::from_secs(5) {
+            std::thread::yield_now();
+        }
+    }
+
     fn counted(pool: &'static Pool, helpers: usize, n: usize) -> Vec<usize> {
         let counts: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
         pool.run(helpers, n, &|i| {
@@ -342,6 +351,16 @@ mod tests {
     }
 
     #[test]
+    fn a_region_does_not_wait_for_a_worker_that_never_runs() {
+        // A worker the scheduler leaves off its CPU: counted, never running.
+        let pool = private();
+        *lock(&pool.workers) = 1;
+        for _ in 0..3 {
+            assert!(counted(pool, 1, 50).iter().all(|&c| c == 1));
+        }
+    }
+
+    #[test]
     fn workers_take_tasks() {
         let pool = private();
         let caller = std::thread::current().id();
@@ -349,8 +368,9 @@ mod tests {
         pool.run(1, 64, &|_| {
             if std::thread::current().id() != caller {
                 elsewhere.fetch_add(1, Ordering::Relaxed);
+            } else {
+                wait_for(|| elsewhere.load(Ordering::Relaxed) > 0);
             }
-            std::thread::sleep(Duration::from_micros(200));
         });
         assert!(elsewhere.into_inner() > 0, "the worker took no task");
     }
@@ -392,12 +412,14 @@ mod tests {
     fn a_panic_on_a_worker_reaches_the_caller_and_the_pool_goes_on() {
         let pool = private();
         let caller = std::thread::current().id();
+        let panicked = AtomicBool::new(false);
         let caught = catch_unwind(AssertUnwindSafe(|| {
             pool.run(1, 100, &|_| {
                 if std::thread::current().id() != caller {
+                    panicked.store(true, Ordering::Relaxed);
                     panic!("worker task");
                 }
-                std::thread::sleep(Duration::from_micros(200));
+                wait_for(|| panicked.load(Ordering::Relaxed));
             })
         }));
         let payload = caught.expect_err("the worker's panic was lost");
