@@ -283,6 +283,13 @@ pub struct DeviceArgs {
     /// weights (half the memory, as llama.cpp), f32 for f32 weights (exact).
     #[arg(long, value_enum, value_name = "TYPE")]
     pub kv_type: Option<KvTypeArg>,
+    /// Read the weights from the file's memory map for the whole run. By default,
+    /// once the model has started, an idle-priority thread moves them into the
+    /// process's own memory, which generation streams faster (about 10% on a 7B
+    /// Q4_K_M here); that needs free memory the size of the file plus 1 GB and is
+    /// skipped without it.
+    #[arg(long)]
+    pub keep_mapped: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -50,6 +50,8 @@ pub struct Loaded {
     pub text: Text,
     pub model: Model,
     pub load_s: f64,
+    /// The weights' move into memory, when one runs (`Weights::move_into_memory`).
+    pub resident: Option<crate::weights::resident::Mover>,
 }
 
 pub fn device(spec: &str) -> Result<Device> {
@@ -447,6 +449,7 @@ pub fn load(
     dtype: DTypeChoice,
     quantize: Option<GgmlDType>,
     device: &Device,
+    keep_mapped: bool,
 ) -> Result<Loaded> {
     let start = std::time::Instant::now();
     if files.weights.is_empty() {
@@ -471,10 +474,18 @@ pub fn load(
             text.config.vocab_size
         );
     }
+    let load_s = start.elapsed().as_secs_f64();
+    let maps = weights.maps();
+    drop(weights);
+    let resident = match keep_mapped {
+        true => None,
+        false => crate::weights::resident::move_into_memory(maps, device),
+    };
     Ok(Loaded {
         text,
         model,
-        load_s: start.elapsed().as_secs_f64(),
+        load_s,
+        resident,
     })
 }
 

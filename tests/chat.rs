@@ -136,6 +136,7 @@ fn library_chat(model: &Path) -> Chat {
         starling::loader::DTypeChoice::Auto,
         None,
         &Device::Cpu,
+        false,
     )
     .unwrap();
     let settings = ChatSettings {

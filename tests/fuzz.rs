@@ -644,6 +644,7 @@ fn load_and_answer(model: &Path, messages: &Path) -> anyhow::Result<()> {
         starling::loader::DTypeChoice::Auto,
         None,
         &Device::Cpu,
+        false,
     )?;
     let conversation = starling::commands::input::read_messages(messages)?;
     let prompt = loaded

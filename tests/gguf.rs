@@ -253,6 +253,7 @@ fn q8_0_stays_within_its_stated_tolerance() {
             starling::loader::DTypeChoice::Auto,
             q,
             &Device::Cpu,
+            false,
         )
         .unwrap()
         .model
@@ -461,7 +462,7 @@ fn bf16_weights_on_the_cpu_answer_like_f32_of_the_rounded_weights() {
     let logits = |model: &Path, dtype, short: bool| {
         let files = starling::source::local_dir(model).unwrap();
         let choice = starling::loader::DTypeChoice::Fixed(dtype);
-        let mut m = starling::loader::load(&files, "auto", choice, None, &Device::Cpu)
+        let mut m = starling::loader::load(&files, "auto", choice, None, &Device::Cpu, false)
             .unwrap()
             .model;
         m.set_kv_dtype(candle_core::DType::F32);
@@ -591,4 +592,48 @@ fn added_tokens_of_either_type_are_the_templates_only() {
             "{name}: {plain:?}"
         );
     }
+}
+
+/// A model that reads its matrices from the file's memory map gets them
+/// moved into the process's own memory after loading (`bench` waits for it
+/// and says so); `--keep-mapped` leaves them mapped; the answer is the same.
+#[test]
+fn mapped_weights_move_into_memory_unless_kept_mapped() {
+    let file = twin("gguf-move", GgmlDType::BF16, None);
+    let size = std::fs::metadata(&file).unwrap().len();
+    let model = file.display().to_string();
+    let bench = |extra: &[&str]| {
+        let mut args = vec!["bench", "--model", &model, "-p", "4", "-n", "2", "-r", "1"];
+        args.extend(extra);
+        ok(&starling(&args, None))
+    };
+    let out = bench(&[]);
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("weights moved into memory"))
+        .unwrap_or_else(|| panic!("{out}"));
+    let shown = format!(
+        "{:.2} MB of {:.2} MB in",
+        size as f64 / 1e6,
+        size as f64 / 1e6
+    );
+    assert!(line.contains(&shown), "{line} (file: {size} bytes)");
+    assert!(!line.contains("stopped"), "{line}");
+    let kept = bench(&["--keep-mapped"]);
+    assert!(!kept.contains("weights moved"), "{kept}");
+    // An f32 file is copied at load (into the compute layout): nothing is
+    // left mapped, so nothing moves (the file's pages are not doubled).
+    let f32_file = twin("gguf-move-f32", GgmlDType::F32, None);
+    let f32_model = f32_file.display().to_string();
+    let out = ok(&starling(
+        &[
+            "bench", "--model", &f32_model, "-p", "4", "-n", "2", "-r", "1",
+        ],
+        None,
+    ));
+    assert!(
+        out.contains("| tg2 |") && !out.contains("weights moved"),
+        "{out}"
+    );
+    assert_eq!(greedy(&file, &["--keep-mapped"]), greedy(&file, &[]));
 }

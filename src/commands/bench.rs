@@ -47,8 +47,29 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let dtype = loader::model_dtype(args.device.dtype(), &weights, &config, &device)?;
     let mut model = Model::load(&config, &weights, dtype, &device)?;
     args.device.apply_kv_type(&mut model);
-    drop(weights);
     let load_s = start.elapsed().as_secs_f64();
+    // Measured as a long-running process sees it: after the weights have
+    // moved into memory (the move is timed on its own line).
+    let maps = weights.maps();
+    drop(weights);
+    let resident = match args.device.keep_mapped {
+        true => None,
+        false => crate::weights::resident::move_into_memory(maps, &device),
+    };
+    // A model that copied its weights at load leaves nothing to move.
+    let resident = resident.map(|mover| mover.wait()).filter(|r| r.moved > 0);
+    if let Some(r) = resident.as_ref().filter(|_| !args.json) {
+        println!(
+            "weights moved into memory after loading: {} of {} in {:.2} s{}",
+            shown_bytes(r.moved),
+            shown_bytes(r.total),
+            r.seconds,
+            r.stopped
+                .as_ref()
+                .map(|s| format!(" (stopped: {s})"))
+                .unwrap_or_default()
+        );
+    }
     let (p, n) = (args.prompt_tokens, args.gen_tokens);
     if p + n > model.max_len() {
         bail!(
@@ -62,7 +83,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     } else {
         let shared = Arc::new(model);
         if !args.parallel.is_empty() {
-            parallel(args, shared.clone(), &label, load_s, vocab)?;
+            let moved_s = resident.as_ref().map(|r| r.seconds);
+            parallel(args, shared.clone(), &label, (load_s, moved_s), vocab)?;
         }
         if let Some(long) = args.gap_prompt {
             gap(args, shared.clone(), long, vocab)?;
@@ -156,6 +178,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// `bytes` in GB, or MB below a gigabyte (tiny test models).
+fn shown_bytes(bytes: u64) -> String {
+    match bytes {
+        0..1_000_000_000 => format!("{:.2} MB", bytes as f64 / 1e6),
+        _ => format!("{:.2} GB", bytes as f64 / 1e9),
+    }
+}
+
 /// `--parallel B,...`: for each B, B streams through the engine, each with
 /// its own prompt (no prefix shared between streams or repetitions), as
 /// llama-batched-bench measures: aggregate prompt speed (all B prompts over
@@ -167,7 +197,7 @@ fn parallel(
     args: &BenchArgs,
     model: Arc<Model>,
     label: &str,
-    load_s: f64,
+    (load_s, moved_s): (f64, Option<f64>),
     vocab: u32,
 ) -> Result<()> {
     let (p, n) = (args.prompt_tokens, args.gen_tokens);
@@ -236,6 +266,7 @@ fn parallel(
                 "gen_tps_per_stream": tg / b as f64,
                 "ttft_s": ttft,
                 "load_s": load_s,
+                "weights_moved_s": moved_s,
                 "weights_bytes": weights_bytes,
                 "peak_rss_bytes": peak,
                 "threads": candle_core::utils::get_num_threads(),

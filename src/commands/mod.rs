@@ -54,6 +54,8 @@ pub struct Started {
     pub stop_ids: Vec<u32>,
     pub generation: GenerationConfig,
     pub load_s: f64,
+    /// The weights' move into memory, when one runs.
+    pub resident: Option<crate::weights::resident::Mover>,
     /// Where the model's files are.
     pub dir: std::path::PathBuf,
 }
@@ -79,7 +81,14 @@ pub fn start_engine_with(
     default_parallel: usize,
 ) -> Result<Started> {
     let on = loader::device(&device.device)?;
-    let loaded = loader::load(files, template, device.dtype(), device.quantize, &on)?;
+    let loaded = loader::load(
+        files,
+        template,
+        device.dtype(),
+        device.quantize,
+        &on,
+        device.keep_mapped,
+    )?;
     let text = loaded.text;
     let tokenizer = Arc::new(text.tokenizer);
     let mut weights = loaded.model;
@@ -96,6 +105,7 @@ pub fn start_engine_with(
         stop_ids: text.stop_ids,
         generation: text.generation,
         load_s: loaded.load_s,
+        resident: loaded.resident,
         dir: files.dir.clone(),
     })
 }

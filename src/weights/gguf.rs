@@ -30,6 +30,8 @@ pub struct Gguf {
     content: Content,
     /// The whole file, memory-mapped read-only.
     map: Bytes,
+    /// The same map, followed without being kept alive (`resident`).
+    followed: std::sync::Weak<memmap2::Mmap>,
     config: Config,
 }
 
@@ -308,6 +310,7 @@ pub fn read_vocab(path: &Path) -> Result<Vocab> {
         path: path.to_path_buf(),
         content,
         map: Bytes::new(),
+        followed: std::sync::Weak::new(),
         config,
     };
     gguf.tokenizer_vocab()
@@ -352,10 +355,12 @@ impl Gguf {
         // file while the model runs.
         let map = unsafe { memmap2::Mmap::map(&file) }
             .with_context(|| format!("mapping {} into memory", path.display()))?;
+        let (map, followed) = super::resident::share(map);
         let mut gguf = Self {
             path: path.to_path_buf(),
             content,
-            map: Bytes::from_owner(map),
+            map,
+            followed,
             config,
         };
         if gguf.content.tensor_infos.contains_key(ROPE_FREQS) {
@@ -391,6 +396,11 @@ impl Gguf {
             bail!("{path}: {ROPE_FREQS} holds {bad}, not a positive finite factor");
         }
         Ok(factors)
+    }
+
+    /// The map, for `resident`'s move.
+    pub(crate) fn followed(&self) -> std::sync::Weak<memmap2::Mmap> {
+        self.followed.clone()
     }
 
     /// The whole file as mapped.

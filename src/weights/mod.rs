@@ -17,6 +17,7 @@
 pub mod gguf;
 pub mod gguf_header;
 pub mod pickle;
+pub mod resident;
 
 use crate::model::RopeLayout;
 use crate::model::linear::{self, Embedding, Linear};
@@ -60,10 +61,14 @@ impl SafeTensor {
     }
 }
 
+/// Maps followed without being kept alive (`resident::share`).
+pub type Followed = Vec<std::sync::Weak<memmap2::Mmap>>;
+
 /// Maps `files` and indexes their tensors; the `safetensors` crate checks
 /// each header (offsets inside the file, sizes matching shapes and dtypes).
-fn open_safetensors(files: &[PathBuf]) -> Result<HashMap<String, SafeTensor>> {
+fn open_safetensors(files: &[PathBuf]) -> Result<(HashMap<String, SafeTensor>, Followed)> {
     let mut all = HashMap::new();
+    let mut maps = Vec::with_capacity(files.len());
     for path in files {
         let invalid = |e: &dyn std::fmt::Display| {
             anyhow::anyhow!(
@@ -78,7 +83,7 @@ fn open_safetensors(files: &[PathBuf]) -> Result<HashMap<String, SafeTensor>> {
         // the file while the model runs.
         let map = unsafe { memmap2::Mmap::map(&file) }
             .with_context(|| format!("mapping {} into memory", path.display()))?;
-        let map = Bytes::from_owner(map);
+        let (map, weak) = resident::share(map);
         let parsed = safetensors::SafeTensors::deserialize(&map).map_err(|e| invalid(&e))?;
         for (name, view) in parsed.tensors() {
             let entry = SafeTensor {
@@ -88,8 +93,9 @@ fn open_safetensors(files: &[PathBuf]) -> Result<HashMap<String, SafeTensor>> {
             };
             all.insert(name, entry);
         }
+        maps.push(weak);
     }
-    Ok(all)
+    Ok((all, maps))
 }
 
 /// The tensor whose stored type stands for a GGUF file's matrices.
@@ -98,6 +104,9 @@ const PROBE_MATRIX: &str = "model.layers.0.mlp.up_proj.weight";
 pub struct Weights {
     store: Store,
     files: Vec<PathBuf>,
+    /// Each mapped file (GGUF, safetensors), followed without being kept
+    /// alive: what `move_into_memory` moves.
+    maps: Vec<std::sync::Weak<memmap2::Mmap>>,
     /// `--quantize`: the ggml type dense matrices are quantized to on load.
     quantize: Option<GgmlDType>,
 }
@@ -135,10 +144,13 @@ impl Weights {
                 bail!("weights file {} is missing", f.display());
             }
         }
+        let mut maps = Vec::new();
         let store = if let [one] = files
             && gguf::is_gguf(one)
         {
-            Store::Gguf(Box::new(gguf::Gguf::open(one)?))
+            let gguf = gguf::Gguf::open(one)?;
+            maps.push(gguf.followed());
+            Store::Gguf(Box::new(gguf))
         } else if files.iter().all(|f| is_pickle(f)) {
             let mut shards = Vec::with_capacity(files.len());
             let mut routing = HashMap::new();
@@ -153,13 +165,23 @@ impl Weights {
             }
             Store::Pickle { shards, routing }
         } else {
-            Store::Safetensors(open_safetensors(files)?)
+            let (tensors, mapped) = open_safetensors(files)?;
+            maps = mapped;
+            Store::Safetensors(tensors)
         };
         Ok(Self {
             store,
             files: files.to_vec(),
+            maps,
             quantize: None,
         })
+    }
+
+    /// The mapped files, followed without being kept alive: hand them to
+    /// `resident::move_into_memory` once these weights are dropped, so that
+    /// only maps the model holds slices of are moved.
+    pub fn maps(&self) -> Followed {
+        self.maps.clone()
     }
 
     /// Quantizes every matrix to `dtype` while loading (`None`: as stored).
@@ -291,6 +313,7 @@ impl Weights {
         Self {
             store: Store::Synthetic { names },
             files: Vec::new(),
+            maps: Vec::new(),
             quantize: None,
         }
     }
