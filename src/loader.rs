@@ -436,11 +436,47 @@ pub fn weight_bytes(config: &Config, dtype: DType) -> usize {
 }
 
 /// MemAvailable from /proc/meminfo (Linux), if the OS says.
+/// Within a cgroup (v2) memory limit, the least room left under it and its
+/// ancestors' limits: a container's limit, not the machine's, is what an
+/// allocation runs into.
 fn available_memory() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    let machine = kb * 1024;
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok();
+    let group = own
+        .as_deref()
+        .and_then(|text| text.lines().find_map(|l| l.strip_prefix("0::")));
+    Some(match group {
+        Some(path) => machine.min(cgroup_room(Path::new("/sys/fs/cgroup"), path)),
+        None => machine,
+    })
+}
+
+/// `memory.max - memory.current` of cgroup `path` under `root` and of each
+/// of its ancestors, the least of them (`u64::MAX` where none sets a limit
+/// or the files cannot be read).
+fn cgroup_room(root: &Path, path: &str) -> u64 {
+    let read = |dir: &Path, name: &str| -> Option<u64> {
+        std::fs::read_to_string(dir.join(name))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let mut room = u64::MAX;
+    let mut dir = root.join(path.trim_start_matches('/'));
+    while dir.starts_with(root) {
+        if let (Some(max), Some(current)) = (read(&dir, "memory.max"), read(&dir, "memory.current"))
+        {
+            room = room.min(max.saturating_sub(current));
+        }
+        if !dir.pop() {
+            break;
+        }
+    }
+    room
 }
 
 pub fn load(
@@ -547,6 +583,29 @@ mod tests {
             .unwrap(),
             (DType::BF16, false)
         );
+    }
+
+    #[test]
+    fn the_room_under_a_cgroup_limit_is_the_least_over_its_ancestors() {
+        let root = tempfile::tempdir().unwrap();
+        let write = |dir: &str, max: &str, current: &str| {
+            let d = root.path().join(dir);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("memory.max"), max).unwrap();
+            std::fs::write(d.join("memory.current"), current).unwrap();
+        };
+        write("", "max\n", "123\n");
+        write("a", "8000\n", "1000\n");
+        write("a/b", "max\n", "500\n");
+        assert_eq!(cgroup_room(root.path(), "/a/b"), 7000);
+        write("a/b", "3000\n", "500\n");
+        assert_eq!(cgroup_room(root.path(), "/a/b"), 2500);
+        // Over the limit (page cache charged): no room, not an underflow.
+        write("a/b", "3000\n", "4000\n");
+        assert_eq!(cgroup_room(root.path(), "/a/b"), 0);
+        // No limit anywhere, or no such group.
+        assert_eq!(cgroup_room(root.path(), "/"), u64::MAX);
+        assert_eq!(cgroup_room(root.path(), "/nowhere"), u64::MAX);
     }
 
     #[test]

@@ -59,15 +59,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     // A model that copied its weights at load leaves nothing to move.
     let resident = resident.map(|mover| mover.wait()).filter(|r| r.moved > 0);
     if let Some(r) = resident.as_ref().filter(|_| !args.json) {
+        // A failure is the move's own note on stderr.
         println!(
-            "weights moved into memory after loading: {} of {} in {:.2} s{}",
+            "weights moved into memory after loading: {} of {} in {:.2} s",
             shown_bytes(r.moved),
             shown_bytes(r.total),
             r.seconds,
-            r.stopped
-                .as_ref()
-                .map(|s| format!(" (stopped: {s})"))
-                .unwrap_or_default()
         );
     }
     let (p, n) = (args.prompt_tokens, args.gen_tokens);

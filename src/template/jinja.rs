@@ -170,12 +170,16 @@ fn within_memory_budget<T: Send>(render: impl FnOnce() -> Result<T> + Send) -> R
     })
 }
 
-/// The process's resident memory (Linux: `VmRSS` of /proc/self/status).
+/// The process's anonymous resident memory (Linux: `RssAnon` of
+/// /proc/self/status), less what the weights' move into memory has added
+/// (`weights::resident`). What a rendering allocates is anonymous; the
+/// model's file pages faulting in while a request generates, or turning
+/// anonymous as they move, are not the template's doing.
 fn resident_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let line = status.lines().find(|l| l.starts_with("RssAnon:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    Some((kb * 1024).saturating_sub(crate::weights::resident::bytes_moved()))
 }
 
 /// An error of minijinja's on one line (its own text, plus the reason).

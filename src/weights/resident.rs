@@ -24,6 +24,7 @@
 
 use bytes::Bytes;
 use memmap2::Mmap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Instant;
 
@@ -64,14 +65,27 @@ pub struct Report {
     pub seconds: f64,
     /// Why it stopped early, if a system call failed.
     pub stopped: Option<String>,
-    /// Whether it stopped because nothing but the move held the maps any
-    /// more: the model copied what it needed at load, or is gone.
+    /// Whether it skipped a map nothing held any more: the model copied
+    /// what it needed from it at load, or is gone.
     pub unshared: bool,
 }
 
 /// A move in progress; dropping it leaves the thread to finish on its own.
 pub struct Mover {
     done: Arc<(Mutex<Option<Report>>, Condvar)>,
+    /// Set by `wait`: the thread goes back to normal priority, since at idle
+    /// priority a busy machine could starve it (and the waiter) for hours.
+    urgent: Arc<AtomicBool>,
+}
+
+/// Bytes this process has moved so far, all moves together: what the
+/// template renderer's memory watch discounts (`template::jinja`), since a
+/// move turns file pages into anonymous ones while a template renders.
+static MOVED: AtomicU64 = AtomicU64::new(0);
+
+/// Bytes moved into anonymous memory so far in this process.
+pub fn bytes_moved() -> u64 {
+    MOVED.load(Ordering::Relaxed)
 }
 
 impl Mover {
@@ -83,22 +97,32 @@ impl Mover {
             return None;
         }
         let done = Arc::new((Mutex::new(None), Condvar::new()));
-        let signal = done.clone();
+        let urgent = Arc::new(AtomicBool::new(false));
+        let (signal, hurry) = (done.clone(), urgent.clone());
         std::thread::Builder::new()
             .name("weights-move".into())
             .spawn(move || {
-                lower_priority();
-                let report = move_maps(maps, CHUNK);
+                set_idle_priority(true);
+                let report = move_maps(maps, CHUNK, &hurry);
+                if let Some(why) = &report.stopped {
+                    // The run goes on from the file's pages; say why once.
+                    eprintln!(
+                        "note: the weights stay memory-mapped after {:.2} GB moved: {why}",
+                        report.moved as f64 / 1e9
+                    );
+                }
                 let (lock, cond) = &*signal;
                 *lock.lock().unwrap_or_else(|e| e.into_inner()) = Some(report);
                 cond.notify_all();
             })
             .ok()?;
-        Some(Self { done })
+        Some(Self { done, urgent })
     }
 
-    /// Blocks until the move has ended and says what it did.
+    /// Blocks until the move has ended and says what it did; the move runs
+    /// at normal priority from here on.
     pub fn wait(&self) -> Report {
+        self.urgent.store(true, Ordering::Relaxed);
         let (lock, cond) = &*self.done;
         let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
         loop {
@@ -136,21 +160,31 @@ pub fn fits(bytes: u64, available: Option<u64>) -> bool {
     }
 }
 
-/// `SCHED_IDLE` for the calling thread: it runs only on a core nobody else
-/// wants. Failure leaves the normal priority (the move still works).
-fn lower_priority() {
+/// `SCHED_IDLE` (it runs only on a core nobody else wants) or back to
+/// `SCHED_OTHER` for the calling thread. Failure leaves the priority as it
+/// was (the move still works).
+fn set_idle_priority(idle: bool) {
     #[cfg(target_os = "linux")]
     // SAFETY: plain system call on the calling thread with a valid parameter.
     unsafe {
         let param = libc::sched_param { sched_priority: 0 };
-        libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
+        let policy = if idle {
+            libc::SCHED_IDLE
+        } else {
+            libc::SCHED_OTHER
+        };
+        libc::sched_setscheduler(0, policy, &param);
     }
+    #[cfg(not(target_os = "linux"))]
+    let _ = idle;
 }
 
 /// Moves each map in steps that end on `chunk`-aligned addresses (so a
 /// huge page is never split between two steps); stops early at the first
-/// failure, or when a map is gone (nothing holds a slice of it any more).
-pub(crate) fn move_maps(maps: Vec<Weak<Mmap>>, chunk: usize) -> Report {
+/// failure; skips a map that is gone (nothing holds a slice of it any
+/// more: a shard the model copied everything from). Switches the calling
+/// thread to normal priority once `urgent` is set.
+pub(crate) fn move_maps(maps: Vec<Weak<Mmap>>, chunk: usize, urgent: &AtomicBool) -> Report {
     let start = Instant::now();
     let total = maps
         .iter()
@@ -159,13 +193,18 @@ pub(crate) fn move_maps(maps: Vec<Weak<Mmap>>, chunk: usize) -> Report {
         .sum();
     let mut moved = 0u64;
     let (mut stopped, mut unshared) = (None, false);
+    let mut hurried = false;
     'maps: for weak in maps {
         let mut at = 0;
         loop {
+            if !hurried && urgent.load(Ordering::Relaxed) {
+                set_idle_priority(false);
+                hurried = true;
+            }
             // Held for one step only: the move never keeps a map alive.
             let Some(map) = weak.upgrade() else {
                 unshared = true;
-                break 'maps;
+                continue 'maps;
             };
             if at >= map.len() {
                 break;
@@ -181,6 +220,7 @@ pub(crate) fn move_maps(maps: Vec<Weak<Mmap>>, chunk: usize) -> Report {
                 break 'maps;
             }
             moved += len as u64;
+            MOVED.fetch_add(len as u64, Ordering::Relaxed);
             at += len;
         }
     }
@@ -271,6 +311,30 @@ unsafe fn move_range(at: *const u8, len: usize) -> Result<(), String> {
         );
         if put == libc::MAP_FAILED {
             let e = errno();
+            // Linux unmaps the destination before it moves the pages in, and
+            // a few of its failures (memory accounting, page tables) come
+            // after that: if the range is empty now, fill it with the copy's
+            // bytes at once, so the window in which a reader could find a
+            // hole is microseconds rather than the rest of the run. (Never
+            // seen here; the usual failures come before the unmap and leave
+            // the file's pages in place, which `MAP_FIXED_NOREPLACE` sees.)
+            let fill = libc::mmap(
+                at as *mut libc::c_void,
+                span,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            );
+            if fill != libc::MAP_FAILED {
+                if fill != at as *mut libc::c_void {
+                    // A kernel older than 4.17 took the flag as a hint.
+                    libc::munmap(fill, span);
+                } else {
+                    std::ptr::copy_nonoverlapping(copy.cast::<u8>(), fill.cast::<u8>(), len);
+                    libc::mprotect(fill, span, libc::PROT_READ);
+                }
+            }
             libc::munmap(copy, span);
             return Err(format!("moving the copy over the map: {e}"));
         }
@@ -287,7 +351,6 @@ unsafe fn move_range(_at: *const u8, _len: usize) -> Result<(), String> {
 mod tests {
     use super::*;
     use std::io::Write;
-    use std::sync::atomic::{AtomicBool, Ordering};
 
     /// A file of `len` pattern bytes, mapped read-only.
     fn mapped(len: usize) -> (tempfile::NamedTempFile, Bytes, Weak<Mmap>, Vec<u8>) {
@@ -325,7 +388,7 @@ mod tests {
         let keep = map.slice(page..2 * page + 10);
         let addr = map.as_ptr() as usize;
         assert!(file_backed(addr, file.path()));
-        let report = move_maps(vec![weak], 2 * page);
+        let report = move_maps(vec![weak], 2 * page, &AtomicBool::new(false));
         assert_eq!((report.stopped, report.unshared), (None, false));
         assert_eq!((report.moved, report.total), (len as u64, len as u64));
         assert_eq!(map.as_ptr() as usize, addr);
@@ -358,7 +421,7 @@ mod tests {
                 passes
             })
         };
-        let report = move_maps(vec![weak], page);
+        let report = move_maps(vec![weak], page, &AtomicBool::new(false));
         stop.store(true, Ordering::Relaxed);
         assert!(reader.join().unwrap() > 0);
         assert_eq!(report.moved, len as u64);
@@ -371,9 +434,16 @@ mod tests {
         let (_file, map, weak, _) = mapped(3 * page_size());
         drop(map);
         assert!(Mover::start(vec![weak.clone()]).is_none());
-        let report = move_maps(vec![weak], page_size());
+        let report = move_maps(vec![weak.clone()], page_size(), &AtomicBool::new(false));
         assert_eq!((report.moved, report.unshared), (0, true));
         assert_eq!(report.stopped, None);
+        // A gone map (a shard the model copied everything from) is skipped;
+        // the next one still moves.
+        let (file, other, other_weak, want) = mapped(3 * page_size());
+        let report = move_maps(vec![weak, other_weak], page_size(), &AtomicBool::new(false));
+        assert_eq!((report.moved, report.unshared), (want.len() as u64, true));
+        assert_eq!(&other[..], &want[..]);
+        assert!(!file_backed(other.as_ptr() as usize, file.path()));
         // The move does not keep a map alive: a slice is enough for it.
         let (_file, map, weak, want) = mapped(5 * CHUNK / 4);
         let slice = map.slice(100..200);
