@@ -5,22 +5,25 @@
 //! faster than the same bytes mapped from the page cache (a plain two-thread
 //! read loop, 4 interleaved rounds: 25.1–27.8 GB/s from the mapped 7B
 //! Q4_K_M file, 28.5–35.5 GB/s from an anonymous copy), and generation is
-//! bound by that stream: tg32 on the same file went from 6.48 to 7.29 tok/s
-//! (mean of 5 interleaved rounds). llama.cpp gets the same effect from the
+//! bound by that stream: tg32 on the same file went from 6.58 to 7.12 tok/s
+//! (means of 6 interleaved rounds, faster in all 6), Q8_0 from 3.85 to 4.02
+//! (4 rounds, faster in all 4). llama.cpp gets the same effect from the
 //! copies its CPU repacking makes. Copying at load would cost seconds of
 //! start-up, so loading stays zero-copy and this runs afterwards.
 //!
-//! How: a thread at the lowest CPU priority (`SCHED_IDLE`, so it never takes
-//! a core from the model's threads) copies the map chunk by chunk into fresh
-//! anonymous pages and `mremap`s each copy over the file's pages at the same
-//! address. No pointer changes, so the kernels never notice: a reader sees
-//! the file's bytes before a chunk moves and the same bytes after, and the
-//! kernel swaps the page tables under the address-space lock. The file's
+//! How: a thread at the lowest CPU priority (`SCHED_IDLE`, so it does not
+//! take a core from the model's threads; back to normal priority once
+//! someone waits for it, as `bench` does) copies the map chunk by chunk into
+//! fresh anonymous pages and `mremap`s each copy over the file's pages at the
+//! same address. No pointer changes, so the kernels never notice: a reader
+//! sees the file's bytes before a chunk moves and the same bytes after, and
+//! the kernel swaps the page tables under the address-space lock. The file's
 //! pages leave this process as their copy arrives, so the resident set stays
 //! the weights plus one chunk. The page cache keeps its copy (the kernel may
 //! drop it under pressure), which is why the move needs free memory the size
-//! of the file and is skipped when there is not ( `--keep-mapped` skips it
-//! always).
+//! of the file (within a cgroup's limit too) and is skipped when there is
+//! not; `--keep-mapped` skips it always. A map the model took nothing from
+//! (it copied what it needed at load) is not moved.
 
 use bytes::Bytes;
 use memmap2::Mmap;
