@@ -50,7 +50,7 @@ pub struct Loaded {
     pub text: Text,
     pub model: Model,
     pub load_s: f64,
-    /// The weights' move into memory, when one runs (`Weights::move_into_memory`).
+    /// The weights' move into memory, when one runs (`Weights::finish`).
     pub resident: Option<crate::weights::resident::Mover>,
 }
 
@@ -511,12 +511,7 @@ pub fn load(
         );
     }
     let load_s = start.elapsed().as_secs_f64();
-    let maps = weights.maps();
-    drop(weights);
-    let resident = match keep_mapped {
-        true => None,
-        false => crate::weights::resident::move_into_memory(maps, device),
-    };
+    let resident = weights.finish(device, keep_mapped);
     Ok(Loaded {
         text,
         model,

@@ -50,12 +50,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let load_s = start.elapsed().as_secs_f64();
     // Measured as a long-running process sees it: after the weights have
     // moved into memory (the move is timed on its own line).
-    let maps = weights.maps();
-    drop(weights);
-    let resident = match args.device.keep_mapped {
-        true => None,
-        false => crate::weights::resident::move_into_memory(maps, &device),
-    };
+    let resident = weights.finish(&device, args.device.keep_mapped);
     // A model that copied its weights at load leaves nothing to move.
     let resident = resident.map(|mover| mover.wait()).filter(|r| r.moved > 0);
     if let Some(r) = resident.as_ref().filter(|_| !args.json) {

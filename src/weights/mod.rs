@@ -177,11 +177,17 @@ impl Weights {
         })
     }
 
-    /// The mapped files, followed without being kept alive: hand them to
-    /// `resident::move_into_memory` once these weights are dropped, so that
-    /// only maps the model holds slices of are moved.
-    pub fn maps(&self) -> Followed {
-        self.maps.clone()
+    /// Drops these weights once the model is built and, unless
+    /// `keep_mapped`, starts moving the maps the model still holds slices of
+    /// into memory (`resident::move_into_memory`; maps it took nothing from
+    /// are gone by then).
+    pub fn finish(self, device: &Device, keep_mapped: bool) -> Option<resident::Mover> {
+        let maps = self.maps.clone();
+        drop(self);
+        match keep_mapped {
+            true => None,
+            false => resident::move_into_memory(maps, device),
+        }
     }
 
     /// Quantizes every matrix to `dtype` while loading (`None`: as stored).
