@@ -120,22 +120,27 @@ impl Bf16Matrix {
         if k != self.cols {
             bail!("input has {k} features, the matrix {}", self.cols);
         }
-        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let out = super::with_f32(x, |xs| Ok(self.product(xs, m, class)))?;
+        Ok(Tensor::from_vec(out, (m, self.rows), &Device::Cpu)?)
+    }
+
+    /// `[m, rows]` for the `m × cols` activations `xs` (see `forward_as`).
+    fn product(&self, xs: &[f32], m: usize, class: RowClass) -> Vec<f32> {
+        let k = self.cols;
         let w = self.values();
         let row = |r: usize| &w[r * k..(r + 1) * k];
-        let out = if class == RowClass::Prompt && m >= PROMPT_ROWS && self.has_prompt_kernel() {
-            self.prompt_product(&xs, m)
+        if class == RowClass::Prompt && m >= PROMPT_ROWS && self.has_prompt_kernel() {
+            self.prompt_product(xs, m)
         } else if m == 1 {
             rows_in_pairs(
                 self.rows,
-                |r| dot(row(r), &xs),
-                |a, b| dot2([row(a), row(b)], &xs),
+                |r| dot(row(r), xs),
+                |a, b| dot2([row(a), row(b)], xs),
             )
         } else {
             let xr: Vec<&[f32]> = xs.chunks_exact(k).collect();
             in_tiles(self.rows, &xr, &Rows { w, k })
-        };
-        Ok(Tensor::from_vec(out, (m, self.rows), &Device::Cpu)?)
+        }
     }
 }
 

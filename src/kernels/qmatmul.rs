@@ -18,7 +18,7 @@ use candle_core::quantized::k_quants::{
     BlockQ4_0, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8_0, GgmlType,
 };
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 /// Rows of the weight matrix per parallel task: small enough to balance two
 /// to sixteen threads, large enough that scheduling costs nothing.
@@ -148,32 +148,36 @@ impl QuantMatrix {
         if k != self.cols {
             bail!("input has {k} features, the matrix {}", self.cols);
         }
-        let x = x.to_dtype(DType::F32)?.contiguous()?;
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let out = match self.dtype {
-            GgmlDType::Q4_0 if super::q4k::have_vnni() && k % q8_0::PAIR == 0 => {
-                self.matmul_own::<Q4_0>(&xs, m)?
+        let out = super::with_f32(x, |xs| self.product(xs, m, panels))?;
+        Ok(Tensor::from_vec(out, (m, self.rows), &Device::Cpu)?)
+    }
+
+    /// `[m, rows]` for the `m × cols` activations `xs` (see `forward_as`).
+    fn product(&self, xs: &[f32], m: usize, panels: bool) -> Result<Vec<f32>> {
+        let k = self.cols;
+        Ok(match self.dtype {
+            GgmlDType::Q4_0 if super::q4k::have_vnni() && k.is_multiple_of(q8_0::PAIR) => {
+                self.matmul_own::<Q4_0>(xs, m)?
             }
-            GgmlDType::Q4_0 => self.matmul::<BlockQ4_0>(&xs, m)?,
+            GgmlDType::Q4_0 => self.matmul::<BlockQ4_0>(xs, m)?,
             GgmlDType::Q4K if panels && q4k_panel::Panel::available() => {
-                self.matmul_panels::<q4k_panel::Panel>(&xs, m)?
+                self.matmul_panels::<q4k_panel::Panel>(xs, m)?
             }
             GgmlDType::Q8_0 if panels && q8_0_panel::Panel::available() => {
-                self.matmul_panels::<q8_0_panel::Panel>(&xs, m)?
+                self.matmul_panels::<q8_0_panel::Panel>(xs, m)?
             }
-            GgmlDType::Q4K if super::q4k::have_vnni() => self.matmul_own::<Q4K>(&xs, m)?,
-            GgmlDType::Q5K if super::q4k::have_vnni() => self.matmul_own::<Q5K>(&xs, m)?,
-            GgmlDType::Q6K if super::q4k::have_vnni() => self.matmul_own::<Q6K>(&xs, m)?,
-            GgmlDType::Q8_0 if super::q4k::have_vnni() && k % q8_0::PAIR == 0 => {
-                self.matmul_own::<Q8_0>(&xs, m)?
+            GgmlDType::Q4K if super::q4k::have_vnni() => self.matmul_own::<Q4K>(xs, m)?,
+            GgmlDType::Q5K if super::q4k::have_vnni() => self.matmul_own::<Q5K>(xs, m)?,
+            GgmlDType::Q6K if super::q4k::have_vnni() => self.matmul_own::<Q6K>(xs, m)?,
+            GgmlDType::Q8_0 if super::q4k::have_vnni() && k.is_multiple_of(q8_0::PAIR) => {
+                self.matmul_own::<Q8_0>(xs, m)?
             }
-            GgmlDType::Q4K => self.matmul::<BlockQ4K>(&xs, m)?,
-            GgmlDType::Q5K => self.matmul::<BlockQ5K>(&xs, m)?,
-            GgmlDType::Q6K => self.matmul::<BlockQ6K>(&xs, m)?,
-            GgmlDType::Q8_0 => self.matmul::<BlockQ8_0>(&xs, m)?,
+            GgmlDType::Q4K => self.matmul::<BlockQ4K>(xs, m)?,
+            GgmlDType::Q5K => self.matmul::<BlockQ5K>(xs, m)?,
+            GgmlDType::Q6K => self.matmul::<BlockQ6K>(xs, m)?,
+            GgmlDType::Q8_0 => self.matmul::<BlockQ8_0>(xs, m)?,
             other => bail!("no CPU kernel for {other:?}"),
-        };
-        Ok(Tensor::from_vec(out, (m, self.rows), &Device::Cpu)?)
+        })
     }
 
     fn matmul<T: GgmlType>(&self, xs: &[f32], m: usize) -> Result<Vec<f32>> {
@@ -426,29 +430,54 @@ pub(super) fn rows_by_tasks<X: Sync>(
 /// task (it stays in cache while the activation rows pass over it):
 /// `fill(rows, band, width)` writes the output of weight row `r` for
 /// activation row `i` at `band[i * width + r - rows.start]`.
+///
+/// Each thread fills one reused band buffer and copies it into its columns
+/// of the output at once, so a product holds its output once: a prompt
+/// step of 1024 rows through a 14336-row FFN matrix no longer holds a
+/// second 59 MB copy of it in per-task bands until every task is done.
 pub(super) fn bands(
     n: usize,
     m: usize,
     fill: impl Fn(std::ops::Range<usize>, &mut [f32], usize) + Sync,
 ) -> Vec<f32> {
+    thread_local! {
+        static BAND: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
     let mut out = vec![0f32; m * n];
-    let mut bands: Vec<Vec<f32>> = vec![Vec::new(); n.div_ceil(ROWS_PER_TASK)];
-    pool::for_each_chunk_mut(&mut bands, 1, |task, slot| {
+    let base = OutPtr(out.as_mut_ptr());
+    pool::run(n.div_ceil(ROWS_PER_TASK), &|task| {
         let r0 = task * ROWS_PER_TASK;
         let r1 = (r0 + ROWS_PER_TASK).min(n);
         let width = r1 - r0;
-        let mut band = vec![0f32; m * width];
-        fill(r0..r1, &mut band, width);
-        slot[0] = band;
+        BAND.with_borrow_mut(|band| {
+            band.clear();
+            band.resize(m * width, 0.0);
+            fill(r0..r1, band, width);
+            for (i, src) in band.chunks_exact(width).enumerate() {
+                // SAFETY: task `task` runs once and alone writes columns
+                // r0..r1 of the `[m, n]` output, which `out` holds and
+                // outlives `run`; no reference to `out` exists meanwhile.
+                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), base.at(i * n + r0), width) };
+            }
+        });
     });
-    for (task, band) in bands.iter().enumerate() {
-        let r0 = task * ROWS_PER_TASK;
-        let width = band.len() / m;
-        for i in 0..m {
-            out[i * n + r0..i * n + r0 + width].copy_from_slice(&band[i * width..(i + 1) * width]);
-        }
-    }
     out
+}
+
+/// The output's base pointer, shared by the tasks of `bands`; each writes
+/// only its own columns, through the raw pointer (never a `&mut` slice
+/// that would overlap another task's).
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements through it (see `bands`).
+unsafe impl Sync for OutPtr {}
+impl OutPtr {
+    /// # Safety
+    /// `i` is inside the output, and the caller is the only writer of the
+    /// elements it writes there.
+    unsafe fn at(&self, i: usize) -> *mut f32 {
+        // SAFETY: the caller keeps `i` inside the allocation.
+        unsafe { self.0.add(i) }
+    }
 }
 
 /// A matrix's row kernel, `N` tokens at a time: row `r` times `N` tokens'
@@ -587,7 +616,7 @@ fn as_blocks<T: GgmlType>(bytes: &[u8]) -> Result<&[T]> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Module;
+    use candle_core::{DType, Module};
 
     #[test]
     fn matches_candles_qmatmul_for_every_format_and_batch() {
@@ -613,6 +642,30 @@ mod tests {
                 assert!(rel < 1e-3, "{dtype:?} m={m}: relative difference {rel}");
             }
         }
+    }
+
+    /// Activations that are not one contiguous f32 slice (a transposed
+    /// view, bf16) are converted, and give the contiguous f32 result.
+    #[test]
+    fn strided_and_half_precision_inputs_give_the_contiguous_result() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (70, 512), &dev).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let matrix = QuantMatrix::from_qtensor(&q).unwrap().unwrap();
+        let xt = Tensor::randn(0f32, 1.0, (512, 20), &dev).unwrap();
+        let strided = xt.t().unwrap();
+        assert!(!strided.is_contiguous());
+        let plain = strided.contiguous().unwrap();
+        let rows = |t: &Tensor| matrix.forward_as(t, RowClass::Rows).unwrap();
+        let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let want = flat(rows(&plain));
+        assert_eq!(flat(rows(&strided)), want);
+        let half = plain.to_dtype(DType::BF16).unwrap();
+        let from_half = flat(rows(&half.to_dtype(DType::F32).unwrap()));
+        assert_eq!(flat(rows(&half)), from_half);
+        // A row narrowed out of a larger tensor is read at its offset.
+        let row = plain.narrow(0, 7, 1).unwrap();
+        assert_eq!(flat(rows(&row)), want[7 * 70..8 * 70]);
     }
 
     /// A row's result is bitwise the same whatever else shares the pass:
