@@ -19,8 +19,11 @@ mkdir -p "$work" && cd "$work"
 bin=llama.cpp/build/bin
 
 if [ ! -x $bin/llama-bench ] || [ ! -x $bin/llama-quantize ]; then
-  pip install -q cmake
-  pip download -q --no-deps --no-binary :all: llama-cpp-python==0.3.36
+  # --no-build-isolation: pip reads the sdist's metadata with the
+  # scikit-build-core installed here; isolated, `--no-binary :all:` makes it
+  # bootstrap cmake from source first (20+ minutes on 2 cores).
+  pip install -q cmake scikit-build-core
+  pip download -q --no-deps --no-binary :all: --no-build-isolation llama-cpp-python==0.3.36
   tar xzf llama_cpp_python-0.3.36.tar.gz
   # The sdist's timestamps can lie in the future, which sends make/ninja
   # into endless re-configuration.
