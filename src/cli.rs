@@ -206,8 +206,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "B,...", value_delimiter = ',',
           value_parser = clap::value_parser!(u16).range(1..=256).map(usize::from))]
     pub parallel: Vec<usize>,
-    /// With --parallel: prompt rows per engine step. Default: every prompt in one
-    /// step (B × p rows), as llama-batched-bench feeds them; with --gap-prompt: 16.
+    /// With --parallel: prompt rows per engine step. Default: B × p up to 512,
+    /// as llama-batched-bench feeds them (its -ub); with --gap-prompt: 16.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=65536).map(|n| n as usize))]
     pub batch_tokens: Option<usize>,
     /// With --parallel (and --gap-prompt): one JSON object per line instead of a table.
@@ -322,7 +322,8 @@ pub struct EngineArgs {
     pub parallel: Option<u16>,
     /// Prompt rows per forward pass, on top of a decode row for every running
     /// sequence (a smaller value shortens the pause a long prompt causes in
-    /// running answers; under 16, prompts are read more slowly).
+    /// running answers; under 16, prompts are read more slowly). Each row
+    /// holds about 0.2 MB of activations during a step of a 7B model.
     #[arg(long, value_name = "N", default_value_t = crate::engine::DEFAULT_BATCH_TOKENS,
           value_parser = clap::value_parser!(u32).range(1..=65536).map(|n| n as usize))]
     pub batch_tokens: usize,

@@ -178,6 +178,13 @@ fn shown_bytes(bytes: u64) -> String {
     }
 }
 
+/// Prompt rows per engine step in `--parallel` runs unless `--batch-tokens`
+/// says otherwise: llama-batched-bench's physical batch (`-ub`, 512 by
+/// default), so both engines feed B prompts of p tokens in the same passes.
+/// A step's activations grow with its rows (about 0.2 MB a row for a 7B),
+/// so 8 prompts of 128 in one pass of 1024 rows held twice the memory.
+const UBATCH: usize = 512;
+
 /// `--parallel B,...`: for each B, B streams through the engine, each with
 /// its own prompt (no prefix shared between streams or repetitions), as
 /// llama-batched-bench measures: aggregate prompt speed (all B prompts over
@@ -204,7 +211,7 @@ fn parallel(
     for &b in &args.parallel {
         let config = EngineConfig {
             parallel: b,
-            batch_tokens: args.batch_tokens.unwrap_or(b * p),
+            batch_tokens: args.batch_tokens.unwrap_or((b * p).min(UBATCH)),
             context: Some(p + n),
         };
         let engine = Engine::start(model.clone(), None, config)?;
@@ -279,7 +286,7 @@ fn parallel(
             candle_core::utils::get_num_threads(),
             args.repetitions,
             args.batch_tokens
-                .map_or_else(|| "B × p".to_string(), |t| t.to_string())
+                .map_or_else(|| format!("B × p up to {UBATCH}"), |t| t.to_string())
         );
         println!("cpu {}", cpu_description());
     }
