@@ -130,16 +130,28 @@ impl Bf16Matrix {
         let w = self.values();
         let row = |r: usize| &w[r * k..(r + 1) * k];
         if class == RowClass::Prompt && m >= PROMPT_ROWS && self.has_prompt_kernel() {
-            self.prompt_product(xs, m)
-        } else if m == 1 {
+            return self.prompt_product(xs, m);
+        }
+        let simd = have_avx512_rows(k);
+        // The row kernel's activation order (see `dot_avx512`), made once
+        // per product.
+        let split;
+        let xs = if simd {
+            split = split_pairs(xs);
+            &split[..]
+        } else {
+            xs
+        };
+        let rows = Rows { w, k, simd };
+        if m == 1 {
             rows_in_pairs(
                 self.rows,
-                |r| dot(row(r), xs),
-                |a, b| dot2([row(a), row(b)], xs),
+                |r| rows.dot_n(r, [xs])[0],
+                |a, b| rows.dot2([row(a), row(b)], xs),
             )
         } else {
             let xr: Vec<&[f32]> = xs.chunks_exact(k).collect();
-            in_tiles(self.rows, &xr, &Rows { w, k })
+            in_tiles(self.rows, &xr, &rows)
         }
     }
 }
@@ -263,43 +275,72 @@ pub fn dot_scalar(w: &[bf16], x: &[f32]) -> f32 {
     w.iter().zip(x).map(|(w, x)| w.to_f32() * x).sum()
 }
 
-fn dot(w: &[bf16], x: &[f32]) -> f32 {
-    dot_rows::<1, 1>([w], [x])[0][0]
+/// Whether rows of `k` values take `dot_avx512` (checked once per product).
+fn have_avx512_rows(k: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        k.is_multiple_of(32) && std::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = k;
+        false
+    }
 }
 
-/// Two rows times one token (generation): two streams in flight.
-fn dot2(w: [&[bf16]; 2], x: &[f32]) -> [f32; 2] {
-    dot_rows::<2, 1>(w, [x]).map(|[v]| v)
+/// Activations in the order `dot_avx512` reads them: in every 32 values,
+/// the 16 at even positions, then the 16 at odd ones.
+fn split_pairs(xs: &[f32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(xs.len());
+    for chunk in xs.chunks_exact(32) {
+        out.extend(chunk.iter().step_by(2));
+        out.extend(chunk.iter().skip(1).step_by(2));
+    }
+    out
 }
 
-/// The bf16 rows of a matrix, `k` values each.
+/// The bf16 rows of a matrix, `k` values each; with `simd`, through
+/// `dot_avx512` on activations in `split_pairs` order, else in plain
+/// order through `dot_scalar`.
 struct Rows<'a> {
     w: &'a [bf16],
     k: usize,
+    simd: bool,
+}
+
+impl Rows<'_> {
+    /// Two rows times one token (generation): two streams in flight.
+    fn dot2(&self, ws: [&[bf16]; 2], x: &[f32]) -> [f32; 2] {
+        #[cfg(target_arch = "x86_64")]
+        if self.simd {
+            // SAFETY: `simd` means AVX-512F was detected and rows are whole
+            // 32-value chunks; `product` gives every row and token `k` values.
+            return unsafe { dot_avx512::<2, 1>(ws, [x]) }.map(|[v]| v);
+        }
+        ws.map(|w| dot_scalar(w, x))
+    }
 }
 
 impl RowDot for Rows<'_> {
     type X = [f32];
     fn dot_n<const N: usize>(&self, r: usize, xs: [&[f32]; N]) -> [f32; N] {
-        dot_rows::<1, N>([&self.w[r * self.k..(r + 1) * self.k]], xs)[0]
+        let w = &self.w[r * self.k..(r + 1) * self.k];
+        #[cfg(target_arch = "x86_64")]
+        if self.simd {
+            // SAFETY: as in `dot2`.
+            return unsafe { dot_avx512::<1, N>([w], xs) }[0];
+        }
+        xs.map(|x| dot_scalar(w, x))
     }
 }
 
-/// `R` rows (of one length) times `N` tokens' f32 activations: `out[r][t]`.
-fn dot_rows<const R: usize, const N: usize>(ws: [&[bf16]; R], xs: [&[f32]; N]) -> [[f32; N]; R] {
-    let k = ws[0].len();
-    #[cfg(target_arch = "x86_64")]
-    if k.is_multiple_of(32)
-        && ws.iter().all(|w| w.len() == k)
-        && std::is_x86_feature_detected!("avx512f")
-        && xs.iter().all(|x| x.len() >= k)
-    {
-        // SAFETY: the CPU feature was detected; lengths were checked.
-        return unsafe { dot_avx512::<R, N>(ws, xs) };
-    }
-    ws.map(|w| xs.map(|x| dot_scalar(w, x)))
-}
-
+/// `R` rows (of one length, whole 32-value chunks) times `N` tokens' f32
+/// activations in `split_pairs` order: `out[r][t]`. Each 64-byte load of
+/// 32 bf16s holds value pairs in its 32-bit lanes; a bf16 is the top half
+/// of an f32, so the lanes shifted left 16 bits are the even values in f32
+/// and the lanes with the low half cleared are the odd ones: two
+/// operations widen 32 values (zero-extending two halves took four). Every
+/// product is exact and summed in f32.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 // `c`, `r` and `t` index the weights and the activation rows alike.
@@ -308,24 +349,26 @@ unsafe fn dot_avx512<const R: usize, const N: usize>(
     ws: [&[bf16]; R],
     xs: [&[f32]; N],
 ) -> [[f32; N]; R] {
-    // SAFETY: 32-value chunks of each row and of each `x` (all at least as
-    // long as the first row).
+    // SAFETY: 32-value chunks of each row and of each `x`, all checked to
+    // be at least as long as the first row.
     unsafe {
         use std::arch::x86_64::*;
+        let k = ws[0].len();
+        assert!(ws.iter().all(|w| w.len() == k) && xs.iter().all(|x| x.len() >= k));
+        let high = _mm512_set1_epi32(0xFFFF_0000_u32 as i32);
         let mut acc0 = [[_mm512_setzero_ps(); N]; R];
         let mut acc1 = [[_mm512_setzero_ps(); N]; R];
-        for c in 0..ws[0].len() / 32 {
+        for c in 0..k / 32 {
             for r in 0..R {
                 let at = ws[r].as_ptr().cast::<u8>().add(c * 64);
-                _mm_prefetch::<_MM_HINT_T0>(at.add(512).cast());
-                let lo = _mm256_loadu_si256(at.cast());
-                let hi = _mm256_loadu_si256(at.add(32).cast());
-                let w0 = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(lo)));
-                let w1 = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(hi)));
+                _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(super::PREFETCH_BYTES).cast());
+                let v = _mm512_loadu_si512(at.cast());
+                let even = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
+                let odd = _mm512_castsi512_ps(_mm512_and_si512(v, high));
                 for t in 0..N {
                     let x = xs[t].as_ptr().add(c * 32);
-                    acc0[r][t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x), acc0[r][t]);
-                    acc1[r][t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x.add(16)), acc1[r][t]);
+                    acc0[r][t] = _mm512_fmadd_ps(even, _mm512_loadu_ps(x), acc0[r][t]);
+                    acc1[r][t] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(x.add(16)), acc1[r][t]);
                 }
             }
         }
@@ -350,15 +393,18 @@ mod tests {
     #[test]
     fn matches_an_f32_matmul_of_the_rounded_weights() {
         let dev = Device::Cpu;
-        // 71 rows: a task of 64 and one of 7 (generation's odd row out).
-        let (matrix, rounded) = random_matrix(71, 320);
-        assert_eq!(matrix.bytes(), 71 * 320 * 2);
-        for m in [1, 6] {
-            let x = Tensor::randn(0f32, 1.0, (m, 320), &dev).unwrap();
-            let want = x.matmul(&rounded.t().unwrap()).unwrap();
-            let got = matrix.forward(&x).unwrap();
-            let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
-            assert!(diff.to_scalar::<f32>().unwrap() < 1e-3, "m={m}");
+        // 71 rows: a task of 64 and one of 7 (generation's odd row out);
+        // 320 columns take the AVX-512 kernel, 100 the scalar one.
+        for k in [320, 100] {
+            let (matrix, rounded) = random_matrix(71, k);
+            assert_eq!(matrix.bytes(), 71 * k * 2);
+            for m in [1, 6] {
+                let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+                let want = x.matmul(&rounded.t().unwrap()).unwrap();
+                let got = matrix.forward(&x).unwrap();
+                let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+                assert!(diff.to_scalar::<f32>().unwrap() < 1e-3, "k={k} m={m}");
+            }
         }
     }
 
