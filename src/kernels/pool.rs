@@ -53,9 +53,7 @@ pub fn run(n: usize, task: &(dyn Fn(usize) + Sync)) {
         // More threads than CPUs: a spinning worker would take the CPU of
         // one that has work (measured: 3.6 -> 0.7 tok/s at 3 threads on 2
         // cores), so rayon's sleeping workers do better.
-        use rayon::prelude::*;
-        (0..n).into_par_iter().for_each(task);
-        return;
+        return on_rayon(n, task);
     }
     let pool = POOL.get_or_init(Pool::default);
     // A panic in an earlier region poisons the lock; the pool is sound
@@ -63,13 +61,16 @@ pub fn run(n: usize, task: &(dyn Fn(usize) + Sync)) {
     let _turn = match pool.dispatch.try_lock() {
         Ok(turn) => turn,
         Err(std::sync::TryLockError::Poisoned(turn)) => turn.into_inner(),
-        Err(std::sync::TryLockError::WouldBlock) => {
-            use rayon::prelude::*;
-            (0..n).into_par_iter().for_each(task);
-            return;
-        }
+        // Another region is running (a caller on another thread): rayon's road.
+        Err(std::sync::TryLockError::WouldBlock) => return on_rayon(n, task),
     };
     pool.run(threads.min(n) - 1, n, task);
+}
+
+/// The tasks of a region this pool does not take, on rayon's threads.
+fn on_rayon(n: usize, task: &(dyn Fn(usize) + Sync)) {
+    use rayon::prelude::*;
+    (0..n).into_par_iter().for_each(task);
 }
 
 /// [`run`] over `out` cut into chunks of `chunk` items (the last may be
