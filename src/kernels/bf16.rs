@@ -289,7 +289,9 @@ fn have_avx512_rows(k: usize) -> bool {
 }
 
 /// Activations in the order `dot_avx512` reads them: in every 32 values,
-/// the 16 at even positions, then the 16 at odd ones.
+/// the 16 at even positions, then the 16 at odd ones. A copy as large as
+/// the input: small for generation; a prompt takes this path only on CPUs
+/// without AVX512_BF16 (or in chunks under 16 rows).
 fn split_pairs(xs: &[f32]) -> Vec<f32> {
     let mut out = Vec::with_capacity(xs.len());
     for chunk in xs.chunks_exact(32) {
@@ -404,6 +406,34 @@ mod tests {
                 let got = matrix.forward(&x).unwrap();
                 let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
                 assert!(diff.to_scalar::<f32>().unwrap() < 1e-3, "k={k} m={m}");
+            }
+        }
+    }
+
+    /// The AVX-512 row kernel on `split_pairs` activations against the
+    /// scalar kernel on plain ones (on CPUs that have AVX-512F).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx512_row_kernel_equals_the_scalar_one() {
+        if !have_avx512_rows(32) {
+            eprintln!("no AVX-512F on this CPU: nothing to compare");
+            return;
+        }
+        let k = 320;
+        let (matrix, _) = random_matrix(3, k);
+        let w = matrix.values();
+        let x = crate::kernels::test_values(2 * k, 5);
+        for r in 0..3 {
+            let row = &w[r * k..(r + 1) * k];
+            for t in 0..2 {
+                let plain = &x[t * k..(t + 1) * k];
+                let want = dot_scalar(row, plain);
+                // SAFETY: AVX-512F was detected; the row and token hold k values.
+                let got = unsafe { dot_avx512::<1, 1>([row], [&split_pairs(plain)]) }[0][0];
+                assert!(
+                    (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                    "{got} vs {want}"
+                );
             }
         }
     }

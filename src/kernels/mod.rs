@@ -43,8 +43,8 @@ pub enum RowClass {
 }
 
 /// Runs `f` on `x`'s values as one row-major f32 slice: borrowed from the
-/// tensor's CPU storage when it is contiguous f32 (the activations between
-/// the layers' products always are), else converted once. Copying them
+/// tensor's CPU storage when it is contiguous f32 (with f32 activations,
+/// the inputs of the layers' products always are), else converted once. Copying them
 /// out, as `to_vec1` does, held a second copy of every product's input
 /// (59 MB for the FFN's down projection over a 1024-row prompt step).
 pub(crate) fn with_f32<R>(

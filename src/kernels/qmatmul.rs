@@ -459,10 +459,18 @@ pub(super) fn bands(
                 // outlives `run`; no reference to `out` exists meanwhile.
                 unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), base.at(i * n + r0), width) };
             }
+            // A band of a very large step is not kept for the thread's life.
+            if band.capacity() > BAND_KEEP {
+                *band = Vec::new();
+            }
         });
     });
     out
 }
+
+/// Largest band (f32s) a thread keeps between products: 4 MB, a band of
+/// 64 rows for 16384 activation rows.
+const BAND_KEEP: usize = 1 << 20;
 
 /// The output's base pointer, shared by the tasks of `bands`; each writes
 /// only its own columns, through the raw pointer (never a `&mut` slice
@@ -666,6 +674,34 @@ mod tests {
         // A row narrowed out of a larger tensor is read at its offset.
         let row = plain.narrow(0, 7, 1).unwrap();
         assert_eq!(flat(rows(&row)), want[7 * 70..8 * 70]);
+    }
+
+    /// Products of changing sizes on two threads: each thread's band buffer
+    /// is reused, grown and shrunk, and every value lands in its place (the
+    /// row alone, through the single-row path that has no bands, is the
+    /// reference).
+    #[test]
+    fn bands_place_every_value_as_their_buffers_are_reused() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let dev = Device::Cpu;
+            let w = Tensor::randn(0f32, 1.0, (131, 512), &dev).unwrap();
+            let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+            let matrix = QuantMatrix::from_qtensor(&q).unwrap().unwrap();
+            let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for m in [70, 3, 40, 2, 70] {
+                let x = Tensor::randn(0f32, 1.0, (m, 512), &dev).unwrap();
+                let together = flat(matrix.forward_as(&x, RowClass::Rows).unwrap());
+                for i in 0..m {
+                    let row = x.narrow(0, i, 1).unwrap();
+                    let alone = flat(matrix.forward_as(&row, RowClass::Rows).unwrap());
+                    assert_eq!(together[i * 131..(i + 1) * 131], alone[..], "m={m} row {i}");
+                }
+            }
+        });
     }
 
     /// A row's result is bitwise the same whatever else shares the pass:

@@ -63,8 +63,12 @@ struct Mlp {
 /// not needed afterwards, and a third `[rows, intermediate]` tensor (59 MB
 /// at a 1024-row prompt step of a 7B) would raise the step's peak memory.
 /// Each element is `g / (1 + exp(-g)) * u`, the same operations in the
-/// same order as candle's `silu` then `mul`, so the result is bitwise
-/// theirs; other devices and dtypes take candle's two ops.
+/// same order as candle's `silu` then `mul` (as built here, without its
+/// mkl/accelerate features), so the result is bitwise theirs; other
+/// devices and dtypes take candle's two ops.
+///
+/// `gate` must own its storage (a projection's fresh output): a clone or a
+/// view of another tensor would be overwritten with it.
 fn silu_mul(gate: Tensor, up: &Tensor) -> Result<Tensor> {
     struct SiluMul;
     impl candle_core::InplaceOp2 for SiluMul {
@@ -106,7 +110,9 @@ fn silu_mul(gate: Tensor, up: &Tensor) -> Result<Tensor> {
         gate.inplace_op2(up, &SiluMul)?;
         return Ok(gate);
     }
-    Ok((candle_nn::ops::silu(&gate)? * up)?)
+    let silu = candle_nn::ops::silu(&gate)?;
+    drop(gate);
+    Ok((silu * up)?)
 }
 
 struct Layer {
@@ -613,8 +619,9 @@ impl Model {
             let x1 = (residual + h)?;
             let h = candle_nn::ops::rms_norm(&x1, &layer.post_norm, self.eps)?;
             let mlp = &layer.mlp;
-            // The gate and up projections are dropped before the down
-            // projection runs: at a prompt step of 1024 rows each is 59 MB.
+            // The up projection is freed, and the gate's buffer holds the
+            // product, before the down projection runs: at a prompt step
+            // of 1024 rows each is 59 MB.
             let gated = {
                 let gate = mlp.gate.forward_split(&h, short_rows)?;
                 let up = mlp.up.forward_split(&h, short_rows)?;
@@ -1005,7 +1012,8 @@ mod tests {
         );
         let want = (candle_nn::ops::silu(&g16).unwrap() * &u16).unwrap();
         assert_eq!(bits(&silu_mul(g16, &u16).unwrap()), bits(&want));
-        // Mismatched shapes are an error, not a partial product.
+        // Mismatched shapes are an error, not a partial product (the shape
+        // check sends them to candle's `mul`, which refuses them).
         let short = Tensor::zeros((5, 36), DType::F32, &dev).unwrap();
         assert!(silu_mul(up.copy().unwrap(), &short).is_err());
     }
