@@ -95,12 +95,13 @@ pub fn for_each_chunk_mut<T: Send>(
 }
 
 /// A raw pointer the tasks may share (they touch disjoint items).
-struct SendPtr<T>(*mut T);
-// SAFETY: each task makes a `&mut` of its own items only, so sharing the
-// pointer hands each item to one thread, which `T: Send` allows.
+pub(super) struct SendPtr<T>(pub(super) *mut T);
+// SAFETY: each task makes a `&mut` of, or writes through the pointer to,
+// its own items only, so sharing the pointer hands each item to one
+// thread, which `T: Send` allows.
 unsafe impl<T: Send> Sync for SendPtr<T> {}
 impl<T> SendPtr<T> {
-    fn get(&self) -> *mut T {
+    pub(super) fn get(&self) -> *mut T {
         self.0
     }
 }

@@ -444,7 +444,7 @@ pub(super) fn bands(
         static BAND: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     let mut out = vec![0f32; m * n];
-    let base = OutPtr(out.as_mut_ptr());
+    let base = pool::SendPtr(out.as_mut_ptr());
     pool::run(n.div_ceil(ROWS_PER_TASK), &|task| {
         let r0 = task * ROWS_PER_TASK;
         let r1 = (r0 + ROWS_PER_TASK).min(n);
@@ -455,9 +455,12 @@ pub(super) fn bands(
             fill(r0..r1, band, width);
             for (i, src) in band.chunks_exact(width).enumerate() {
                 // SAFETY: task `task` runs once and alone writes columns
-                // r0..r1 of the `[m, n]` output, which `out` holds and
-                // outlives `run`; no reference to `out` exists meanwhile.
-                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), base.at(i * n + r0), width) };
+                // r0..r1 of the `[m, n]` output (i < m, r1 <= n), which
+                // `out` holds and outlives `run`; no reference to `out`
+                // exists meanwhile, so the writes go through the pointer.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(src.as_ptr(), base.get().add(i * n + r0), width)
+                };
             }
             // A band of a very large step is not kept for the thread's life.
             if band.capacity() > BAND_KEEP {
@@ -471,22 +474,6 @@ pub(super) fn bands(
 /// Largest band (f32s) a thread keeps between products: 4 MB, a band of
 /// 64 rows for 16384 activation rows.
 const BAND_KEEP: usize = 1 << 20;
-
-/// The output's base pointer, shared by the tasks of `bands`; each writes
-/// only its own columns, through the raw pointer (never a `&mut` slice
-/// that would overlap another task's).
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint elements through it (see `bands`).
-unsafe impl Sync for OutPtr {}
-impl OutPtr {
-    /// # Safety
-    /// `i` is inside the output, and the caller is the only writer of the
-    /// elements it writes there.
-    unsafe fn at(&self, i: usize) -> *mut f32 {
-        // SAFETY: the caller keeps `i` inside the allocation.
-        unsafe { self.0.add(i) }
-    }
-}
 
 /// A matrix's row kernel, `N` tokens at a time: row `r` times `N` tokens'
 /// activations, each weight block unpacked once for all of them.
