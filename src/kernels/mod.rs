@@ -1,5 +1,5 @@
 //! CPU matrix kernels: quantized blocks (Q4_0, Q4_K, Q5_K, Q6_K and Q8_0 through AVX-512
-//! VNNI, with panels for prompts) and bf16, and the driver that spreads a
+//! VNNI, with panels for Q4_K, Q6_K and Q8_0 prompts) and bf16, and the driver that spreads a
 //! matrix product over threads; and decode attention over a KV cache read
 //! in place (`attention`). Pure functions over slices, each tested against
 //! a scalar reference; `model::linear` and the decoder choose among them.
@@ -12,6 +12,7 @@ pub(crate) mod q4k;
 pub(crate) mod q4k_panel;
 pub(crate) mod q5k;
 pub(crate) mod q6k;
+pub(crate) mod q6k_panel;
 pub(crate) mod q8_0;
 pub(crate) mod q8_0_panel;
 pub(crate) mod qmatmul;

@@ -9,9 +9,11 @@
 //! splits the rows over the thread pool itself: generation through this
 //! crate's row kernels (`q4_0`, `q4k`, `q5k`, `q6k`, `q8_0`; candle's
 //! `GgmlType::vec_dot` on CPUs without AVX-512 VNNI), prompts of 16+ tokens through panels of sixteen rows
-//! unpacked in cache (`q4k_panel`, `q8_0_panel`).
+//! unpacked in cache (`q4k_panel`, `q6k_panel`, `q8_0_panel`; Q5_K and Q4_0 prompts take the row kernels).
 
-use super::{PROMPT_ROWS, RowClass, pool, q4_0, q4k, q4k_panel, q5k, q6k, q8_0, q8_0_panel};
+use super::{
+    PROMPT_ROWS, RowClass, pool, q4_0, q4k, q4k_panel, q5k, q6k, q6k_panel, q8_0, q8_0_panel,
+};
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use candle_core::quantized::k_quants::{
@@ -136,6 +138,7 @@ impl QuantMatrix {
     pub fn has_prompt_kernel(&self) -> bool {
         match self.dtype {
             GgmlDType::Q4K => q4k_panel::Panel::available(),
+            GgmlDType::Q6K => q6k_panel::Panel::available(),
             GgmlDType::Q8_0 => q8_0_panel::Panel::available(),
             _ => false,
         }
@@ -162,6 +165,9 @@ impl QuantMatrix {
             GgmlDType::Q4_0 => self.matmul::<BlockQ4_0>(xs, m)?,
             GgmlDType::Q4K if panels && q4k_panel::Panel::available() => {
                 self.matmul_panels::<q4k_panel::Panel>(xs, m)?
+            }
+            GgmlDType::Q6K if panels && q6k_panel::Panel::available() => {
+                self.matmul_panels::<q6k_panel::Panel>(xs, m)?
             }
             GgmlDType::Q8_0 if panels && q8_0_panel::Panel::available() => {
                 self.matmul_panels::<q8_0_panel::Panel>(xs, m)?
@@ -285,7 +291,7 @@ impl QuantMatrix {
     }
 }
 
-/// What `matmul_panels` needs of a panel kernel (`q4k_panel`, `q8_0_panel`).
+/// What `matmul_panels` needs of a panel kernel (`q4k_panel`, `q6k_panel`, `q8_0_panel`).
 trait PanelKernel: Sized {
     /// The activations' quantized unit: one per weight block.
     type X: Clone + Send + Sync;
@@ -325,6 +331,33 @@ impl PanelKernel for q4k_panel::Panel {
     }
     fn dot(row: &[u8], x: &[Self::X]) -> f32 {
         q4k::dot(row, x)
+    }
+}
+
+impl PanelKernel for q6k_panel::Panel {
+    type X = q4k::Q8K;
+    const BLOCK_VALUES: usize = q4k::QK;
+    const BLOCK_BYTES: usize = q6k::BLOCK_BYTES;
+    fn zeros() -> Self::X {
+        q4k::Q8K::zeros()
+    }
+    fn quantize(x: &[f32], out: &mut [Self::X]) {
+        q4k::quantize_q8k(x, out)
+    }
+    fn with_panel(f: impl FnOnce(&mut Self)) {
+        thread_local! {
+            static PANEL: std::cell::RefCell<q6k_panel::Panel> = Default::default();
+        }
+        PANEL.with_borrow_mut(f)
+    }
+    fn pack(&mut self, rows: &[u8], row_bytes: usize) {
+        q6k_panel::Panel::pack(self, rows, row_bytes)
+    }
+    fn multiply(&self, xs: &[&[Self::X]], out: &mut [f32], stride: usize) {
+        q6k_panel::Panel::multiply(self, xs, out, stride)
+    }
+    fn dot(row: &[u8], x: &[Self::X]) -> f32 {
+        q6k::dot(row, x)
     }
 }
 
