@@ -177,7 +177,9 @@ impl Engine {
                         shared_load,
                     );
                     state.run(submissions);
-                })
+                });
+                // The slots' caches are gone with the loop's state.
+                release_free_memory();
             })
             .context("starting the engine thread")?;
         Ok(Self {
@@ -336,6 +338,21 @@ impl Drop for Engine {
     }
 }
 
+/// Hands the allocator's free memory back to the system when the engine
+/// has nothing to do (it walks every arena, so not between steps). glibc
+/// keeps freed chunks in its per-thread arenas: without this, a prompt
+/// step's activations and the caches of finished sequences stayed resident
+/// after the work was done (`bench --parallel 1,2,4,8` measured 0.14 GB
+/// more at B=8 than B=8 alone).
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `malloc_trim` only returns free pages to the kernel; every
+    // allocation stays valid.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Positions per slot: asked for, or the model's, capped so that every
 /// slot full fits in half the memory available now.
 fn slot_context(config: &EngineConfig, max_len: usize, per_position: usize) -> Result<usize> {
@@ -464,6 +481,8 @@ impl<'t> StepLoop<'t> {
         loop {
             let busy = !self.waiting.is_empty() || self.slots.iter().any(|s| s.active.is_some());
             if !busy {
+                // Idle after a step (a loop turn always runs one).
+                release_free_memory();
                 match submissions.recv() {
                     Ok(s) => self.waiting.push_back(s),
                     Err(_) => return,
