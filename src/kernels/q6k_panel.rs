@@ -216,8 +216,10 @@ mod tests {
 
     /// The panel against the scalar reference, on rows that do not start
     /// at the first one, 7 tokens (a group of four and three single ones),
-    /// and on blocks of extreme bytes (every scale ±127 or −128, every
-    /// stored value 0 or 63) against activations of ±127.
+    /// and on blocks of extreme bytes (stored values all 63, all 0, or
+    /// mixed; every scale −128, or sixteen different scales of both signs,
+    /// so a scale sent to the wrong sub-block shows) against activations of
+    /// ±127.
     #[test]
     fn a_panel_computes_what_the_row_kernel_does() {
         if !Panel::available() {
@@ -236,7 +238,10 @@ mod tests {
         let mut extreme = vec![0u8; rows * row_bytes];
         for (i, block) in extreme.chunks_exact_mut(BLOCK_BYTES).enumerate() {
             let fill = [0xFFu8, 0x00, 0x80, 0x7F, 0xAA, 0x55][i % 6];
-            block[..208].fill(fill);
+            block[..192].fill(fill);
+            for (s, scale) in block[192..208].iter_mut().enumerate() {
+                *scale = if i % 2 == 0 { 0x80 } else { (37 * s) as u8 };
+            }
             block[208..].copy_from_slice(&half::f16::ONE.to_le_bytes());
         }
         let mut x: Vec<f32> = Tensor::randn(0f32, 1.0, tokens * cols, &dev)
