@@ -31,9 +31,9 @@ use candle_core::Tensor;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Prompt rows per step when none is given: a 7B model prefills about
 /// 20-30 tokens/s on two cores, so 16 rows keep a step near half a second
@@ -178,7 +178,9 @@ impl Engine {
                     );
                     state.run(submissions);
                 });
-                // The slots' caches are gone with the loop's state.
+                // The slots' caches went with the loop's state; the pool,
+                // tokenizer and model (if this was its last user) go now.
+                drop((pool, tokenizer, model));
                 release_free_memory();
             })
             .context("starting the engine thread")?;
@@ -338,12 +340,16 @@ impl Drop for Engine {
     }
 }
 
+/// How long the engine waits idle before `release_free_memory`.
+const TRIM_AFTER: Duration = Duration::from_secs(1);
+
 /// Hands the allocator's free memory back to the system when the engine
-/// has nothing to do (it walks every arena, so not between steps). glibc
-/// keeps freed chunks in its per-thread arenas: without this, a prompt
-/// step's activations and the caches of finished sequences stayed resident
-/// after the work was done (`bench --parallel 1,2,4,8` measured 0.14 GB
-/// more at B=8 than B=8 alone).
+/// has nothing to do (it walks every arena, so not between steps). `free`
+/// returns only the top of each glibc heap; `malloc_trim` also releases the
+/// free pages inside them (`madvise(MADV_DONTNEED)`), where a prompt step's
+/// activations and the caches of finished sequences stayed resident after
+/// the work was done (`bench --parallel 1,2,4,8` measured 0.14 GB more at
+/// B=8 than B=8 alone).
 fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: `malloc_trim` only returns free pages to the kernel; every
@@ -481,11 +487,19 @@ impl<'t> StepLoop<'t> {
         loop {
             let busy = !self.waiting.is_empty() || self.slots.iter().any(|s| s.active.is_some());
             if !busy {
-                // Idle after a step (a loop turn always runs one).
-                release_free_memory();
-                match submissions.recv() {
-                    Ok(s) => self.waiting.push_back(s),
-                    Err(_) => return,
+                // Idle: after a pause with nothing to do, hand freed memory
+                // back, so a client sending request after request does not
+                // pay for a trim and the page faults after it every time.
+                let first = match submissions.recv_timeout(TRIM_AFTER) {
+                    Err(RecvTimeoutError::Timeout) => {
+                        release_free_memory();
+                        submissions.recv().ok()
+                    }
+                    other => other.ok(),
+                };
+                match first {
+                    Some(s) => self.waiting.push_back(s),
+                    None => return,
                 }
             }
             while let Ok(s) = submissions.try_recv() {
