@@ -307,59 +307,41 @@ trait PanelKernel: Sized {
     fn dot(row: &[u8], x: &[Self::X]) -> f32;
 }
 
-impl PanelKernel for q4k_panel::Panel {
-    type X = q4k::Q8K;
-    const BLOCK_VALUES: usize = q4k::QK;
-    const BLOCK_BYTES: usize = q4k::BLOCK_BYTES;
-    fn zeros() -> Self::X {
-        q4k::Q8K::zeros()
-    }
-    fn quantize(x: &[f32], out: &mut [Self::X]) {
-        q4k::quantize_q8k(x, out)
-    }
-    fn with_panel(f: impl FnOnce(&mut Self)) {
-        thread_local! {
-            static PANEL: std::cell::RefCell<q4k_panel::Panel> = Default::default();
+/// The `PanelKernel` of a k-quant panel module (`q4k_panel`, `q6k_panel`):
+/// Q8_K activations, and the format module's block size and row kernel.
+macro_rules! q8k_panel_kernel {
+    ($panel:ident, $format:ident) => {
+        impl PanelKernel for $panel::Panel {
+            type X = q4k::Q8K;
+            const BLOCK_VALUES: usize = q4k::QK;
+            const BLOCK_BYTES: usize = $format::BLOCK_BYTES;
+            fn zeros() -> Self::X {
+                q4k::Q8K::zeros()
+            }
+            fn quantize(x: &[f32], out: &mut [Self::X]) {
+                q4k::quantize_q8k(x, out)
+            }
+            fn with_panel(f: impl FnOnce(&mut Self)) {
+                thread_local! {
+                    static PANEL: std::cell::RefCell<$panel::Panel> = Default::default();
+                }
+                PANEL.with_borrow_mut(f)
+            }
+            fn pack(&mut self, rows: &[u8], row_bytes: usize) {
+                $panel::Panel::pack(self, rows, row_bytes)
+            }
+            fn multiply(&self, xs: &[&[Self::X]], out: &mut [f32], stride: usize) {
+                $panel::Panel::multiply(self, xs, out, stride)
+            }
+            fn dot(row: &[u8], x: &[Self::X]) -> f32 {
+                $format::dot(row, x)
+            }
         }
-        PANEL.with_borrow_mut(f)
-    }
-    fn pack(&mut self, rows: &[u8], row_bytes: usize) {
-        q4k_panel::Panel::pack(self, rows, row_bytes)
-    }
-    fn multiply(&self, xs: &[&[Self::X]], out: &mut [f32], stride: usize) {
-        q4k_panel::Panel::multiply(self, xs, out, stride)
-    }
-    fn dot(row: &[u8], x: &[Self::X]) -> f32 {
-        q4k::dot(row, x)
-    }
+    };
 }
 
-impl PanelKernel for q6k_panel::Panel {
-    type X = q4k::Q8K;
-    const BLOCK_VALUES: usize = q4k::QK;
-    const BLOCK_BYTES: usize = q6k::BLOCK_BYTES;
-    fn zeros() -> Self::X {
-        q4k::Q8K::zeros()
-    }
-    fn quantize(x: &[f32], out: &mut [Self::X]) {
-        q4k::quantize_q8k(x, out)
-    }
-    fn with_panel(f: impl FnOnce(&mut Self)) {
-        thread_local! {
-            static PANEL: std::cell::RefCell<q6k_panel::Panel> = Default::default();
-        }
-        PANEL.with_borrow_mut(f)
-    }
-    fn pack(&mut self, rows: &[u8], row_bytes: usize) {
-        q6k_panel::Panel::pack(self, rows, row_bytes)
-    }
-    fn multiply(&self, xs: &[&[Self::X]], out: &mut [f32], stride: usize) {
-        q6k_panel::Panel::multiply(self, xs, out, stride)
-    }
-    fn dot(row: &[u8], x: &[Self::X]) -> f32 {
-        q6k::dot(row, x)
-    }
-}
+q8k_panel_kernel!(q4k_panel, q4k);
+q8k_panel_kernel!(q6k_panel, q6k);
 
 impl PanelKernel for q8_0_panel::Panel {
     type X = q8_0_panel::Q8Sum;
