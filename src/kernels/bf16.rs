@@ -133,26 +133,32 @@ impl Bf16Matrix {
             return self.prompt_product(xs, m);
         }
         let simd = have_avx512_rows(k);
-        // The row kernel's activation order (see `dot_avx512`), made once
-        // per product.
-        let split;
-        let xs = if simd {
-            split = split_pairs(xs);
-            &split[..]
-        } else {
-            xs
-        };
         let rows = Rows { w, k, simd };
-        if m == 1 {
-            rows_in_pairs(
-                self.rows,
-                |r| rows.dot_n(r, [xs])[0],
-                |a, b| rows.dot2([row(a), row(b)], xs),
-            )
-        } else {
-            let xr: Vec<&[f32]> = xs.chunks_exact(k).collect();
-            in_tiles(self.rows, &xr, &rows)
+        let run = |xs: &[f32]| {
+            if m == 1 {
+                rows_in_pairs(
+                    self.rows,
+                    |r| rows.dot_n(r, [xs])[0],
+                    |a, b| rows.dot2([row(a), row(b)], xs),
+                )
+            } else {
+                let xr: Vec<&[f32]> = xs.chunks_exact(k).collect();
+                in_tiles(self.rows, &xr, &rows)
+            }
+        };
+        if !simd {
+            return run(xs);
         }
+        // The row kernel's activation order (see `dot_avx512`), made once
+        // per product into this thread's reused buffer: generation runs
+        // seven bf16 products per layer and token.
+        thread_local! {
+            static SPLIT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        SPLIT.with_borrow_mut(|split| {
+            split_pairs(xs, split);
+            run(split)
+        })
     }
 }
 
@@ -289,16 +295,15 @@ fn have_avx512_rows(k: usize) -> bool {
 }
 
 /// Activations in the order `dot_avx512` reads them: in every 32 values,
-/// the 16 at even positions, then the 16 at odd ones. A copy as large as
-/// the input: small for generation; a prompt takes this path only on CPUs
-/// without AVX512_BF16 (or in chunks under 16 rows).
-fn split_pairs(xs: &[f32]) -> Vec<f32> {
-    let mut out = Vec::with_capacity(xs.len());
+/// the 16 at even positions, then the 16 at odd ones, written into `out`.
+/// As large as the input: small for generation; a prompt takes this path
+/// only on CPUs without AVX512_BF16 (or in chunks under 16 rows).
+fn split_pairs(xs: &[f32], out: &mut Vec<f32>) {
+    out.clear();
     for chunk in xs.chunks_exact(32) {
         out.extend(chunk.iter().step_by(2));
         out.extend(chunk.iter().skip(1).step_by(2));
     }
-    out
 }
 
 /// The bf16 rows of a matrix, `k` values each; with `simd`, through
@@ -428,8 +433,10 @@ mod tests {
             for t in 0..2 {
                 let plain = &x[t * k..(t + 1) * k];
                 let want = dot_scalar(row, plain);
+                let mut split = Vec::new();
+                split_pairs(plain, &mut split);
                 // SAFETY: AVX-512F was detected; the row and token hold k values.
-                let got = unsafe { dot_avx512::<1, 1>([row], [&split_pairs(plain)]) }[0][0];
+                let got = unsafe { dot_avx512::<1, 1>([row], [&split]) }[0][0];
                 assert!(
                     (got - want).abs() <= 1e-5 * want.abs().max(1.0),
                     "{got} vs {want}"
