@@ -1,5 +1,5 @@
 //! CPU matrix kernels: quantized blocks (Q4_0, Q4_K, Q5_K, Q6_K and Q8_0 through AVX-512
-//! VNNI, with panels for Q4_K, Q6_K and Q8_0 prompts) and bf16, and the driver that spreads a
+//! VNNI, with panels for their prompts) and bf16, and the driver that spreads a
 //! matrix product over threads; and decode attention over a KV cache read
 //! in place (`attention`). Pure functions over slices, each tested against
 //! a scalar reference; `model::linear` and the decoder choose among them.
@@ -8,9 +8,11 @@ pub(crate) mod attention;
 pub(crate) mod bf16;
 pub(crate) mod pool;
 pub(crate) mod q4_0;
+pub(crate) mod q4_0_panel;
 pub(crate) mod q4k;
 pub(crate) mod q4k_panel;
 pub(crate) mod q5k;
+pub(crate) mod q5k_panel;
 pub(crate) mod q6k;
 pub(crate) mod q6k_panel;
 pub(crate) mod q8_0;
@@ -29,7 +31,7 @@ pub const PROMPT_ROWS: usize = 16;
 /// The row kernels (`dot`, `dot2`, `dot_n` of each format) sum every output
 /// in the same order whatever the number of rows and tokens they are given,
 /// so a row's result does not depend on what else shares the pass; bf16's
-/// are exactly f32's. The prompt kernels (Q4_K and Q8_0 panels, bf16's
+/// are exactly f32's. The prompt kernels (the quantized panels, bf16's
 /// `vdpbf16ps`) are faster for 16+ rows but sum differently (bf16's round
 /// the activations). A batch from many sequences keeps each sequence's rows
 /// in the class it would have alone: generation rows and short chunks in

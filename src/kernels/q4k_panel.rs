@@ -55,21 +55,33 @@ impl Panel {
         super::q4k::have_vnni()
     }
 
-    /// Unpacks the `ROWS` rows that start at `rows[0]`, each `row_bytes`
-    /// long and `row_bytes` apart.
+    /// Unpacks the `ROWS` rows of Q4_K blocks that start at `rows[0]`,
+    /// each `row_bytes` long and `row_bytes` apart.
     ///
     /// # Panics
     /// If `rows` holds fewer than `ROWS` rows, or the CPU lacks the
     /// instructions (check `available` first).
     pub fn pack(&mut self, rows: &[u8], row_bytes: usize) {
+        self.pack_format::<false>(rows, row_bytes)
+    }
+
+    /// `pack` for Q5_K blocks (`q5k`): the same panel, each value's fifth
+    /// bit or-ed in as 16, so `multiply` is the same loop (values up to 31
+    /// stay unsigned bytes for `vpdpbusd`).
+    pub fn pack_q5k(&mut self, rows: &[u8], row_bytes: usize) {
+        self.pack_format::<true>(rows, row_bytes)
+    }
+
+    fn pack_format<const Q5: bool>(&mut self, rows: &[u8], row_bytes: usize) {
         assert!(Self::available(), "the Q4_K panel needs AVX-512 VNNI");
+        let block_bytes = block_bytes::<Q5>();
         assert!(rows.len() >= ROWS * row_bytes, "fewer than {ROWS} rows");
-        assert!(row_bytes.is_multiple_of(BLOCK_BYTES) && row_bytes * ROWS < i32::MAX as usize);
-        self.blocks = row_bytes / BLOCK_BYTES;
+        assert!(row_bytes.is_multiple_of(block_bytes) && row_bytes * ROWS < i32::MAX as usize);
+        self.blocks = row_bytes / block_bytes;
         self.lines.resize(self.blocks * LINES, Line([0; 64]));
         // SAFETY: the features were checked above; the reads stay inside
         // `rows` (checked long enough) and the writes inside `self.lines`.
-        unsafe { pack_avx512(rows, row_bytes, self.blocks, &mut self.lines) }
+        unsafe { pack_avx512::<Q5>(rows, row_bytes, self.blocks, &mut self.lines) }
     }
 
     /// `out[t·stride + r] = row r · token t` for every token of `xs` (each
@@ -163,9 +175,23 @@ impl Default for Panel {
     }
 }
 
+/// Bytes of a Q4_K block, or with `Q5` of a Q5_K one.
+const fn block_bytes<const Q5: bool>() -> usize {
+    if Q5 {
+        super::q5k::BLOCK_BYTES
+    } else {
+        BLOCK_BYTES
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
-unsafe fn pack_avx512(rows: &[u8], row_bytes: usize, blocks: usize, lines: &mut [Line]) {
+unsafe fn pack_avx512<const Q5: bool>(
+    rows: &[u8],
+    row_bytes: usize,
+    blocks: usize,
+    lines: &mut [Line],
+) {
     // SAFETY: the caller checked the features, that `rows` holds ROWS rows
     // of `row_bytes`, and that `lines` holds `blocks · LINES` lines.
     unsafe {
@@ -178,17 +204,31 @@ unsafe fn pack_avx512(rows: &[u8], row_bytes: usize, blocks: usize, lines: &mut 
         let low2 = _mm512_set1_epi32(0x0303_0303);
         let byte = _mm512_set1_epi32(0xFF);
         let out = lines.as_mut_ptr();
+        let ones = _mm512_set1_epi32(0x0101_0101);
+        let qs_at = if Q5 { 48 } else { 16 };
         for b in 0..blocks {
-            let at = b * BLOCK_BYTES;
+            let at = b * block_bytes::<Q5>();
             let p = out.add(b * LINES);
             // Weights: dword k of the 128 nibble bytes holds values 4g..4g+4
             // (g = k mod 8) of sub-block 2(k/8) in its low nibbles and of
             // sub-block 2(k/8)+1 in its high ones.
             for k in 0..32 {
-                let v = gather(at + 16 + 4 * k);
+                let v = gather(at + qs_at + 4 * k);
                 let (s, g) = (2 * (k / 8), k % 8);
-                _mm512_store_si512(p.add(8 * s + g).cast(), _mm512_and_si512(v, nib));
-                let hi = _mm512_and_si512(_mm512_srli_epi32::<4>(v), nib);
+                let mut lo = _mm512_and_si512(v, nib);
+                let mut hi = _mm512_and_si512(_mm512_srli_epi32::<4>(v), nib);
+                if Q5 {
+                    // Q5_K: bit s of `qh[l]` is the fifth bit of sub-block
+                    // s's value l, and dword g of `qh` holds l = 4g..4g+4.
+                    let qh = gather(at + 16 + 4 * g);
+                    let bit = |s: usize| {
+                        let shifted = _mm512_srlv_epi32(qh, _mm512_set1_epi32(s as i32));
+                        _mm512_slli_epi32::<4>(_mm512_and_si512(shifted, ones))
+                    };
+                    lo = _mm512_or_si512(lo, bit(s));
+                    hi = _mm512_or_si512(hi, bit(s + 1));
+                }
+                _mm512_store_si512(p.add(8 * s + g).cast(), lo);
                 _mm512_store_si512(p.add(8 * (s + 1) + g).cast(), hi);
             }
             // d and dmin (two halves), and the 12 scale bytes as ggml
@@ -258,7 +298,7 @@ pub(super) fn row_offsets(row_bytes: usize) -> std::arch::x86_64::__m512i {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn pack_avx512(_: &[u8], _: usize, _: usize, _: &mut [Line]) {
+unsafe fn pack_avx512<const Q5: bool>(_: &[u8], _: usize, _: usize, _: &mut [Line]) {
     unreachable!("available() is false off x86-64")
 }
 

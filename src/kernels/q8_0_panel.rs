@@ -20,8 +20,8 @@ pub const QK: usize = 32;
 #[derive(Clone)]
 #[repr(C)]
 pub struct Q8Sum {
-    qs: [i8; QK],
-    d: f32,
+    pub(super) qs: [i8; QK],
+    pub(super) d: f32,
     sum: i32,
 }
 
@@ -84,20 +84,33 @@ impl Panel {
         super::q4k::have_vnni()
     }
 
-    /// Unpacks the `ROWS` rows that start at `rows[0]`, `row_bytes` apart.
+    /// Unpacks the `ROWS` rows of Q8_0 blocks that start at `rows[0]`,
+    /// `row_bytes` apart.
     ///
     /// # Panics
     /// If `rows` holds fewer than `ROWS` rows, or the CPU lacks the
     /// instructions (check `available` first).
     pub fn pack(&mut self, rows: &[u8], row_bytes: usize) {
+        self.pack_format::<false>(rows, row_bytes)
+    }
+
+    /// `pack` for Q4_0 blocks (`q4_0`): each value `q − 8` is stored as
+    /// `q − 8 + 128`, the offset a Q8_0 weight gets, so `multiply` and its
+    /// `128 · Σx` correction are the same.
+    pub fn pack_q4_0(&mut self, rows: &[u8], row_bytes: usize) {
+        self.pack_format::<true>(rows, row_bytes)
+    }
+
+    fn pack_format<const Q4: bool>(&mut self, rows: &[u8], row_bytes: usize) {
         assert!(Self::available(), "the Q8_0 panel needs AVX-512 VNNI");
+        let block_bytes = block_bytes::<Q4>();
         assert!(rows.len() >= ROWS * row_bytes, "fewer than {ROWS} rows");
-        assert!(row_bytes.is_multiple_of(BLOCK_BYTES) && row_bytes * ROWS < i32::MAX as usize);
-        self.blocks = row_bytes / BLOCK_BYTES;
+        assert!(row_bytes.is_multiple_of(block_bytes) && row_bytes * ROWS < i32::MAX as usize);
+        self.blocks = row_bytes / block_bytes;
         self.lines.resize(self.blocks * LINES, Line([0; 64]));
         // SAFETY: the features were checked above; the reads stay inside
         // `rows` (checked long enough) and the writes inside `self.lines`.
-        unsafe { pack_avx512(rows, row_bytes, self.blocks, &mut self.lines) }
+        unsafe { pack_avx512::<Q4>(rows, row_bytes, self.blocks, &mut self.lines) }
     }
 
     /// `out[t·stride + r] = row r · token t` for every token of `xs` (each
@@ -195,9 +208,23 @@ unsafe fn blocks<const H: usize, const N: usize>(
     }
 }
 
+/// Bytes of a Q8_0 block, or with `Q4` of a Q4_0 one.
+const fn block_bytes<const Q4: bool>() -> usize {
+    if Q4 {
+        super::q4_0::BLOCK_BYTES
+    } else {
+        BLOCK_BYTES
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
-unsafe fn pack_avx512(rows: &[u8], row_bytes: usize, blocks: usize, lines: &mut [Line]) {
+unsafe fn pack_avx512<const Q4: bool>(
+    rows: &[u8],
+    row_bytes: usize,
+    blocks: usize,
+    lines: &mut [Line],
+) {
     // SAFETY: the caller checked the features, that `rows` holds ROWS rows
     // of `row_bytes`, and that `lines` holds `blocks · LINES` lines.
     unsafe {
@@ -205,12 +232,23 @@ unsafe fn pack_avx512(rows: &[u8], row_bytes: usize, blocks: usize, lines: &mut 
         let index = row_offsets(row_bytes);
         let gather = |at: usize| _mm512_i32gather_epi32::<1>(index, rows.as_ptr().add(at).cast());
         let flip = _mm512_set1_epi32(0x8080_8080u32 as i32);
+        let nib = _mm512_set1_epi32(0x0F0F_0F0F);
+        // q − 8 + 128 for a Q4_0 value q (at most 135: no byte carries over).
+        let q4_offset = _mm512_set1_epi32(0x7878_7878);
         let out = lines.as_mut_ptr();
         for b in 0..blocks {
-            let at = b * BLOCK_BYTES;
+            let at = b * block_bytes::<Q4>();
             let p = out.add(b * LINES);
             for g in 0..8 {
-                let w = _mm512_xor_si512(gather(at + 2 + 4 * g), flip);
+                let w = if Q4 {
+                    // Values 4g..4g+4: low nibbles of qs[4g..] for g < 4,
+                    // high nibbles of qs[4(g − 4)..] after.
+                    let v = gather(at + 2 + 4 * (g % 4));
+                    let v = if g < 4 { v } else { _mm512_srli_epi32::<4>(v) };
+                    _mm512_add_epi32(_mm512_and_si512(v, nib), q4_offset)
+                } else {
+                    _mm512_xor_si512(gather(at + 2 + 4 * g), flip)
+                };
                 _mm512_store_si512(p.add(g).cast(), w);
             }
             let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(gather(at)));
@@ -220,7 +258,7 @@ unsafe fn pack_avx512(rows: &[u8], row_bytes: usize, blocks: usize, lines: &mut 
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn pack_avx512(_: &[u8], _: usize, _: usize, _: &mut [Line]) {
+unsafe fn pack_avx512<const Q4: bool>(_: &[u8], _: usize, _: usize, _: &mut [Line]) {
     unreachable!("available() is false off x86-64")
 }
 

@@ -8,11 +8,13 @@
 //! memory bandwidth, so this module reads the compact blocks as stored and
 //! splits the rows over the thread pool itself: generation through this
 //! crate's row kernels (`q4_0`, `q4k`, `q5k`, `q6k`, `q8_0`; candle's
-//! `GgmlType::vec_dot` on CPUs without AVX-512 VNNI), prompts of 16+ tokens through panels of sixteen rows
-//! unpacked in cache (`q4k_panel`, `q6k_panel`, `q8_0_panel`; Q5_K and Q4_0 prompts take the row kernels).
+//! `GgmlType::vec_dot` on CPUs without AVX-512 VNNI), prompts of 16+ tokens
+//! through panels of sixteen rows unpacked in cache (`q4_0_panel`,
+//! `q4k_panel`, `q5k_panel`, `q6k_panel`, `q8_0_panel`).
 
 use super::{
-    PROMPT_ROWS, RowClass, pool, q4_0, q4k, q4k_panel, q5k, q6k, q6k_panel, q8_0, q8_0_panel,
+    PROMPT_ROWS, RowClass, pool, q4_0, q4_0_panel, q4k, q4k_panel, q5k, q5k_panel, q6k, q6k_panel,
+    q8_0, q8_0_panel,
 };
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
@@ -137,7 +139,9 @@ impl QuantMatrix {
     /// Whether `Prompt` rows take other kernels than `Rows` rows here.
     pub fn has_prompt_kernel(&self) -> bool {
         match self.dtype {
+            GgmlDType::Q4_0 => q4_0_panel::Panel::available(),
             GgmlDType::Q4K => q4k_panel::Panel::available(),
+            GgmlDType::Q5K => q5k_panel::Panel::available(),
             GgmlDType::Q6K => q6k_panel::Panel::available(),
             GgmlDType::Q8_0 => q8_0_panel::Panel::available(),
             _ => false,
@@ -159,12 +163,18 @@ impl QuantMatrix {
     fn product(&self, xs: &[f32], m: usize, panels: bool) -> Result<Vec<f32>> {
         let k = self.cols;
         Ok(match self.dtype {
+            GgmlDType::Q4_0 if panels && q4_0_panel::Panel::available() => {
+                self.matmul_panels::<q4_0_panel::Panel>(xs, m)?
+            }
             GgmlDType::Q4_0 if super::q4k::have_vnni() && k.is_multiple_of(q8_0::PAIR) => {
                 self.matmul_own::<Q4_0>(xs, m)?
             }
             GgmlDType::Q4_0 => self.matmul::<BlockQ4_0>(xs, m)?,
             GgmlDType::Q4K if panels && q4k_panel::Panel::available() => {
                 self.matmul_panels::<q4k_panel::Panel>(xs, m)?
+            }
+            GgmlDType::Q5K if panels && q5k_panel::Panel::available() => {
+                self.matmul_panels::<q5k_panel::Panel>(xs, m)?
             }
             GgmlDType::Q6K if panels && q6k_panel::Panel::available() => {
                 self.matmul_panels::<q6k_panel::Panel>(xs, m)?
@@ -291,7 +301,8 @@ impl QuantMatrix {
     }
 }
 
-/// What `matmul_panels` needs of a panel kernel (`q4k_panel`, `q6k_panel`, `q8_0_panel`).
+/// What `matmul_panels` needs of a panel kernel (`q4_0_panel`, `q4k_panel`,
+/// `q5k_panel`, `q6k_panel`, `q8_0_panel`).
 trait PanelKernel: Sized {
     /// The activations' quantized unit: one per weight block.
     type X: Clone + Send + Sync;
@@ -307,19 +318,21 @@ trait PanelKernel: Sized {
     fn dot(row: &[u8], x: &[Self::X]) -> f32;
 }
 
-/// The `PanelKernel` of a k-quant panel module (`q4k_panel`, `q6k_panel`):
-/// Q8_K activations, and the format module's block size and row kernel.
-macro_rules! q8k_panel_kernel {
-    ($panel:ident, $format:ident) => {
+/// The `PanelKernel` of a panel module: the activations' type (Q8_K for
+/// the k-quants, `Q8Sum` for Q8_0 and Q4_0), their block's values and
+/// quantizer, the format's block bytes, and the row dot product that rows
+/// outside a whole panel take.
+macro_rules! panel_kernel {
+    ($panel:ident, $x:ty, $values:expr, $bytes:expr, $quantize:path, $dot:path) => {
         impl PanelKernel for $panel::Panel {
-            type X = q4k::Q8K;
-            const BLOCK_VALUES: usize = q4k::QK;
-            const BLOCK_BYTES: usize = $format::BLOCK_BYTES;
+            type X = $x;
+            const BLOCK_VALUES: usize = $values;
+            const BLOCK_BYTES: usize = $bytes;
             fn zeros() -> Self::X {
-                q4k::Q8K::zeros()
+                <$x>::zeros()
             }
             fn quantize(x: &[f32], out: &mut [Self::X]) {
-                q4k::quantize_q8k(x, out)
+                $quantize(x, out)
             }
             fn with_panel(f: impl FnOnce(&mut Self)) {
                 thread_local! {
@@ -334,41 +347,54 @@ macro_rules! q8k_panel_kernel {
                 $panel::Panel::multiply(self, xs, out, stride)
             }
             fn dot(row: &[u8], x: &[Self::X]) -> f32 {
-                $format::dot(row, x)
+                $dot(row, x)
             }
         }
     };
 }
 
-q8k_panel_kernel!(q4k_panel, q4k);
-q8k_panel_kernel!(q6k_panel, q6k);
-
-impl PanelKernel for q8_0_panel::Panel {
-    type X = q8_0_panel::Q8Sum;
-    const BLOCK_VALUES: usize = q8_0_panel::QK;
-    const BLOCK_BYTES: usize = q8_0::BLOCK_BYTES;
-    fn zeros() -> Self::X {
-        q8_0_panel::Q8Sum::zeros()
-    }
-    fn quantize(x: &[f32], out: &mut [Self::X]) {
-        q8_0_panel::quantize(x, out)
-    }
-    fn with_panel(f: impl FnOnce(&mut Self)) {
-        thread_local! {
-            static PANEL: std::cell::RefCell<q8_0_panel::Panel> = Default::default();
-        }
-        PANEL.with_borrow_mut(f)
-    }
-    fn pack(&mut self, rows: &[u8], row_bytes: usize) {
-        q8_0_panel::Panel::pack(self, rows, row_bytes)
-    }
-    fn multiply(&self, xs: &[&[Self::X]], out: &mut [f32], stride: usize) {
-        q8_0_panel::Panel::multiply(self, xs, out, stride)
-    }
-    fn dot(row: &[u8], x: &[Self::X]) -> f32 {
-        q8_0_panel::dot_scalar(row, x)
-    }
-}
+use q4k::Q8K;
+use q8_0_panel::Q8Sum;
+panel_kernel!(
+    q4k_panel,
+    Q8K,
+    q4k::QK,
+    q4k::BLOCK_BYTES,
+    q4k::quantize_q8k,
+    q4k::dot
+);
+panel_kernel!(
+    q5k_panel,
+    Q8K,
+    q4k::QK,
+    q5k::BLOCK_BYTES,
+    q4k::quantize_q8k,
+    q5k::dot
+);
+panel_kernel!(
+    q6k_panel,
+    Q8K,
+    q4k::QK,
+    q6k::BLOCK_BYTES,
+    q4k::quantize_q8k,
+    q6k::dot
+);
+panel_kernel!(
+    q8_0_panel,
+    Q8Sum,
+    q8_0_panel::QK,
+    q8_0::BLOCK_BYTES,
+    q8_0_panel::quantize,
+    q8_0_panel::dot_scalar
+);
+panel_kernel!(
+    q4_0_panel,
+    Q8Sum,
+    q8_0_panel::QK,
+    q4_0::BLOCK_BYTES,
+    q8_0_panel::quantize,
+    q4_0_panel::dot_scalar
+);
 
 /// Each token's `k` activations (`xs` is `[m, k]`), quantized once into
 /// `per_row` units of the type the kernel's dot product pairs with.
