@@ -257,8 +257,29 @@ pub(super) unsafe fn dot_vnni<const R: usize, const N: usize, const Q5: bool>(
             8, -1, 8, -1, 9, -1, 9, -1, 10, -1, 10, -1, 11, -1, 11, -1, 12, -1, 12, -1, 13, -1, 13,
             -1, 14, -1, 14, -1, 15, -1, 15, -1,
         );
+        // Per row and token: lanes 0-7 sum d·xd·(the block's scaled
+        // products), lanes 8-15 −dmin·xd·(its mins times the sums).
         let mut facc = [[_mm512_setzero_ps(); N]; R];
-        let mut macc = [[_mm256_setzero_ps(); N]; R];
+        // [d ×8, dmin ×8] from [d, dmin, ..], then dmin's sign flipped.
+        let spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+        let negate_high = _mm512_setr_epi32(
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            i32::MIN,
+            i32::MIN,
+            i32::MIN,
+            i32::MIN,
+            i32::MIN,
+            i32::MIN,
+            i32::MIN,
+            i32::MIN,
+        );
         for blk in 0..blocks {
             for r in 0..R {
                 let b = rows[r].as_ptr().add(blk * block_bytes);
@@ -270,8 +291,12 @@ pub(super) unsafe fn dot_vnni<const R: usize, const N: usize, const Q5: bool>(
                 if Q5 {
                     _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(super::PREFETCH_BYTES + 175).cast());
                 }
-                // [d, dmin, 0, 0], converted together.
+                // [d, dmin, 0, 0], converted together, spread to [d ×8, −dmin ×8].
                 let dd = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(b.cast::<i32>())));
+                let dd = _mm512_castsi512_ps(_mm512_xor_si512(
+                    _mm512_permutexvar_epi32(spread, _mm512_castsi128_si512(_mm_castps_si128(dd))),
+                    negate_high,
+                ));
                 // 16 bytes from the scales on: 12 scale bytes and 4 of `qs`/`qh`
                 // (ignored), all inside the block.
                 let v = _mm_loadu_si128(b.add(4).cast());
@@ -330,20 +355,20 @@ pub(super) unsafe fn dot_vnni<const R: usize, const N: usize, const Q5: bool>(
                     let pa = _mm512_packs_epi32(dp!(w_al, 0), dp!(w_ah, 64));
                     let pb = _mm512_packs_epi32(dp!(w_bl, 128), dp!(w_bh, 192));
                     let acc = _mm512_dpwssd_epi32(_mm512_madd_epi16(pa, s_a), pb, s_b);
-                    // [d·xd, dmin·xd, ..]
-                    let dx = _mm_mul_ps(dd, _mm_set1_ps(xb.d));
-                    facc[r][t] = _mm512_fmadd_ps(
-                        _mm512_cvtepi32_ps(acc),
-                        _mm512_broadcastss_ps(dx),
-                        facc[r][t],
+                    // Its 16 lanes folded to 8 (exact in integers), beside
+                    // the 8 mins times the sums of their 32 activations;
+                    // one conversion and one multiply-add for both.
+                    let acc8 = _mm256_add_epi32(
+                        _mm512_castsi512_si256(acc),
+                        _mm512_extracti64x4_epi64::<1>(acc),
                     );
-                    // Mins: each of the 8 mins times the sum of its 32 activations.
                     let bs = _mm256_load_si256(xb.bsums.as_ptr().cast());
-                    let mins = _mm256_cvtepi32_ps(_mm256_madd_epi16(bs, m16));
-                    macc[r][t] = _mm256_fmadd_ps(
-                        mins,
-                        _mm256_broadcastss_ps(_mm_movehdup_ps(dx)),
-                        macc[r][t],
+                    let mins = _mm256_madd_epi16(bs, m16);
+                    let both = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(acc8), mins);
+                    facc[r][t] = _mm512_fmadd_ps(
+                        _mm512_cvtepi32_ps(both),
+                        _mm512_mul_ps(dd, _mm512_set1_ps(xb.d)),
+                        facc[r][t],
                     );
                 }
             }
@@ -351,9 +376,7 @@ pub(super) unsafe fn dot_vnni<const R: usize, const N: usize, const Q5: bool>(
         let mut out = [[0f32; N]; R];
         for r in 0..R {
             for t in 0..N {
-                let mut lanes = [0f32; 8];
-                _mm256_storeu_ps(lanes.as_mut_ptr(), macc[r][t]);
-                out[r][t] = _mm512_reduce_add_ps(facc[r][t]) - lanes.iter().sum::<f32>();
+                out[r][t] = _mm512_reduce_add_ps(facc[r][t]);
             }
         }
         out
