@@ -11,6 +11,7 @@
 #
 #   scripts/race-llama-cpp.sh WORKDIR
 #   ROUNDS=2 P=128 N=64 R=3 BF16_P=64 BF16_N=16 FORMATS="q4_k_m q8_0 bf16" scripts/race-llama-cpp.sh WORKDIR
+#   FORMATS="q4_k_m q8_0 q5_k_m q4_0 bf16" ...   (any format llama-quantize names)
 set -euo pipefail
 work=${1:?usage: $0 WORKDIR}
 rounds=${ROUNDS:-2}
@@ -38,8 +39,12 @@ st="$root/target/release/starling"
 vocab="$root/target/test-assets/tokenizer.model.v1"
 [ -f m7b-bf16.gguf ] ||
   "$st" quantize synthetic:mistral-7b m7b-bf16.gguf --type bf16 --vocab "$vocab"
-[ -f m7b-q4_k_m.gguf ] || $bin/llama-quantize m7b-bf16.gguf m7b-q4_k_m.gguf Q4_K_M 2
-[ -f m7b-q8_0.gguf ] || $bin/llama-quantize m7b-bf16.gguf m7b-q8_0.gguf Q8_0 2
+# Each quantized format raced (q4_k_m, q8_0, q5_k_m, q4_0, ...), by
+# llama-quantize's name for it; the start-up check needs q4_k_m.
+for t in q4_k_m ${FORMATS:-q8_0}; do
+  [ "$t" = bf16 ] || [ -f "m7b-$t.gguf" ] ||
+    $bin/llama-quantize m7b-bf16.gguf "m7b-$t.gguf" "${t^^}" 2
+done
 
 echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
 echo "flags: $(grep -m1 flags /proc/cpuinfo | grep -o -w -E 'avx512f|avx512_vnni|avx512_bf16' | tr '\n' ' ')"
