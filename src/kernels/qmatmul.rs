@@ -654,10 +654,18 @@ mod tests {
     use super::*;
     use candle_core::{DType, Module};
 
+    /// Against candle's `QMatMul` on fixed inputs (`test_values`). Both
+    /// quantize the activations to 8 bits, but candle's x86 path rounds them
+    /// its own way: over 200 random draws its results sat up to 1.3e-3 (of
+    /// the largest output) from ours, for the row kernels and the panels
+    /// alike (which agree with each other to 5e-7), so random inputs made a
+    /// 1e-3 bound fail about once in forty runs. A wrong value or scale in a
+    /// kernel moves results by far more than 5e-3.
     #[test]
     fn matches_candles_qmatmul_for_every_format_and_batch() {
         let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (201, 512), &dev).unwrap();
+        let values = |n: usize, seed: u64| super::super::test_values(n, seed);
+        let w = Tensor::from_vec(values(201 * 512, 1), (201, 512), &dev).unwrap();
         for dtype in [
             GgmlDType::Q4_0,
             GgmlDType::Q4K,
@@ -669,13 +677,13 @@ mod tests {
             let ours = QuantMatrix::from_qtensor(&q).unwrap().unwrap();
             let theirs = candle_core::quantized::QMatMul::from_arc(q).unwrap();
             for m in [1, 3, 70] {
-                let x = Tensor::randn(0f32, 1.0, (m, 512), &dev).unwrap();
+                let x = Tensor::from_vec(values(m * 512, 2 + m as u64), (m, 512), &dev).unwrap();
                 let a = ours.forward(&x).unwrap();
                 let b = theirs.forward(&x).unwrap();
                 let diff = (a - &b).unwrap().abs().unwrap().max_all().unwrap();
                 let scale = b.abs().unwrap().max_all().unwrap();
                 let rel = diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap();
-                assert!(rel < 1e-3, "{dtype:?} m={m}: relative difference {rel}");
+                assert!(rel < 5e-3, "{dtype:?} m={m}: relative difference {rel}");
             }
         }
     }
