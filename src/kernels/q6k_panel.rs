@@ -255,14 +255,20 @@ mod tests {
             quantize_q8k(x, q);
         }
         let xs: Vec<&[Q8K]> = xq.chunks_exact(cols / QK).collect();
-        for bytes in [&random, &extreme] {
+        for (bytes, first) in [(&random, 2), (&extreme, 0)] {
             // Rows 3..19: a panel that does not start at the first row.
             let mut panel = Panel::new();
             panel.pack(&bytes[3 * row_bytes..], row_bytes);
             let stride = ROWS + 5;
             let mut out = vec![f32::NAN; tokens * stride];
             panel.multiply(&xs, &mut out, stride);
-            for (t, x) in xs.iter().enumerate() {
+            // Tokens 0 and 1 (all +1, all −1) against random rows would
+            // sum ±Σw, a near-total cancellation of terms hundreds of times
+            // larger than the result, where the panel's and the scalar
+            // kernel's float orders differ by more than the bound (the
+            // Q5_K test failed so about once in 40 runs): those tokens are
+            // held to it on the extreme rows only.
+            for (t, x) in xs.iter().enumerate().skip(first) {
                 for r in 0..ROWS {
                     let row = &bytes[(3 + r) * row_bytes..(4 + r) * row_bytes];
                     let want = dot_scalar(row, x);
