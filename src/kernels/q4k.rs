@@ -355,9 +355,11 @@ pub(super) unsafe fn dot_vnni<const R: usize, const N: usize, const Q5: bool>(
                     let pa = _mm512_packs_epi32(dp!(w_al, 0), dp!(w_ah, 64));
                     let pb = _mm512_packs_epi32(dp!(w_bl, 128), dp!(w_bh, 192));
                     let acc = _mm512_dpwssd_epi32(_mm512_madd_epi16(pa, s_a), pb, s_b);
-                    // Its 16 lanes folded to 8 (exact in integers), beside
-                    // the 8 mins times the sums of their 32 activations;
-                    // one conversion and one multiply-add for both.
+                    // Its 16 lanes folded to 8, beside the 8 mins times the
+                    // sums of their 32 activations; one conversion and one
+                    // multiply-add for both. Still exact: a folded lane holds
+                    // at most 32 · 31 · 127 · 63 < 2^23 (Q5_K's values), a
+                    // mins product 63 · 2 · 16 · 127 < 2^18.
                     let acc8 = _mm256_add_epi32(
                         _mm512_castsi512_si256(acc),
                         _mm512_extracti64x4_epi64::<1>(acc),

@@ -12,6 +12,9 @@
 //! but the unpacked copy only exists for the sixteen rows being worked on
 //! (a few hundred KB, in L2), never for the whole model: memory stays the
 //! file's size.
+//!
+//! Q5_K blocks (`q5k_panel`) unpack into the same panel, each value's fifth
+//! bit or-ed in, and share `multiply`.
 
 use super::q4k::{BLOCK_BYTES, CHUNK_ORDER, Q8K};
 
@@ -34,9 +37,10 @@ const SCALES_AT: usize = 64;
 const MINS_AT: usize = 72;
 const DMIN_AT: usize = 80;
 
-/// Sixteen rows of Q4_K blocks unpacked for `vpdpbusd`: for block `b`,
-/// sub-block `s` and group `g`, line `b·LINES + 8s + g` holds, in lane `r`,
-/// the four 4-bit values `4g..4g+4` of sub-block `s` of row `r`, one per byte.
+/// Sixteen rows of Q4_K (or Q5_K) blocks unpacked for `vpdpbusd`: for block
+/// `b`, sub-block `s` and group `g`, line `b·LINES + 8s + g` holds, in lane
+/// `r`, the four 4-bit (5-bit) values `4g..4g+4` of sub-block `s` of row `r`,
+/// one per byte.
 pub struct Panel {
     lines: Vec<Line>,
     blocks: usize,
@@ -73,7 +77,7 @@ impl Panel {
     }
 
     fn pack_format<const Q5: bool>(&mut self, rows: &[u8], row_bytes: usize) {
-        assert!(Self::available(), "the Q4_K panel needs AVX-512 VNNI");
+        assert!(Self::available(), "the Q4_K/Q5_K panel needs AVX-512 VNNI");
         let block_bytes = block_bytes::<Q5>();
         assert!(rows.len() >= ROWS * row_bytes, "fewer than {ROWS} rows");
         assert!(row_bytes.is_multiple_of(block_bytes) && row_bytes * ROWS < i32::MAX as usize);
@@ -87,7 +91,7 @@ impl Panel {
     /// `out[t·stride + r] = row r · token t` for every token of `xs` (each
     /// `blocks` Q8_K blocks) and the `ROWS` rows of the last `pack`.
     pub fn multiply(&self, xs: &[&[Q8K]], out: &mut [f32], stride: usize) {
-        assert!(Self::available(), "the Q4_K panel needs AVX-512 VNNI");
+        assert!(Self::available(), "the Q4_K/Q5_K panel needs AVX-512 VNNI");
         for x in xs {
             assert!(x.len() >= self.blocks, "activations shorter than the rows");
         }
@@ -209,6 +213,13 @@ unsafe fn pack_avx512<const Q5: bool>(
         for b in 0..blocks {
             let at = b * block_bytes::<Q5>();
             let p = out.add(b * LINES);
+            // Q5_K: dword g of `qh` holds the fifth bits of values
+            // l = 4g..4g+4 of every sub-block (bit s for sub-block s).
+            let qh: [__m512i; 8] = if Q5 {
+                std::array::from_fn(|g| gather(at + 16 + 4 * g))
+            } else {
+                [_mm512_setzero_si512(); 8]
+            };
             // Weights: dword k of the 128 nibble bytes holds values 4g..4g+4
             // (g = k mod 8) of sub-block 2(k/8) in its low nibbles and of
             // sub-block 2(k/8)+1 in its high ones.
@@ -218,11 +229,8 @@ unsafe fn pack_avx512<const Q5: bool>(
                 let mut lo = _mm512_and_si512(v, nib);
                 let mut hi = _mm512_and_si512(_mm512_srli_epi32::<4>(v), nib);
                 if Q5 {
-                    // Q5_K: bit s of `qh[l]` is the fifth bit of sub-block
-                    // s's value l, and dword g of `qh` holds l = 4g..4g+4.
-                    let qh = gather(at + 16 + 4 * g);
                     let bit = |s: usize| {
-                        let shifted = _mm512_srlv_epi32(qh, _mm512_set1_epi32(s as i32));
+                        let shifted = _mm512_srlv_epi32(qh[g], _mm512_set1_epi32(s as i32));
                         _mm512_slli_epi32::<4>(_mm512_and_si512(shifted, ones))
                     };
                     lo = _mm512_or_si512(lo, bit(s));

@@ -6,6 +6,9 @@
 //! of each weight is flipped once, at packing, so the panel holds
 //! `w + 128` and each block's result is corrected by `128 · Σx`, which the
 //! activations carry.
+//!
+//! Q4_0 blocks (`q4_0_panel`) unpack into the same panel, each value `q − 8`
+//! stored as `q − 8 + 128`, and share `multiply`.
 
 #[cfg(target_arch = "x86_64")]
 use super::q4k_panel::row_offsets;
@@ -70,7 +73,7 @@ pub fn dot_scalar(row: &[u8], x: &[Q8Sum]) -> f32 {
 const LINES: usize = 9;
 const D_AT: usize = 8;
 
-/// Sixteen rows of Q8_0 blocks: for block `b` and group `g`, line
+/// Sixteen rows of Q8_0 (or Q4_0) blocks: for block `b` and group `g`, line
 /// `b·LINES + g` holds, in lane `r`, values `4g..4g+4` of row `r` plus 128.
 #[derive(Default)]
 pub struct Panel {
@@ -102,7 +105,7 @@ impl Panel {
     }
 
     fn pack_format<const Q4: bool>(&mut self, rows: &[u8], row_bytes: usize) {
-        assert!(Self::available(), "the Q8_0 panel needs AVX-512 VNNI");
+        assert!(Self::available(), "the Q8_0/Q4_0 panel needs AVX-512 VNNI");
         let block_bytes = block_bytes::<Q4>();
         assert!(rows.len() >= ROWS * row_bytes, "fewer than {ROWS} rows");
         assert!(row_bytes.is_multiple_of(block_bytes) && row_bytes * ROWS < i32::MAX as usize);
@@ -116,7 +119,7 @@ impl Panel {
     /// `out[t·stride + r] = row r · token t` for every token of `xs` (each
     /// `blocks` blocks) and the `ROWS` rows of the last `pack`.
     pub fn multiply(&self, xs: &[&[Q8Sum]], out: &mut [f32], stride: usize) {
-        assert!(Self::available(), "the Q8_0 panel needs AVX-512 VNNI");
+        assert!(Self::available(), "the Q8_0/Q4_0 panel needs AVX-512 VNNI");
         for x in xs {
             assert!(x.len() >= self.blocks, "activations shorter than the rows");
         }

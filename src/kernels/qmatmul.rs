@@ -796,4 +796,34 @@ mod tests {
             );
         }
     }
+
+    /// `has_prompt_kernel` holds exactly when 16+ prompt rows take other
+    /// kernels than the row kernels (results that differ in the last bits):
+    /// `Linear::forward_split` keeps a batch's decode rows out of the
+    /// panels by it, so a format whose arm is wrong would let a sequence's
+    /// answer depend on what else shares the step.
+    #[test]
+    fn has_prompt_kernel_says_when_prompt_rows_take_other_kernels() {
+        let dev = Device::Cpu;
+        let values = |n: usize, seed: u64| super::super::test_values(n, seed);
+        let w = Tensor::from_vec(values(131 * 512, 7), (131, 512), &dev).unwrap();
+        let x = Tensor::from_vec(values(16 * 512, 8), (16, 512), &dev).unwrap();
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+            GgmlDType::Q8_0,
+        ] {
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let matrix = QuantMatrix::from_qtensor(&q).unwrap().unwrap();
+            let bits = |class| -> Vec<u32> {
+                let t = matrix.forward_as(&x, class).unwrap();
+                let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                v.into_iter().map(f32::to_bits).collect()
+            };
+            let differ = bits(RowClass::Prompt) != bits(RowClass::Rows);
+            assert_eq!(matrix.has_prompt_kernel(), differ, "{dtype:?}");
+        }
+    }
 }
