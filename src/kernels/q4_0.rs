@@ -1,7 +1,7 @@
-//! The Q4_0 × Q8 dot product with AVX-512 VNNI: Q8_0's kernel (`q8_0`) on
-//! weights unpacked from nibbles. A Q4_0 block is `d: f16, qs: [u8; 16]`
-//! (18 bytes) for 32 values: value `j` is `qs[j]`'s low nibble, value
-//! `j + 16` its high nibble, each minus 8. Two blocks fill a 64-byte
+//! The Q4_0 × Q8 dot product with AVX-512 VNNI: Q8_0's kernel
+//! (`q8_0::dot_vnni`) on weights unpacked from nibbles. A Q4_0 block is
+//! `d: f16, qs: [u8; 16]` (18 bytes) for 32 values: value `j` is `qs[j]`'s
+//! low nibble, value `j + 16` its high nibble, each minus 8. Two blocks fill a 64-byte
 //! register; the activations are `q8_0`'s pairs of 32-value halves.
 
 use super::q4k::f16;
@@ -31,9 +31,21 @@ pub fn dot(row: &[u8], x: &[Q8Pair]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if super::q4k::have_vnni() {
         // SAFETY: the CPU features were detected above.
-        return unsafe { dot_vnni::<1>(row, [x]) }[0];
+        return unsafe { super::q8_0::dot_vnni::<1, 1, true>([row], [x]) }[0][0];
     }
     dot_scalar(row, x)
+}
+
+/// Dot products of two rows with one token's activations (generation):
+/// two streams read side by side, as `q4k::dot2` does.
+pub fn dot2(rows: [&[u8]; 2], x: &[Q8Pair]) -> [f32; 2] {
+    #[cfg(target_arch = "x86_64")]
+    if super::q4k::have_vnni() {
+        // SAFETY: the CPU features were detected above.
+        let [[a], [b]] = unsafe { super::q8_0::dot_vnni::<2, 1, true>(rows, [x]) };
+        return [a, b];
+    }
+    rows.map(|row| dot_scalar(row, x))
 }
 
 /// Dot products of one row with `N` tokens' activations.
@@ -41,63 +53,9 @@ pub fn dot_n<const N: usize>(row: &[u8], xs: [&[Q8Pair]; N]) -> [f32; N] {
     #[cfg(target_arch = "x86_64")]
     if super::q4k::have_vnni() {
         // SAFETY: the CPU features were detected above.
-        return unsafe { dot_vnni::<N>(row, xs) };
+        return unsafe { super::q8_0::dot_vnni::<1, N, true>([row], xs) }[0];
     }
     xs.map(|x| dot_scalar(row, x))
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-#[allow(clippy::needless_range_loop)]
-unsafe fn dot_vnni<const N: usize>(row: &[u8], xs: [&[Q8Pair]; N]) -> [f32; N] {
-    // SAFETY: reads stay inside `row` (whole pairs of blocks) and inside
-    // the activation rows (checked long enough); the caller guarantees the
-    // CPU features.
-    unsafe {
-        use std::arch::x86_64::*;
-        let pairs = row.len() / (2 * BLOCK_BYTES);
-        for x in &xs {
-            assert!(x.len() >= pairs, "activations shorter than the row");
-        }
-        let zero = _mm512_setzero_si512();
-        let nib = _mm_set1_epi8(0x0F);
-        let eight = _mm512_set1_epi8(8);
-        let offset = _mm512_set1_epi8(-128);
-        let spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-        let mut facc = [_mm512_setzero_ps(); N];
-        for p in 0..pairs {
-            let b = row.as_ptr().add(p * 2 * BLOCK_BYTES);
-            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(super::PREFETCH_BYTES).cast());
-            // One block's 32 values: the 16 low nibbles, then the 16 high.
-            macro_rules! block {
-                ($at:expr) => {{
-                    let q = _mm_loadu_si128(b.add($at + 2).cast());
-                    let lo = _mm_and_si128(q, nib);
-                    let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), nib);
-                    _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi)
-                }};
-            }
-            let w = _mm512_sub_epi8(
-                _mm512_inserti64x4::<1>(_mm512_castsi256_si512(block!(0)), block!(BLOCK_BYTES)),
-                eight,
-            );
-            let d0 = std::ptr::read_unaligned(b.cast::<u16>()) as i32;
-            let d1 = std::ptr::read_unaligned(b.add(BLOCK_BYTES).cast::<u16>()) as i32;
-            let dw = _mm_cvtph_ps(_mm_cvtsi32_si128(d0 | (d1 << 16)));
-            let dw = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(dw));
-            // vpdpbusd wants unsigned × signed: the activations offset by
-            // 128 times w, from −128·Σw per lane (see `q8_0`).
-            let start = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, offset, w));
-            for t in 0..N {
-                let xp = &xs[t][p];
-                let x = _mm512_load_si512(xp.qu().as_ptr().cast());
-                let dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, x, w));
-                let scale = _mm512_mul_ps(dw, _mm512_load_ps(xp.scales().as_ptr()));
-                facc[t] = _mm512_fmadd_ps(dot, scale, facc[t]);
-            }
-        }
-        facc.map(|acc| _mm512_reduce_add_ps(acc))
-    }
 }
 
 #[cfg(test)]

@@ -53,6 +53,18 @@ pub fn dot(row: &[u8], x: &[Q8K]) -> f32 {
     dot_scalar(row, x)
 }
 
+/// Dot products of two rows with one token's activations (generation):
+/// two streams read side by side, as `q4k::dot2` does.
+pub fn dot2(rows: [&[u8]; 2], x: &[Q8K]) -> [f32; 2] {
+    #[cfg(target_arch = "x86_64")]
+    if super::q4k::have_vnni() {
+        // SAFETY: the CPU features were detected above.
+        let [[a], [b]] = unsafe { super::q4k::dot_vnni::<2, 1, true>(rows, [x]) };
+        return [a, b];
+    }
+    rows.map(|row| dot_scalar(row, x))
+}
+
 /// Dot products of one row with `N` tokens' activations.
 pub fn dot_n<const N: usize>(row: &[u8], xs: [&[Q8K]; N]) -> [f32; N] {
     #[cfg(target_arch = "x86_64")]

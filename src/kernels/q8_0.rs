@@ -1,6 +1,7 @@
 //! The Q8_0 × Q8 dot product with AVX-512 VNNI (see `q4k` for why this
-//! crate has its own kernels). A Q8_0 block is `d: f16, qs: [i8; 32]`
-//! (34 bytes); the kernel takes two blocks per 64-byte register. `vpdpbusd`
+//! crate has its own kernels), and with `Q4` Q4_0's (`q4_0`). A Q8_0 block
+//! is `d: f16, qs: [i8; 32]` (34 bytes); the kernel takes two blocks per
+//! 64-byte register. `vpdpbusd`
 //! wants unsigned × signed bytes, so it multiplies the activations offset
 //! by 128 (stored so once per token) by the signed weights, starting from
 //! −128·Σw (once per block for all tokens): one instruction per token.
@@ -35,16 +36,6 @@ impl Q8Pair {
     /// The 64 quantized activations (64-byte aligned).
     pub(super) fn qs(&self) -> &[i8; PAIR] {
         &self.qs
-    }
-
-    /// The 64 quantized activations plus 128, as unsigned bytes (64-byte aligned).
-    pub(super) fn qu(&self) -> &[u8; PAIR] {
-        &self.qu
-    }
-
-    /// The two halves' scales spread over 16 lanes (64-byte aligned).
-    pub(super) fn scales(&self) -> &[f32; 16] {
-        &self.d
     }
 
     /// The scale of half `h` (0 or 1).
@@ -99,9 +90,21 @@ pub fn dot(row: &[u8], x: &[Q8Pair]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if super::q4k::have_vnni() {
         // SAFETY: the CPU features were detected above.
-        return unsafe { dot_vnni::<1>(row, [x]) }[0];
+        return unsafe { dot_vnni::<1, 1, false>([row], [x]) }[0][0];
     }
     dot_scalar(row, x)
+}
+
+/// Dot products of two rows with one token's activations (generation):
+/// two streams read side by side, as `q4k::dot2` does.
+pub fn dot2(rows: [&[u8]; 2], x: &[Q8Pair]) -> [f32; 2] {
+    #[cfg(target_arch = "x86_64")]
+    if super::q4k::have_vnni() {
+        // SAFETY: the CPU features were detected above.
+        let [[a], [b]] = unsafe { dot_vnni::<2, 1, false>(rows, [x]) };
+        return [a, b];
+    }
+    rows.map(|row| dot_scalar(row, x))
 }
 
 /// Dot products of one row with `N` tokens' activations.
@@ -109,7 +112,7 @@ pub fn dot_n<const N: usize>(row: &[u8], xs: [&[Q8Pair]; N]) -> [f32; N] {
     #[cfg(target_arch = "x86_64")]
     if super::q4k::have_vnni() {
         // SAFETY: the CPU features were detected above.
-        return unsafe { dot_vnni::<N>(row, xs) };
+        return unsafe { dot_vnni::<1, N, false>([row], xs) }[0];
     }
     xs.map(|x| dot_scalar(row, x))
 }
@@ -118,43 +121,79 @@ pub fn dot_n<const N: usize>(row: &[u8], xs: [&[Q8Pair]; N]) -> [f32; N] {
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 // `p` indexes the weight pairs and each of the N activation rows alike.
 #[allow(clippy::needless_range_loop)]
-unsafe fn dot_vnni<const N: usize>(row: &[u8], xs: [&[Q8Pair]; N]) -> [f32; N] {
-    // SAFETY: reads stay inside `row` (whole pairs of blocks) and inside
-    // the activation rows (checked long enough); the caller guarantees the
-    // CPU features.
+pub(super) unsafe fn dot_vnni<const R: usize, const N: usize, const Q4: bool>(
+    rows: [&[u8]; R],
+    xs: [&[Q8Pair]; N],
+) -> [[f32; N]; R] {
+    // SAFETY: reads stay inside each row (whole pairs of blocks, every row
+    // as long as the first) and inside the activation rows (checked long
+    // enough); the caller guarantees the CPU features.
     unsafe {
         use std::arch::x86_64::*;
-        let pairs = row.len() / (2 * BLOCK_BYTES);
+        let block_bytes = if Q4 {
+            super::q4_0::BLOCK_BYTES
+        } else {
+            BLOCK_BYTES
+        };
+        let pairs = rows[0].len() / (2 * block_bytes);
+        for row in &rows {
+            assert_eq!(row.len(), rows[0].len(), "rows of different lengths");
+        }
         for x in &xs {
             assert!(x.len() >= pairs, "activations shorter than the row");
         }
         let zero = _mm512_setzero_si512();
         let offset = _mm512_set1_epi8(-128);
+        let nib = _mm_set1_epi8(0x0F);
+        let eight = _mm512_set1_epi8(8);
         let spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-        let mut facc = [_mm512_setzero_ps(); N];
+        let mut facc = [[_mm512_setzero_ps(); N]; R];
         for p in 0..pairs {
-            let b = row.as_ptr().add(p * 2 * BLOCK_BYTES);
-            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(super::PREFETCH_BYTES).cast());
-            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(super::PREFETCH_BYTES + 64).cast());
-            let w = _mm512_inserti64x4::<1>(
-                _mm512_castsi256_si512(_mm256_loadu_si256(b.add(2).cast())),
-                _mm256_loadu_si256(b.add(BLOCK_BYTES + 2).cast()),
-            );
-            let d0 = std::ptr::read_unaligned(b.cast::<u16>()) as i32;
-            let d1 = std::ptr::read_unaligned(b.add(BLOCK_BYTES).cast::<u16>()) as i32;
-            let dw = _mm_cvtph_ps(_mm_cvtsi32_si128(d0 | (d1 << 16)));
-            let dw = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(dw));
-            // −128·Σw per lane: Σ(x + 128)·w from here is Σx·w.
-            let start = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, offset, w));
-            for t in 0..N {
-                let xp = &xs[t][p];
-                let x = _mm512_load_si512(xp.qu.as_ptr().cast());
-                let dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, x, w));
-                let scale = _mm512_mul_ps(dw, _mm512_load_ps(xp.d.as_ptr()));
-                facc[t] = _mm512_fmadd_ps(dot, scale, facc[t]);
+            for r in 0..R {
+                let b = rows[r].as_ptr().add(p * 2 * block_bytes);
+                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(super::PREFETCH_BYTES).cast());
+                if !Q4 {
+                    _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(super::PREFETCH_BYTES + 64).cast());
+                }
+                // The pair's 64 signed weights.
+                let w = if Q4 {
+                    // A Q4_0 block's 32 values: the 16 low nibbles, then the
+                    // 16 high ones, each minus 8.
+                    let block = |at: usize| {
+                        let q = _mm_loadu_si128(b.add(at + 2).cast());
+                        let lo = _mm_and_si128(q, nib);
+                        let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), nib);
+                        _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi)
+                    };
+                    _mm512_sub_epi8(
+                        _mm512_inserti64x4::<1>(
+                            _mm512_castsi256_si512(block(0)),
+                            block(block_bytes),
+                        ),
+                        eight,
+                    )
+                } else {
+                    _mm512_inserti64x4::<1>(
+                        _mm512_castsi256_si512(_mm256_loadu_si256(b.add(2).cast())),
+                        _mm256_loadu_si256(b.add(BLOCK_BYTES + 2).cast()),
+                    )
+                };
+                let d0 = std::ptr::read_unaligned(b.cast::<u16>()) as i32;
+                let d1 = std::ptr::read_unaligned(b.add(block_bytes).cast::<u16>()) as i32;
+                let dw = _mm_cvtph_ps(_mm_cvtsi32_si128(d0 | (d1 << 16)));
+                let dw = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(dw));
+                // −128·Σw per lane: Σ(x + 128)·w from here is Σx·w.
+                let start = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, offset, w));
+                for t in 0..N {
+                    let xp = &xs[t][p];
+                    let x = _mm512_load_si512(xp.qu.as_ptr().cast());
+                    let dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, x, w));
+                    let scale = _mm512_mul_ps(dw, _mm512_load_ps(xp.d.as_ptr()));
+                    facc[r][t] = _mm512_fmadd_ps(dot, scale, facc[r][t]);
+                }
             }
         }
-        facc.map(|acc| _mm512_reduce_add_ps(acc))
+        facc.map(|row| row.map(|acc| _mm512_reduce_add_ps(acc)))
     }
 }
 

@@ -597,8 +597,8 @@ macro_rules! kernel {
             $(, $dot2)?
         );
     };
-    ($name:ident, $module:ident, q8_pair) => {
-        kernel!($name, $module, q8_0::Q8Pair, q8_0::PAIR, 32, q8_0::quantize);
+    ($name:ident, $module:ident, q8_pair $(, $dot2:ident)?) => {
+        kernel!($name, $module, q8_0::Q8Pair, q8_0::PAIR, 32, q8_0::quantize $(, $dot2)?);
     };
     ($name:ident, $module:ident, $x:ty, $x_values:expr, $block_values:expr, $quantize:path $(, $dot2:ident)?) => {
         struct $name;
@@ -630,10 +630,10 @@ macro_rules! kernel {
 }
 
 kernel!(Q4K, q4k, q8k, dot2);
-kernel!(Q5K, q5k, q8k);
+kernel!(Q5K, q5k, q8k, dot2);
 kernel!(Q6K, q6k, q8k);
-kernel!(Q4_0, q4_0, q8_pair);
-kernel!(Q8_0, q8_0, q8_pair);
+kernel!(Q4_0, q4_0, q8_pair, dot2);
+kernel!(Q8_0, q8_0, q8_pair, dot2);
 
 /// Bytes as ggml blocks; `QuantMatrix::new` aligned them, and the check
 /// stays so a misuse is an error rather than undefined behaviour.
