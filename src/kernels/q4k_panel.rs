@@ -311,56 +311,34 @@ unsafe fn pack_avx512<const Q5: bool>(_: &[u8], _: usize, _: usize, _: &mut [Lin
 }
 
 #[cfg(test)]
+/// A Q4_K (or Q5_K) block of extreme bytes for `check_panel`: values all
+/// 15 (31), all 0, or mixed; scales and mins all 63, or different from
+/// sub-block to sub-block in odd blocks (so a scale sent to the wrong
+/// sub-block shows); d = 1, dmin = 0.5.
+pub(super) fn extreme_block(i: usize, block: &mut [u8]) {
+    block[4..].fill([0xFFu8, 0x00, 0x55, 0xAA, 0x0F, 0xF0][i % 6]);
+    if i % 2 == 1 {
+        for (s, byte) in block[4..16].iter_mut().enumerate() {
+            *byte = (41 * s + 7) as u8;
+        }
+    }
+    block[0..2].copy_from_slice(&half::f16::ONE.to_le_bytes());
+    block[2..4].copy_from_slice(&half::f16::from_f32(0.5).to_le_bytes());
+}
+
+#[cfg(test)]
 mod tests {
-    use super::super::q4k::{QK, dot_scalar, quantize_q8k};
+    use super::super::q4k::dot_scalar;
+    use super::super::qmatmul::check_panel;
     use super::*;
-    use candle_core::quantized::{GgmlDType, QTensor};
-    use candle_core::{Device, Tensor};
 
     #[test]
-    fn a_panel_computes_what_the_row_kernel_does() {
-        if !Panel::available() {
-            eprintln!("no AVX-512 VNNI on this CPU: nothing to compare");
-            return;
-        }
-        let (rows, cols, tokens) = (ROWS + 3, 1024, 7);
-        let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (rows, cols), &dev).unwrap();
-        let bytes = QTensor::quantize(&w, GgmlDType::Q4K)
-            .unwrap()
-            .data()
-            .unwrap()
-            .into_owned();
-        let row_bytes = cols / QK * BLOCK_BYTES;
-        let x: Vec<f32> = Tensor::randn(0f32, 1.0, tokens * cols, &dev)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let mut xq = vec![Q8K::zeros(); tokens * cols / QK];
-        for (x, q) in x.chunks_exact(cols).zip(xq.chunks_exact_mut(cols / QK)) {
-            quantize_q8k(x, q);
-        }
-        let xs: Vec<&[Q8K]> = xq.chunks_exact(cols / QK).collect();
-        // Rows 3..19: a panel that does not start at the first row.
-        let mut panel = Panel::new();
-        panel.pack(&bytes[3 * row_bytes..], row_bytes);
-        let stride = ROWS + 5;
-        let mut out = vec![f32::NAN; tokens * stride];
-        panel.multiply(&xs, &mut out, stride);
-        for (t, x) in xs.iter().enumerate() {
-            for r in 0..ROWS {
-                let row = &bytes[(3 + r) * row_bytes..(4 + r) * row_bytes];
-                let want = dot_scalar(row, x);
-                let got = out[t * stride + r];
-                assert!(
-                    (got - want).abs() <= 1e-4 * want.abs().max(1.0),
-                    "token {t} row {r}: {got} vs {want}"
-                );
-            }
-            assert!(
-                out[t * stride + ROWS].is_nan(),
-                "wrote past the panel's rows"
-            );
-        }
+    fn a_panel_computes_what_the_scalar_kernel_does() {
+        check_panel::<Panel>(
+            candle_core::quantized::GgmlDType::Q4K,
+            1024,
+            extreme_block,
+            dot_scalar,
+        );
     }
 }

@@ -267,85 +267,22 @@ unsafe fn pack_avx512<const Q4: bool>(_: &[u8], _: usize, _: usize, _: &mut [Lin
 
 #[cfg(test)]
 mod tests {
+    use super::super::qmatmul::check_panel;
     use super::*;
-    use candle_core::quantized::{GgmlDType, QTensor};
-    use candle_core::{Device, Tensor};
 
-    #[test]
-    fn the_scalar_dot_is_the_dequantized_product() {
-        let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (1, 256), &dev).unwrap();
-        let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
-        let deq: Vec<f32> = q
-            .dequantize(&dev)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let x: Vec<f32> = Tensor::randn(0f32, 1.0, 256, &dev)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let mut xq = vec![Q8Sum::zeros(); 8];
-        quantize(&x, &mut xq);
-        let exact: f32 = deq.iter().zip(&x).map(|(a, b)| a * b).sum();
-        let got = dot_scalar(&q.data().unwrap(), &xq);
-        // Rounding x to 8 bits moves each product by at most 1/254 of
-        // |w x| times its block's max/|x|: bound the error by the sum of
-        // the magnitudes, not by the (possibly cancelling) result.
-        let scale: f32 = deq.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
-        assert!(
-            (got - exact).abs() < 0.02 * scale,
-            "{got} vs {exact} (scale {scale})"
-        );
-    }
-
+    /// 17 blocks a row (pairs of blocks, then one alone); extreme blocks of
+    /// weights all 127, all −128, all −1, 0 or mixed.
     #[test]
     fn a_panel_computes_what_the_scalar_dot_does() {
-        if !Panel::available() {
-            eprintln!("no AVX-512 VNNI on this CPU: nothing to compare");
-            return;
-        }
-        // 17 blocks: pairs of blocks, then one alone.
-        let (rows, cols, tokens) = (ROWS + 2, 17 * QK, 6);
-        let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (rows, cols), &dev).unwrap();
-        let bytes = QTensor::quantize(&w, GgmlDType::Q8_0)
-            .unwrap()
-            .data()
-            .unwrap()
-            .into_owned();
-        let row_bytes = cols / QK * BLOCK_BYTES;
-        let x: Vec<f32> = Tensor::randn(0f32, 1.0, tokens * cols, &dev)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let mut xq = vec![Q8Sum::zeros(); tokens * cols / QK];
-        for (x, q) in x.chunks_exact(cols).zip(xq.chunks_exact_mut(cols / QK)) {
-            quantize(x, q);
-        }
-        let xs: Vec<&[Q8Sum]> = xq.chunks_exact(cols / QK).collect();
-        // Rows 2..18: a panel that does not start at the first row.
-        let mut panel = Panel::default();
-        panel.pack(&bytes[2 * row_bytes..], row_bytes);
-        let stride = ROWS + 3;
-        let mut out = vec![f32::NAN; tokens * stride];
-        panel.multiply(&xs, &mut out, stride);
-        for (t, x) in xs.iter().enumerate() {
-            for r in 0..ROWS {
-                let row = &bytes[(2 + r) * row_bytes..(3 + r) * row_bytes];
-                let want = dot_scalar(row, x);
-                let got = out[t * stride + r];
-                assert!(
-                    (got - want).abs() <= 1e-4 * want.abs().max(1.0),
-                    "token {t} row {r}: {got} vs {want}"
-                );
-            }
-            assert!(
-                out[t * stride + ROWS].is_nan(),
-                "wrote past the panel's rows"
-            );
-        }
+        let extreme = |i: usize, block: &mut [u8]| {
+            block[2..].fill([0x7Fu8, 0x80, 0xFF, 0x00, 0x5A][i % 5]);
+            block[..2].copy_from_slice(&half::f16::from_f32(0.25).to_le_bytes());
+        };
+        check_panel::<Panel>(
+            candle_core::quantized::GgmlDType::Q8_0,
+            17 * QK,
+            extreme,
+            dot_scalar,
+        );
     }
 }

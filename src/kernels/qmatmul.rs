@@ -303,7 +303,7 @@ impl QuantMatrix {
 
 /// What `matmul_panels` needs of a panel kernel (`q4_0_panel`, `q4k_panel`,
 /// `q5k_panel`, `q6k_panel`, `q8_0_panel`).
-trait PanelKernel: Sized {
+pub(super) trait PanelKernel: Sized {
     /// The activations' quantized unit: one per weight block.
     type X: Clone + Send + Sync;
     const BLOCK_VALUES: usize;
@@ -395,6 +395,97 @@ panel_kernel!(
     q8_0_panel::quantize,
     q4_0_panel::dot_scalar
 );
+
+/// What every panel (`q4_0_panel`, `q4k_panel`, `q5k_panel`, `q6k_panel`,
+/// `q8_0_panel`) is held to, on `cols` values per row, sixteen rows that
+/// start at row 3 of 19, and 7 tokens (a group of four, three single ones):
+/// - on rows quantized from fixed values (`test_values`), the scalar
+///   reference `scalar` is the dequantized product up to the activations'
+///   8-bit rounding (2% of the products' magnitudes), and `multiply` is
+///   `scalar` to 1e-4 of the result (at least 1);
+/// - on blocks of extreme bytes (`extreme(i, block)` fills block `i`),
+///   `multiply` is `scalar` to the same bound, also for tokens of all +1
+///   and all −1 (activations of ±127: the largest integer sums);
+/// - it writes nothing past its sixteen rows.
+#[cfg(test)]
+pub(super) fn check_panel<P: PanelKernel>(
+    dtype: GgmlDType,
+    cols: usize,
+    extreme: impl Fn(usize, &mut [u8]),
+    scalar: fn(&[u8], &[P::X]) -> f32,
+) {
+    use super::q4k_panel::ROWS;
+    if !super::q4k::have_vnni() {
+        eprintln!("no AVX-512 VNNI on this CPU: nothing to compare");
+        return;
+    }
+    let (rows, tokens, stride) = (ROWS + 3, 7, ROWS + 5);
+    let dev = Device::Cpu;
+    let w = Tensor::from_vec(super::test_values(rows * cols, 11), (rows, cols), &dev).unwrap();
+    let q = QTensor::quantize(&w, dtype).unwrap();
+    let random = q.data().unwrap().into_owned();
+    let deq: Vec<f32> = q
+        .dequantize(&dev)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let row_bytes = cols / P::BLOCK_VALUES * P::BLOCK_BYTES;
+    assert_eq!(random.len(), rows * row_bytes);
+    let mut extremes = vec![0u8; rows * row_bytes];
+    for (i, block) in extremes.chunks_exact_mut(P::BLOCK_BYTES).enumerate() {
+        extreme(i, block);
+    }
+    let mut x = super::test_values(tokens * cols, 12);
+    x[..cols].fill(1.0);
+    x[cols..2 * cols].fill(-1.0);
+    let per_row = cols / P::BLOCK_VALUES;
+    let xq = quantize_tokens(&x, cols, per_row, P::zeros(), P::quantize);
+    let xs: Vec<&[P::X]> = xq.chunks_exact(per_row).collect();
+    for (r, w) in deq.chunks_exact(cols).enumerate().take(4) {
+        let row = &random[r * row_bytes..(r + 1) * row_bytes];
+        for (t, x) in x.chunks_exact(cols).enumerate().skip(2) {
+            let exact: f32 = w.iter().zip(x).map(|(a, b)| a * b).sum();
+            let scale: f32 = w.iter().zip(x).map(|(a, b)| (a * b).abs()).sum();
+            let got = scalar(row, xs[t]);
+            assert!(
+                (got - exact).abs() < 0.02 * scale,
+                "{dtype:?}: {got} vs {exact}"
+            );
+        }
+    }
+    // Tokens 0 and 1 against the random rows would sum ±Σw, a near-total
+    // cancellation of terms hundreds of times larger than the result, where
+    // the panel's and the scalar kernel's float orders alone differ by more
+    // than the bound (a Q5_K test failed so about once in 40 runs): they are
+    // held to it on the extreme rows, whose values do not cancel.
+    for (bytes, first) in [(&random, 2), (&extremes, 0)] {
+        let mut out = vec![f32::NAN; tokens * stride];
+        P::with_panel(|panel| {
+            panel.pack(&bytes[3 * row_bytes..], row_bytes);
+            panel.multiply(&xs, &mut out, stride);
+        });
+        for (t, x) in xs.iter().enumerate() {
+            assert!(
+                out[t * stride + ROWS].is_nan(),
+                "wrote past the panel's rows"
+            );
+            if t < first {
+                continue;
+            }
+            for r in 0..ROWS {
+                let row = &bytes[(3 + r) * row_bytes..(4 + r) * row_bytes];
+                let want = scalar(row, x);
+                let got = out[t * stride + r];
+                assert!(
+                    (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                    "{dtype:?} token {t} row {r}: {got} vs {want}"
+                );
+            }
+        }
+    }
+}
 
 /// Each token's `k` activations (`xs` is `[m, k]`), quantized once into
 /// `per_row` units of the type the kernel's dot product pairs with.
