@@ -141,7 +141,7 @@ pub(crate) fn test_values(n: usize, seed: u64) -> Vec<f32> {
 /// rounding (2% of the products' magnitudes), and its `dot` and `dot4`
 /// equal the scalar reference to 1e-4, and to 1e-5 on blocks of extreme
 /// bytes against activations of ±127 (the largest products a kernel's
-/// integer lanes must hold).
+/// integer lanes must hold); its `dot2`, if any, is bitwise `dot` twice.
 #[cfg(test)]
 pub(crate) struct KernelUnderTest<X> {
     pub dtype: candle_core::quantized::GgmlDType,
@@ -154,7 +154,13 @@ pub(crate) struct KernelUnderTest<X> {
     pub scalar: fn(&[u8], &[X]) -> f32,
     pub dot: fn(&[u8], &[X]) -> f32,
     pub dot4: fn(&[u8], [&[X]; 4]) -> [f32; 4],
+    /// The two-row kernel of generation, where the format has one.
+    pub dot2: Option<Dot2<X>>,
 }
+
+/// A format's two-row kernel (`dot2`).
+#[cfg(test)]
+pub(crate) type Dot2<X> = fn([&[u8]; 2], &[X]) -> [f32; 2];
 
 #[cfg(test)]
 impl<X> KernelUnderTest<X> {
@@ -186,6 +192,14 @@ impl<X> KernelUnderTest<X> {
                 assert!((scalar - exact).abs() < 0.02 * scale, "{scalar} vs {exact}");
                 let one = (self.dot)(&row, xq);
                 assert!(close(one, scalar), "{one} vs {scalar}");
+            }
+            // Two rows at once give each row's own product, bitwise (a
+            // row's result must not depend on what shares its pass).
+            if let Some(dot2) = self.dot2 {
+                let other = QTensor::quantize(&w.neg().unwrap(), self.dtype).unwrap();
+                let other = other.data().unwrap().into_owned();
+                let want = [(self.dot)(&row, &xq[0]), (self.dot)(&other, &xq[0])];
+                assert_eq!(dot2([&row, &other], &xq[0]), want, "dot2");
             }
             let four = (self.dot4)(&row, [&xq[0], &xq[1], &xq[2], &xq[3]]);
             for (got, xq) in four.iter().zip(&xq) {

@@ -310,11 +310,11 @@ unsafe fn pack_avx512<const Q5: bool>(_: &[u8], _: usize, _: usize, _: &mut [Lin
     unreachable!("available() is false off x86-64")
 }
 
-#[cfg(test)]
 /// A Q4_K (or Q5_K) block of extreme bytes for `check_panel`: values all
 /// 15 (31), all 0, or mixed; scales and mins all 63, or different from
 /// sub-block to sub-block in odd blocks (so a scale sent to the wrong
 /// sub-block shows); d = 1, dmin = 0.5.
+#[cfg(test)]
 pub(super) fn extreme_block(i: usize, block: &mut [u8]) {
     block[4..].fill([0xFFu8, 0x00, 0x55, 0xAA, 0x0F, 0xF0][i % 6]);
     if i % 2 == 1 {

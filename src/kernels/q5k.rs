@@ -92,6 +92,7 @@ mod tests {
             scalar: dot_scalar,
             dot,
             dot4: dot_n::<4>,
+            dot2: Some(dot2),
         }
         .check();
     }

@@ -119,7 +119,7 @@ pub fn dot_n<const N: usize>(row: &[u8], xs: [&[Q8Pair]; N]) -> [f32; N] {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-// `p` indexes the weight pairs and each of the N activation rows alike.
+// `p`, `r` and `t` index the weight pairs, the rows and the activation rows alike.
 #[allow(clippy::needless_range_loop)]
 pub(super) unsafe fn dot_vnni<const R: usize, const N: usize, const Q4: bool>(
     rows: [&[u8]; R],
@@ -175,7 +175,7 @@ pub(super) unsafe fn dot_vnni<const R: usize, const N: usize, const Q4: bool>(
                 } else {
                     _mm512_inserti64x4::<1>(
                         _mm512_castsi256_si512(_mm256_loadu_si256(b.add(2).cast())),
-                        _mm256_loadu_si256(b.add(BLOCK_BYTES + 2).cast()),
+                        _mm256_loadu_si256(b.add(block_bytes + 2).cast()),
                     )
                 };
                 let d0 = std::ptr::read_unaligned(b.cast::<u16>()) as i32;
@@ -213,6 +213,7 @@ mod tests {
             scalar: dot_scalar,
             dot,
             dot4: dot_n::<4>,
+            dot2: Some(dot2),
         }
         .check();
     }
