@@ -745,6 +745,21 @@ mod tests {
     use super::*;
     use candle_core::{DType, Module};
 
+    /// Every format with kernels here.
+    const FORMATS: [GgmlDType; 5] = [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+        GgmlDType::Q8_0,
+    ];
+
+    /// A product's values as bits, for bitwise comparisons.
+    fn bits(t: Tensor) -> Vec<u32> {
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v.into_iter().map(f32::to_bits).collect()
+    }
+
     /// Against candle's `QMatMul` on fixed inputs (`test_values`). Both
     /// quantize the activations to 8 bits, but candle's x86 path rounds them
     /// its own way: over 200 random draws its results sat up to 1.3e-3 (of
@@ -757,13 +772,7 @@ mod tests {
         let dev = Device::Cpu;
         let values = |n: usize, seed: u64| super::super::test_values(n, seed);
         let w = Tensor::from_vec(values(201 * 512, 1), (201, 512), &dev).unwrap();
-        for dtype in [
-            GgmlDType::Q4_0,
-            GgmlDType::Q4K,
-            GgmlDType::Q5K,
-            GgmlDType::Q6K,
-            GgmlDType::Q8_0,
-        ] {
+        for dtype in FORMATS {
             let q = std::sync::Arc::new(QTensor::quantize(&w, dtype).unwrap());
             let ours = QuantMatrix::from_qtensor(&q).unwrap().unwrap();
             let theirs = candle_core::quantized::QMatMul::from_arc(q).unwrap();
@@ -840,19 +849,9 @@ mod tests {
         // 131 rows: tasks of 64 and an odd row out; 512 columns: two Q8_K blocks.
         let w = Tensor::randn(0f32, 1.0, (131, 512), &dev).unwrap();
         let x = Tensor::randn(0f32, 1.0, (37, 512), &dev).unwrap();
-        for dtype in [
-            GgmlDType::Q4_0,
-            GgmlDType::Q4K,
-            GgmlDType::Q5K,
-            GgmlDType::Q6K,
-            GgmlDType::Q8_0,
-        ] {
+        for dtype in FORMATS {
             let q = QTensor::quantize(&w, dtype).unwrap();
             let matrix = QuantMatrix::from_qtensor(&q).unwrap().unwrap();
-            let bits = |t: Tensor| -> Vec<u32> {
-                let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                v.into_iter().map(f32::to_bits).collect()
-            };
             let rows = |m: usize, class| {
                 bits(
                     matrix
@@ -899,21 +898,11 @@ mod tests {
         let values = |n: usize, seed: u64| super::super::test_values(n, seed);
         let w = Tensor::from_vec(values(131 * 512, 7), (131, 512), &dev).unwrap();
         let x = Tensor::from_vec(values(16 * 512, 8), (16, 512), &dev).unwrap();
-        for dtype in [
-            GgmlDType::Q4_0,
-            GgmlDType::Q4K,
-            GgmlDType::Q5K,
-            GgmlDType::Q6K,
-            GgmlDType::Q8_0,
-        ] {
+        for dtype in FORMATS {
             let q = QTensor::quantize(&w, dtype).unwrap();
             let matrix = QuantMatrix::from_qtensor(&q).unwrap().unwrap();
-            let bits = |class| -> Vec<u32> {
-                let t = matrix.forward_as(&x, class).unwrap();
-                let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                v.into_iter().map(f32::to_bits).collect()
-            };
-            let differ = bits(RowClass::Prompt) != bits(RowClass::Rows);
+            let class = |class| bits(matrix.forward_as(&x, class).unwrap());
+            let differ = class(RowClass::Prompt) != class(RowClass::Rows);
             assert_eq!(matrix.has_prompt_kernel(), differ, "{dtype:?}");
         }
     }
