@@ -1,10 +1,10 @@
 //! The Q8_0 × Q8 dot product with AVX-512 VNNI (see `q4k` for why this
 //! crate has its own kernels), and with `Q4` Q4_0's (`q4_0`). A Q8_0 block
 //! is `d: f16, qs: [i8; 32]` (34 bytes); the kernel takes two blocks per
-//! 64-byte register. `vpdpbusd`
-//! wants unsigned × signed bytes, so it multiplies the activations offset
-//! by 128 (stored so once per token) by the signed weights, starting from
-//! −128·Σw (once per block for all tokens): one instruction per token.
+//! 64-byte register. `vpdpbusd` wants unsigned × signed bytes, so it
+//! multiplies the activations offset by 128 (stored so once per token) by
+//! the signed weights, starting from −128·Σw (once per block for all
+//! tokens): one instruction per token.
 
 use super::q4k::f16;
 
