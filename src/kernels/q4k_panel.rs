@@ -91,16 +91,13 @@ impl Panel {
     /// `out[t·stride + r] = row r · token t` for every token of `xs` (each
     /// `blocks` Q8_K blocks) and the `ROWS` rows of the last `pack`.
     pub fn multiply(&self, xs: &[&[Q8K]], out: &mut [f32], stride: usize) {
-        assert!(Self::available(), "the Q4_K/Q5_K panel needs AVX-512 VNNI");
-        for x in xs {
-            assert!(x.len() >= self.blocks, "activations shorter than the rows");
-        }
-        assert!(xs.is_empty() || out.len() >= (xs.len() - 1) * stride + ROWS);
         by_groups(
             xs,
+            self.blocks,
             out,
             stride,
-            // SAFETY: checked above: features, activation lengths, output size.
+            // SAFETY: `by_groups` checked the features, the activations'
+            // lengths and the output's size.
             |four, out| unsafe { self.multiply_avx512::<TOKENS>(four, out, stride) },
             |one, out| unsafe { self.multiply_avx512::<1>(one, out, stride) },
         );
@@ -274,14 +271,27 @@ unsafe fn pack_avx512<const Q5: bool>(
 }
 
 /// Runs `group` on the tokens `TOKENS` at a time and `one` on each token
-/// left over, each with the output from its first token's row on.
+/// left over, each with the output from its first token's row on: every
+/// panel's `multiply`. It first checks what the panels' SIMD loops rely on
+/// (their safety argument): the CPU has the instructions, every token holds
+/// the panel's `blocks` blocks, and `out` reaches the last token's `ROWS`
+/// lanes.
+///
+/// # Panics
+/// If one of those does not hold.
 pub(super) fn by_groups<X>(
     xs: &[&[X]],
+    blocks: usize,
     out: &mut [f32],
     stride: usize,
     group: impl Fn(&[&[X]], &mut [f32]),
     one: impl Fn(&[&[X]], &mut [f32]),
 ) {
+    assert!(super::q4k::have_vnni(), "the panels need AVX-512 VNNI");
+    for x in xs {
+        assert!(x.len() >= blocks, "activations shorter than the rows");
+    }
+    assert!(xs.is_empty() || out.len() >= (xs.len() - 1) * stride + ROWS);
     let mut groups = xs.chunks_exact(TOKENS);
     let mut t = 0;
     for tokens in &mut groups {

@@ -119,16 +119,13 @@ impl Panel {
     /// `out[t·stride + r] = row r · token t` for every token of `xs` (each
     /// `blocks` blocks) and the `ROWS` rows of the last `pack`.
     pub fn multiply(&self, xs: &[&[Q8Sum]], out: &mut [f32], stride: usize) {
-        assert!(Self::available(), "the Q8_0/Q4_0 panel needs AVX-512 VNNI");
-        for x in xs {
-            assert!(x.len() >= self.blocks, "activations shorter than the rows");
-        }
-        assert!(xs.is_empty() || out.len() >= (xs.len() - 1) * stride + ROWS);
         by_groups(
             xs,
+            self.blocks,
             out,
             stride,
-            // SAFETY: checked above: features, activation lengths, output size.
+            // SAFETY: `by_groups` checked the features, the activations'
+            // lengths and the output's size.
             |four, out| unsafe { self.multiply_avx512::<TOKENS>(four, out, stride) },
             |one, out| unsafe { self.multiply_avx512::<1>(one, out, stride) },
         );
