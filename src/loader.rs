@@ -495,14 +495,14 @@ pub fn load(
         );
     }
     let weights = Weights::open(&files.weights)?.quantize_to(quantize);
-    weights.ensure_not_reward_model(&files.dir)?;
+    weights.ensure_not_reward_model(files.origin())?;
     let text = match weights.gguf() {
         Some(gguf) => text_from_gguf(gguf, template)?,
         None => load_text(files, template)?,
     };
     let dtype = model_dtype(dtype, &weights, &text.config, device)?;
     let model = Model::load(&text.config, &weights, dtype, device)
-        .with_context(|| format!("loading the model from {}", files.dir.display()))?;
+        .with_context(|| format!("loading the model from {}", files.origin().display()))?;
     let vocab = text.tokenizer.vocab_size();
     if vocab > text.config.vocab_size {
         bail!(

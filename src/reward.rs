@@ -111,8 +111,10 @@ impl RewardModel {
             trunk: trunk.clone(),
             head: Head::Value,
         };
-        let model = Model::load_layout(&config, &weights, dtype, device, &layout)
-            .with_context(|| format!("loading the reward model from {}", files.dir.display()))?;
+        let model =
+            Model::load_layout(&config, &weights, dtype, device, &layout).with_context(|| {
+                format!("loading the reward model from {}", files.origin().display())
+            })?;
         Ok(Self {
             model,
             tokenizer,

@@ -304,6 +304,62 @@ fn broken_gguf_files_fail_in_one_line() {
     );
 }
 
+/// A model that fails to build names its file, also when given by a bare
+/// name (its directory is then "", which once read "loading the model from
+/// : ..."), and `chat` names the file too.
+#[test]
+fn a_gguf_that_fails_to_load_is_named_by_its_file() {
+    let dir = common::scratch("gguf-missing-tensor");
+    let good = twin("gguf-missing-tensor-src", GgmlDType::F32, None);
+    let mut file = std::fs::File::open(&good).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let tensors: Vec<(String, QTensor)> = content
+        .tensor_infos
+        .keys()
+        .filter(|n| n.as_str() != "blk.1.ffn_up.weight")
+        .map(|n| {
+            let t = content.tensor(&mut file, n, &Device::Cpu).unwrap();
+            (n.clone(), t)
+        })
+        .collect();
+    assert_eq!(tensors.len() + 1, content.tensor_infos.len());
+    let meta: Vec<(&str, &G)> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let broken = dir.join("no-ffn-up.gguf");
+    gguf_file::write(
+        &mut std::fs::File::create(&broken).unwrap(),
+        &meta,
+        &tensors,
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_starling"))
+            .args(args)
+            .current_dir(&dir)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    fails_with(
+        &run(&["run", "--model", "no-ffn-up.gguf", "Hello"]),
+        "loading the model from no-ffn-up.gguf: ",
+    );
+    let absolute = broken.display().to_string();
+    fails_with(
+        &run(&["run", "--model", &absolute, "Hello"]),
+        &format!("loading the model from {absolute}: "),
+    );
+    let model = good.display().to_string();
+    let out = starling(&["chat", "--model", &model], Some(b"/show\n"));
+    ok(&out);
+    let shown = String::from_utf8_lossy(&out.stderr);
+    assert!(shown.contains(&format!("model: {model}\n")), "{shown}");
+}
+
 /// `src` with its metadata edited by `edit`, written to `dst`.
 fn edited(src: &Path, dst: &Path, edit: impl Fn(&mut std::collections::HashMap<String, G>)) {
     let mut file = std::fs::File::open(src).unwrap();

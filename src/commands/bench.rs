@@ -34,7 +34,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 bail!("{} has no weights", files.dir.display());
             }
             let weights = Weights::open(&files.weights)?;
-            weights.ensure_not_reward_model(&files.dir)?;
+            weights.ensure_not_reward_model(files.origin())?;
             let config = match (weights.gguf(), &files.config) {
                 (Some(gguf), _) => gguf.config().clone(),
                 (None, Some(path)) => Config::from_file(path)?,

@@ -47,7 +47,7 @@ pub fn run(args: &ChatArgs) -> Result<()> {
     if args.answer.verbose {
         eprintln!("{}", started.engine.describe());
     }
-    let model = started.dir.display().to_string();
+    let model = started.origin.display().to_string();
     let mut chat = Chat::new(
         started.engine,
         started.tokenizer,

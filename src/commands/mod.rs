@@ -56,8 +56,8 @@ pub struct Started {
     pub load_s: f64,
     /// The weights' move into memory, when one runs.
     pub resident: Option<crate::weights::resident::Mover>,
-    /// Where the model's files are.
-    pub dir: std::path::PathBuf,
+    /// The model as messages name it: its GGUF file, or its directory.
+    pub origin: std::path::PathBuf,
 }
 
 /// Loads the model `--model` names on the device asked for and starts the
@@ -106,7 +106,7 @@ pub fn start_engine_with(
         generation: text.generation,
         load_s: loaded.load_s,
         resident: loaded.resident,
-        dir: files.dir.clone(),
+        origin: files.origin().to_path_buf(),
     })
 }
 

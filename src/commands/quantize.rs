@@ -128,7 +128,7 @@ fn read_model(args: &QuantizeArgs) -> Result<Model> {
         bail!("{} has no weights", files.dir.display());
     }
     let weights = Weights::open(&files.weights)?;
-    weights.ensure_not_reward_model(&files.dir)?;
+    weights.ensure_not_reward_model(files.origin())?;
     if let Some(g) = weights.gguf() {
         let config = g.config().clone();
         let vocab = g.tokenizer_vocab()?;

@@ -117,6 +117,14 @@ pub struct ModelFiles {
     pub generation_config: Option<PathBuf>,
 }
 
+impl ModelFiles {
+    /// What to name in messages about the model: the GGUF file when the
+    /// model is one (its directory may hold several), else the directory.
+    pub fn origin(&self) -> &Path {
+        self.gguf.as_deref().unwrap_or(&self.dir)
+    }
+}
+
 /// Where a model's weights are, in order of preference: safetensors over
 /// PyTorch pickles, each as a shard index (`true`) or a single file. Local
 /// directories and hub downloads choose by the same list.
@@ -130,7 +138,12 @@ pub(crate) const WEIGHT_LAYOUTS: [(&str, bool); 4] = [
 /// A single GGUF file: everything a run needs is inside it.
 pub fn gguf_file(path: &Path) -> ModelFiles {
     ModelFiles {
-        dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+        // A bare file name's parent is "": the current directory.
+        dir: path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf(),
         config: None,
         weights: vec![path.to_path_buf()],
         gguf: Some(path.to_path_buf()),
