@@ -267,8 +267,8 @@ pub struct DeviceArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Weights dtype. Default: the checkpoint's own on CUDA; on CPU f16 and bf16
-    /// checkpoints keep theirs (bf16: f32 activations, prompts of 16+ tokens through
-    /// bf16 products on AVX512_BF16 CPUs), f32 ones run in f32 (f16 when f32 would
+    /// checkpoints keep theirs (bf16: f32 activations, prompts through bf16
+    /// products on AVX512_BF16 CPUs), f32 ones run in f32 (f16 when f32 would
     /// not fit in memory).
     #[arg(long, value_enum)]
     pub dtype: Option<DTypeArg>,

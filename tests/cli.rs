@@ -127,6 +127,30 @@ fn each_line_in_flight_together_answers_as_separate_runs_in_input_order() {
     assert_eq!(together, separate);
 }
 
+/// On quantized weights (the prompt panels), lines that share a long
+/// preamble feed only their rest after the kept prefix of an earlier line,
+/// in other chunks than a run alone: still what separate runs print.
+#[test]
+fn each_line_with_a_shared_preamble_on_quantized_weights_answers_as_separate_runs() {
+    let preamble = "Please read this shared preamble carefully and then answer the question that follows it in detail: question";
+    let lines: Vec<String> = (0..6)
+        .map(|i| format!("{preamble} {i} about item {}", 7 * i))
+        .collect();
+    let stdin = lines.join("\n") + "\n";
+    let quantized = ["--quantize", "q8_0"];
+    let each = ["--each-line", "--parallel", "2", "--batch-tokens", "7"];
+    let together = run(
+        &[&quantized[..], &each[..]].concat(),
+        Some(stdin.as_bytes()),
+    );
+    let separate: String = lines
+        .iter()
+        .map(|l| run(&[&quantized[..], &[l.as_str()]].concat(), None))
+        .collect();
+    assert_eq!(together.lines().count(), 6, "{together}");
+    assert_eq!(together, separate);
+}
+
 /// `--each-line` answers a line as soon as it arrives, while stdin stays
 /// open (`tail -f log | starling run --each-line`); a line that is not
 /// UTF-8 ends it with an error naming the line, after the answers before it.

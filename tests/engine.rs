@@ -108,6 +108,7 @@ fn batched(
                     cache,
                     logits: to == p.len(),
                     seq_len: p.len(),
+                    prompt: true,
                 });
                 who.push((k, to == p.len()));
                 done[k] = to;
@@ -118,6 +119,7 @@ fn batched(
                     cache,
                     logits: true,
                     seq_len,
+                    prompt: false,
                 });
                 who.push((k, true));
             }
@@ -393,17 +395,18 @@ fn quantized_model() -> Model {
     Model::load(&cfg, &weights, DType::F32, &Device::Cpu).unwrap()
 }
 
-/// The kernels are batch-invariant: with prompts cut at the same places, a
-/// sequence's logits are bitwise those of its run alone, whatever shares
-/// its steps (decode rows of others, their prompt chunks, 16+ rows or not).
+/// The kernels are batch-invariant: a sequence's logits are bitwise those
+/// of its run alone, whatever shares its steps (decode rows of others,
+/// their prompt chunks of any size) and wherever its prompt is cut (the
+/// run alone takes the whole prompt at once).
 #[test]
 fn a_quantized_sequences_logits_are_bitwise_independent_of_the_batch() {
     let model = quantized_model();
     let prompts = prompts();
-    for chunk in [16, 5] {
+    for chunk in [16, 5, 1] {
         let together = batched(&model, &prompts, 6, chunk);
         for (k, prompt) in prompts.iter().enumerate() {
-            let alone = batched(&model, std::slice::from_ref(prompt), 6, chunk).remove(0);
+            let alone = batched(&model, std::slice::from_ref(prompt), 6, 1000).remove(0);
             assert_eq!(together[k].0, alone.0, "sequence {k} (chunks of {chunk})");
             for (step, (a, b)) in alone.1.iter().zip(&together[k].1).enumerate() {
                 let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
@@ -418,7 +421,10 @@ fn a_quantized_sequences_logits_are_bitwise_independent_of_the_batch() {
 }
 
 /// Same seed, same answer, whatever else is in the batch: sampled answers
-/// of eight requests on four slots equal their runs alone.
+/// of ten requests on four slots equal their runs alone, in a fresh engine
+/// that takes each prompt in one chunk. In the shared engine prompts are
+/// cut into chunks of 16, and the last two share most of their prompt with
+/// earlier ones, so they feed only the rest after a kept prefix.
 #[test]
 fn same_seed_same_answer_whatever_else_is_in_the_batch() {
     let sampled = |prompt: &Vec<u32>, seed: u64| {
@@ -433,21 +439,25 @@ fn same_seed_same_answer_whatever_else_is_in_the_batch() {
         };
         r
     };
-    let engine = |parallel| {
+    let engine = |parallel, batch_tokens| {
         let config = EngineConfig {
             parallel,
-            batch_tokens: 16,
+            batch_tokens,
             context: None,
         };
         Engine::start(quantized_model(), None, config).unwrap()
     };
-    let prompts = prompts();
+    let mut prompts = prompts();
+    for (k, tail) in [(5, 3u32), (3, 11)] {
+        let mut shared = prompts[k][..prompts[k].len() - 4].to_vec();
+        shared.extend([tail, tail + 1]);
+        prompts.push(shared);
+    }
     let expected: Vec<Vec<u32>> = prompts
         .iter()
         .enumerate()
         .map(|(i, p)| {
-            // A fresh slot each time: no kept prefix shifts the chunks.
-            let e = engine(1);
+            let e = engine(1, 512);
             e.submit(sampled(p, i as u64))
                 .unwrap()
                 .wait(&mut |_| Ok(()), None)
@@ -455,7 +465,7 @@ fn same_seed_same_answer_whatever_else_is_in_the_batch() {
                 .ids
         })
         .collect();
-    let shared = engine(4);
+    let shared = engine(4, 16);
     let mut handles = Vec::new();
     for (i, p) in prompts.iter().enumerate() {
         handles.push(shared.submit(sampled(p, i as u64)).unwrap());

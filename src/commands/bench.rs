@@ -94,7 +94,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     // One short warm-up outside the measurements (thread pools, first allocations).
     let mut cache = model.new_cache();
     model.forward(&prompt[..p.min(8)], &mut cache, Logits::Last)?;
-    model.forward(&[1], &mut cache, Logits::Last)?;
+    model.forward_token(1, &mut cache)?;
 
     let (mut pp, mut tg) = (Vec::new(), Vec::new());
     for _ in 0..args.repetitions {
@@ -106,7 +106,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         if n > 0 {
             let t = Instant::now();
             for i in 0..n {
-                model.forward(&[(i as u32 * 31 + 7) % vocab], &mut cache, Logits::Last)?;
+                model.forward_token((i as u32 * 31 + 7) % vocab, &mut cache)?;
                 // A GPU runs ahead of the host: wait, as sampling would, so
                 // each step is timed whole.
                 device.synchronize()?;

@@ -705,6 +705,7 @@ impl<'t> StepLoop<'t> {
                     cache,
                     logits,
                     seq_len,
+                    prompt: matches!(feed, Feed::Prompt { .. }),
                 });
             }
             self.model.forward_batch(&mut chunks)

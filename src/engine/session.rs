@@ -82,16 +82,24 @@ impl Session {
         ))
     }
 
-    /// Feeds one sampled token, returning the next logits.
+    /// Feeds one sampled token (a decode row), returning the next logits.
     pub fn step(&mut self, token: u32) -> Result<Tensor> {
-        self.feed(&[token], Logits::Last)
+        self.fed_after(&[token], |model, cache| model.forward_token(token, cache))
     }
 
-    /// Feeds `ids` after the cache; on error the cache is rolled back so it
-    /// never holds positions `fed` does not list.
+    /// Feeds prompt positions `ids` after the cache; on error the cache is
+    /// rolled back so it never holds positions `fed` does not list.
     pub fn feed(&mut self, ids: &[u32], which: Logits) -> Result<Tensor> {
+        self.fed_after(ids, |model, cache| model.forward(ids, cache, which))
+    }
+
+    fn fed_after(
+        &mut self,
+        ids: &[u32],
+        forward: impl FnOnce(&Model, &mut KvCache) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let before = self.fed.len();
-        match self.model.forward(ids, &mut self.cache, which) {
+        match forward(&self.model, &mut self.cache) {
             Ok(logits) => {
                 self.fed.extend_from_slice(ids);
                 Ok(logits)

@@ -7,15 +7,16 @@
 //! to run it, and its result is exactly f32's on the same weights.
 //! Activations, norms and attention stay f32.
 //!
-//! Prompts (16+ tokens) are compute-bound instead: on CPUs with
-//! AVX512_BF16 they go through `vdpbf16ps` (32 multiply-adds of bf16 pairs
-//! per instruction, twice the f32 rate), four weight rows by four tokens
-//! per pass. That rounds the activations to bf16 (8 significant bits), so
-//! a prompt's products differ from f32's by up to about 2⁻⁸ of the sum of
-//! the magnitudes of their terms (tested below); generation stays exact.
+//! Prompts are compute-bound instead: on CPUs with AVX512_BF16 prompt
+//! positions (however many, see `RowClass`) go through `vdpbf16ps` (32
+//! multiply-adds of bf16 pairs per instruction, twice the f32 rate), four
+//! weight rows by four tokens per pass. That rounds the activations to bf16
+//! (8 significant bits), so a prompt's products differ from f32's by up to
+//! about 2⁻⁸ of the sum of the magnitudes of their terms (tested below);
+//! generation stays exact.
 
+use super::RowClass;
 use super::qmatmul::{RowDot, bands, in_tiles, rows_in_pairs};
-use super::{PROMPT_ROWS, RowClass};
 use anyhow::{Result, bail};
 use bytes::Bytes;
 use candle_core::{DType, Device, Tensor};
@@ -129,7 +130,7 @@ impl Bf16Matrix {
         let k = self.cols;
         let w = self.values();
         let row = |r: usize| &w[r * k..(r + 1) * k];
-        if class == RowClass::Prompt && m >= PROMPT_ROWS && self.has_prompt_kernel() {
+        if class == RowClass::Prompt && self.has_prompt_kernel() {
             return self.prompt_product(xs, m);
         }
         let simd = have_avx512_rows(k);
@@ -397,6 +398,7 @@ mod tests {
         (Bf16Matrix::new(&w).unwrap(), rounded)
     }
 
+    /// The row kernels (generation's) against f32's product.
     #[test]
     fn matches_an_f32_matmul_of_the_rounded_weights() {
         let dev = Device::Cpu;
@@ -408,7 +410,7 @@ mod tests {
             for m in [1, 6] {
                 let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
                 let want = x.matmul(&rounded.t().unwrap()).unwrap();
-                let got = matrix.forward(&x).unwrap();
+                let got = matrix.forward_as(&x, RowClass::Rows).unwrap();
                 let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
                 assert!(diff.to_scalar::<f32>().unwrap() < 1e-3, "k={k} m={m}");
             }
@@ -453,16 +455,25 @@ mod tests {
     #[test]
     fn prompts_stay_within_the_stated_tolerance_of_f32() {
         let dev = Device::Cpu;
-        let (k, m) = (320, 23);
+        let k = 320;
         let (matrix, rounded) = random_matrix(71, k);
-        let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+        for m in [1, 5, 23] {
+            prompt_within_tolerance(
+                &matrix,
+                &rounded,
+                &Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap(),
+            );
+        }
+    }
+
+    fn prompt_within_tolerance(matrix: &Bf16Matrix, rounded: &Tensor, x: &Tensor) {
         let want = x.matmul(&rounded.t().unwrap()).unwrap();
         let magnitude = x
             .abs()
             .unwrap()
             .matmul(&rounded.abs().unwrap().t().unwrap())
             .unwrap();
-        let got = matrix.forward(&x).unwrap();
+        let got = matrix.forward(x).unwrap();
         let excess = ((got - &want).unwrap().abs().unwrap() - (magnitude / 256.0).unwrap())
             .unwrap()
             .max_all()
@@ -473,7 +484,7 @@ mod tests {
     }
 
     /// Generation rows give exactly f32's result, bitwise the same however
-    /// many rows share the pass; prompt rows (16+) are the same for any count.
+    /// many rows share the pass; prompt rows are the same for any count.
     #[test]
     fn each_row_is_bitwise_independent_of_the_batch() {
         let dev = Device::Cpu;
@@ -496,9 +507,14 @@ mod tests {
                 assert_eq!(row, alone[i], "row {i} of {m}");
             }
         }
-        assert_eq!(
-            rows(0, 16, RowClass::Prompt)[..],
-            rows(0, 37, RowClass::Prompt)[..16 * 71]
-        );
+        let prompt = rows(0, 37, RowClass::Prompt);
+        for m in [1, 2, 5, 16] {
+            assert_eq!(
+                rows(0, m, RowClass::Prompt)[..],
+                prompt[..m * 71],
+                "{m} prompt rows"
+            );
+        }
+        assert_eq!(rows(7, 1, RowClass::Prompt)[..], prompt[7 * 71..8 * 71]);
     }
 }

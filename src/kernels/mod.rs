@@ -21,27 +21,25 @@ pub(crate) mod qmatmul;
 
 use bytes::Bytes;
 
-/// Fewest rows a product hands to the prompt kernels (panels, `vdpbf16ps`):
-/// unpacking sixteen rows of a panel costs about what multiplying a dozen
-/// tokens by them does.
-pub const PROMPT_ROWS: usize = 16;
-
-/// Which kernels the rows of one product may take.
+/// Which kernels the rows of one product take.
 ///
 /// The row kernels (`dot`, `dot2`, `dot_n` of each format) sum every output
 /// in the same order whatever the number of rows and tokens they are given,
-/// so a row's result does not depend on what else shares the pass; bf16's
-/// are exactly f32's. The prompt kernels (the quantized panels, bf16's
-/// `vdpbf16ps`) are faster for 16+ rows but sum differently (bf16's round
-/// the activations). A batch from many sequences keeps each sequence's rows
-/// in the class it would have alone: generation rows and short chunks in
-/// `Rows`, prompt chunks of 16+ positions in `Prompt`.
+/// and so do the prompt kernels (the quantized panels, bf16's `vdpbf16ps`),
+/// each token on its own; but the two sum differently (bf16's round the
+/// activations). So the class goes with what a row is, never with how many
+/// rows share a pass: generated tokens (decode) take `Rows`, prompt
+/// positions (prefill) take `Prompt` whatever the chunk's size. A row's
+/// result then depends neither on the batch nor on where its prompt was cut.
+/// The panels cost about what a dozen tokens' products do to unpack, so a
+/// prompt chunk of a few tokens is slower through them than through the row
+/// kernels: the price of that independence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RowClass {
     /// The row kernels, whatever the count.
     Rows,
-    /// The prompt kernels when there are `PROMPT_ROWS` or more rows and the
-    /// format has them; the row kernels otherwise.
+    /// The prompt kernels where the format has them, whatever the count;
+    /// the row kernels otherwise.
     Prompt,
 }
 

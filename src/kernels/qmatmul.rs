@@ -8,13 +8,13 @@
 //! memory bandwidth, so this module reads the compact blocks as stored and
 //! splits the rows over the thread pool itself: generation through this
 //! crate's row kernels (`q4_0`, `q4k`, `q5k`, `q6k`, `q8_0`; candle's
-//! `GgmlType::vec_dot` on CPUs without AVX-512 VNNI), prompts of 16+ tokens
+//! `GgmlType::vec_dot` on CPUs without AVX-512 VNNI), prompt positions
 //! through panels of sixteen rows unpacked in cache (`q4_0_panel`,
 //! `q4k_panel`, `q5k_panel`, `q6k_panel`, `q8_0_panel`).
 
 use super::{
-    PROMPT_ROWS, RowClass, pool, q4_0, q4_0_panel, q4k, q4k_panel, q5k, q5k_panel, q6k, q6k_panel,
-    q8_0, q8_0_panel,
+    RowClass, pool, q4_0, q4_0_panel, q4k, q4k_panel, q5k, q5k_panel, q6k, q6k_panel, q8_0,
+    q8_0_panel,
 };
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
@@ -151,7 +151,7 @@ impl QuantMatrix {
     /// `x @ w.T` for `x: [m, in]` through the kernels of `class`, in f32.
     pub fn forward_as(&self, x: &Tensor, class: RowClass) -> Result<Tensor> {
         let (m, k) = x.dims2()?;
-        let panels = class == RowClass::Prompt && m >= PROMPT_ROWS;
+        let panels = class == RowClass::Prompt;
         if k != self.cols {
             bail!("input has {k} features, the matrix {}", self.cols);
         }
@@ -776,14 +776,20 @@ mod tests {
             let q = std::sync::Arc::new(QTensor::quantize(&w, dtype).unwrap());
             let ours = QuantMatrix::from_qtensor(&q).unwrap().unwrap();
             let theirs = candle_core::quantized::QMatMul::from_arc(q).unwrap();
-            for m in [1, 3, 70] {
+            for (m, class) in [1, 3, 70]
+                .into_iter()
+                .flat_map(|m| [RowClass::Rows, RowClass::Prompt].map(|c| (m, c)))
+            {
                 let x = Tensor::from_vec(values(m * 512, 2 + m as u64), (m, 512), &dev).unwrap();
-                let a = ours.forward(&x).unwrap();
+                let a = ours.forward_as(&x, class).unwrap();
                 let b = theirs.forward(&x).unwrap();
                 let diff = (a - &b).unwrap().abs().unwrap().max_all().unwrap();
                 let scale = b.abs().unwrap().max_all().unwrap();
                 let rel = diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap();
-                assert!(rel < 5e-3, "{dtype:?} m={m}: relative difference {rel}");
+                assert!(
+                    rel < 5e-3,
+                    "{dtype:?} m={m} {class:?}: relative difference {rel}"
+                );
             }
         }
     }
@@ -840,9 +846,10 @@ mod tests {
         });
     }
 
-    /// A row's result is bitwise the same whatever else shares the pass:
-    /// the row kernels for any number of rows, the panels for any number
-    /// of 16+ rows. (What lets a batch of many sequences answer each as alone.)
+    /// A row's result is bitwise the same whatever else shares the pass,
+    /// through the row kernels and through the panels, for any number of
+    /// rows. (What lets a batch of many sequences answer each as alone, and
+    /// a prompt give the same keys however it is cut into chunks.)
     #[test]
     fn each_row_is_bitwise_independent_of_the_batch_for_every_format() {
         let dev = Device::Cpu;
@@ -877,17 +884,24 @@ mod tests {
                     );
                 }
             }
-            let sixteen = rows(16, RowClass::Prompt);
             let more = rows(37, RowClass::Prompt);
+            for m in [1, 2, 3, 5, 15, 16] {
+                assert_eq!(
+                    rows(m, RowClass::Prompt)[..],
+                    more[..m * 131],
+                    "{dtype:?}: prompt rows of {m} and of 37"
+                );
+            }
+            let seventh = matrix.forward_as(&x.narrow(0, 7, 1).unwrap(), RowClass::Prompt);
             assert_eq!(
-                sixteen[..],
-                more[..16 * 131],
-                "{dtype:?}: prompt rows of 16 and of 37"
+                bits(seventh.unwrap())[..],
+                more[7 * 131..8 * 131],
+                "{dtype:?}"
             );
         }
     }
 
-    /// `has_prompt_kernel` holds exactly when 16+ prompt rows take other
+    /// `has_prompt_kernel` holds exactly when prompt rows take other
     /// kernels than the row kernels (results that differ in the last bits):
     /// `Linear::forward_split` keeps a batch's decode rows out of the
     /// panels by it, so a format whose arm is wrong would let a sequence's

@@ -11,7 +11,7 @@
 use super::config::{Config, RopeScaling};
 use super::kv_cache::KvCache;
 use super::linear::{Embedding, Linear, dense_bytes};
-use crate::kernels::{PROMPT_ROWS, RowClass};
+use crate::kernels::RowClass;
 use crate::weights::Weights;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -422,8 +422,27 @@ impl Model {
             .unwrap_or_else(|| format!("{:?}", self.dtype))
     }
 
-    /// Feeds `ids` after what `cache` holds and returns the logits asked for, in f32.
+    /// Feeds the prompt positions `ids` after what `cache` holds and
+    /// returns the logits asked for, in f32. Prompt rows take the prompt
+    /// kernels (see [`Chunk::prompt`]); a generated token goes through
+    /// [`Model::forward_token`].
     pub fn forward(&self, ids: &[u32], cache: &mut KvCache, which: Logits) -> Result<Tensor> {
+        self.feed(ids, cache, which, true)
+    }
+
+    /// Feeds one generated token (a decode row: the row kernels) after what
+    /// `cache` holds and returns the next position's logits `[vocab]`, in f32.
+    pub fn forward_token(&self, id: u32, cache: &mut KvCache) -> Result<Tensor> {
+        self.feed(&[id], cache, Logits::Last, false)
+    }
+
+    fn feed(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        which: Logits,
+        prompt: bool,
+    ) -> Result<Tensor> {
         anyhow::ensure!(!ids.is_empty(), "forward needs at least one token");
         cache.reserve(ids.len())?;
         // The whole call is one pass for rope (transformers' seq_len).
@@ -436,6 +455,7 @@ impl Model {
                 cache: &mut *cache,
                 logits: true,
                 seq_len,
+                prompt,
             }])?;
             match which {
                 Logits::All => outputs.push(self.head(&hidden, RowClass::Prompt)?),
@@ -496,21 +516,21 @@ impl Model {
     /// to their caches; returns the final hidden states `[rows, hidden]`
     /// before the norm, and where each chunk's rows are in it.
     ///
-    /// The rows of short chunks (generation rows, chunks under
-    /// `PROMPT_ROWS` positions) come first and take the row kernels; long
-    /// chunks follow and take the prompt kernels: every row goes through
-    /// the kernels it would alone, so its result does not depend on the batch.
+    /// The decode rows (generated tokens) come first and take the row
+    /// kernels; the prompt chunks follow and take the prompt kernels: every
+    /// row goes through the same kernels whatever shares the step and
+    /// however its prompt was cut, so its result depends on neither.
     fn forward_hidden(&self, batch: &mut [Chunk<'_>]) -> Result<(Tensor, Vec<Segment>)> {
         for chunk in batch.iter_mut() {
             anyhow::ensure!(!chunk.ids.is_empty(), "forward needs at least one token");
             chunk.cache.reserve(chunk.ids.len())?;
         }
         let mut order: Vec<usize> = (0..batch.len()).collect();
-        order.sort_by_key(|&c| batch[c].ids.len() >= PROMPT_ROWS);
+        order.sort_by_key(|&c| batch[c].prompt);
         let short_rows: usize = batch
             .iter()
+            .filter(|c| !c.prompt)
             .map(|c| c.ids.len())
-            .filter(|&n| n < PROMPT_ROWS)
             .sum();
         let ids: Vec<u32> = order
             .iter()
@@ -597,6 +617,7 @@ impl Model {
             cache,
             logits: true,
             seq_len: position + 1,
+            prompt: false,
         }];
         let x = self.embed.forward(&ids, self.dtype, &self.device)?;
         let x = self.layers_forward(x, &segments, &[0], 1, &mut batch)?;
@@ -751,14 +772,42 @@ impl Model {
             cache.write(layer, &k, &v)?;
         }
         let scale = 1.0 / (hd as f64).sqrt();
-        // One query row: the decode kernel reads the cache in place, in its dtype.
-        if seq == 1 && s.mask.is_none() && q.dtype() == DType::F32 && self.device.is_cpu() {
-            let qv = q.flatten_all()?.to_vec1::<f32>()?;
-            let out = cache.with_view(layer, s.kv_start, s.kv_end, |view| {
-                crate::kernels::attention::decode(&qv, view, heads, kvh, hd, scale as f32)
-            });
-            if let Some(out) = out {
-                return Ok(Tensor::from_vec(out, (1, heads * hd), &self.device)?);
+        // On the CPU in f32, every query row goes through the decode kernel,
+        // which reads the cache in place, in its dtype, over exactly the
+        // keys that row sees: a prompt row's attention is then bitwise the
+        // same in a chunk of any size, and as a generated token's would be
+        // (the products below sum over the chunk's whole key range, masked,
+        // so their rounding depends on where the prompt was cut).
+        if q.dtype() == DType::F32 && self.device.is_cpu() {
+            let rows = if seq == 1 {
+                q.flatten_all()?.to_vec1::<f32>()?
+            } else {
+                // [1, heads, seq, hd] -> [seq, heads, hd]
+                q.squeeze(0)?
+                    .transpose(0, 1)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+            };
+            let first = s.kv_end - seq;
+            let mut out = Vec::with_capacity(seq * heads * hd);
+            for (j, q) in rows.chunks_exact(heads * hd).enumerate() {
+                // Row j is position first + j: it sees keys (p - W, p].
+                let (start, end) = if s.write {
+                    let end = first + j + 1;
+                    (self.window.map_or(0, |w| end.saturating_sub(w)), end)
+                } else {
+                    (s.kv_start, s.kv_end)
+                };
+                let row = cache.with_view(layer, start, end, |view| {
+                    crate::kernels::attention::decode(q, view, heads, kvh, hd, scale as f32)
+                });
+                match row {
+                    Some(row) => out.extend_from_slice(&row),
+                    None => break,
+                }
+            }
+            if out.len() == seq * heads * hd {
+                return Ok(Tensor::from_vec(out, (seq, heads * hd), &self.device)?);
             }
         }
         let (k_all, v_all) = cache.view(layer, s.kv_start, s.kv_end)?;
@@ -802,6 +851,16 @@ pub struct Chunk<'a> {
     /// chunk's end). Dynamic RoPE scaling takes its frequencies from it, as
     /// transformers takes them from the last position of a forward call.
     pub seq_len: usize,
+    /// Whether `ids` are prompt positions (prefill), which take the prompt
+    /// kernels (the quantized panels, bf16's `vdpbf16ps`) however many
+    /// there are, rather than a generated token (decode), which takes the
+    /// row kernels. The class belongs to the row, not to the chunk's size:
+    /// a prompt cut into other chunks (another `--batch-tokens`, a kept
+    /// prefix that covers part of it) gives bitwise the same keys, values
+    /// and logits. Only a kept prefix that holds generated tokens differs
+    /// from a fresh prefill of the same text, within rounding: its rows
+    /// went through the row kernels.
+    pub prompt: bool,
 }
 
 /// Where a chunk's rows sit in the batch, and its positions' rope and mask.

@@ -36,8 +36,8 @@ impl Linear {
         self.forward_as(x, RowClass::Prompt)
     }
 
-    /// `x @ w.T` with the first `rows` rows of `x` through the row kernels
-    /// and the rest (all from chunks of 16+ positions) through the prompt
+    /// `x @ w.T` with the first `rows` rows of `x` (decode rows) through
+    /// the row kernels and the rest (prompt positions) through the prompt
     /// kernels, in `x`'s dtype: each row takes the kernels it would alone
     /// (see [`RowClass`]). Two passes over the weights only when the
     /// matrix has prompt kernels and both parts are there.
