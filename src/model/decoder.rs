@@ -129,9 +129,14 @@ pub struct Model {
     lm_head: Linear,
     /// Whether `lm_head` shares the embedding's storage.
     tied: bool,
-    /// Rope's cos/sin `[max_len, head_dim/2]` at the default (or fixed-scaled) frequencies.
+    /// Rope's cos/sin `[n, head_dim/2]` at the default (or fixed-scaled)
+    /// frequencies for the first `n` positions (`ROPE_TABLE_BYTES` at most:
+    /// a file's context length times its head size is not a size to
+    /// allocate at load); positions past them are computed when fed.
     cos: Tensor,
     sin: Tensor,
+    /// The frequencies the tables hold, for the positions past them.
+    inv_freq: Vec<f32>,
     /// Dynamic NTK scaling's inputs: a pass past the original context
     /// computes its own frequencies.
     dynamic: Option<DynamicRope>,
@@ -289,7 +294,7 @@ impl Model {
         let f32_weights = layers.first().is_none_or(|l| l.mlp.up.format() == "F32");
         let scaling = config.rope_scaling()?;
         let max_len = config.context_len()?;
-        let (cos, sin) = rope_tables(
+        let (inv_freq, cos, sin) = rope_tables(
             hd,
             config.rope_theta,
             scaling,
@@ -328,6 +333,7 @@ impl Model {
             eps: config.rms_norm_eps as f32,
             window: config.window(),
             max_len,
+            inv_freq,
             dtype,
             // Quantized and half-precision weights get an f16 cache on the
             // CPU (llama.cpp's default: half the memory; decode attention
@@ -973,6 +979,12 @@ impl Model {
             let (cos, sin) = rope_angles(inv_freq, pos, pos + seq, self.dtype, &self.device)?;
             return Ok((cos, sin, true));
         }
+        if pos + seq > self.cos.dim(0)? {
+            // The same products as the tables' rows, so the same values.
+            let inv_freq = self.inv_freq.clone();
+            let (cos, sin) = rope_angles(inv_freq, pos, pos + seq, self.dtype, &self.device)?;
+            return Ok((cos, sin, false));
+        }
         Ok((
             self.cos.narrow(0, pos, seq)?,
             self.sin.narrow(0, pos, seq)?,
@@ -994,8 +1006,14 @@ impl Model {
     }
 }
 
-/// cos/sin tables `[max_len, head_dim/2]` computed as transformers does
-/// (inverse frequencies and angles in f32), then cast to the run's dtype.
+/// Bytes of the precomputed rope tables (cos and sin, f32) at most: 64K
+/// positions of a 128-wide head.
+const ROPE_TABLE_BYTES: usize = 64 << 20;
+
+/// The inverse frequencies, and cos/sin tables `[n, head_dim/2]` for the
+/// first `n = min(max_len, what ROPE_TABLE_BYTES holds)` positions, computed
+/// as transformers does (inverse frequencies and angles in f32), then cast
+/// to the run's dtype.
 fn rope_tables(
     hd: usize,
     theta: f64,
@@ -1004,7 +1022,7 @@ fn rope_tables(
     max_len: usize,
     dtype: DType,
     device: &Device,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<(Vec<f32>, Tensor, Tensor)> {
     let mut inv_freq = inv_freq(hd, theta, scaling);
     // A GGUF's per-frequency divisors (llama.cpp's `freq_factors`).
     if let Some(factors) = factors {
@@ -1018,7 +1036,10 @@ fn rope_tables(
             *f /= d;
         }
     }
-    rope_angles(inv_freq, 0, max_len, dtype, device)
+    let row_bytes = 2 * inv_freq.len().max(1) * std::mem::size_of::<f32>();
+    let n = max_len.min((ROPE_TABLE_BYTES / row_bytes).max(1));
+    let (cos, sin) = rope_angles(inv_freq.clone(), 0, n, dtype, device)?;
+    Ok((inv_freq, cos, sin))
 }
 
 /// cos/sin `[to - from, head_dim/2]` of positions `from..to` times
@@ -1050,6 +1071,33 @@ mod tests {
             .into_iter()
             .map(f32::to_bits)
             .collect()
+    }
+
+    /// The tables stop at `ROPE_TABLE_BYTES` (a file's context times its
+    /// head size once asked for 34 GB at load), and positions past them
+    /// get the same values the tables would hold.
+    #[test]
+    fn rope_tables_are_bounded_and_positions_past_them_match() {
+        let dev = Device::Cpu;
+        let (_, cos, sin) = rope_tables(
+            16384,
+            1e4,
+            RopeScaling::None,
+            None,
+            1 << 20,
+            DType::F32,
+            &dev,
+        )
+        .unwrap();
+        let row_bytes = 2 * 8192 * 4;
+        assert_eq!(cos.dims(), [ROPE_TABLE_BYTES / row_bytes, 8192]);
+        assert_eq!(sin.dims(), cos.dims());
+        let (inv, cos, sin) =
+            rope_tables(64, 1e4, RopeScaling::None, None, 3000, DType::F32, &dev).unwrap();
+        assert_eq!(cos.dim(0).unwrap(), 3000, "a small context is tabled whole");
+        let (c, s) = rope_angles(inv, 2990, 2995, DType::F32, &dev).unwrap();
+        assert_eq!(bits(&c), bits(&cos.narrow(0, 2990, 5).unwrap()));
+        assert_eq!(bits(&s), bits(&sin.narrow(0, 2990, 5).unwrap()));
     }
 
     #[test]
