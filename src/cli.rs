@@ -198,7 +198,7 @@ pub struct BenchArgs {
     pub repetitions: usize,
     /// The machine's memory read bandwidth in GB/s, for the generation
     /// ceiling (default: measured by a short read probe after the runs).
-    #[arg(long, value_name = "GB/S")]
+    #[arg(long, value_name = "GB/S", value_parser = positive_gbps)]
     pub bandwidth: Option<f64>,
     /// Sequences decoded together through the engine, as llama-batched-bench's
     /// -npl: a list (1,2,4,8). Each stream has its own prompt of -p tokens and
@@ -296,6 +296,17 @@ pub struct DeviceArgs {
 pub enum KvTypeArg {
     F32,
     F16,
+}
+
+/// `--bandwidth`: a finite number of GB/s above zero (the ceiling divides by it).
+fn positive_gbps(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 1e6 => Ok(v),
+        Ok(_) => Err(format!(
+            "{s} is not a bandwidth in GB/s (above 0, at most 1e6)"
+        )),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn parse_quant(s: &str) -> Result<GgmlDType, String> {

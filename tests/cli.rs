@@ -715,6 +715,57 @@ fn bench_reports_prompt_and_generation_speed() {
     );
 }
 
+/// Sizes no run could hold are refused before anything runs or is
+/// allocated: a `-p` whose sum with `-n` wraps (it once passed the context
+/// check and aborted allocating 17 GB), a `--gap-prompt` past the context
+/// (once refused only after the whole --parallel table), and a bandwidth
+/// that is not a positive number (it printed "-553% of the ceiling").
+#[test]
+fn bench_refuses_sizes_no_run_could_hold_before_running() {
+    let bench = |extra: &[&str]| {
+        let args = [
+            "bench",
+            "--synthetic",
+            "tiny",
+            "-r",
+            "1",
+            "--bandwidth",
+            "10",
+        ];
+        starling(&[&args[..], extra].concat(), None)
+    };
+    let huge = u64::MAX.to_string();
+    fails_with(&bench(&["-p", &huge, "-n", "1"]), "is past any context");
+    let gap = bench(&[
+        "--parallel",
+        "1",
+        "-p",
+        "8",
+        "-n",
+        "8",
+        "--gap-prompt",
+        "4294967295",
+    ]);
+    fails_with(
+        &gap,
+        "--gap-prompt 4294967295 is longer than the model's context",
+    );
+    assert!(gap.stdout.is_empty(), "nothing is measured first");
+    for bad in ["0", "-1", "nan", "inf", "1e30"] {
+        let flag = format!("--bandwidth={bad}");
+        let out = starling(&["bench", "--synthetic", "tiny", &flag], None);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && !stderr.contains("panicked"),
+            "{bad}: {stderr}"
+        );
+        assert!(
+            stderr.contains("is not a bandwidth in GB/s"),
+            "{bad}: {stderr}"
+        );
+    }
+}
+
 /// `bench --parallel` runs B streams through the engine and reports, per B,
 /// the keys scripts compare (as llama-batched-bench's columns).
 #[test]

@@ -20,6 +20,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.prompt_tokens == 0 || args.repetitions == 0 {
         bail!("-p and -r must be at least 1");
     }
+    // Checked before anything is loaded or allocated: a sum that wraps
+    // would pass the context check below and size a prompt by it.
+    let Some(total) = args.prompt_tokens.checked_add(args.gen_tokens) else {
+        bail!(
+            "-p {} plus -n {} is past any context",
+            args.prompt_tokens,
+            args.gen_tokens
+        );
+    };
     let device = loader::device(&args.device.device)?;
     let start = Instant::now();
     let (label, config, weights) = match &args.synthetic {
@@ -63,9 +72,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         );
     }
     let (p, n) = (args.prompt_tokens, args.gen_tokens);
-    if p + n > model.max_len() {
+    if total > model.max_len() {
         bail!(
             "-p {p} plus -n {n} exceeds the model's context of {} tokens",
+            model.max_len()
+        );
+    }
+    if let Some(long) = args.gap_prompt.filter(|&long| long > model.max_len()) {
+        bail!(
+            "--gap-prompt {long} is longer than the model's context of {} tokens",
             model.max_len()
         );
     }
