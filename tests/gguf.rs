@@ -360,6 +360,32 @@ fn a_gguf_that_fails_to_load_is_named_by_its_file() {
     assert!(shown.contains(&format!("model: {model}\n")), "{shown}");
 }
 
+/// A matrix block with a NaN or infinite scale is a corrupt file, refused at
+/// load by tensor and file (it once ran: the NaN outputs became zeros in the
+/// next product's activation quantization, and the model answered garbage).
+#[test]
+fn a_non_finite_block_scale_is_refused_at_load() {
+    let dir = common::scratch("gguf-nan-scale");
+    let good = twin("gguf-nan-scale-src", GgmlDType::Q8_0, None);
+    let content = gguf_file::Content::read(&mut std::fs::File::open(&good).unwrap()).unwrap();
+    let info = &content.tensor_infos["blk.1.attn_v.weight"];
+    assert_eq!(info.ggml_dtype, GgmlDType::Q8_0);
+    let at = (content.tensor_data_offset + info.offset) as usize + 3 * 34;
+    for (bits, what) in [(0x7e00u16, "NaN"), (0x7c00, "infinite")] {
+        let mut bytes = std::fs::read(&good).unwrap();
+        bytes[at..at + 2].copy_from_slice(&bits.to_le_bytes());
+        let bad = dir.join(format!("{what}.gguf"));
+        std::fs::write(&bad, &bytes).unwrap();
+        let model = bad.display().to_string();
+        fails_with(
+            &starling(&["run", "--model", &model, "Hello"], None),
+            &format!(
+                "loading the model from {model}: loading tensor model.layers.1.self_attn.v_proj.weight: block 3 of its Q8_0 data has a {what} scale"
+            ),
+        );
+    }
+}
+
 /// `src` with its metadata edited by `edit`, written to `dst`.
 fn edited(src: &Path, dst: &Path, edit: impl Fn(&mut std::collections::HashMap<String, G>)) {
     let mut file = std::fs::File::open(src).unwrap();
