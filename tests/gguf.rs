@@ -386,6 +386,72 @@ fn a_non_finite_block_scale_is_refused_at_load() {
     }
 }
 
+/// Float metadata of another type is refused, never replaced by the
+/// default (a `rope.freq_base` written as a u32 once ran at 10000), and so
+/// is a rope scaling type that is not a string and a rotary width other
+/// than the head's (llama.cpp's partial rotary, which the decoder does not
+/// compute); an f64 float is read as its value.
+#[test]
+fn metadata_of_the_wrong_type_or_width_is_refused() {
+    let dir = common::scratch("gguf-meta-types");
+    let good = twin("gguf-meta-types-src", GgmlDType::F32, None);
+    let with = |name: &str, key: &str, value: G| {
+        let path = dir.join(name);
+        let key = key.to_string();
+        edited(&good, &path, move |m| {
+            m.insert(key.clone(), value.clone());
+        });
+        path.display().to_string()
+    };
+    let head = config().head_dim() as u32;
+    let cases = [
+        (
+            "freq-u32.gguf",
+            "llama.rope.freq_base",
+            G::U32(5),
+            "metadata llama.rope.freq_base is a U32, not a float",
+        ),
+        (
+            "eps-string.gguf",
+            "llama.attention.layer_norm_rms_epsilon",
+            G::String("1e-5".into()),
+            "metadata llama.attention.layer_norm_rms_epsilon is a String, not a float",
+        ),
+        (
+            "scaling-u32.gguf",
+            "llama.rope.scaling.type",
+            G::U32(1),
+            "metadata llama.rope.scaling.type is a U32, not a string",
+        ),
+        (
+            "rotary.gguf",
+            "llama.rope.dimension_count",
+            G::U32(head - 2),
+            "partial rotary embeddings are not supported",
+        ),
+    ];
+    for (name, key, value, needle) in cases {
+        let model = with(name, key, value);
+        fails_with(
+            &starling(&["run", "--model", &model, "Hello"], None),
+            needle,
+        );
+    }
+    let f32_theta = with("theta-f32.gguf", "llama.rope.freq_base", G::F32(500.0));
+    let f64_theta = with("theta-f64.gguf", "llama.rope.freq_base", G::F64(500.0));
+    let full = with(
+        "rotary-full.gguf",
+        "llama.rope.dimension_count",
+        G::U32(head),
+    );
+    assert_eq!(
+        greedy(Path::new(&f64_theta), &[]),
+        greedy(Path::new(&f32_theta), &[])
+    );
+    assert_ne!(greedy(Path::new(&f32_theta), &[]), greedy(&good, &[]));
+    assert_eq!(greedy(Path::new(&full), &[]), greedy(&good, &[]));
+}
+
 /// `src` with its metadata edited by `edit`, written to `dst`.
 fn edited(src: &Path, dst: &Path, edit: impl Fn(&mut std::collections::HashMap<String, G>)) {
     let mut file = std::fs::File::open(src).unwrap();

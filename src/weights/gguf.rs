@@ -183,16 +183,27 @@ impl Meta<'_> {
         })
     }
 
-    /// A float from the metadata; NaN or an infinity is an error.
+    /// A float from the metadata (f32 as llama.cpp writes it, or f64);
+    /// another type, NaN or an infinity is an error, never the default.
     fn arch_f32(&self, key: &str) -> Result<Option<f32>> {
         let full = format!("{}.{key}", self.arch);
-        match self.meta(&full).and_then(|v| v.to_f32().ok()) {
-            Some(x) if !x.is_finite() => bail!(
+        let x = match self.meta(&full) {
+            None => return Ok(None),
+            Some(Value::F32(x)) => *x,
+            Some(Value::F64(x)) => *x as f32,
+            Some(other) => bail!(
+                "{}: metadata {full} is a {:?}, not a float",
+                self.path.display(),
+                other.value_type()
+            ),
+        };
+        if !x.is_finite() {
+            bail!(
                 "{}: metadata {full} is {x}, not a finite number",
                 self.path.display()
-            ),
-            other => Ok(other),
+            );
         }
+        Ok(Some(x))
     }
 
     /// A token id from the metadata: absent, or a u32 (an id of another
@@ -256,18 +267,38 @@ impl Meta<'_> {
         if let Some(hd) = self.arch_u64("attention.key_length")? {
             json["head_dim"] = hd.into();
         }
+        // llama.cpp rotates the first `rope.dimension_count` dimensions of
+        // each head; the decoder rotates all of them.
+        if let Some(rotated) = self.arch_u64("rope.dimension_count")? {
+            let hidden = self.required("embedding_length")?;
+            let head = match self.arch_u64("attention.key_length")? {
+                Some(hd) => hd,
+                None => hidden / heads.max(1),
+            };
+            if rotated != head {
+                bail!(
+                    "{}: metadata {}.rope.dimension_count is {rotated}, but heads are {head} wide: partial rotary embeddings are not supported",
+                    self.path.display(),
+                    self.arch
+                );
+            }
+        }
         if let Some(w) = self.arch_u64("attention.sliding_window")? {
             json["sliding_window"] = w.into();
         }
         // RoPE scaling, as llama.cpp stores it: a type, or (Llama 3.1) a
         // tensor of per-frequency factors. The config refuses what the
         // decoder does not compute.
-        let scaling = self
-            .content
-            .metadata
-            .get(&format!("{}.rope.scaling.type", self.arch))
-            .and_then(|v| v.to_string().ok())
-            .filter(|t| t.as_str() != "none");
+        let kind_key = format!("{}.rope.scaling.type", self.arch);
+        let scaling = match self.content.metadata.get(&kind_key) {
+            None => None,
+            Some(Value::String(t)) => Some(t).filter(|t| t.as_str() != "none"),
+            Some(other) => bail!(
+                "{}: metadata {kind_key} is a {:?}, not a string",
+                self.path.display(),
+                other.value_type()
+            ),
+        };
         if let Some(kind) = scaling {
             json["rope_scaling"] = serde_json::json!({ "type": kind });
             let factor = format!("{}.rope.scaling.factor", self.arch);
