@@ -153,7 +153,8 @@ fn each_line_with_a_shared_preamble_on_quantized_weights_answers_as_separate_run
 
 /// `--each-line` answers a line as soon as it arrives, while stdin stays
 /// open (`tail -f log | starling run --each-line`); a line that is not
-/// UTF-8 ends it with an error naming the line, after the answers before it.
+/// UTF-8 is answered with an error naming it, in its place, and the lines
+/// after it are answered; the run then fails, counting it.
 #[test]
 fn each_line_answers_lines_as_they_arrive() {
     use std::io::{BufRead, BufReader, Write};
@@ -186,15 +187,65 @@ fn each_line_answers_lines_as_they_arrive() {
     stdin.write_all(b"caf\xe9\nHello\n").unwrap();
     drop(stdin);
     let out = child.wait_with_output().unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr,
+        "error: line 3 of standard input: not valid UTF-8 (invalid byte at column 4)\n\
+         error: 1 of 4 lines could not be answered (see their errors)\n"
+    );
+    assert_eq!(
+        rx.recv_timeout(timeout).unwrap(),
+        golden_text(0),
+        "the line after it"
+    );
+}
+
+/// With --json every line gets its object in input order, naming its line
+/// (blank lines are skipped): an answer, or the error a line that cannot be
+/// answered gets (over the 8 MiB input limit, longer than the context).
+#[test]
+fn each_line_answers_a_bad_line_with_its_error_and_goes_on() {
+    let long = "word ".repeat(3000);
+    let huge = "x".repeat(8 * 1024 * 1024 + 10);
+    let stdin = format!("Hello\n\n{huge}\n{long}\nHow are you today?\n");
+    let args = [
+        "run",
+        "--model",
+        &model_arg(),
+        "--each-line",
+        "--json",
+        "--ctx-size",
+        "2048",
+    ];
+    let out = starling(&[&args[..], &GREEDY[..]].concat(), Some(stdin.as_bytes()));
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr,
+        "error: 2 of 4 lines could not be answered (see their errors)\n"
+    );
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON object per line"))
+        .collect();
+    let numbers: Vec<&Value> = lines.iter().map(|l| &l["line"]).collect();
+    assert_eq!(numbers, [1, 3, 4, 5]);
+    assert_eq!(lines[0]["response"], golden_text(0));
+    let message = |i: usize| lines[i]["error"]["message"].as_str().unwrap().to_string();
     assert!(
-        stderr.contains("line 3 of standard input is not valid UTF-8"),
-        "{stderr}"
+        message(1).starts_with("line 3 of standard input: the line is longer than"),
+        "{}",
+        message(1)
     );
     assert!(
-        rx.recv_timeout(std::time::Duration::from_secs(1)).is_err(),
-        "nothing after the bad line"
+        message(2).contains("longer than the model's context"),
+        "{}",
+        message(2)
+    );
+    assert_eq!(
+        format!("{}\n", lines[3]["response"].as_str().unwrap()),
+        run(&["How are you today?"], None)
     );
 }
 

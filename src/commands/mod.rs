@@ -110,12 +110,6 @@ pub fn start_engine_with(
     })
 }
 
-/// The error chain as the one line the user sees: each cause's message,
-/// joined by ": ". candle attaches a backtrace to its errors whenever
-/// RUST_BACKTRACE is set (GPU images often set it), and its message then
-/// carries the whole trace; only the error inside is kept. A cause longer
-/// than [`MAX_CAUSE`] characters is cut: parsers (serde, safetensors) quote
-/// the offending text, and a corrupt file can make that megabytes.
 /// Whether `e` is a write to a reader that went away (`| head`): not an
 /// error worth a message.
 pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
@@ -124,6 +118,12 @@ pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
         .any(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
+/// The error chain as the one line the user sees: each cause's message,
+/// joined by ": ". candle attaches a backtrace to its errors whenever
+/// RUST_BACKTRACE is set (GPU images often set it), and its message then
+/// carries the whole trace; only the error inside is kept. A cause longer
+/// than [`MAX_CAUSE`] characters is cut: parsers (serde, safetensors) quote
+/// the offending text, and a corrupt file can make that megabytes.
 pub fn error_line(e: &anyhow::Error) -> String {
     e.chain()
         .map(|cause| {

@@ -5,7 +5,7 @@ use super::input;
 use crate::cli::RunArgs;
 use crate::engine::{Event, GenerateRequest, Handle};
 use crate::template::{Message, Template};
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use std::collections::VecDeque;
 use std::io::{IsTerminal, Write};
 use std::sync::mpsc::{self, TryRecvError};
@@ -25,8 +25,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
         each_line_source(args)?
     } else {
         let (tx, rx) = mpsc::channel();
-        for c in conversations(args)? {
-            let _ = tx.send(Ok(c));
+        for (line, messages) in conversations(args)? {
+            let _ = tx.send((line, Ok(messages)));
         }
         rx
     };
@@ -39,16 +39,21 @@ pub fn run(args: &RunArgs) -> Result<()> {
 
     // Prompts are queued as they come (the engine answers --parallel of
     // them together); answers are printed in input order, the first one
-    // streaming. A refused prompt stops the intake: the answers before it
-    // are still given, as when they ran one by one.
-    let mut pending: VecDeque<(Vec<Message>, Handle)> = VecDeque::new();
+    // streaming. With --each-line a line that cannot be answered (not
+    // UTF-8, over the input limit, longer than the context) is answered
+    // with its error in its place and reading goes on, as `score
+    // --each-line` does; the run then fails, counting them. A single
+    // prompt's refusal is the run's error.
+    let mut pending: VecDeque<(Option<usize>, Result<Accepted>)> = VecDeque::new();
     let mut open = true;
-    let mut refused = None;
-    let mut any = false;
+    let (mut total, mut failed) = (0usize, 0usize);
+    // Lines read ahead of the answers: enough to keep every slot busy,
+    // bounded so a fast producer never fills the memory.
+    let read_ahead = 8 * engine.parallel();
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     loop {
-        while open && refused.is_none() {
+        while open && pending.len() < read_ahead {
             // Nothing to print: wait for the next prompt; else only look.
             let next = if pending.is_empty() {
                 prompts.recv().ok()
@@ -59,94 +64,120 @@ pub fn run(args: &RunArgs) -> Result<()> {
                     Err(TryRecvError::Disconnected) => None,
                 }
             };
-            let Some(next) = next else {
+            let Some((line, messages)) = next else {
                 open = false;
                 break;
             };
-            let (line, messages) = match next {
-                Ok(prompt) => prompt,
-                Err(e) => {
-                    refused = Some(e);
-                    break;
-                }
-            };
-            any = true;
-            let submitted = started
-                .template
-                .encode(tokenizer, &messages)
-                .and_then(|prompt| {
-                    engine.submit(GenerateRequest {
-                        prompt,
-                        // Each prompt starts from the seed, so an answer never depends on the others.
-                        sampling: sampling.clone(),
-                        max_tokens: args.sampling.max_tokens,
-                        stop_ids: started.stop_ids.clone(),
-                        stop_texts: args.answer.stop.clone(),
-                        // A raw prompt is continued, not answered: keep the first space.
-                        continuation: matches!(started.template, Template::Raw),
-                        logprobs: None,
-                    })
-                });
-            let submitted = match line {
-                Some(n) => submitted.with_context(|| format!("line {n} of standard input")),
-                None => submitted,
-            };
-            match submitted {
-                Ok(handle) => pending.push_back((messages, handle)),
-                Err(e) => refused = Some(e),
+            total += 1;
+            let submitted = messages.and_then(|messages| {
+                let prompt = started.template.encode(tokenizer, &messages)?;
+                let handle = engine.submit(GenerateRequest {
+                    prompt,
+                    // Each prompt starts from the seed, so an answer never depends on the others.
+                    sampling: sampling.clone(),
+                    max_tokens: args.sampling.max_tokens,
+                    stop_ids: started.stop_ids.clone(),
+                    stop_texts: args.answer.stop.clone(),
+                    // A raw prompt is continued, not answered: keep the first space.
+                    continuation: matches!(started.template, Template::Raw),
+                    logprobs: None,
+                })?;
+                Ok((messages, handle))
+            });
+            match (line, submitted) {
+                (None, Err(e)) => return Err(e),
+                (line, submitted) => pending.push_back((line, submitted)),
             }
         }
-        let Some((messages, handle)) = pending.front() else {
-            if open && refused.is_none() {
+        let Some((line, front)) = pending.front() else {
+            if open {
                 continue;
             }
             break;
         };
-        // The first answer streams for a moment; then stdin is looked at again.
-        let outcome = match handle.recv_timeout(std::time::Duration::from_millis(20))? {
-            Some(Event::Text(piece)) => {
-                if !args.json {
-                    out.write_all(piece.as_bytes())?;
-                    out.flush()?;
+        let line = *line;
+        let answered = match front {
+            Err(_) => None,
+            Ok((messages, handle)) => {
+                // The first answer streams for a moment; then stdin is looked at again.
+                match handle.recv_timeout(std::time::Duration::from_millis(20))? {
+                    Some(Event::Text(piece)) => {
+                        if !args.json {
+                            out.write_all(piece.as_bytes())?;
+                            out.flush()?;
+                        }
+                        continue;
+                    }
+                    Some(Event::Token { .. }) | None => continue,
+                    Some(Event::Failed(e)) if line.is_none() => return Err(e),
+                    Some(Event::Failed(e)) => Some(Err(e)),
+                    Some(Event::Finished(outcome)) => {
+                        let prompt = messages.last().map(|m| m.content.clone());
+                        Some(Ok((prompt.unwrap_or_default(), outcome)))
+                    }
                 }
-                continue;
             }
-            Some(Event::Failed(e)) => return Err(e),
-            Some(Event::Token { .. }) | None => continue,
-            Some(Event::Finished(outcome)) => outcome,
         };
-        if args.json {
-            let line = serde_json::json!({
-                "prompt": messages.last().map(|m| m.content.as_str()).unwrap_or_default(),
-                "response": outcome.text,
-                "stop_reason": outcome.stop.as_str(),
-                "prompt_tokens": outcome.stats.prompt_tokens,
-                "gen_tokens": outcome.stats.gen_tokens,
-            });
-            writeln!(out, "{line}")?;
-        } else {
-            writeln!(out)?;
+        let (_, front) = pending.pop_front().expect("the front entry");
+        let answered = match (answered, front) {
+            (Some(answer), _) => answer,
+            (None, Err(e)) => Err(e),
+            (None, Ok(_)) => unreachable!("an accepted prompt answers or fails"),
+        };
+        match answered {
+            Ok((prompt, outcome)) => {
+                if args.json {
+                    let mut object = serde_json::json!({
+                        "prompt": prompt,
+                        "response": outcome.text,
+                        "stop_reason": outcome.stop.as_str(),
+                        "prompt_tokens": outcome.stats.prompt_tokens,
+                        "gen_tokens": outcome.stats.gen_tokens,
+                    });
+                    if let Some(n) = line {
+                        object["line"] = n.into();
+                    }
+                    writeln!(out, "{object}")?;
+                } else {
+                    writeln!(out)?;
+                }
+                if args.answer.verbose {
+                    eprintln!("load_s={:.3} {}", started.load_s, outcome.stats.logfmt());
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                let n = line.expect("only --each-line's lines are answered with errors");
+                let message = format!("line {n} of standard input: {}", super::error_line(&e));
+                if args.json {
+                    let object = serde_json::json!({ "line": n, "error": { "message": message } });
+                    writeln!(out, "{object}")?;
+                } else {
+                    eprintln!("error: {message}");
+                }
+            }
         }
         out.flush()?;
-        if args.answer.verbose {
-            eprintln!("load_s={:.3} {}", started.load_s, outcome.stats.logfmt());
-        }
-        pending.pop_front();
     }
-    match refused {
-        Some(e) => Err(e),
-        None if !any => bail!("--each-line: stdin holds no prompts"),
-        None => Ok(()),
+    if total == 0 {
+        bail!("--each-line: stdin holds no prompts");
     }
+    if failed > 0 {
+        bail!("{failed} of {total} lines could not be answered (see their errors)");
+    }
+    Ok(())
 }
 
+/// A prompt the engine took: its conversation and the answer's handle.
+type Accepted = (Vec<Message>, Handle);
+
 /// A prompt to answer: the stdin line it came from (`--each-line`) and the
-/// conversation; an error for input that cannot be a prompt.
-type Prompt = Result<(Option<usize>, Vec<Message>)>;
+/// conversation, or the error that line is answered with.
+type Prompt = (Option<usize>, Result<Vec<Message>>);
 
 /// `--each-line`: a thread reads stdin line by line and hands each
 /// non-blank line over as its own conversation as soon as it is complete.
-/// A line that is not UTF-8 ends the intake with an error naming it.
+/// A line that is not UTF-8 or too long is handed over as its error.
 fn each_line_source(args: &RunArgs) -> Result<mpsc::Receiver<Prompt>> {
     if args.messages.is_some() {
         bail!("--each-line answers stdin's lines, not --messages");
@@ -160,17 +191,14 @@ fn each_line_source(args: &RunArgs) -> Result<mpsc::Receiver<Prompt>> {
         .map(|p| format!("{p}\n\n"))
         .unwrap_or_default();
     let system = args.answer.system.clone();
-    let (tx, rx) = mpsc::channel();
+    let (tx, rx) = mpsc::sync_channel(16);
     std::thread::spawn(move || {
         let mut stdin = std::io::stdin().lock();
         let mut bytes = Vec::new();
         for n in 1.. {
             bytes.clear();
-            let prompt = match input::read_line_bounded(
-                &mut stdin,
-                &mut bytes,
-                &format!("line {n} of standard input"),
-            ) {
+            let mut last = false;
+            let prompt = match input::read_line_bounded(&mut stdin, &mut bytes, "the line") {
                 Ok(0) => return,
                 Ok(_) => match std::str::from_utf8(&bytes) {
                     Ok(line) => {
@@ -179,17 +207,24 @@ fn each_line_source(args: &RunArgs) -> Result<mpsc::Receiver<Prompt>> {
                             continue;
                         }
                         let user = Message::new("user", format!("{prefix}{line}"));
-                        Ok((Some(n), input::with_system(vec![user], system.as_deref())))
+                        Ok(input::with_system(vec![user], system.as_deref()))
                     }
                     Err(e) => Err(anyhow::anyhow!(
-                        "line {n} of standard input is not valid UTF-8 (invalid byte at column {})",
+                        "not valid UTF-8 (invalid byte at column {})",
                         e.valid_up_to() + 1
                     )),
                 },
-                Err(e) => Err(e),
+                // Too long: that line is answered with the error, and
+                // reading goes on after it; a read that fails ends it.
+                Err(e) => match input::skip_line(&mut stdin) {
+                    Ok(_) => Err(e),
+                    Err(read) => {
+                        last = true;
+                        Err(read)
+                    }
+                },
             };
-            let last = prompt.is_err();
-            if tx.send(prompt).is_err() || last {
+            if tx.send((Some(n), prompt)).is_err() || last {
                 return;
             }
         }
