@@ -235,6 +235,21 @@ fn starling_quantize_writes_what_the_reader_reads_back() {
         greedy(Path::new(&q8_path), &[]),
         greedy(&tiny_model(), &["--quantize", "q8_0"])
     );
+
+    // The tiny model's rows (64 values) are no whole Q4_K block: they fall
+    // back to Q8_0, and quantize says so rather than only "Q4K".
+    let q4k_path = out.join("tiny-q4k.gguf").display().to_string();
+    let q4k = starling(&["quantize", &dir, &q4k_path, "--type", "q4k"], None);
+    ok(&q4k);
+    let stderr = String::from_utf8_lossy(&q4k.stderr);
+    assert!(
+        stderr.contains("of the matrices are not Q4K but Q8_0 (or wider): their rows of 64 values are not whole Q4K blocks of 256"),
+        "{stderr}"
+    );
+    let q8 = starling(&["quantize", &dir, &q8_path, "--type", "q8_0"], None);
+    ok(&q8);
+    let stderr = String::from_utf8_lossy(&q8.stderr);
+    assert!(!stderr.contains("note:"), "Q8_0 blocks fit: {stderr}");
 }
 
 /// The stated tolerance of Q8_0 on the tiny model: the RMS change of the

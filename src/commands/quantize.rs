@@ -71,6 +71,9 @@ pub fn run(args: &QuantizeArgs) -> Result<()> {
             .expect("valid template"),
     );
     let mut tensors = Vec::with_capacity(shapes.len());
+    // Matrices whose rows are not whole blocks of the asked type, and the
+    // type they fell back to (as llama-quantize falls back).
+    let mut fallbacks: Vec<(String, usize, GgmlDType)> = Vec::new();
     for (hf, shape) in &shapes {
         if hf == "lm_head.weight" && !weights.contains(hf) && config.tie_word_embeddings {
             continue;
@@ -88,12 +91,24 @@ pub fn run(args: &QuantizeArgs) -> Result<()> {
             };
             let q = linear::quantize(&dense, target, &Device::Cpu)
                 .with_context(|| format!("quantizing {hf}"))?;
+            if q.dtype() != target {
+                fallbacks.push((hf.clone(), shape[shape.len() - 1], q.dtype()));
+            }
             std::sync::Arc::try_unwrap(q).expect("a fresh tensor has one owner")
         };
         tensors.push((hf.clone(), q));
         bar.inc(1);
     }
     bar.finish_and_clear();
+    if let Some((first, cols, used)) = fallbacks.first() {
+        eprintln!(
+            "note: {} of the matrices are not {:?} but {used:?} (or wider): their rows of {cols} values are not whole {:?} blocks of {} ({first} is one)",
+            fallbacks.len(),
+            args.qtype,
+            args.qtype,
+            args.qtype.block_size()
+        );
+    }
     let bytes: usize = tensors.iter().map(|(_, q)| q.storage_size_in_bytes()).sum();
     let header = GgufHeader {
         name: &name,
