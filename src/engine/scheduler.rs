@@ -149,7 +149,8 @@ impl Engine {
             "--batch-tokens must be at least 1"
         );
         let per_position = model.kv_bytes_per_position();
-        let context = slot_context(&config, model.max_len(), per_position)?;
+        let kv_f32 = model.kv_dtype() == candle_core::DType::F32;
+        let context = slot_context(&config, model.max_len(), per_position, kv_f32)?;
         let (queue, submissions) = mpsc::channel();
         let pool = rayon::ThreadPoolBuilder::new()
             .stack_size(8 << 20)
@@ -360,20 +361,36 @@ fn release_free_memory() {
 }
 
 /// Positions per slot: asked for, or the model's, capped so that every
-/// slot full fits in half the memory available now.
-fn slot_context(config: &EngineConfig, max_len: usize, per_position: usize) -> Result<usize> {
+/// slot full fits in half the memory available now (within a cgroup's
+/// limit: `loader::memory_available`). `kv_f32`: whether the
+/// cache is f32, so that an f16 one is worth suggesting.
+fn slot_context(
+    config: &EngineConfig,
+    max_len: usize,
+    per_position: usize,
+    kv_f32: bool,
+) -> Result<usize> {
     if let Some(context) = config.context {
         ensure!(context >= 1, "the context must be at least 1 position");
         let context = context.min(max_len);
         // A context given is still bounded by memory: the caches grow as
         // they fill, and would otherwise grow into the OOM killer.
-        if let Some(bytes) = available_memory() {
+        if let Some(bytes) = crate::loader::memory_available() {
             let need = (config.parallel * context) as u64 * per_position as u64;
             let fits = bytes / 2 / (context * per_position.max(1)) as u64;
-            let hint = if fits == 0 {
-                "even one does not fit: give a smaller --ctx-size, or --kv-type f16".to_string()
+            // Said in what every front end has (`bench` sets the context
+            // from -p and -n, and takes no --ctx-size).
+            let f16 = if kv_f32 {
+                ", or an f16 KV cache (--kv-type f16)"
             } else {
-                format!("give --parallel {fits} or a smaller --ctx-size")
+                ""
+            };
+            let hint = if fits == 0 {
+                format!("not even one fits: a shorter context{f16}")
+            } else {
+                format!(
+                    "{fits} such sequences fit: fewer sequences (--parallel), a shorter context{f16}"
+                )
             };
             ensure!(
                 need <= bytes / 2,
@@ -386,7 +403,7 @@ fn slot_context(config: &EngineConfig, max_len: usize, per_position: usize) -> R
         }
         return Ok(context);
     }
-    let cap = available_memory()
+    let cap = crate::loader::memory_available()
         .map(|bytes| bytes / 2 / (config.parallel * per_position.max(1)) as u64)
         .unwrap_or(u64::MAX);
     let context = (max_len as u64).min(cap) as usize;
@@ -396,14 +413,6 @@ fn slot_context(config: &EngineConfig, max_len: usize, per_position: usize) -> R
         config.parallel
     );
     Ok(context)
-}
-
-/// MemAvailable from /proc/meminfo, in bytes (Linux).
-fn available_memory() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }
 
 /// A KV slot: a cache, the ids it holds, and the sequence using it, if any.
@@ -925,4 +934,58 @@ impl<'t> StepLoop<'t> {
 
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A KV budget past half the memory is refused with what fits, in
+    /// words every front end has (`bench` takes no --ctx-size), and an f16
+    /// cache is suggested only to an f32 one.
+    #[test]
+    fn a_kv_budget_past_half_the_memory_says_what_fits() {
+        let Some(bytes) = crate::loader::memory_available() else {
+            eprintln!("no MemAvailable here: nothing to check");
+            return;
+        };
+        let config = |parallel, context| EngineConfig {
+            parallel,
+            batch_tokens: 16,
+            context: Some(context),
+        };
+        // A position the size of the memory: not even one fits.
+        let huge = usize::try_from(bytes).unwrap();
+        let e = slot_context(&config(1, 4), 4, huge, false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.ends_with(": not even one fits: a shorter context"), "{e}");
+        let e = slot_context(&config(1, 4), 4, huge, true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.ends_with("a shorter context, or an f16 KV cache (--kv-type f16)"),
+            "{e}"
+        );
+        // Positions of a tenth of the half: about ten sequences of one fit
+        // (the memory available moves a little between two reads).
+        let tenth = usize::try_from(bytes / 2 / 10).unwrap();
+        let e = slot_context(&config(100, 1), 1, tenth, false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("100 sequences of 1 positions need"), "{e}");
+        let hint = " such sequences fit: fewer sequences (--parallel), a shorter context";
+        assert!(e.ends_with(hint), "{e}");
+        let fits: usize = e
+            .split(": ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((8..=12).contains(&fits), "{e}");
+        assert_eq!(slot_context(&config(5, 1), 1, tenth, false).unwrap(), 1);
+    }
 }
