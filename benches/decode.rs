@@ -45,7 +45,7 @@ fn main() -> anyhow::Result<()> {
     let mut cache = model.new_cache();
     model.forward(&context, &mut cache, Logits::Last)?;
     let step = median_secs(21, || {
-        model.forward(&[42], &mut cache, Logits::Last).unwrap();
+        model.forward_token(42, &mut cache).unwrap();
         cache.truncate(context.len());
     });
     let recompute = median_secs(5, || {
@@ -70,7 +70,7 @@ fn main() -> anyhow::Result<()> {
     let one_by_one = median_secs(3, || {
         let mut c = model.new_cache();
         for &t in prompt {
-            model.forward(&[t], &mut c, Logits::Last).unwrap();
+            model.forward_token(t, &mut c).unwrap();
         }
     });
     println!(
@@ -108,7 +108,7 @@ fn main() -> anyhow::Result<()> {
     let mut cache = q4k.new_cache();
     q4k.forward(&context, &mut cache, Logits::Last)?;
     let q_step = median_secs(21, || {
-        q4k.forward(&[42], &mut cache, Logits::Last).unwrap();
+        q4k.forward_token(42, &mut cache).unwrap();
         cache.truncate(context.len());
     });
     let q_prefill = median_secs(5, || {

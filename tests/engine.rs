@@ -76,7 +76,7 @@ fn alone(model: &Model, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
         let token = argmax(&row);
         rows.push(row);
         out.push(token);
-        logits = model.forward(&[token], &mut cache, Logits::Last).unwrap();
+        logits = model.forward_token(token, &mut cache).unwrap();
     }
     (out, rows)
 }
@@ -492,12 +492,12 @@ fn an_f16_kv_cache_halves_the_memory_and_stays_close_to_f32() {
     let prompt = &prompts()[5];
     let mut half_cache = q.new_cache();
     let a = q.forward(prompt, &mut half_cache, Logits::Last).unwrap();
-    let a2 = q.forward(&[7], &mut half_cache, Logits::Last).unwrap();
+    let a2 = q.forward_token(7, &mut half_cache).unwrap();
     q.set_kv_dtype(DType::F32);
     assert_eq!(q.kv_bytes_per_position(), 2 * half_bytes);
     let mut full_cache = q.new_cache();
     let b = q.forward(prompt, &mut full_cache, Logits::Last).unwrap();
-    let b2 = q.forward(&[7], &mut full_cache, Logits::Last).unwrap();
+    let b2 = q.forward_token(7, &mut full_cache).unwrap();
     for (a, b) in [(a, b), (a2, b2)] {
         let (a, b) = (a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
         let spread =

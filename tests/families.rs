@@ -87,7 +87,7 @@ fn logits_and_greedy_ids_match_transformers() {
                 let id = argmax(&last);
                 ids.push(id);
                 last = model
-                    .forward(&[id], &mut cache, Logits::Last)
+                    .forward_token(id, &mut cache)
                     .unwrap()
                     .to_vec1()
                     .unwrap();
@@ -325,7 +325,7 @@ fn check_family_end_to_end(dir: &std::path::Path, eot: u32, markers: &[&str]) {
         }
         answer.push(id);
         last = model
-            .forward(&[id], &mut cache, Logits::Last)
+            .forward_token(id, &mut cache)
             .unwrap()
             .to_vec1()
             .unwrap();

@@ -93,7 +93,7 @@ fn cached_greedy(model: &Model, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<Vec<
         out.push(next);
         rows.push(logits);
         logits = model
-            .forward(&[next], &mut cache, Logits::Last)
+            .forward_token(next, &mut cache)
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
@@ -370,7 +370,7 @@ fn sliding_window_smaller_than_the_prompt_matches_an_explicit_mask() {
     let want_all = reference.logits(&seq, Some(W), &every);
     for (pos, &t) in seq.iter().enumerate() {
         let got = model
-            .forward(&[t], &mut cache, Logits::Last)
+            .forward_token(t, &mut cache)
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();

@@ -36,9 +36,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Prompt rows per step when none is given: a 7B model prefills about
-/// 20-30 tokens/s on two cores, so 16 rows keep a step near half a second
-/// (a running stream's longest pause while a long prompt arrives), and 16
-/// rows are the fewest the prompt kernels take.
+/// 20-50 tokens/s on two cores, so 16 rows keep a step near half a second
+/// (a running stream's longest pause while a long prompt arrives), and the
+/// panels' unpacking is spread over sixteen rows (a chunk of fewer costs
+/// about what one of a dozen does).
 pub const DEFAULT_BATCH_TOKENS: usize = 16;
 
 #[derive(Debug, Clone)]
@@ -670,9 +671,9 @@ impl<'t> StepLoop<'t> {
             .collect();
         order.sort_by_key(|&i| self.slots[i].active.as_ref().map(|a| a.admitted));
         // A prompt is cut into chunks of `batch_tokens` from where its cache
-        // ends, whatever else runs, so its rows take the kernels they would
-        // alone (see `kernels::RowClass`); up to `batch_tokens` prompt rows a
-        // step, first come first served, on top of the decode rows. A chunk's
+        // ends (where it is cut changes no result: see `Chunk::prompt`); up
+        // to `batch_tokens` prompt rows a step, first come first served, on
+        // top of the decode rows. A chunk's
         // attention scores grow with its length times the context: capped.
         let chunk = self.batch_tokens.min(PREFILL_CHUNK);
         let mut budget = self.batch_tokens;

@@ -1,5 +1,8 @@
-//! Decode attention: one query row per head against a sequence's KV cache,
-//! read in place in its own dtype (f32, or f16 widened in registers).
+//! Attention of one query row (a generated token's, or on the CPU in f32 a
+//! prompt position's) per head against a sequence's KV cache, read in
+//! place in its own dtype (f32, or f16 widened in registers), over exactly
+//! the keys that row sees: so a row's result does not depend on the chunk
+//! it came in.
 //!
 //! candle has no f16 matmul on the CPU, so through candle an f16 cache is
 //! first widened to an f32 copy of every cached position, every layer,

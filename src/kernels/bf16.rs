@@ -298,7 +298,7 @@ fn have_avx512_rows(k: usize) -> bool {
 /// Activations in the order `dot_avx512` reads them: in every 32 values,
 /// the 16 at even positions, then the 16 at odd ones, written into `out`.
 /// As large as the input: small for generation; a prompt takes this path
-/// only on CPUs without AVX512_BF16 (or in chunks under 16 rows).
+/// only on CPUs without AVX512_BF16.
 fn split_pairs(xs: &[f32], out: &mut Vec<f32>) {
     out.clear();
     for chunk in xs.chunks_exact(32) {

@@ -290,8 +290,7 @@ impl Config {
 
     fn validate(&self) -> Result<()> {
         self.family()?;
-        // Every size is bounded before anything is allocated from it (the
-        // rope tables hold max_position_embeddings × head_dim values), and
+        // Every size is bounded before anything is allocated from it, and
         // the bounds keep every product of two sizes inside a usize.
         for (name, value) in [
             ("vocab_size", self.vocab_size),

@@ -552,11 +552,8 @@ impl Model {
         let mut segments = Vec::with_capacity(batch.len());
         for (chunk, &start) in batch.iter().zip(&starts) {
             let (seq, pos) = (chunk.ids.len(), chunk.cache.len());
-            // Keys visible to the first query of the chunk; later ones see a subset via the mask.
-            let kv_start = match self.window {
-                Some(w) => (pos + 1).saturating_sub(w),
-                None => 0,
-            };
+            // Keys visible to the first query of the chunk; later ones see a subset.
+            let kv_start = self.first_key(pos);
             let kv_end = pos + seq;
             let (cos, sin, rescaled) = self.rope_rows(pos, seq, chunk.seq_len.max(kv_end))?;
             segments.push(Segment {
@@ -567,7 +564,7 @@ impl Model {
                 rescaled,
                 kv_start,
                 kv_end,
-                mask: self.mask(pos, seq, kv_start, kv_end)?,
+                mask: std::cell::OnceCell::new(),
                 write: true,
             });
         }
@@ -601,10 +598,7 @@ impl Model {
             "probe position {position} is not between the {held} cached positions and the context of {}",
             self.max_len
         );
-        let kv_start = match self.window {
-            Some(w) => (position + 1).saturating_sub(w).min(held),
-            None => 0,
-        };
+        let kv_start = self.first_key(position).min(held);
         let (cos, sin, rescaled) = self.rope_rows(position, 1, position + 1)?;
         let segments = [Segment {
             start: 0,
@@ -614,7 +608,7 @@ impl Model {
             rescaled,
             kv_start,
             kv_end: held,
-            mask: None,
+            mask: std::cell::OnceCell::from(None),
             write: false,
         }];
         let ids = [id];
@@ -661,9 +655,15 @@ impl Model {
         Ok(x)
     }
 
+    /// The first key the query at position `p` sees: with a window W, keys
+    /// `p - W < k <= p`, as transformers' mask (mistral.rs lets W+1 in).
+    fn first_key(&self, p: usize) -> usize {
+        self.window.map_or(0, |w| (p + 1).saturating_sub(w))
+    }
+
     /// Additive mask `[seq, kv_end - kv_start]`: query at `pos + i` sees key `k`
-    /// iff `k <= pos + i` and (with a window W) `k > pos + i - W`, as in
-    /// transformers. `None` when every query sees every key in range.
+    /// iff `first_key(pos + i) <= k <= pos + i`. `None` when every query sees
+    /// every key in range.
     fn mask(
         &self,
         pos: usize,
@@ -681,7 +681,7 @@ impl Model {
             let p = pos + i;
             for j in 0..kv_len {
                 let k = kv_start + j;
-                let hidden = k > p || self.window.is_some_and(|w| k + w <= p);
+                let hidden = k > p || k < self.first_key(p);
                 if hidden {
                     data[i * kv_len + j] = f32::NEG_INFINITY;
                 }
@@ -799,8 +799,7 @@ impl Model {
             for (j, q) in rows.chunks_exact(heads * hd).enumerate() {
                 // Row j is position first + j: it sees keys (p - W, p].
                 let (start, end) = if s.write {
-                    let end = first + j + 1;
-                    (self.window.map_or(0, |w| end.saturating_sub(w)), end)
+                    (self.first_key(first + j), first + j + 1)
                 } else {
                     (s.kv_start, s.kv_end)
                 };
@@ -828,7 +827,14 @@ impl Model {
         // Query heads h*n_rep..(h+1)*n_rep share kv head h: regroup the queries.
         let q = q.reshape((kvh, n_rep * seq, hd))?;
         let scores = (q.matmul(&k_all.t()?)? * scale)?.to_dtype(DType::F32)?;
-        let scores = match &s.mask {
+        let mask = match s.mask.get() {
+            Some(mask) => mask,
+            None => {
+                let mask = self.mask(s.kv_end - seq, seq, s.kv_start, s.kv_end)?;
+                s.mask.get_or_init(|| mask)
+            }
+        };
+        let scores = match mask {
             Some(mask) => scores
                 .reshape((kvh, n_rep, seq, kv_len))?
                 .broadcast_add(mask)?
@@ -863,7 +869,9 @@ pub struct Chunk<'a> {
     /// row kernels. The class belongs to the row, not to the chunk's size:
     /// a prompt cut into other chunks (another `--batch-tokens`, a kept
     /// prefix that covers part of it) gives bitwise the same keys, values
-    /// and logits. Only a kept prefix that holds generated tokens differs
+    /// and logits, on the CPU with f32 activations (with f16 or on CUDA,
+    /// candle's products over the chunk's masked key range still depend on
+    /// the cut). Only a kept prefix that holds generated tokens differs
     /// from a fresh prefill of the same text, within rounding: its rows
     /// went through the row kernels.
     pub prompt: bool,
@@ -879,7 +887,9 @@ struct Segment {
     rescaled: bool,
     kv_start: usize,
     kv_end: usize,
-    mask: Option<Tensor>,
+    /// The additive mask of the products' path, built on first use (the
+    /// CPU's f32 path reads each row's keys itself and never needs it).
+    mask: std::cell::OnceCell<Option<Tensor>>,
     /// Whether the chunk's keys and values go into its cache (not for a probe).
     write: bool,
 }
@@ -1006,8 +1016,8 @@ impl Model {
     }
 }
 
-/// Bytes of the precomputed rope tables (cos and sin, f32) at most: 64K
-/// positions of a 128-wide head.
+/// Bytes of the precomputed rope tables (cos and sin, f32) at most: 128K
+/// positions of a 128-wide head (64 frequencies, 512 bytes a position).
 const ROPE_TABLE_BYTES: usize = 64 << 20;
 
 /// The inverse frequencies, and cos/sin tables `[n, head_dim/2]` for the
