@@ -109,7 +109,6 @@ impl Linear {
         let [rows, cols] = *shape else {
             anyhow::bail!("a matrix needs two dimensions, not {shape:?}");
         };
-        check_block_scales(dtype, &data)?;
         if device.is_cpu()
             && let Some(m) = QuantMatrix::new(dtype, data.clone(), rows, cols)?
         {
@@ -224,58 +223,6 @@ pub fn is_block_format(dtype: GgmlDType) -> bool {
     !matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
 }
 
-/// Checks that every block of `data` (ggml blocks of `dtype`) has finite
-/// f16 scales, as llama.cpp's `ggml_validate_row_data` does. A NaN or
-/// infinite scale is a corrupt file, and it would not show as one: the
-/// products' outputs turn NaN, and the next product's activation
-/// quantization (amax over NaN values) makes them zeros, so the model
-/// answers garbage as if nothing were wrong. Reading the scales touches
-/// every page of the matrix once, which the first token would do anyway.
-/// Formats whose layout is not listed here are not checked.
-pub fn check_block_scales(dtype: GgmlDType, data: &[u8]) -> Result<()> {
-    // Byte offsets of the f16 scales within a block (d, and dmin or m).
-    let offsets: &[usize] = match dtype {
-        GgmlDType::Q4_0 | GgmlDType::Q5_0 | GgmlDType::Q8_0 => &[0],
-        GgmlDType::Q4_1 | GgmlDType::Q5_1 | GgmlDType::Q4K | GgmlDType::Q5K => &[0, 2],
-        GgmlDType::Q2K => &[80, 82],
-        GgmlDType::Q3K => &[108],
-        GgmlDType::Q6K => &[208],
-        _ => return Ok(()),
-    };
-    let size = dtype.type_size();
-    // The first block (from `first`) with a non-finite scale, and its bits.
-    let scan = |first: usize, blocks: &[u8]| {
-        blocks
-            .chunks_exact(size)
-            .enumerate()
-            .find_map(|(b, block)| {
-                offsets.iter().find_map(|&at| {
-                    let h = u16::from_le_bytes([block[at], block[at + 1]]);
-                    (h & 0x7c00 == 0x7c00).then_some((first + b, h))
-                })
-            })
-    };
-    // A 7B's 4.4 GB of scales take 0.4 s on one thread: the load's only
-    // pass over the weights, so it runs on every core.
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
-    let per = data.len().div_ceil(size).div_ceil(threads).max(1 << 14) * size;
-    let found = std::thread::scope(|s| {
-        let parts: Vec<_> = data
-            .chunks(per)
-            .enumerate()
-            .map(|(i, part)| s.spawn(move || scan(i * per / size, part)))
-            .collect();
-        parts.into_iter().find_map(|p| p.join().ok().flatten())
-    });
-    match found {
-        None => Ok(()),
-        Some((b, h)) => {
-            let what = if h & 0x03ff == 0 { "infinite" } else { "NaN" };
-            anyhow::bail!("block {b} of its {dtype:?} data has a {what} scale (a corrupt file)")
-        }
-    }
-}
-
 /// `--quantize` types: the ggml block formats a dense checkpoint can be
 /// quantized to while loading (and `starling quantize` writes).
 pub fn parse_quant(name: &str) -> Result<GgmlDType> {
@@ -364,41 +311,6 @@ pub fn output_quant(dtype: GgmlDType) -> GgmlDType {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Every format's scales are found where the format keeps them: a NaN
-    /// or infinite one is refused with its block, a finite one passes.
-    #[test]
-    fn a_non_finite_block_scale_is_found_in_every_format() {
-        let w = Tensor::randn(0f32, 1.0, (40, 512), &Device::Cpu).unwrap();
-        let formats = [
-            (GgmlDType::Q4_0, 0),
-            (GgmlDType::Q4_1, 2),
-            (GgmlDType::Q5_0, 0),
-            (GgmlDType::Q5_1, 2),
-            (GgmlDType::Q8_0, 0),
-            (GgmlDType::Q2K, 82),
-            (GgmlDType::Q3K, 108),
-            (GgmlDType::Q4K, 2),
-            (GgmlDType::Q5K, 0),
-            (GgmlDType::Q6K, 208),
-        ];
-        for (dtype, at) in formats {
-            let q = QTensor::quantize(&w, dtype).unwrap();
-            let data = q.data().unwrap().into_owned();
-            check_block_scales(dtype, &data).unwrap();
-            let b = data.len() / dtype.type_size() - 2;
-            for (bits, what) in [(0x7e01u16, "NaN"), (0xfc00, "infinite")] {
-                let mut bad = data.clone();
-                let at = b * dtype.type_size() + at;
-                bad[at..at + 2].copy_from_slice(&bits.to_le_bytes());
-                let e = check_block_scales(dtype, &bad).unwrap_err().to_string();
-                assert_eq!(
-                    e,
-                    format!("block {b} of its {dtype:?} data has a {what} scale (a corrupt file)")
-                );
-            }
-        }
-    }
 
     #[test]
     fn quantized_and_dense_products_agree_within_the_format_error() {

@@ -148,6 +148,20 @@ pub fn is_gguf(path: &Path) -> bool {
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
+/// A string from the metadata: `None` when absent, an error naming the file
+/// when it holds another type (never read as "").
+fn meta_string<'a>(value: Option<&'a Value>, key: &str, path: &Path) -> Result<Option<&'a str>> {
+    match value {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => bail!(
+            "{}: metadata {key} is a {:?}, not a string",
+            path.display(),
+            other.value_type()
+        ),
+    }
+}
+
 /// Typed reads of the metadata, naming the file in every error.
 struct Meta<'a> {
     content: &'a Content,
@@ -301,11 +315,7 @@ impl Meta<'_> {
         };
         if let Some(kind) = scaling {
             json["rope_scaling"] = serde_json::json!({ "type": kind });
-            let factor = format!("{}.rope.scaling.factor", self.arch);
-            if let Some(v) = self.content.metadata.get(&factor) {
-                let f = v
-                    .to_f32()
-                    .with_context(|| format!("{factor} is not a 32-bit float"))?;
+            if let Some(f) = self.arch_f32("rope.scaling.factor")? {
                 json["rope_scaling"]["factor"] = f64::from(f).into();
             }
         }
@@ -362,12 +372,10 @@ fn read_header(path: &Path) -> Result<(std::fs::File, Content)> {
 impl Gguf {
     pub fn open(path: &Path) -> Result<Self> {
         let (file, content) = read_header(path)?;
-        let arch = content
-            .metadata
-            .get("general.architecture")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_default();
+        let key = "general.architecture";
+        let arch = meta_string(content.metadata.get(key), key, path)?
+            .with_context(|| format!("{}: metadata {key} is missing", path.display()))?
+            .to_string();
         if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2") {
             bail!(
                 "{}: architecture {} is not supported (llama, mistral or qwen2)",
@@ -455,12 +463,10 @@ impl Gguf {
 
     /// The SentencePiece vocabulary of `tokenizer.ggml.*`.
     pub fn vocab(&self) -> Result<SpmVocab> {
+        let key = "tokenizer.ggml.model";
+        let model = meta_string(self.meta(key), key, &self.path)?
+            .with_context(|| format!("{}: metadata {key} is missing", self.path.display()))?;
         let path = self.path.display();
-        let model = self
-            .meta("tokenizer.ggml.model")
-            .and_then(|v| v.to_string().ok())
-            .map(String::as_str)
-            .unwrap_or("");
         if model != "llama" {
             bail!(
                 "{path}: tokenizer {} is not supported (SentencePiece \"llama\" and byte-level BPE \"gpt2\")",
@@ -670,7 +676,10 @@ impl Gguf {
                 self.path.display()
             );
         }
-        Ok((dtype, self.map.slice(start..end)))
+        let data = self.map.slice(start..end);
+        check_block_scales(dtype, &data)
+            .with_context(|| format!("tensor {name} in {}", self.path.display()))?;
+        Ok((dtype, data))
     }
 
     /// Tensor `hf` (a Hugging Face name) in its stored format, as a candle
@@ -978,9 +987,115 @@ pub fn write(path: &Path, header: &GgufHeader, tensors: Vec<(String, QTensor)>) 
         .with_context(|| format!("moving the finished file to {}", path.display()))
 }
 
+/// Checks that every block of `data` (ggml blocks of `dtype`) has finite
+/// f16 scales, as llama.cpp's `ggml_validate_row_data` does. A NaN or
+/// infinite scale is a corrupt file, and it would not show as one: the
+/// products' outputs turn NaN, and the next product's activation
+/// quantization (amax over NaN values) makes them zeros, so the model
+/// answers garbage as if nothing were wrong. Reading the scales touches
+/// every page of the matrix once, which the first token would do anyway.
+/// Formats whose layout is not listed here are not checked.
+pub fn check_block_scales(dtype: GgmlDType, data: &[u8]) -> Result<()> {
+    check_scales_in_parts(dtype, data, 1 << 14)
+}
+
+/// `check_block_scales` with parts of at least `min_blocks` blocks per thread.
+fn check_scales_in_parts(dtype: GgmlDType, data: &[u8], min_blocks: usize) -> Result<()> {
+    // Byte offsets of the f16 scales within a block (d, and dmin or m).
+    let offsets: &[usize] = match dtype {
+        GgmlDType::Q4_0 | GgmlDType::Q5_0 | GgmlDType::Q8_0 => &[0],
+        GgmlDType::Q4_1 | GgmlDType::Q5_1 | GgmlDType::Q4K | GgmlDType::Q5K => &[0, 2],
+        GgmlDType::Q2K => &[80, 82],
+        GgmlDType::Q3K => &[108],
+        GgmlDType::Q6K => &[208],
+        _ => return Ok(()),
+    };
+    let size = dtype.type_size();
+    // The first block (from `first`) with a non-finite scale, and its bits.
+    let scan = |first: usize, blocks: &[u8]| {
+        blocks
+            .chunks_exact(size)
+            .enumerate()
+            .find_map(|(b, block)| {
+                offsets.iter().find_map(|&at| {
+                    let h = u16::from_le_bytes([block[at], block[at + 1]]);
+                    (h & 0x7c00 == 0x7c00).then_some((first + b, h))
+                })
+            })
+    };
+    // A 7B's 4.4 GB of scales take 0.4 s on one thread: the load's only
+    // pass over the weights, so it runs on every core.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    let per = data.len().div_ceil(size).div_ceil(threads).max(min_blocks) * size;
+    let found = if data.len() <= per {
+        scan(0, data)
+    } else {
+        std::thread::scope(|s| {
+            let parts: Vec<_> = data
+                .chunks(per)
+                .enumerate()
+                .map(|(i, part)| s.spawn(move || scan(i * per / size, part)))
+                .collect();
+            // A scan cannot panic (its reads stay inside whole blocks);
+            // were one to, its panic goes on here.
+            parts
+                .into_iter()
+                .map(|p| p.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .find(Option::is_some)
+                .flatten()
+        })
+    };
+    match found {
+        None => Ok(()),
+        Some((b, h)) => {
+            let what = if h & 0x03ff == 0 { "infinite" } else { "NaN" };
+            anyhow::bail!("block {b} of its {dtype:?} data has a {what} scale (a corrupt file)")
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every format's scales are found where the format keeps them: a NaN
+    /// or infinite one is refused with its block, a finite one passes.
+    #[test]
+    fn a_non_finite_block_scale_is_found_in_every_format() {
+        let w = Tensor::randn(0f32, 1.0, (40, 512), &Device::Cpu).unwrap();
+        let formats = [
+            (GgmlDType::Q4_0, 0),
+            (GgmlDType::Q4_1, 2),
+            (GgmlDType::Q5_0, 0),
+            (GgmlDType::Q5_1, 2),
+            (GgmlDType::Q8_0, 0),
+            (GgmlDType::Q2K, 82),
+            (GgmlDType::Q3K, 108),
+            (GgmlDType::Q4K, 2),
+            (GgmlDType::Q5K, 0),
+            (GgmlDType::Q6K, 208),
+        ];
+        for (dtype, at) in formats {
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let data = q.data().unwrap().into_owned();
+            check_block_scales(dtype, &data).unwrap();
+            let b = data.len() / dtype.type_size() - 2;
+            // Parts of 3 blocks: the bad block is in a later thread's part.
+            let parts = |bad: &[u8]| check_scales_in_parts(dtype, bad, 3);
+            for (bits, what) in [(0x7e01u16, "NaN"), (0xfc00, "infinite")] {
+                let mut bad = data.clone();
+                let at = b * dtype.type_size() + at;
+                bad[at..at + 2].copy_from_slice(&bits.to_le_bytes());
+                let want =
+                    format!("block {b} of its {dtype:?} data has a {what} scale (a corrupt file)");
+                assert_eq!(
+                    check_block_scales(dtype, &bad).unwrap_err().to_string(),
+                    want
+                );
+                assert_eq!(parts(&bad).unwrap_err().to_string(), want);
+            }
+        }
+    }
 
     #[test]
     fn permutation_pairs_the_two_halves_of_each_head() {

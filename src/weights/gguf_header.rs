@@ -227,8 +227,14 @@ pub fn read(inner: impl Read, size: u64) -> Result<Content> {
             dims.push(r.u64("a tensor's dimensions")?);
         }
         let kind = r.u32("a tensor's type")?;
-        let dtype = ggml_type(kind)
-            .ok_or_else(|| anyhow::anyhow!("tensor {name} has an unknown type {kind}"))?;
+        let dtype = ggml_type(kind).ok_or_else(|| match kind {
+            // ggml's integer and f64 tensors: real types, never weights.
+            24..=28 => {
+                let named = ["I8", "I16", "I32", "I64", "F64"][kind as usize - 24];
+                anyhow::anyhow!("tensor {name} has type {kind} ({named}), not a weight type")
+            }
+            _ => anyhow::anyhow!("tensor {name} has an unknown type {kind}"),
+        })?;
         let offset = r.u64("a tensor's offset")?;
         let elements = dims
             .iter()
@@ -450,6 +456,10 @@ pub(crate) mod tests {
         );
         fails(&valid().tensor("c", &[1, 1, 1, 1, 1], 0, 64), "dimensions");
         fails(&valid().tensor("a", &[8], 0, 64), "appears twice");
+        fails(
+            &valid().tensor("c", &[8], 26, 64),
+            "tensor \"c\" has type 26 (I32), not a weight type",
+        );
         // Q4_0 rows must be whole blocks of 32 values.
         fails(&valid().tensor("c", &[16], 2, 64), "blocks");
         fails(&valid().tensor("c", &[8], 99, 64), "unknown type");
