@@ -185,7 +185,7 @@ pub struct BenchArgs {
     pub device: DeviceArgs,
     /// Measure a model of this shape built in memory instead of --model:
     /// mistral-7b, llama-7b, tiny, or a config.json path.
-    #[arg(long, value_name = "SHAPE")]
+    #[arg(long, value_name = "SHAPE", conflicts_with = "model")]
     pub synthetic: Option<String>,
     /// Prompt tokens to process.
     #[arg(short = 'p', long = "prompt-tokens", default_value_t = 512)]

@@ -110,6 +110,24 @@ fn each_line_json_answers_every_line_independently() {
     );
 }
 
+/// An empty --system means no system message (as chat's `/system` with no
+/// text), not an empty system turn that changes the answer.
+#[test]
+fn an_empty_system_message_is_none() {
+    let template = ["--template", "openchat"];
+    assert_eq!(
+        run(&[&template[..], &["--system", "", "Hello"]].concat(), None),
+        run(&[&template[..], &["Hello"]].concat(), None)
+    );
+    assert_ne!(
+        run(
+            &[&template[..], &["--system", "Be brief.", "Hello"]].concat(),
+            None
+        ),
+        run(&[&template[..], &["Hello"]].concat(), None)
+    );
+}
+
 /// Twenty lines answered four at a time (prompt chunks mixed with other
 /// lines' decode rows) print, in input order, what twenty runs print.
 #[test]
@@ -802,6 +820,18 @@ fn bench_refuses_sizes_no_run_could_hold_before_running() {
         "--gap-prompt 4294967295 is longer than the model's context",
     );
     assert!(gap.stdout.is_empty(), "nothing is measured first");
+    // --synthetic measures a built model: a --model beside it is refused,
+    // not ignored, and a shape file that is not there says so.
+    let both = starling(&["bench", "--synthetic", "tiny", "--model", "x.gguf"], None);
+    let stderr = String::from_utf8_lossy(&both.stderr);
+    assert!(
+        !both.status.success() && stderr.contains("cannot be used with"),
+        "{stderr}"
+    );
+    fails_with(
+        &starling(&["bench", "--synthetic", "/nonexistent/config.json"], None),
+        "synthetic shape /nonexistent/config.json: No such file",
+    );
     for bad in ["0", "-1", "nan", "inf", "1e30"] {
         let flag = format!("--bandwidth={bad}");
         let out = starling(&["bench", "--synthetic", "tiny", &flag], None);

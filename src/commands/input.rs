@@ -11,11 +11,30 @@ use std::path::Path;
 /// 0.5 MB of text), and a bound on what tokenizing can cost.
 pub const MAX_INPUT_BYTES: u64 = 8 << 20;
 
+/// An input over [`MAX_INPUT_BYTES`], told apart from a failed read (the
+/// line readers go on after the one, not after the other).
+#[derive(Debug)]
+struct TooLong(String);
+
+impl std::fmt::Display for TooLong {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} is longer than {} MiB, more than any model's context holds",
+            self.0,
+            MAX_INPUT_BYTES >> 20
+        )
+    }
+}
+
+impl std::error::Error for TooLong {}
+
 fn too_long(what: &str) -> anyhow::Error {
-    anyhow::anyhow!(
-        "{what} is longer than {} MiB, more than any model's context holds",
-        MAX_INPUT_BYTES >> 20
-    )
+    TooLong(what.to_string()).into()
+}
+
+fn is_too_long(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<TooLong>().is_some()
 }
 
 /// Reads one line (up to and including `\n`) into `buf`, at most
@@ -55,6 +74,55 @@ pub fn skip_line(reader: &mut impl BufRead) -> Result<bool> {
             }
         }
     }
+}
+
+/// `--each-line` (`run`, `score`): a thread hands over each non-blank stdin
+/// line as `parse` makes it, with its line number, as soon as it is
+/// complete, at most `ahead` lines ahead of the reader of the channel. A
+/// line that is not UTF-8 or over [`MAX_INPUT_BYTES`] comes as its error
+/// and reading goes on after it; a read that fails comes as its error and
+/// ends the lines.
+pub fn spawn_line_reader<T: Send + 'static>(
+    ahead: usize,
+    parse: impl Fn(&str) -> Result<T> + Send + 'static,
+) -> std::sync::mpsc::Receiver<(usize, Result<T>)> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(ahead);
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut bytes = Vec::new();
+        for n in 1.. {
+            bytes.clear();
+            let mut last = false;
+            let item = match read_line_bounded(&mut stdin, &mut bytes, "the line") {
+                Ok(0) => return,
+                Ok(_) => match std::str::from_utf8(&bytes) {
+                    Ok(line) if line.trim().is_empty() => continue,
+                    Ok(line) => parse(line.trim_end_matches(['\n', '\r'])),
+                    Err(e) => Err(anyhow::anyhow!(
+                        "not valid UTF-8 (invalid byte at column {})",
+                        e.valid_up_to() + 1
+                    )),
+                },
+                // Too long: that line is answered with the error, and
+                // reading goes on after it.
+                Err(e) if is_too_long(&e) => match skip_line(&mut stdin) {
+                    Ok(_) => Err(e),
+                    Err(read) => {
+                        last = true;
+                        Err(read)
+                    }
+                },
+                Err(read) => {
+                    last = true;
+                    Err(read)
+                }
+            };
+            if tx.send((n, item)).is_err() || last {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 /// All of stdin as UTF-8, or `None` when stdin is a terminal (nothing piped).
@@ -116,7 +184,10 @@ pub fn read_file(path: &Path) -> Result<Vec<u8>> {
 pub fn with_system(mut messages: Vec<Message>, system: Option<&str>) -> Vec<Message> {
     if let Some(system) = system {
         messages.retain(|m| m.role != "system");
-        messages.insert(0, Message::new("system", system));
+        // An empty one means none, as chat's `/system` with no text.
+        if !system.trim().is_empty() {
+            messages.insert(0, Message::new("system", system));
+        }
     }
     messages
 }

@@ -73,7 +73,7 @@ pub fn run(args: &QuantizeArgs) -> Result<()> {
     let mut tensors = Vec::with_capacity(shapes.len());
     // Matrices whose rows are not whole blocks of the asked type, and the
     // type they fell back to (as llama-quantize falls back).
-    let mut fallbacks: Vec<(String, usize, GgmlDType)> = Vec::new();
+    let mut fallbacks: Vec<(String, usize, GgmlDType, GgmlDType)> = Vec::new();
     for (hf, shape) in &shapes {
         if hf == "lm_head.weight" && !weights.contains(hf) && config.tie_word_embeddings {
             continue;
@@ -92,7 +92,7 @@ pub fn run(args: &QuantizeArgs) -> Result<()> {
             let q = linear::quantize(&dense, target, &Device::Cpu)
                 .with_context(|| format!("quantizing {hf}"))?;
             if q.dtype() != target {
-                fallbacks.push((hf.clone(), shape[shape.len() - 1], q.dtype()));
+                fallbacks.push((hf.clone(), shape[shape.len() - 1], target, q.dtype()));
             }
             std::sync::Arc::try_unwrap(q).expect("a fresh tensor has one owner")
         };
@@ -100,13 +100,20 @@ pub fn run(args: &QuantizeArgs) -> Result<()> {
         bar.inc(1);
     }
     bar.finish_and_clear();
-    if let Some((first, cols, used)) = fallbacks.first() {
+    // One note per type asked for (`lm_head` asks for its own).
+    let mut targets: Vec<GgmlDType> = Vec::new();
+    for f in &fallbacks {
+        if !targets.contains(&f.2) {
+            targets.push(f.2);
+        }
+    }
+    for target in targets {
+        let fell: Vec<_> = fallbacks.iter().filter(|f| f.2 == target).collect();
+        let (first, cols, _, used) = fell[0];
         eprintln!(
-            "note: {} of the matrices are not {:?} but {used:?} (or wider): their rows of {cols} values are not whole {:?} blocks of {} ({first} is one)",
-            fallbacks.len(),
-            args.qtype,
-            args.qtype,
-            args.qtype.block_size()
+            "note: {} of the matrices are not {target:?} but {used:?} (or wider): their rows of {cols} values are not whole {target:?} blocks of {} ({first} is one)",
+            fell.len(),
+            target.block_size()
         );
     }
     let bytes: usize = tensors.iter().map(|(_, q)| q.storage_size_in_bytes()).sum();

@@ -15,7 +15,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         if args.each_line {
             bail!("--best-of answers one prompt; it does not combine with --each-line");
         }
-        let (_, conversation) = conversations(args)?.pop().expect("one conversation");
+        let conversation = conversation(args)?;
         return super::best_of::run(args, n, conversation);
     }
     // Bad input fails before the model loads: everything but `--each-line`'s
@@ -25,9 +25,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         each_line_source(args)?
     } else {
         let (tx, rx) = mpsc::channel();
-        for (line, messages) in conversations(args)? {
-            let _ = tx.send((line, Ok(messages)));
-        }
+        let _ = tx.send((0, Ok(conversation(args)?)));
         rx
     };
     let started = super::start_engine(&args.model, &args.device, &args.engine, 4)?;
@@ -50,6 +48,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
     // Lines read ahead of the answers: enough to keep every slot busy,
     // bounded so a fast producer never fills the memory.
     let read_ahead = 8 * engine.parallel();
+    // Whether the front answer's text has begun on stdout.
+    let mut streamed = false;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     loop {
@@ -64,10 +64,11 @@ pub fn run(args: &RunArgs) -> Result<()> {
                     Err(TryRecvError::Disconnected) => None,
                 }
             };
-            let Some((line, messages)) = next else {
+            let Some((n, messages)) = next else {
                 open = false;
                 break;
             };
+            let line = args.each_line.then_some(n);
             total += 1;
             let submitted = messages.and_then(|messages| {
                 let prompt = started.template.encode(tokenizer, &messages)?;
@@ -105,6 +106,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
                         if !args.json {
                             out.write_all(piece.as_bytes())?;
                             out.flush()?;
+                            streamed = true;
                         }
                         continue;
                     }
@@ -119,6 +121,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             }
         };
         let (_, front) = pending.pop_front().expect("the front entry");
+        let began = std::mem::take(&mut streamed);
         let answered = match (answered, front) {
             (Some(answer), _) => answer,
             (None, Err(e)) => Err(e),
@@ -153,6 +156,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
                     let object = serde_json::json!({ "line": n, "error": { "message": message } });
                     writeln!(out, "{object}")?;
                 } else {
+                    if began {
+                        // Its text so far ends its line, as an answer's does.
+                        writeln!(out)?;
+                    }
                     eprintln!("error: {message}");
                 }
             }
@@ -171,9 +178,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
 /// A prompt the engine took: its conversation and the answer's handle.
 type Accepted = (Vec<Message>, Handle);
 
-/// A prompt to answer: the stdin line it came from (`--each-line`) and the
-/// conversation, or the error that line is answered with.
-type Prompt = (Option<usize>, Result<Vec<Message>>);
+/// A prompt to answer: the stdin line it came from (`--each-line`; 0 for
+/// the one prompt of a plain run) and the conversation, or the error that
+/// line is answered with.
+type Prompt = (usize, Result<Vec<Message>>);
 
 /// `--each-line`: a thread reads stdin line by line and hands each
 /// non-blank line over as its own conversation as soon as it is complete.
@@ -191,50 +199,14 @@ fn each_line_source(args: &RunArgs) -> Result<mpsc::Receiver<Prompt>> {
         .map(|p| format!("{p}\n\n"))
         .unwrap_or_default();
     let system = args.answer.system.clone();
-    let (tx, rx) = mpsc::sync_channel(16);
-    std::thread::spawn(move || {
-        let mut stdin = std::io::stdin().lock();
-        let mut bytes = Vec::new();
-        for n in 1.. {
-            bytes.clear();
-            let mut last = false;
-            let prompt = match input::read_line_bounded(&mut stdin, &mut bytes, "the line") {
-                Ok(0) => return,
-                Ok(_) => match std::str::from_utf8(&bytes) {
-                    Ok(line) => {
-                        let line = line.trim_end_matches(['\n', '\r']);
-                        if line.trim().is_empty() {
-                            continue;
-                        }
-                        let user = Message::new("user", format!("{prefix}{line}"));
-                        Ok(input::with_system(vec![user], system.as_deref()))
-                    }
-                    Err(e) => Err(anyhow::anyhow!(
-                        "not valid UTF-8 (invalid byte at column {})",
-                        e.valid_up_to() + 1
-                    )),
-                },
-                // Too long: that line is answered with the error, and
-                // reading goes on after it; a read that fails ends it.
-                Err(e) => match input::skip_line(&mut stdin) {
-                    Ok(_) => Err(e),
-                    Err(read) => {
-                        last = true;
-                        Err(read)
-                    }
-                },
-            };
-            if tx.send((Some(n), prompt)).is_err() || last {
-                return;
-            }
-        }
-    });
-    Ok(rx)
+    Ok(input::spawn_line_reader(16, move |line| {
+        let user = Message::new("user", format!("{prefix}{line}"));
+        Ok(input::with_system(vec![user], system.as_deref()))
+    }))
 }
 
-/// The one conversation to answer, from the argument, stdin or a file
-/// (the line is `None`: it is not `--each-line`'s).
-fn conversations(args: &RunArgs) -> Result<Vec<(Option<usize>, Vec<Message>)>> {
+/// The one conversation to answer, from the argument, stdin or a file.
+fn conversation(args: &RunArgs) -> Result<Vec<Message>> {
     let system = args.answer.system.as_deref();
     if let Some(path) = &args.messages {
         if args.prompt.is_some() {
@@ -245,7 +217,7 @@ fn conversations(args: &RunArgs) -> Result<Vec<(Option<usize>, Vec<Message>)>> {
             Some(m) if m.role == "user" => {}
             _ => bail!("{}: the last message must be from the user", path.display()),
         }
-        return Ok(vec![(None, messages)]);
+        return Ok(messages);
     }
     let single = |user: String| input::with_system(vec![Message::new("user", user)], system);
     let stdin = input::piped_stdin()?;
@@ -261,5 +233,5 @@ fn conversations(args: &RunArgs) -> Result<Vec<(Option<usize>, Vec<Message>)>> {
     if prompt.trim().is_empty() {
         bail!("the prompt is empty");
     }
-    Ok(vec![(None, single(prompt))])
+    Ok(single(prompt))
 }

@@ -258,7 +258,9 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
         // weights) and answered in input order, each as soon as it and
         // those before it are done; a bad line answers with an error in
         // its place.
-        let lines = spawn_line_reader();
+        let lines = input::spawn_line_reader(256, |line| {
+            Item::parse(line).and_then(|item| item.check().map(|()| item))
+        });
         let mut pending: VecDeque<(usize, Result<Queued>)> = VecDeque::new();
         let (mut open, mut failed, mut total) = (true, 0, 0);
         // Conversations queued at most: enough to fill every slot several
@@ -377,44 +379,6 @@ fn fitting_parallel(rm: &RewardModel, asked: Option<usize>) -> Result<usize> {
         );
     }
     Ok(fit.min(DEFAULT))
-}
-
-/// `--each-line`: a thread hands over each non-blank stdin line, parsed and
-/// checked, with its line number, as soon as it is complete (a bounded
-/// read-ahead). A line that cannot be read ends the intake with its error.
-fn spawn_line_reader() -> mpsc::Receiver<(usize, Result<Item>)> {
-    let (tx, rx) = mpsc::sync_channel(256);
-    std::thread::spawn(move || {
-        let mut stdin = std::io::stdin().lock();
-        let mut bytes = Vec::new();
-        for n in 1.. {
-            bytes.clear();
-            let item = match input::read_line_bounded(&mut stdin, &mut bytes, "the line") {
-                Ok(0) => return,
-                Ok(_) => match std::str::from_utf8(&bytes) {
-                    Ok(line) if line.trim().is_empty() => continue,
-                    Ok(line) => Item::parse(line).and_then(|item| item.check().map(|()| item)),
-                    Err(e) => Err(anyhow::anyhow!(
-                        "not valid UTF-8 (invalid byte at column {})",
-                        e.valid_up_to() + 1
-                    )),
-                },
-                // Too long: that line is answered with the error, and
-                // reading goes on after it.
-                Err(e) => match input::skip_line(&mut stdin) {
-                    Ok(_) => Err(e),
-                    Err(read) => {
-                        let _ = tx.send((n, Err(read)));
-                        return;
-                    }
-                },
-            };
-            if tx.send((n, item)).is_err() {
-                return;
-            }
-        }
-    });
-    rx
 }
 
 /// The reward model `args` names, its tokenizer, and its template,

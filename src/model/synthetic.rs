@@ -155,6 +155,14 @@ pub fn shape(name: &str) -> Result<Config> {
         path if std::path::Path::new(path).is_file() => {
             return Config::from_file(std::path::Path::new(path));
         }
+        // Meant as a file: say what is wrong with it, not "unknown shape".
+        path if path.ends_with(".json") || path.contains('/') => {
+            let p = std::path::Path::new(path);
+            match std::fs::metadata(p) {
+                Ok(_) => anyhow::bail!("synthetic shape {path}: not a config.json file"),
+                Err(e) => anyhow::bail!("synthetic shape {path}: {e}"),
+            }
+        }
         other => anyhow::bail!(
             "unknown synthetic shape {other:?} (mistral-7b, llama-7b, tiny, or a config.json path)"
         ),
