@@ -458,6 +458,38 @@ fn missing_directory_and_files() {
     fails_with(&run_on(&no_tok, None), "no tokenizer");
 }
 
+/// A `.gguf` path is a file the user means: missing, it says so (a relative
+/// one with a slash was tried as a hub repo `owner/name`), and a FIFO is
+/// not mapped; a GGUF file is one by its bytes whatever its name.
+#[test]
+fn gguf_paths_are_files_whatever_their_shape() {
+    let dir = common::scratch("gguf-paths");
+    fails_with(
+        &run_on("no-such-dir/missing.gguf", None),
+        "model file no-such-dir/missing.gguf does not exist",
+    );
+    let fifo = dir.join("fifo.gguf");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    fails_with(
+        &run_on(fifo.to_str().unwrap(), None),
+        "is not a regular file",
+    );
+    let gguf = dir.join("tiny.gguf").display().to_string();
+    let model = model_arg();
+    ok(&starling(
+        &["quantize", &model, &gguf, "--type", "f32"],
+        None,
+    ));
+    let bare = dir.join("tiny-without-suffix");
+    std::fs::copy(&gguf, &bare).unwrap();
+    let bare = bare.display().to_string();
+    assert_eq!(run_on_model(&bare, &["Hello"], None), run(&["Hello"], None));
+}
+
 #[test]
 fn malformed_config_and_tokenizer() {
     let bad_json = broken_model("bad-json", |d| {

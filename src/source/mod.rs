@@ -47,7 +47,10 @@ impl ModelSpec {
                 gguf,
             }));
         }
-        let looks_like_path = spec.starts_with(['/', '.', '~']) || spec.contains('\\');
+        // A name ending in .gguf is a file the user means, never a repo.
+        let looks_like_path = spec.starts_with(['/', '.', '~'])
+            || spec.contains('\\')
+            || crate::weights::gguf::is_gguf(path);
         let parts: Vec<&str> = name.split('/').collect();
         let repo_like = parts.len() == 2
             && parts.iter().all(|p| {
@@ -256,11 +259,22 @@ fn is_reward_config(path: &Path) -> bool {
 
 /// `local_dir`, where `Parts::NoTokenizer` accepts a directory without one.
 pub fn local_dir_with(dir: &Path, parts: hub::Parts) -> Result<ModelFiles> {
+    let gguf_name = crate::weights::gguf::is_gguf(dir);
     if !dir.exists() {
-        bail!("model directory {} does not exist", dir.display());
+        match gguf_name {
+            true => bail!("model file {} does not exist", dir.display()),
+            false => bail!("model directory {} does not exist", dir.display()),
+        }
     }
-    if dir.is_file() && crate::weights::gguf::is_gguf(dir) {
+    // A GGUF by its name, or by its first bytes whatever its name.
+    if dir.is_file() && (gguf_name || crate::weights::gguf::has_magic(dir)) {
         return Ok(gguf_file(dir));
+    }
+    if gguf_name && !dir.is_dir() {
+        bail!(
+            "{} is not a regular file (a FIFO or a device?): a model must be a file that can be mapped",
+            dir.display()
+        );
     }
     if !dir.is_dir() {
         bail!(

@@ -148,6 +148,17 @@ pub fn is_gguf(path: &Path) -> bool {
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
+/// Whether the regular file at `path` starts with GGUF's magic bytes.
+pub fn has_magic(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    path.is_file()
+        && std::fs::File::open(path)
+            .and_then(|mut f| f.read_exact(&mut magic))
+            .is_ok()
+        && &magic == b"GGUF"
+}
+
 /// A string from the metadata: `None` when absent, an error naming the file
 /// when it holds another type (never read as "").
 fn meta_string<'a>(value: Option<&'a Value>, key: &str, path: &Path) -> Result<Option<&'a str>> {

@@ -146,7 +146,7 @@ impl Weights {
         }
         let mut maps = Vec::new();
         let store = if let [one] = files
-            && gguf::is_gguf(one)
+            && (gguf::is_gguf(one) || gguf::has_magic(one))
         {
             let gguf = gguf::Gguf::open(one)?;
             maps.push(gguf.followed());
