@@ -187,7 +187,8 @@ pub struct BenchArgs {
     /// mistral-7b, llama-7b, tiny, or a config.json path.
     #[arg(long, value_name = "SHAPE", conflicts_with = "model")]
     pub synthetic: Option<String>,
-    /// Prompt tokens to process.
+    /// Prompt tokens to process (0: no prompt test, generation from an
+    /// empty cache, as llama-bench's -p 0).
     #[arg(short = 'p', long = "prompt-tokens", default_value_t = 512)]
     pub prompt_tokens: usize,
     /// Tokens to generate after the prompt.

@@ -835,6 +835,18 @@ fn bench_refuses_sizes_no_run_could_hold_before_running() {
         ];
         starling(&[&args[..], extra].concat(), None)
     };
+    // -p 0 is no prompt test (llama-bench's meaning), except where a
+    // stream needs a prompt.
+    let tg_only = ok(&bench(&["-p", "0", "-n", "4"]));
+    assert!(
+        tg_only.contains("| tg4 |") && !tg_only.contains("| pp"),
+        "{tg_only}"
+    );
+    fails_with(&bench(&["-p", "0", "-n", "0"]), "nothing to measure");
+    fails_with(
+        &bench(&["-p", "0", "--parallel", "1"]),
+        "--parallel and --gap-prompt need a prompt",
+    );
     let huge = u64::MAX.to_string();
     fails_with(&bench(&["-p", &huge, "-n", "1"]), "is past any context");
     let gap = bench(&[

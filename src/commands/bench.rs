@@ -17,8 +17,18 @@ use std::sync::Arc;
 use std::time::Instant;
 
 pub fn run(args: &BenchArgs) -> Result<()> {
-    if args.prompt_tokens == 0 || args.repetitions == 0 {
-        bail!("-p and -r must be at least 1");
+    if args.repetitions == 0 {
+        bail!("-r must be at least 1");
+    }
+    // -p 0 skips the prompt test, as llama-bench's does; the streams of
+    // --parallel and --gap-prompt each need a prompt.
+    if args.prompt_tokens == 0 {
+        if !args.parallel.is_empty() || args.gap_prompt.is_some() {
+            bail!("--parallel and --gap-prompt need a prompt: -p must be at least 1");
+        }
+        if args.gen_tokens == 0 {
+            bail!("nothing to measure: -p and -n are both 0");
+        }
     }
     // Checked before anything is loaded or allocated: a sum that wraps
     // would pass the context check below and size a prompt by it.
@@ -108,16 +118,20 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 
     // One short warm-up outside the measurements (thread pools, first allocations).
     let mut cache = model.new_cache();
-    model.forward(&prompt[..p.min(8)], &mut cache, Logits::Last)?;
+    if p > 0 {
+        model.forward(&prompt[..p.min(8)], &mut cache, Logits::Last)?;
+    }
     model.forward_token(1, &mut cache)?;
 
     let (mut pp, mut tg) = (Vec::new(), Vec::new());
     for _ in 0..args.repetitions {
         let mut cache = model.new_cache();
-        let t = Instant::now();
-        model.forward(&prompt, &mut cache, Logits::Last)?;
-        device.synchronize()?;
-        pp.push(p as f64 / t.elapsed().as_secs_f64());
+        if p > 0 {
+            let t = Instant::now();
+            model.forward(&prompt, &mut cache, Logits::Last)?;
+            device.synchronize()?;
+            pp.push(p as f64 / t.elapsed().as_secs_f64());
+        }
         if n > 0 {
             let t = Instant::now();
             for i in 0..n {
