@@ -34,14 +34,16 @@ pub struct CacheView<'a> {
 }
 
 /// `softmax(q·kᵀ · scale) · v` for one query per head: `q` is
-/// `[heads, head_dim]` (after rope), the result `[heads, head_dim]`, in f32.
+/// `[heads, head_dim]` (after rope), the result goes into `out`
+/// (`[heads, head_dim]`, overwritten; a prompt's rows write theirs side by
+/// side, without a vector each), in f32.
 ///
 /// Work is split by kv head: the query heads sharing one read each key and
 /// value row once. Every output is summed in position order whatever the
 /// thread count, so a sequence's result does not depend on the batch.
 ///
 /// Panics when the slices are shorter than the shapes say (the caller
-/// builds both from one cache).
+/// builds both from one cache), or `out` is not `heads × head_dim` long.
 pub fn decode(
     q: &[f32],
     view: CacheView<'_>,
@@ -49,15 +51,21 @@ pub fn decode(
     kv_heads: usize,
     head_dim: usize,
     scale: f32,
-) -> Vec<f32> {
+    out: &mut [f32],
+) {
+    assert_eq!(
+        out.len(),
+        heads * head_dim,
+        "one output per head and dimension"
+    );
+    out.fill(0.0);
     let n = view.end - view.start;
     let rep = heads / kv_heads;
-    let mut out = vec![0f32; heads * head_dim];
     thread_local! {
         /// One group's scores, kept between calls (no allocation per layer).
         static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    pool::for_each_chunk_mut(&mut out, rep * head_dim, |g, out| {
+    pool::for_each_chunk_mut(out, rep * head_dim, |g, out| {
         SCORES.with_borrow_mut(|scores| {
             scores.clear();
             scores.resize(rep * n, 0.0);
@@ -102,7 +110,6 @@ pub fn decode(
             }
         })
     });
-    out
 }
 
 fn simd() -> bool {
@@ -288,7 +295,9 @@ mod tests {
                         start,
                         end,
                     };
-                    decode(&q, view, heads, kv_heads, hd, scale)
+                    let mut out = vec![0f32; heads * hd];
+                    decode(&q, view, heads, kv_heads, hd, scale, &mut out);
+                    out
                 };
                 let check = |kind: &str, got: Vec<f32>, want: Vec<f64>| {
                     let worst = got
@@ -335,7 +344,11 @@ mod tests {
                 .num_threads(threads)
                 .build()
                 .unwrap()
-                .install(|| decode(&q, view, heads, kv_heads, hd, 0.125))
+                .install(|| {
+                    let mut out = vec![0f32; heads * hd];
+                    decode(&q, view, heads, kv_heads, hd, 0.125, &mut out);
+                    out
+                })
         };
         assert_eq!(run(1), run(3));
     }

@@ -795,8 +795,13 @@ impl Model {
                     .to_vec1::<f32>()?
             };
             let first = s.kv_end - seq;
-            let mut out = Vec::with_capacity(seq * heads * hd);
-            for (j, q) in rows.chunks_exact(heads * hd).enumerate() {
+            let mut out = vec![0f32; seq * heads * hd];
+            let mut done = 0;
+            for (j, (q, o)) in rows
+                .chunks_exact(heads * hd)
+                .zip(out.chunks_exact_mut(heads * hd))
+                .enumerate()
+            {
                 // Row j is position first + j: it sees keys (p - W, p].
                 let (start, end) = if s.write {
                     (self.first_key(first + j), first + j + 1)
@@ -804,14 +809,14 @@ impl Model {
                     (s.kv_start, s.kv_end)
                 };
                 let row = cache.with_view(layer, start, end, |view| {
-                    crate::kernels::attention::decode(q, view, heads, kvh, hd, scale as f32)
+                    crate::kernels::attention::decode(q, view, heads, kvh, hd, scale as f32, o)
                 });
-                match row {
-                    Some(row) => out.extend_from_slice(&row),
-                    None => break,
+                if row.is_none() {
+                    break;
                 }
+                done += 1;
             }
-            if out.len() == seq * heads * hd {
+            if done == seq {
                 return Ok(Tensor::from_vec(out, (seq, heads * hd), &self.device)?);
             }
         }
