@@ -209,6 +209,7 @@ unsafe fn pack_avx512<const Q5: bool>(
         let qs_at = if Q5 { 48 } else { 16 };
         for b in 0..blocks {
             let at = b * block_bytes::<Q5>();
+            prefetch_rows(rows, row_bytes, at, block_bytes::<Q5>());
             let p = out.add(b * LINES);
             // Q5_K: dword g of `qh` holds the fifth bits of values
             // l = 4g..4g+4 of every sub-block (bit s for sub-block s).
@@ -301,6 +302,32 @@ pub(super) fn by_groups<X>(
     for x in groups.remainder() {
         one(std::slice::from_ref(x), &mut out[t * stride..]);
         t += 1;
+    }
+}
+
+/// Bytes ahead of the block being packed that `prefetch_rows` asks for:
+/// a block or two (measured on the 7B Q4_K_M, pp4/pp128 tok/s: 1024 bytes
+/// 9.5/51, 512 11.2/51, 256 12.7/53, 128 12.5/53).
+const PACK_AHEAD: usize = 256;
+
+/// Prefetches, in each of the sixteen rows `row_bytes` apart from `rows`,
+/// the `bytes` from `PACK_AHEAD` past byte `at`. The packs' gathers read one
+/// dword from each of sixteen rows far apart, which the hardware prefetcher
+/// does not follow, so every gather waited on sixteen misses: 90% of the
+/// Q4_K pack's samples sat on them, and a 4-token prompt on the 7B Q4_K_M
+/// spent 73% of its time packing. With this, pp4 went from 6.9 to 12.7
+/// tok/s and pp128 from 49.7 to 53 (Q8_0: 5.6 to 10.6, 44.8 to 49.5).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) fn prefetch_rows(rows: &[u8], row_bytes: usize, at: usize, bytes: usize) {
+    use std::arch::x86_64::*;
+    let base = rows.as_ptr().wrapping_add(at + PACK_AHEAD);
+    for r in 0..ROWS {
+        let row = base.wrapping_add(r * row_bytes);
+        for line in (0..bytes).step_by(64) {
+            // SAFETY: a prefetch never faults, wherever it points.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(line).cast()) };
+        }
     }
 }
 

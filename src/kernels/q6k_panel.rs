@@ -157,6 +157,7 @@ unsafe fn pack_avx512(rows: &[u8], row_bytes: usize, blocks: usize, lines: &mut 
         let out = lines.as_mut_ptr();
         for b in 0..blocks {
             let at = b * BLOCK_BYTES;
+            super::q4k_panel::prefetch_rows(rows, row_bytes, at, BLOCK_BYTES);
             let p = out.add(b * LINES);
             // Value 128n + 32k + l (l < 32): the low (k < 2) or high nibble
             // of ql[64n + 32(k mod 2) + l], and bits 2k, 2k+1 of qh[32n + l]

@@ -238,6 +238,10 @@ unsafe fn pack_avx512<const Q4: bool>(
         let out = lines.as_mut_ptr();
         for b in 0..blocks {
             let at = b * block_bytes::<Q4>();
+            // A 64-byte line holds two blocks or more: one prefetch a line.
+            if at % 64 < block_bytes::<Q4>() {
+                super::q4k_panel::prefetch_rows(rows, row_bytes, at, 1);
+            }
             let p = out.add(b * LINES);
             for g in 0..8 {
                 let w = if Q4 {
