@@ -48,7 +48,7 @@ pub(super) const CHUNK_ORDER: [usize; 8] = [0, 2, 1, 3, 4, 6, 5, 7];
 /// Quantizes `x` (a multiple of 256 values) into `out`.
 pub fn quantize_q8k(x: &[f32], out: &mut [Q8K]) {
     for (block, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
-        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let amax = super::abs_max(xs);
         if amax == 0.0 {
             *block = Q8K::zeros();
             continue;

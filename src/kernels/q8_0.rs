@@ -48,7 +48,7 @@ impl Q8Pair {
 pub fn quantize(x: &[f32], out: &mut [Q8Pair]) {
     for (pair, xs) in out.iter_mut().zip(x.chunks_exact(PAIR)) {
         for (half, chunk) in xs.chunks_exact(32).enumerate() {
-            let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let amax = super::abs_max(chunk);
             let d = amax / 127.0;
             let id = if d > 0.0 { 1.0 / d } else { 0.0 };
             let range = 32 * half..32 * (half + 1);

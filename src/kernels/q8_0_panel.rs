@@ -41,7 +41,7 @@ impl Q8Sum {
 /// Quantizes `x` (a multiple of 32 values) into `out`.
 pub fn quantize(x: &[f32], out: &mut [Q8Sum]) {
     for (block, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
-        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let amax = super::abs_max(xs);
         let d = amax / 127.0;
         let id = if d > 0.0 { 1.0 / d } else { 0.0 };
         for (q, v) in block.qs.iter_mut().zip(xs) {

@@ -906,6 +906,34 @@ mod tests {
     /// `Linear::forward_split` keeps a batch's decode rows out of the
     /// panels by it, so a format whose arm is wrong would let a sequence's
     /// answer depend on what else shares the step.
+    /// A NaN activation makes its row's outputs NaN through every kernel of
+    /// this crate, and leaves the other rows finite: the activation
+    /// quantizers once made it a block of zeros with a finite scale, so a
+    /// NaN from a corrupt weight or an overflow vanished into garbage.
+    #[test]
+    fn a_nan_activation_makes_its_row_nan_in_every_format() {
+        if !super::super::q4k::have_vnni() {
+            eprintln!("no VNNI: candle's kernels and quantizers run here");
+            return;
+        }
+        let dev = Device::Cpu;
+        let values = |n: usize, seed: u64| super::super::test_values(n, seed);
+        let w = Tensor::from_vec(values(131 * 512, 3), (131, 512), &dev).unwrap();
+        let mut xs = values(3 * 512, 4);
+        xs[512 + 100] = f32::NAN;
+        let x = Tensor::from_vec(xs, (3, 512), &dev).unwrap();
+        for dtype in FORMATS {
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let matrix = QuantMatrix::from_qtensor(&q).unwrap().unwrap();
+            for class in [RowClass::Rows, RowClass::Prompt] {
+                let out: Vec<Vec<f32>> = matrix.forward_as(&x, class).unwrap().to_vec2().unwrap();
+                assert!(out[1].iter().all(|v| v.is_nan()), "{dtype:?} {class:?}");
+                let others = out[0].iter().chain(&out[2]);
+                assert!(others.clone().all(|v| v.is_finite()), "{dtype:?} {class:?}");
+            }
+        }
+    }
+
     #[test]
     fn has_prompt_kernel_says_when_prompt_rows_take_other_kernels() {
         let dev = Device::Cpu;
