@@ -8,9 +8,16 @@
 //! unused.
 //!
 //! Run: `cargo bench --bench kernels [-- FORMAT...]` (e.g. `-- Q4K BF16`).
+//!
+//! With `-- --rows M [FORMAT...]`: the compute side of a batch instead. M
+//! activation rows (a decode step of M sequences, or a prompt chunk) over
+//! in-cache weights, through the row kernels (decode) and the prompt
+//! kernels (prefill), in rows × GB of weights per second: how fast a
+//! kernel turns weights into outputs once memory is not the limit.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
+use starling::kernels::RowClass;
 use starling::model::linear::Linear;
 use std::time::Instant;
 
@@ -29,26 +36,81 @@ fn matrices(format: GgmlDType, rows: usize, count: usize) -> anyhow::Result<Vec<
         .collect()
 }
 
-/// GB of weights per second multiplying `x` by every matrix in turn.
+/// GB of weights per second multiplying `x` by every matrix in turn, as
+/// generation does (the row kernels).
 fn rate(ms: &[Linear], x: &Tensor, passes: usize) -> f64 {
+    rate_as(ms, x, passes, RowClass::Rows)
+}
+
+/// `rate` through the kernels of `class`.
+fn rate_as(ms: &[Linear], x: &Tensor, passes: usize, class: RowClass) -> f64 {
     let bytes: usize = ms.iter().map(|m| m.bytes()).sum();
     let mut best = f64::MAX;
     for _ in 0..passes {
         let t = Instant::now();
         for m in ms {
-            std::hint::black_box(m.forward(x).unwrap());
+            std::hint::black_box(m.forward_as(x, class).unwrap());
         }
         best = best.min(t.elapsed().as_secs_f64());
     }
     bytes as f64 / best / 1e9
 }
 
+/// `--rows M`: rows × GB/s of in-cache weights through the row kernels
+/// and the prompt kernels, on 2 threads.
+fn batch_rates(m: usize, only: &[String]) -> anyhow::Result<()> {
+    let x = Tensor::randn(0f32, 1.0, (m, 4096), &Device::Cpu)?;
+    println!("{m} activation rows, 2 threads, in-cache weights (rows x GB/s):");
+    for format in FORMATS {
+        if !only.is_empty() && !only.contains(&format!("{format:?}").to_uppercase()) {
+            continue;
+        }
+        // 4096 x 4096: a 7B's attention matrix, in the L3 cache (9.4 MB
+        // at Q4_K), large enough that a product's fixed costs are small.
+        let cached = matrices(format, 4096, 1)?;
+        let passes = (100 / m).max(5);
+        let rows = m as f64 * rate_as(&cached, &x, passes, RowClass::Rows);
+        let prompt = m as f64 * rate_as(&cached, &x, passes, RowClass::Prompt);
+        let per = cached[0].bytes();
+        let streamed = matrices(format, 4096, (600 << 20) / (per * 8) + 1)?;
+        let s_rows = m as f64 * rate_as(&streamed, &x, 3, RowClass::Rows);
+        let s_prompt = m as f64 * rate_as(&streamed, &x, 3, RowClass::Prompt);
+        println!(
+            "  {format:?}: row kernels {rows:.1} in cache, {s_rows:.1} streamed; prompt kernels {prompt:.1} in cache, {s_prompt:.1} streamed"
+        );
+    }
+    Ok(())
+}
+
+const FORMATS: [GgmlDType; 6] = [
+    GgmlDType::Q4K,
+    GgmlDType::Q6K,
+    GgmlDType::Q5K,
+    GgmlDType::Q8_0,
+    GgmlDType::Q4_0,
+    GgmlDType::BF16,
+];
+
 fn main() -> anyhow::Result<()> {
-    let only: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rows = args
+        .iter()
+        .position(|a| a == "--rows")
+        .map(|i| -> anyhow::Result<usize> {
+            let m = args.get(i + 1).map(|v| v.parse()).transpose()?;
+            m.filter(|&m| m > 0)
+                .ok_or_else(|| anyhow::anyhow!("--rows needs a count of at least 1"))
+        })
+        .transpose()?;
+    let only: Vec<String> = args
+        .iter()
+        .filter(|a| !a.starts_with('-') && a.parse::<usize>().is_err())
         .map(|a| a.to_uppercase())
         .collect();
+    if let Some(m) = rows {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build()?;
+        return pool.install(|| batch_rates(m, &only));
+    }
     let x = Tensor::randn(0f32, 1.0, (1, 4096), &Device::Cpu)?;
     for threads in [1, 2] {
         let pool = rayon::ThreadPoolBuilder::new()
@@ -57,14 +119,7 @@ fn main() -> anyhow::Result<()> {
         pool.install(|| -> anyhow::Result<()> {
             let read = starling::commands::bench::read_bandwidth_gbps();
             println!("{threads} thread(s): plain read {read:.1} GB/s");
-            for format in [
-                GgmlDType::Q4K,
-                GgmlDType::Q6K,
-                GgmlDType::Q5K,
-                GgmlDType::Q8_0,
-                GgmlDType::Q4_0,
-                GgmlDType::BF16,
-            ] {
+            for format in FORMATS {
                 if !only.is_empty() && !only.contains(&format!("{format:?}").to_uppercase()) {
                     continue;
                 }
