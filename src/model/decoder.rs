@@ -739,7 +739,9 @@ impl Model {
 
     /// Attention for every chunk of the batch: the projections run once
     /// over all rows (`short_rows` of them first, through the row
-    /// kernels); rope, the cache and the scores per chunk, in row order.
+    /// kernels); rope, the cache and the scores per chunk, in row order,
+    /// except that with `decode_rope` (candle's path, see `decode_rope`)
+    /// the decode rows are roped in one call.
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -768,16 +770,12 @@ impl Model {
             // one launch each for all of them, instead of one per sequence
             // (a 7B at 32 sequences on an H200 spent its steps launching
             // kernels); each row then attends over its own cache.
-            let (n, hd) = (short_rows, self.head_dim);
+            let (n, hd) = (cos.dim(0)?, self.head_dim);
             let heads = |t: &Tensor, h: usize| -> Result<Tensor> {
                 Ok(t.narrow(0, 0, n)?.reshape((n, h, 1, hd))?)
             };
-            let rope = match self.rope_layout {
-                RopeLayout::Halves => candle_nn::rotary_emb::rope,
-                RopeLayout::AdjacentPairs => candle_nn::rotary_emb::rope_i,
-            };
-            let q = rope(&heads(&q_all, self.heads)?, cos, sin)?;
-            let k = rope(&heads(&k_all, self.kv_heads)?, cos, sin)?;
+            let q = self.rope(&heads(&q_all, self.heads)?, cos, sin)?;
+            let k = self.rope(&heads(&k_all, self.kv_heads)?, cos, sin)?;
             let v = heads(&v_all, self.kv_heads)?;
             for (i, &c) in order[..n].iter().enumerate() {
                 outs.push(self.attend_roped(
@@ -844,13 +842,19 @@ impl Model {
         let q = to_heads(q, heads)?;
         let k = to_heads(k, kvh)?;
         let v = to_heads(v, kvh)?.squeeze(0)?;
-        let rope = match self.rope_layout {
-            RopeLayout::Halves => candle_nn::rotary_emb::rope,
-            RopeLayout::AdjacentPairs => candle_nn::rotary_emb::rope_i,
-        };
-        let q = rope(&q, &s.cos, &s.sin)?.squeeze(0)?;
-        let k = rope(&k, &s.cos, &s.sin)?.squeeze(0)?;
+        let q = self.rope(&q, &s.cos, &s.sin)?.squeeze(0)?;
+        let k = self.rope(&k, &s.cos, &s.sin)?.squeeze(0)?;
         self.attend_roped(layer, q, k, v, s, cache)
+    }
+
+    /// Rotary embedding of `x` `[b, heads, seq, hd]` in the checkpoint's
+    /// layout, with `cos`/`sin` `[seq, hd/2]` (or `[b, seq, hd/2]`, a row
+    /// per batch entry).
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        Ok(match self.rope_layout {
+            RopeLayout::Halves => candle_nn::rotary_emb::rope(x, cos, sin)?,
+            RopeLayout::AdjacentPairs => candle_nn::rotary_emb::rope_i(x, cos, sin)?,
+        })
     }
 
     /// The rest of `attend` after rope: `q` `[heads, seq, hd]`, `k` and `v`
@@ -1203,6 +1207,32 @@ mod tests {
         let (c, s) = rope_angles(inv, 2990, 2995, DType::F32, &dev).unwrap();
         assert_eq!(bits(&c), bits(&cos.narrow(0, 2990, 5).unwrap()));
         assert_eq!(bits(&s), bits(&sin.narrow(0, 2990, 5).unwrap()));
+    }
+
+    /// The batched decode path ropes `[n, heads, 1, hd]` with cos/sin
+    /// `[n, 1, hd/2]`, a row per sequence: in both layouts (Llama's halves,
+    /// GGUF's adjacent pairs) that must be each row roped alone.
+    #[test]
+    fn rope_with_a_row_per_sequence_is_each_row_roped_alone() {
+        let dev = Device::Cpu;
+        let (n, heads, hd) = (3, 4, 8);
+        let x = Tensor::randn(0f32, 1.0, (n, heads, 1, hd), &dev)
+            .unwrap()
+            .to_dtype(DType::F16)
+            .unwrap();
+        let angles = Tensor::randn(0f32, 1.0, (n, 1, hd / 2), &dev).unwrap();
+        let cos = angles.cos().unwrap().to_dtype(DType::F16).unwrap();
+        let sin = angles.sin().unwrap().to_dtype(DType::F16).unwrap();
+        type Rope = fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>;
+        let ropes: [Rope; 2] = [candle_nn::rotary_emb::rope, candle_nn::rotary_emb::rope_i];
+        for rope in ropes {
+            let together = rope(&x, &cos, &sin).unwrap();
+            for i in 0..n {
+                let row = x.narrow(0, i, 1).unwrap();
+                let alone = rope(&row, &cos.get(i).unwrap(), &sin.get(i).unwrap()).unwrap();
+                assert_eq!(bits(&together.narrow(0, i, 1).unwrap()), bits(&alone));
+            }
+        }
     }
 
     #[test]
