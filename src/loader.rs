@@ -427,6 +427,33 @@ pub fn memory_available() -> Option<u64> {
     available_memory()
 }
 
+/// Memory available for new allocations on `device`, if known: the host's
+/// (`memory_available`) for the CPU, the GPU's free memory (the driver's
+/// `cuMemGetInfo`) for CUDA. A KV cache or a second model planned against
+/// the host's memory would grow into the GPU's out-of-memory error.
+pub fn memory_available_on(device: &Device) -> Option<u64> {
+    match device {
+        Device::Cpu => memory_available(),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => d
+            .cuda_stream()
+            .context()
+            .mem_get_info()
+            .ok()
+            .map(|(free, _total)| free as u64),
+        _ => None,
+    }
+}
+
+/// What `memory_available_on(device)` measures, in words.
+pub fn memory_kind(device: &Device) -> &'static str {
+    if device.is_cpu() {
+        "memory"
+    } else {
+        "GPU memory"
+    }
+}
+
 /// Bytes of every weight of `config` in `dtype`.
 pub fn weight_bytes(config: &Config, dtype: DType) -> usize {
     crate::model::synthetic::tensor_shapes(config)

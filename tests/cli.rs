@@ -385,6 +385,9 @@ fn verbose_prints_logfmt_stats_on_stderr() {
     }
     assert_eq!(fields["prompt_tokens"], "17");
     assert_eq!(fields["gen_tokens"], "8");
+    // The budget was sized against the host's memory, and says how much.
+    assert_eq!(fields["kv_memory"], "host");
+    assert!(fields["kv_memory_available_gb"].parse::<f64>().unwrap() > 0.0);
     assert!(fields["gen_tps"].parse::<f64>().unwrap() > 0.0);
 }
 

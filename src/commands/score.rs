@@ -358,14 +358,15 @@ fn fitting_parallel(rm: &RewardModel, asked: Option<usize>) -> Result<usize> {
     }
     let per_sequence =
         crate::reward::max_tokens(rm.model.max_len()) * rm.model.kv_bytes_per_position();
-    let fit = loader::memory_available()
+    let fit = loader::memory_available_on(rm.model.device())
         .map(|bytes| (bytes / 2 / per_sequence.max(1) as u64) as usize)
         .unwrap_or(DEFAULT);
     if fit == 0 {
         return Err(anyhow::anyhow!(
-            "even one conversation's KV cache ({:.1} GB for {} positions) does not fit in half the memory available: try --kv-type f16, or --quantize",
+            "even one conversation's KV cache ({:.1} GB for {} positions) does not fit in half the {} available: try --kv-type f16, or --quantize",
             per_sequence as f64 / 1e9,
-            crate::reward::max_tokens(rm.model.max_len())
+            crate::reward::max_tokens(rm.model.max_len()),
+            loader::memory_kind(rm.model.device())
         ));
     }
     if fit < DEFAULT {

@@ -111,6 +111,23 @@ pub struct Engine {
     context: usize,
     parallel: usize,
     kv_bytes_per_position: usize,
+    memory: Memory,
+}
+
+/// The memory the KV budget was sized against: the host's on the CPU,
+/// the GPU's on CUDA.
+#[derive(Clone, Copy)]
+struct Memory {
+    /// Bytes free for new allocations when the engine started, if known.
+    available: Option<u64>,
+    gpu: bool,
+}
+
+impl Memory {
+    /// What it is, in words.
+    fn kind(self) -> &'static str {
+        if self.gpu { "GPU memory" } else { "memory" }
+    }
 }
 
 struct Submission {
@@ -151,7 +168,11 @@ impl Engine {
         );
         let per_position = model.kv_bytes_per_position();
         let kv_f32 = model.kv_dtype() == candle_core::DType::F32;
-        let context = slot_context(&config, model.max_len(), per_position, kv_f32)?;
+        let memory = Memory {
+            available: crate::loader::memory_available_on(model.device()),
+            gpu: !model.device().is_cpu(),
+        };
+        let context = slot_context(&config, model.max_len(), per_position, kv_f32, memory)?;
         let (queue, submissions) = mpsc::channel();
         let pool = rayon::ThreadPoolBuilder::new()
             .stack_size(8 << 20)
@@ -193,6 +214,7 @@ impl Engine {
             context,
             parallel,
             kv_bytes_per_position: per_position,
+            memory,
         })
     }
 
@@ -323,12 +345,17 @@ impl Engine {
     /// The KV budget, for `--verbose`.
     pub fn describe(&self) -> String {
         let total = self.parallel * self.context * self.kv_bytes_per_position;
+        let available = self.memory.available.map_or_else(
+            || "unknown".to_string(),
+            |b| format!("{:.2}", b as f64 / 1e9),
+        );
         format!(
-            "kv_slots={} kv_context={} kv_bytes_per_position={} kv_budget_gb={:.2}",
+            "kv_slots={} kv_context={} kv_bytes_per_position={} kv_budget_gb={:.2} kv_memory={} kv_memory_available_gb={available}",
             self.parallel,
             self.context,
             self.kv_bytes_per_position,
-            total as f64 / 1e9
+            total as f64 / 1e9,
+            if self.memory.gpu { "gpu" } else { "host" },
         )
     }
 }
@@ -362,21 +389,23 @@ fn release_free_memory() {
 }
 
 /// Positions per slot: asked for, or the model's, capped so that every
-/// slot full fits in half the memory available now (within a cgroup's
-/// limit: `loader::memory_available`). `kv_f32`: whether the
-/// cache is f32, so that an f16 one is worth suggesting.
+/// slot full fits in half the memory available now where the caches live
+/// (`memory`: the host's within a cgroup's limit, or the GPU's). `kv_f32`:
+/// whether the cache is f32, so that an f16 one is worth suggesting.
 fn slot_context(
     config: &EngineConfig,
     max_len: usize,
     per_position: usize,
     kv_f32: bool,
+    memory: Memory,
 ) -> Result<usize> {
     if let Some(context) = config.context {
         ensure!(context >= 1, "the context must be at least 1 position");
         let context = context.min(max_len);
         // A context given is still bounded by memory: the caches grow as
-        // they fill, and would otherwise grow into the OOM killer.
-        if let Some(bytes) = crate::loader::memory_available() {
+        // they fill, and would otherwise grow into the OOM killer (or the
+        // GPU's out-of-memory error).
+        if let Some(bytes) = memory.available {
             let need = (config.parallel * context) as u64 * per_position as u64;
             let fits = bytes / 2 / (context * per_position.max(1)) as u64;
             // Said in what every front end has (`bench` sets the context
@@ -395,23 +424,26 @@ fn slot_context(
             };
             ensure!(
                 need <= bytes / 2,
-                "{} sequence{} of {context} positions need {:.1} GB of KV cache, more than half the {:.1} GB of memory available: {hint}",
+                "{} sequence{} of {context} positions need {:.1} GB of KV cache, more than half the {:.1} GB of {} available: {hint}",
                 config.parallel,
                 if config.parallel == 1 { "" } else { "s" },
                 need as f64 / 1e9,
                 bytes as f64 / 1e9,
+                memory.kind(),
             );
         }
         return Ok(context);
     }
-    let cap = crate::loader::memory_available()
+    let cap = memory
+        .available
         .map(|bytes| bytes / 2 / (config.parallel * per_position.max(1)) as u64)
         .unwrap_or(u64::MAX);
     let context = (max_len as u64).min(cap) as usize;
     ensure!(
         context >= max_len.min(256),
-        "{} sequences of KV cache do not fit in memory (each position takes {per_position} bytes): give a smaller --parallel",
-        config.parallel
+        "{} sequences of KV cache do not fit in {} (each position takes {per_position} bytes): give a smaller --parallel",
+        config.parallel,
+        memory.kind()
     );
     Ok(context)
 }
@@ -946,44 +978,97 @@ mod tests {
     /// cache is suggested only to an f32 one.
     #[test]
     fn a_kv_budget_past_half_the_memory_says_what_fits() {
-        let Some(bytes) = crate::loader::memory_available() else {
-            eprintln!("no MemAvailable here: nothing to check");
-            return;
-        };
         let config = |parallel, context| EngineConfig {
             parallel,
             batch_tokens: 16,
             context: Some(context),
         };
+        let host = Memory {
+            available: Some(4_000_000_000),
+            gpu: false,
+        };
         // A position the size of the memory: not even one fits.
-        let huge = usize::try_from(bytes).unwrap();
-        let e = slot_context(&config(1, 4), 4, huge, false)
+        let e = slot_context(&config(1, 4), 4, 4_000_000_000, false, host)
             .unwrap_err()
             .to_string();
         assert!(e.ends_with(": not even one fits: a shorter context"), "{e}");
-        let e = slot_context(&config(1, 4), 4, huge, true)
+        let e = slot_context(&config(1, 4), 4, 4_000_000_000, true, host)
             .unwrap_err()
             .to_string();
         assert!(
             e.ends_with("a shorter context, or an f16 KV cache (--kv-type f16)"),
             "{e}"
         );
-        // Positions of a tenth of the half: about ten sequences of one fit
-        // (the memory available moves a little between two reads).
-        let tenth = usize::try_from(bytes / 2 / 10).unwrap();
-        let e = slot_context(&config(100, 1), 1, tenth, false)
+        // Positions of a tenth of the half: ten sequences of one fit.
+        let e = slot_context(&config(100, 1), 1, 200_000_000, false, host)
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("100 sequences of 1 positions need"), "{e}");
-        let hint = " such sequences fit: fewer sequences (--parallel), a shorter context";
-        assert!(e.ends_with(hint), "{e}");
-        let fits: Option<usize> = e
-            .split(": ")
-            .nth(1)
-            .and_then(|hint| hint.split_once(' '))
-            .and_then(|(n, _)| n.parse().ok());
-        let fits = fits.expect(&e);
-        assert!((8..=12).contains(&fits), "{e}");
-        assert_eq!(slot_context(&config(5, 1), 1, tenth, false).unwrap(), 1);
+        assert_eq!(
+            e,
+            "100 sequences of 1 positions need 20.0 GB of KV cache, more than half the 4.0 GB of memory available: 10 such sequences fit: fewer sequences (--parallel), a shorter context"
+        );
+        assert_eq!(
+            slot_context(&config(5, 1), 1, 200_000_000, false, host).unwrap(),
+            1
+        );
+        // On a GPU the budget is the GPU's free memory, and says so.
+        let gpu = Memory {
+            available: Some(1_000_000_000),
+            gpu: true,
+        };
+        let e = slot_context(&config(2, 1000), 1000, 1_000_000, false, gpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("more than half the 1.0 GB of GPU memory available"),
+            "{e}"
+        );
+        // Without a context asked for, the model's is capped to fit.
+        assert_eq!(
+            slot_context(
+                &EngineConfig {
+                    context: None,
+                    ..config(1, 1)
+                },
+                4096,
+                1_000_000,
+                false,
+                gpu
+            )
+            .unwrap(),
+            500
+        );
+        let e = slot_context(
+            &EngineConfig {
+                context: None,
+                ..config(8, 1)
+            },
+            4096,
+            1_000_000,
+            false,
+            gpu,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("do not fit in GPU memory"), "{e}");
+        // Unknown memory (a device that does not say) caps nothing.
+        let unknown = Memory {
+            available: None,
+            gpu: true,
+        };
+        assert_eq!(
+            slot_context(
+                &EngineConfig {
+                    context: None,
+                    ..config(8, 1)
+                },
+                4096,
+                1_000_000,
+                false,
+                unknown
+            )
+            .unwrap(),
+            4096
+        );
     }
 }

@@ -386,6 +386,11 @@ impl Model {
         self.max_len
     }
 
+    /// Where the weights and the KV caches live.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     /// The dtype of activations.
     pub fn compute_dtype(&self) -> DType {
         self.dtype
