@@ -340,7 +340,7 @@ pub struct EngineArgs {
           value_parser = clap::value_parser!(u32).range(1..=65536).map(|n| n as usize))]
     pub batch_tokens: usize,
     /// Positions per sequence, prompt and answer. Default: the model's context,
-    /// capped so that every slot fits in half the available memory.
+    /// capped so that every slot fits in half the available memory (the GPU's on CUDA).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
     pub ctx_size: Option<usize>,
 }

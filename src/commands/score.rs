@@ -350,7 +350,7 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
 type Queued = (bool, Vec<Handle>);
 
 /// `--parallel`, or (not given) 8 sequences, fewer when their KV caches
-/// would not fit in half the memory available (then said).
+/// would not fit in half the memory available where the caches live (then said).
 fn fitting_parallel(rm: &RewardModel, asked: Option<usize>) -> Result<usize> {
     const DEFAULT: usize = 8;
     if let Some(p) = asked {
@@ -376,7 +376,8 @@ fn fitting_parallel(rm: &RewardModel, asked: Option<usize>) -> Result<usize> {
             "conversations"
         };
         eprintln!(
-            "note: scoring {fit} {what} at a time: the KV caches of {DEFAULT} would not fit in half the memory available"
+            "note: scoring {fit} {what} at a time: the KV caches of {DEFAULT} would not fit in half the {} available",
+            loader::memory_kind(rm.model.device())
         );
     }
     Ok(fit.min(DEFAULT))

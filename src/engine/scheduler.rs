@@ -50,7 +50,8 @@ pub struct EngineConfig {
     /// decode row; also the size of a prompt's chunks.
     pub batch_tokens: usize,
     /// Positions per sequence; `None`: the model's context, capped so that
-    /// all slots fit in half the memory available at start.
+    /// all slots fit in half the memory available at start where the
+    /// caches live (the host's, or the GPU's on CUDA).
     pub context: Option<usize>,
 }
 
@@ -1023,52 +1024,27 @@ mod tests {
             e.contains("more than half the 1.0 GB of GPU memory available"),
             "{e}"
         );
-        // Without a context asked for, the model's is capped to fit.
-        assert_eq!(
+        // Without a context asked for, the model's (4096 here) is capped
+        // to fit; a device that does not say how much it has caps nothing.
+        let model_context = |parallel, memory| {
             slot_context(
                 &EngineConfig {
                     context: None,
-                    ..config(1, 1)
+                    ..config(parallel, 1)
                 },
                 4096,
                 1_000_000,
                 false,
-                gpu
+                memory,
             )
-            .unwrap(),
-            500
-        );
-        let e = slot_context(
-            &EngineConfig {
-                context: None,
-                ..config(8, 1)
-            },
-            4096,
-            1_000_000,
-            false,
-            gpu,
-        )
-        .unwrap_err()
-        .to_string();
+        };
+        assert_eq!(model_context(1, gpu).unwrap(), 500);
+        let e = model_context(8, gpu).unwrap_err().to_string();
         assert!(e.contains("do not fit in GPU memory"), "{e}");
-        // Unknown memory (a device that does not say) caps nothing.
         let unknown = Memory {
             available: None,
             gpu: true,
         };
-        assert_eq!(
-            slot_context(
-                &EngineConfig {
-                    context: None,
-                    ..config(8, 1)
-                },
-                4096,
-                1_000_000,
-                false,
-                unknown
-            )
-            .unwrap(),
-            4096
-        );
+        assert_eq!(model_context(8, unknown).unwrap(), 4096);
     }
 }
