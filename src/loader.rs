@@ -447,11 +447,12 @@ pub fn memory_available_on(device: &Device) -> Option<u64> {
 
 /// What `memory_available_on(device)` measures, in words.
 pub fn memory_kind(device: &Device) -> &'static str {
-    if device.is_cpu() {
-        "memory"
-    } else {
-        "GPU memory"
-    }
+    memory_kind_of(!device.is_cpu())
+}
+
+/// `memory_kind` of a GPU (`gpu`) or of the host.
+pub fn memory_kind_of(gpu: bool) -> &'static str {
+    if gpu { "GPU memory" } else { "memory" }
 }
 
 /// Bytes of every weight of `config` in `dtype`.

@@ -127,7 +127,7 @@ struct Memory {
 impl Memory {
     /// What it is, in words.
     fn kind(self) -> &'static str {
-        if self.gpu { "GPU memory" } else { "memory" }
+        crate::loader::memory_kind_of(self.gpu)
     }
 }
 
