@@ -150,54 +150,113 @@ impl QuantMatrix {
 
     /// `x @ w.T` for `x: [m, in]` through the kernels of `class`, in f32.
     pub fn forward_as(&self, x: &Tensor, class: RowClass) -> Result<Tensor> {
-        let (m, k) = x.dims2()?;
-        let panels = class == RowClass::Prompt;
-        if k != self.cols {
-            bail!("input has {k} features, the matrix {}", self.cols);
-        }
-        let out = super::with_f32(x, |xs| self.product(xs, m, panels))?;
-        Ok(Tensor::from_vec(out, (m, self.rows), &Device::Cpu)?)
+        let [out] = Self::forward_split_each([self], x, Self::class_rows(class, x.dim(0)?))?;
+        Ok(out)
     }
 
-    /// `[m, rows]` for the `m × cols` activations `xs` (see `forward_as`).
-    fn product(&self, xs: &[f32], m: usize, panels: bool) -> Result<Vec<f32>> {
+    /// How many leading rows `forward_split_each` sends to the row
+    /// kernels when every row is of `class`.
+    fn class_rows(class: RowClass, m: usize) -> usize {
+        match class {
+            RowClass::Rows => m,
+            RowClass::Prompt => 0,
+        }
+    }
+
+    /// `x @ w.T` for every matrix of `ws` (all of `x`'s width), `x: [m, in]`,
+    /// with the first `rows` rows (decode rows) through the row kernels and
+    /// the rest (prompt positions) through the prompt kernels, in f32: each
+    /// row takes the kernels it would alone (see [`RowClass`]). The input
+    /// is quantized once for all of them (q, k and v read one input; gate
+    /// and up another), on every thread of the pool.
+    ///
+    /// Errors when a matrix's width is not `x`'s.
+    pub fn forward_split_each<const N: usize>(
+        ws: [&Self; N],
+        x: &Tensor,
+        rows: usize,
+    ) -> Result<[Tensor; N]> {
+        let (m, k) = x.dims2()?;
+        for w in ws {
+            if k != w.cols {
+                bail!("input has {k} features, the matrix {}", w.cols);
+            }
+        }
+        let rows = rows.min(m);
+        super::with_f32(x, |xs| {
+            let acts = Activations::new(xs, k);
+            let mut outs = Vec::with_capacity(N);
+            for w in ws {
+                // Rows of a matrix without prompt kernels all take the row
+                // kernels in one pass (the same kernels either way).
+                let out = if rows == m || rows > 0 && !w.has_prompt_kernel() {
+                    w.product(&acts, 0..m, false)?
+                } else if rows == 0 {
+                    w.product(&acts, 0..m, true)?
+                } else {
+                    let mut head = w.product(&acts, 0..rows, false)?;
+                    head.extend_from_slice(&w.product(&acts, rows..m, true)?);
+                    head
+                };
+                outs.push(Tensor::from_vec(out, (m, w.rows), &Device::Cpu)?);
+            }
+            Ok(outs
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("one output per matrix")))
+        })
+    }
+
+    /// `[tokens.len(), rows]` for activation rows `tokens` of `acts`,
+    /// through the prompt kernels when `panels` (see `forward_split_each`).
+    fn product(
+        &self,
+        acts: &Activations,
+        tokens: std::ops::Range<usize>,
+        panels: bool,
+    ) -> Result<Vec<f32>> {
         let k = self.cols;
         Ok(match self.dtype {
             GgmlDType::Q4_0 if panels && q4_0_panel::Panel::available() => {
-                self.matmul_panels::<q4_0_panel::Panel>(xs, m)?
+                self.matmul_panels::<q4_0_panel::Panel>(acts, tokens)?
             }
             GgmlDType::Q4_0 if super::q4k::have_vnni() && k.is_multiple_of(q8_0::PAIR) => {
-                self.matmul_own::<Q4_0>(xs, m)?
+                self.matmul_own::<Q4_0>(acts, tokens)?
             }
-            GgmlDType::Q4_0 => self.matmul::<BlockQ4_0>(xs, m)?,
+            GgmlDType::Q4_0 => self.matmul::<BlockQ4_0>(acts, tokens)?,
             GgmlDType::Q4K if panels && q4k_panel::Panel::available() => {
-                self.matmul_panels::<q4k_panel::Panel>(xs, m)?
+                self.matmul_panels::<q4k_panel::Panel>(acts, tokens)?
             }
             GgmlDType::Q5K if panels && q5k_panel::Panel::available() => {
-                self.matmul_panels::<q5k_panel::Panel>(xs, m)?
+                self.matmul_panels::<q5k_panel::Panel>(acts, tokens)?
             }
             GgmlDType::Q6K if panels && q6k_panel::Panel::available() => {
-                self.matmul_panels::<q6k_panel::Panel>(xs, m)?
+                self.matmul_panels::<q6k_panel::Panel>(acts, tokens)?
             }
             GgmlDType::Q8_0 if panels && q8_0_panel::Panel::available() => {
-                self.matmul_panels::<q8_0_panel::Panel>(xs, m)?
+                self.matmul_panels::<q8_0_panel::Panel>(acts, tokens)?
             }
-            GgmlDType::Q4K if super::q4k::have_vnni() => self.matmul_own::<Q4K>(xs, m)?,
-            GgmlDType::Q5K if super::q4k::have_vnni() => self.matmul_own::<Q5K>(xs, m)?,
-            GgmlDType::Q6K if super::q4k::have_vnni() => self.matmul_own::<Q6K>(xs, m)?,
+            GgmlDType::Q4K if super::q4k::have_vnni() => self.matmul_own::<Q4K>(acts, tokens)?,
+            GgmlDType::Q5K if super::q4k::have_vnni() => self.matmul_own::<Q5K>(acts, tokens)?,
+            GgmlDType::Q6K if super::q4k::have_vnni() => self.matmul_own::<Q6K>(acts, tokens)?,
             GgmlDType::Q8_0 if super::q4k::have_vnni() && k.is_multiple_of(q8_0::PAIR) => {
-                self.matmul_own::<Q8_0>(xs, m)?
+                self.matmul_own::<Q8_0>(acts, tokens)?
             }
-            GgmlDType::Q4K => self.matmul::<BlockQ4K>(xs, m)?,
-            GgmlDType::Q5K => self.matmul::<BlockQ5K>(xs, m)?,
-            GgmlDType::Q6K => self.matmul::<BlockQ6K>(xs, m)?,
-            GgmlDType::Q8_0 => self.matmul::<BlockQ8_0>(xs, m)?,
+            GgmlDType::Q4K => self.matmul::<BlockQ4K>(acts, tokens)?,
+            GgmlDType::Q5K => self.matmul::<BlockQ5K>(acts, tokens)?,
+            GgmlDType::Q6K => self.matmul::<BlockQ6K>(acts, tokens)?,
+            GgmlDType::Q8_0 => self.matmul::<BlockQ8_0>(acts, tokens)?,
             other => bail!("no CPU kernel for {other:?}"),
         })
     }
 
-    fn matmul<T: GgmlType>(&self, xs: &[f32], m: usize) -> Result<Vec<f32>> {
+    /// candle's row kernels (CPUs without AVX-512 VNNI).
+    fn matmul<T: GgmlType>(
+        &self,
+        acts: &Activations,
+        tokens: std::ops::Range<usize>,
+    ) -> Result<Vec<f32>> {
         let (n, k) = (self.rows, self.cols);
+        let (m, xs) = (tokens.len(), &acts.xs[tokens.start * k..tokens.end * k]);
         let blocks = as_blocks::<T>(&self.data)?;
         let kb = k / T::BLCK_SIZE;
         if blocks.len() != n * kb {
@@ -209,7 +268,10 @@ impl QuantMatrix {
         }
         // The activations, quantized once to the type the dot product pairs with.
         let kq = k / T::VecDotType::BLCK_SIZE;
-        let xq = quantize_tokens(xs, k, kq, T::VecDotType::zeros(), T::VecDotType::from_float);
+        let mut xq = vec![T::VecDotType::zeros(); m * kq];
+        for (row, dst) in xs.chunks_exact(k).zip(xq.chunks_exact_mut(kq)) {
+            T::VecDotType::from_float(row, dst);
+        }
         Ok(rows_by_tasks(self.rows, m, kq, &xq, |r, x| {
             T::vec_dot(k, &blocks[r * kb..(r + 1) * kb], x)
         }))
@@ -231,18 +293,22 @@ impl QuantMatrix {
     }
 
     /// A format with a kernel in this crate (`q4k`, `q8_0`).
-    fn matmul_own<K: Kernel>(&self, xs: &[f32], m: usize) -> Result<Vec<f32>> {
-        let (n, k) = (self.rows, self.cols);
+    fn matmul_own<K: Kernel>(
+        &self,
+        acts: &Activations,
+        tokens: std::ops::Range<usize>,
+    ) -> Result<Vec<f32>> {
+        let (n, k, m) = (self.rows, self.cols, tokens.len());
         let row_bytes = k / K::BLOCK_VALUES * K::BLOCK_BYTES;
         let data = self.row_data(row_bytes)?;
-        let per_row = k / K::X_VALUES;
-        let xq = quantize_tokens(xs, k, per_row, K::zeros(), K::quantize);
+        let per_row = k / K::X::VALUES;
+        let xq = &acts.get::<K::X>()[tokens.start * per_row..tokens.end * per_row];
         let row = |r: usize| &data[r * row_bytes..(r + 1) * row_bytes];
         if m == 1 {
             let out = rows_in_pairs(
                 n,
-                |r| K::dot(row(r), &xq),
-                |a, b| K::dot2([row(a), row(b)], &xq),
+                |r| K::dot(row(r), xq),
+                |a, b| K::dot2([row(a), row(b)], xq),
             );
             return Ok(out);
         }
@@ -275,12 +341,16 @@ impl QuantMatrix {
     /// sixteen rows at a time into a per-thread panel (reused, so no
     /// allocation per band), and every token passes over it; rows past the
     /// last whole panel take the kernel's row dot product.
-    fn matmul_panels<P: PanelKernel>(&self, xs: &[f32], m: usize) -> Result<Vec<f32>> {
-        let (n, k) = (self.rows, self.cols);
+    fn matmul_panels<P: PanelKernel>(
+        &self,
+        acts: &Activations,
+        tokens: std::ops::Range<usize>,
+    ) -> Result<Vec<f32>> {
+        let (n, k, m) = (self.rows, self.cols, tokens.len());
         let row_bytes = k / P::BLOCK_VALUES * P::BLOCK_BYTES;
         let data = self.row_data(row_bytes)?;
         let per_row = k / P::BLOCK_VALUES;
-        let xq = quantize_tokens(xs, k, per_row, P::zeros(), P::quantize);
+        let xq = &acts.get::<P::X>()[tokens.start * per_row..tokens.end * per_row];
         let xs: Vec<&[P::X]> = xq.chunks_exact(per_row).collect();
         Ok(bands(n, m, |rows, band, width| {
             let mut r = rows.start;
@@ -305,13 +375,9 @@ impl QuantMatrix {
 /// `q5k_panel`, `q6k_panel`, `q8_0_panel`).
 pub(super) trait PanelKernel: Sized {
     /// The activations' quantized unit: one per weight block.
-    type X: Clone + Send + Sync;
+    type X: Quantized;
     const BLOCK_VALUES: usize;
     const BLOCK_BYTES: usize;
-    fn zeros() -> Self::X;
-    fn quantize(x: &[f32], out: &mut [Self::X]);
-    /// Runs `f` on this thread's panel (a static cannot be generic, so each
-    /// kernel keeps its own).
     fn with_panel(f: impl FnOnce(&mut Self));
     fn pack(&mut self, rows: &[u8], row_bytes: usize);
     fn multiply(&self, xs: &[&[Self::X]], out: &mut [f32], stride: usize);
@@ -319,21 +385,15 @@ pub(super) trait PanelKernel: Sized {
 }
 
 /// The `PanelKernel` of a panel module: the activations' type (Q8_K for
-/// the k-quants, `Q8Sum` for Q8_0 and Q4_0), their block's values and
-/// quantizer, the format's block bytes, and the row dot product that rows
+/// the k-quants, `Q8Sum` for Q8_0 and Q4_0), their block's values, the
+/// format's block bytes, and the row dot product that rows
 /// outside a whole panel take.
 macro_rules! panel_kernel {
-    ($panel:ident, $x:ty, $values:expr, $bytes:expr, $quantize:path, $dot:path) => {
+    ($panel:ident, $x:ty, $values:expr, $bytes:expr, $dot:path) => {
         impl PanelKernel for $panel::Panel {
             type X = $x;
             const BLOCK_VALUES: usize = $values;
             const BLOCK_BYTES: usize = $bytes;
-            fn zeros() -> Self::X {
-                <$x>::zeros()
-            }
-            fn quantize(x: &[f32], out: &mut [Self::X]) {
-                $quantize(x, out)
-            }
             fn with_panel(f: impl FnOnce(&mut Self)) {
                 thread_local! {
                     static PANEL: std::cell::RefCell<$panel::Panel> = Default::default();
@@ -355,36 +415,14 @@ macro_rules! panel_kernel {
 
 use q4k::Q8K;
 use q8_0_panel::Q8Sum;
-panel_kernel!(
-    q4k_panel,
-    Q8K,
-    q4k::QK,
-    q4k::BLOCK_BYTES,
-    q4k::quantize_q8k,
-    q4k::dot
-);
-panel_kernel!(
-    q5k_panel,
-    Q8K,
-    q4k::QK,
-    q5k::BLOCK_BYTES,
-    q4k::quantize_q8k,
-    q5k::dot
-);
-panel_kernel!(
-    q6k_panel,
-    Q8K,
-    q4k::QK,
-    q6k::BLOCK_BYTES,
-    q4k::quantize_q8k,
-    q6k::dot
-);
+panel_kernel!(q4k_panel, Q8K, q4k::QK, q4k::BLOCK_BYTES, q4k::dot);
+panel_kernel!(q5k_panel, Q8K, q4k::QK, q5k::BLOCK_BYTES, q5k::dot);
+panel_kernel!(q6k_panel, Q8K, q4k::QK, q6k::BLOCK_BYTES, q6k::dot);
 panel_kernel!(
     q8_0_panel,
     Q8Sum,
     q8_0_panel::QK,
     q8_0::BLOCK_BYTES,
-    q8_0_panel::quantize,
     q8_0_panel::dot_scalar
 );
 panel_kernel!(
@@ -392,7 +430,6 @@ panel_kernel!(
     Q8Sum,
     q8_0_panel::QK,
     q4_0::BLOCK_BYTES,
-    q8_0_panel::quantize,
     q4_0_panel::dot_scalar
 );
 
@@ -437,7 +474,7 @@ pub(super) fn check_panel<P: PanelKernel>(
     x[..cols].fill(1.0);
     x[cols..2 * cols].fill(-1.0);
     let per_row = cols / P::BLOCK_VALUES;
-    let xq = quantize_tokens(&x, cols, per_row, P::zeros(), P::quantize);
+    let xq = quantize_tokens::<P::X>(&x);
     let xs: Vec<&[P::X]> = xq.chunks_exact(per_row).collect();
     for (r, w) in deq.chunks_exact(cols).enumerate().take(4) {
         let row = &random[r * row_bytes..(r + 1) * row_bytes];
@@ -487,18 +524,86 @@ pub(super) fn check_panel<P: PanelKernel>(
     }
 }
 
-/// Each token's `k` activations (`xs` is `[m, k]`), quantized once into
-/// `per_row` units of the type the kernel's dot product pairs with.
-fn quantize_tokens<X: Clone>(
-    xs: &[f32],
-    k: usize,
-    per_row: usize,
-    zero: X,
-    quantize: impl Fn(&[f32], &mut [X]),
-) -> Vec<X> {
-    let mut xq = vec![zero; xs.len() / k * per_row];
-    for (row, dst) in xs.chunks_exact(k).zip(xq.chunks_exact_mut(per_row)) {
-        quantize(row, dst);
+/// The input of one or more products, `[m, k]` in f32, and its quantized
+/// forms, each made on first use and kept: the matrices that read one
+/// input (q, k and v; gate and up) quantize it once between them, and a
+/// split into decode and prompt rows slices it instead of quantizing again.
+pub(super) struct Activations<'a> {
+    xs: &'a [f32],
+    q8k: std::cell::OnceCell<Vec<Q8K>>,
+    q8_pair: std::cell::OnceCell<Vec<q8_0::Q8Pair>>,
+    q8_sum: std::cell::OnceCell<Vec<Q8Sum>>,
+}
+
+impl<'a> Activations<'a> {
+    /// `xs` holds whole rows of `k` values, `k` a multiple of every
+    /// quantized unit's values used on it (the matrices' checks).
+    fn new(xs: &'a [f32], k: usize) -> Self {
+        debug_assert!(k > 0 && xs.len().is_multiple_of(k));
+        Self {
+            xs,
+            q8k: Default::default(),
+            q8_pair: Default::default(),
+            q8_sum: Default::default(),
+        }
+    }
+
+    /// Every row quantized to `X`, row after row (`k / X::VALUES` units each).
+    fn get<X: Quantized>(&self) -> &[X] {
+        X::cell(self).get_or_init(|| quantize_tokens(self.xs))
+    }
+}
+
+/// An activation unit the kernels pair with: Q8_K (the k-quants), Q8_0
+/// pairs (the 32-value formats' row kernels), `Q8Sum` (their panels).
+pub(super) trait Quantized: Clone + Send + Sync + Sized {
+    /// f32 values per unit.
+    const VALUES: usize;
+    fn zeros() -> Self;
+    /// `x` (a multiple of `VALUES` values) into `out`, unit by unit.
+    fn quantize(x: &[f32], out: &mut [Self]);
+    /// Where `Activations` keeps this form.
+    fn cell<'b>(acts: &'b Activations) -> &'b std::cell::OnceCell<Vec<Self>>;
+}
+
+macro_rules! quantized {
+    ($x:ty, $values:expr, $quantize:path, $cell:ident) => {
+        impl Quantized for $x {
+            const VALUES: usize = $values;
+            fn zeros() -> Self {
+                <$x>::zeros()
+            }
+            fn quantize(x: &[f32], out: &mut [Self]) {
+                $quantize(x, out)
+            }
+            fn cell<'b>(acts: &'b Activations) -> &'b std::cell::OnceCell<Vec<Self>> {
+                &acts.$cell
+            }
+        }
+    };
+}
+quantized!(Q8K, q4k::QK, q4k::quantize_q8k, q8k);
+quantized!(q8_0::Q8Pair, q8_0::PAIR, q8_0::quantize, q8_pair);
+quantized!(Q8Sum, q8_0_panel::QK, q8_0_panel::quantize, q8_sum);
+
+/// Values a quantizing task takes at least: fewer cost less than handing
+/// them to the other threads (a decode row of 4096 stays on the caller).
+const QUANTIZE_PER_TASK: usize = 8192;
+
+/// `xs` quantized into units of `X`, in tasks over the thread pool when it
+/// is long (a batch's rows, a prompt chunk): the caller quantizing alone
+/// while the others waited was 8% of a step at eight sequences. Units are
+/// independent, so the split does not change a byte.
+fn quantize_tokens<X: Quantized>(xs: &[f32]) -> Vec<X> {
+    let mut xq = vec![X::zeros(); xs.len() / X::VALUES];
+    let per_task = QUANTIZE_PER_TASK.div_ceil(X::VALUES);
+    if xq.len() <= per_task {
+        X::quantize(xs, &mut xq);
+    } else {
+        pool::for_each_chunk_mut(&mut xq, per_task, |task, dst| {
+            let start = task * per_task * X::VALUES;
+            X::quantize(&xs[start..start + dst.len() * X::VALUES], dst)
+        });
     }
     xq
 }
@@ -658,12 +763,9 @@ pub(super) fn in_tiles<D: RowDot>(n: usize, xs: &[&D::X], kernel: &D) -> Vec<f32
 /// What `matmul_own` needs of one of this crate's kernels.
 trait Kernel {
     /// The activations' quantized unit.
-    type X: Clone + Send + Sync;
-    const X_VALUES: usize;
+    type X: Quantized;
     const BLOCK_BYTES: usize;
     const BLOCK_VALUES: usize;
-    fn zeros() -> Self::X;
-    fn quantize(x: &[f32], out: &mut [Self::X]);
     fn dot(row: &[u8], x: &[Self::X]) -> f32;
     fn dot_n<const N: usize>(row: &[u8], xs: [&[Self::X]; N]) -> [f32; N];
     /// Two rows times one token's activations (generation); a kernel with
@@ -674,37 +776,22 @@ trait Kernel {
 }
 
 /// A format's `Kernel`: the module with its `BLOCK_BYTES`, `dot` and
-/// `dot_n`, and the activations it pairs with: Q8_K (256 values, shared by
-/// the k-quants) or Q8_0 pairs (64 values, for the 32-value formats).
+/// `dot_n`, and the activations it pairs with: Q8_K (shared by the
+/// k-quants) or Q8_0 pairs (for the 32-value formats), and its block's values.
 macro_rules! kernel {
     ($name:ident, $module:ident, q8k $(, $dot2:ident)?) => {
-        kernel!(
-            $name,
-            $module,
-            q4k::Q8K,
-            q4k::QK,
-            q4k::QK,
-            q4k::quantize_q8k
-            $(, $dot2)?
-        );
+        kernel!($name, $module, q4k::Q8K, q4k::QK $(, $dot2)?);
     };
     ($name:ident, $module:ident, q8_pair $(, $dot2:ident)?) => {
-        kernel!($name, $module, q8_0::Q8Pair, q8_0::PAIR, 32, q8_0::quantize $(, $dot2)?);
+        kernel!($name, $module, q8_0::Q8Pair, 32 $(, $dot2)?);
     };
-    ($name:ident, $module:ident, $x:ty, $x_values:expr, $block_values:expr, $quantize:path $(, $dot2:ident)?) => {
+    ($name:ident, $module:ident, $x:ty, $block_values:expr $(, $dot2:ident)?) => {
         struct $name;
 
         impl Kernel for $name {
             type X = $x;
-            const X_VALUES: usize = $x_values;
             const BLOCK_BYTES: usize = $module::BLOCK_BYTES;
             const BLOCK_VALUES: usize = $block_values;
-            fn zeros() -> Self::X {
-                <$x>::zeros()
-            }
-            fn quantize(x: &[f32], out: &mut [Self::X]) {
-                $quantize(x, out)
-            }
             fn dot(row: &[u8], x: &[Self::X]) -> f32 {
                 $module::dot(row, x)
             }
@@ -850,6 +937,70 @@ mod tests {
     /// through the row kernels and through the panels, for any number of
     /// rows. (What lets a batch of many sequences answer each as alone, and
     /// a prompt give the same keys however it is cut into chunks.)
+    #[test]
+    /// Matrices that share an input quantize it once (and in tasks over
+    /// the pool when it is long): each product is bitwise its own alone,
+    /// for any split into decode and prompt rows and any mix of formats.
+    fn products_sharing_an_input_are_each_bitwise_their_own() {
+        let dev = Device::Cpu;
+        // 37 rows of 512: 18,944 values, quantized in several tasks.
+        let x = Tensor::randn(0f32, 1.0, (37, 512), &dev).unwrap();
+        let matrix = |rows, dtype| {
+            let w = Tensor::randn(0f32, 1.0, (rows, 512), &dev).unwrap();
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            QuantMatrix::from_qtensor(&q).unwrap().unwrap()
+        };
+        let alone = |w: &QuantMatrix, split: usize| {
+            let mut out = Vec::new();
+            if split > 0 {
+                out.extend(bits(
+                    w.forward_as(&x.narrow(0, 0, split).unwrap(), RowClass::Rows)
+                        .unwrap(),
+                ));
+            }
+            if split < 37 {
+                out.extend(bits(
+                    w.forward_as(&x.narrow(0, split, 37 - split).unwrap(), RowClass::Prompt)
+                        .unwrap(),
+                ));
+            }
+            out
+        };
+        for dtypes in [
+            [GgmlDType::Q4K, GgmlDType::Q4K, GgmlDType::Q6K],
+            [GgmlDType::Q8_0, GgmlDType::Q5K, GgmlDType::Q4_0],
+        ] {
+            let ws = [
+                matrix(131, dtypes[0]),
+                matrix(67, dtypes[1]),
+                matrix(16, dtypes[2]),
+            ];
+            for split in [0, 1, 5, 37] {
+                let together =
+                    QuantMatrix::forward_split_each([&ws[0], &ws[1], &ws[2]], &x, split).unwrap();
+                for (w, out) in ws.iter().zip(together) {
+                    assert_eq!(
+                        bits(out),
+                        alone(w, split),
+                        "{:?} among {dtypes:?}, {split} decode rows",
+                        w.dtype
+                    );
+                }
+            }
+        }
+        // One matrix of another width: an error, not a product.
+        let w = Tensor::randn(0f32, 1.0, (16, 256), &dev).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let narrow = QuantMatrix::from_qtensor(&q).unwrap().unwrap();
+        let wide = matrix(16, GgmlDType::Q8_0);
+        let err = QuantMatrix::forward_split_each([&wide, &narrow], &x, 0).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("input has 512 features, the matrix 256"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn each_row_is_bitwise_independent_of_the_batch_for_every_format() {
         let dev = Device::Cpu;

@@ -667,8 +667,7 @@ impl Model {
             // product, before the down projection runs: at a prompt step
             // of 1024 rows each is 59 MB.
             let gated = {
-                let gate = mlp.gate.forward_split(&h, short_rows)?;
-                let up = mlp.up.forward_split(&h, short_rows)?;
+                let [gate, up] = Linear::forward_split_each([&mlp.gate, &mlp.up], &h, short_rows)?;
                 silu_mul(gate, &up)?
             };
             drop(h);
@@ -765,9 +764,10 @@ impl Model {
                 None => y,
             })
         };
-        let q_all = with_bias(w.q.forward_split(x, short_rows)?, &w.bias[0])?;
-        let k_all = with_bias(w.k.forward_split(x, short_rows)?, &w.bias[1])?;
-        let v_all = with_bias(w.v.forward_split(x, short_rows)?, &w.bias[2])?;
+        let [q_all, k_all, v_all] = Linear::forward_split_each([&w.q, &w.k, &w.v], x, short_rows)?;
+        let q_all = with_bias(q_all, &w.bias[0])?;
+        let k_all = with_bias(k_all, &w.bias[1])?;
+        let v_all = with_bias(v_all, &w.bias[2])?;
         let mut outs = Vec::with_capacity(segments.len());
         let mut order = order;
         if let Some((cos, sin)) = decode_rope {

@@ -16,6 +16,14 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use std::sync::Arc;
 
+/// Every result of `outs`, or the first error.
+fn all_ok<T, const N: usize>(outs: [Result<T>; N]) -> Result<[T; N]> {
+    let outs: Vec<T> = outs.into_iter().collect::<Result<_>>()?;
+    Ok(outs
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("N results from N matrices")))
+}
+
 /// A weight matrix `[out, in]` in the Hugging Face layout.
 pub enum Linear {
     Dense(Tensor),
@@ -42,6 +50,34 @@ impl Linear {
     /// (see [`RowClass`]). Two passes over the weights only when the
     /// matrix has prompt kernels and both parts are there.
     pub fn forward_split(&self, x: &Tensor, rows: usize) -> Result<Tensor> {
+        let [out] = Self::forward_split_each([self], x, rows)?;
+        Ok(out)
+    }
+
+    /// [`forward_split`](Self::forward_split) for every matrix of `ws` on
+    /// the same input: this crate's quantized kernels quantize `x` once for
+    /// all of them (the decoder's q, k and v; its gate and up).
+    pub fn forward_split_each<const N: usize>(
+        ws: [&Self; N],
+        x: &Tensor,
+        rows: usize,
+    ) -> Result<[Tensor; N]> {
+        let quantized: Vec<&QuantMatrix> = ws
+            .iter()
+            .filter_map(|w| match w {
+                Self::CpuQuantized(q) => Some(q),
+                _ => None,
+            })
+            .collect();
+        if let Ok(qs) = <[&QuantMatrix; N]>::try_from(quantized) {
+            let outs = QuantMatrix::forward_split_each(qs, x, rows)?;
+            return all_ok(outs.map(|out| Ok(out.to_dtype(x.dtype())?)));
+        }
+        all_ok(ws.map(|w| w.forward_split_one(x, rows)))
+    }
+
+    /// One matrix's `forward_split` outside this crate's quantized kernels.
+    fn forward_split_one(&self, x: &Tensor, rows: usize) -> Result<Tensor> {
         let m = x.dim(0)?;
         let prompt_kernel = match self {
             Self::CpuBf16(w) => w.has_prompt_kernel(),
