@@ -94,9 +94,17 @@ fn silu_mul(gate: Tensor, up: &Tensor) -> Result<Tensor> {
             if g1 - g0 != u1 - u0 {
                 candle_core::bail!("silu-mul of {} and {} values", g1 - g0, u1 - u0);
             }
-            for (g, &u) in g[g0..g1].iter_mut().zip(&u[u0..u1]) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
-            }
+            // On every thread of the pool: one `exp` per value, 3.7 million
+            // a step at eight sequences of a 7B, was 3% of the step on the
+            // caller alone while the other threads waited.
+            const PER_TASK: usize = 8192;
+            let u = &u[u0..u1];
+            crate::kernels::pool::for_each_chunk_mut(&mut g[g0..g1], PER_TASK, |task, g| {
+                let u = &u[task * PER_TASK..task * PER_TASK + g.len()];
+                for (g, &u) in g.iter_mut().zip(u) {
+                    *g = *g / (1.0 + (-*g).exp()) * u;
+                }
+            });
             Ok(())
         }
     }
@@ -1248,6 +1256,13 @@ mod tests {
         let want = (candle_nn::ops::silu(&gate).unwrap() * &up).unwrap();
         let got = silu_mul(gate.copy().unwrap(), &up).unwrap();
         assert_eq!(bits(&got), bits(&want));
+        // Long enough for several tasks over the pool (the last one short),
+        // with `up` starting inside its storage.
+        let long = Tensor::randn(0f32, 3.0, (3, 9001), &dev).unwrap();
+        let ups = Tensor::randn(0f32, 1.0, (4, 9001), &dev).unwrap();
+        let up_view = ups.narrow(0, 1, 3).unwrap();
+        let want = (candle_nn::ops::silu(&long).unwrap() * &up_view).unwrap();
+        assert_eq!(bits(&silu_mul(long, &up_view).unwrap()), bits(&want));
         // A transposed (non-contiguous) gate and bf16 take candle's ops.
         let t = gate.t().unwrap();
         let up_t = up.t().unwrap().contiguous().unwrap();
