@@ -128,6 +128,7 @@ impl Bf16Matrix {
     /// `[m, rows]` for the `m × cols` activations `xs` (see `forward_as`).
     fn product(&self, xs: &[f32], m: usize, class: RowClass) -> Vec<f32> {
         let k = self.cols;
+
         let w = self.values();
         let row = |r: usize| &w[r * k..(r + 1) * k];
         if class == RowClass::Prompt && self.has_prompt_kernel() {
@@ -396,6 +397,18 @@ mod tests {
         let rounded = w.to_dtype(DType::BF16).unwrap();
         let rounded = rounded.to_dtype(DType::F32).unwrap();
         (Bf16Matrix::new(&w).unwrap(), rounded)
+    }
+
+    /// No rows in, no rows out, through both classes' kernels (a step
+    /// whose rows are all decode rows has an empty prompt part).
+    #[test]
+    fn an_empty_input_gives_an_empty_product() {
+        let (matrix, _) = random_matrix(37, 64);
+        let x = Tensor::zeros((0, 64), DType::F32, &Device::Cpu).unwrap();
+        for class in [RowClass::Rows, RowClass::Prompt] {
+            let out = matrix.forward_as(&x, class).unwrap();
+            assert_eq!(out.dims(), [0, 37], "{class:?}");
+        }
     }
 
     /// The row kernels (generation's) against f32's product.

@@ -43,6 +43,41 @@ pub enum RowClass {
     Prompt,
 }
 
+/// Which kernels the rows of a product take when its first `decode` of `m`
+/// rows are decode rows and the rest prompt positions: the one rule that
+/// keeps each row on the kernels it would take alone, for this crate's
+/// quantized and bf16 matrices alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowSplit {
+    /// Every row through one class's kernels, in one pass: all decode
+    /// rows, all prompt rows, or a matrix without prompt kernels (whose
+    /// rows take the row kernels under either class).
+    All(RowClass),
+    /// Rows `..at` through the row kernels, the rest through the prompt
+    /// kernels: two passes over the weights.
+    At(usize),
+}
+
+impl RowSplit {
+    pub fn new(decode: usize, m: usize, prompt_kernel: bool) -> Self {
+        if decode == 0 || !prompt_kernel {
+            Self::All(RowClass::Prompt)
+        } else if decode >= m {
+            Self::All(RowClass::Rows)
+        } else {
+            Self::At(decode)
+        }
+    }
+}
+
+/// `N` values collected in a `Vec` as an array (the caller made exactly `N`).
+pub(crate) fn into_array<T, const N: usize>(values: Vec<T>) -> [T; N] {
+    let len = values.len();
+    values
+        .try_into()
+        .unwrap_or_else(|_| panic!("{len} values where {N} were made"))
+}
+
 /// The largest magnitude in `xs` (0 for none), or NaN when one is NaN: the
 /// activation quantizers' scale. `f32::max` passes NaN over, so a NaN
 /// activation became a block of zeros with a finite scale, and the product

@@ -13,8 +13,8 @@
 //! `q4k_panel`, `q5k_panel`, `q6k_panel`, `q8_0_panel`).
 
 use super::{
-    RowClass, pool, q4_0, q4_0_panel, q4k, q4k_panel, q5k, q5k_panel, q6k, q6k_panel, q8_0,
-    q8_0_panel,
+    RowClass, RowSplit, pool, q4_0, q4_0_panel, q4k, q4k_panel, q5k, q5k_panel, q6k, q6k_panel,
+    q8_0, q8_0_panel,
 };
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
@@ -53,6 +53,9 @@ impl QuantMatrix {
         );
         if !supported {
             return Ok(None);
+        }
+        if rows == 0 || cols == 0 {
+            bail!("a {dtype:?} matrix of {rows}×{cols} values holds nothing");
         }
         if !cols.is_multiple_of(dtype.block_size()) {
             bail!(
@@ -150,25 +153,21 @@ impl QuantMatrix {
 
     /// `x @ w.T` for `x: [m, in]` through the kernels of `class`, in f32.
     pub fn forward_as(&self, x: &Tensor, class: RowClass) -> Result<Tensor> {
-        let [out] = Self::forward_split_each([self], x, Self::class_rows(class, x.dim(0)?))?;
-        Ok(out)
-    }
-
-    /// How many leading rows `forward_split_each` sends to the row
-    /// kernels when every row is of `class`.
-    fn class_rows(class: RowClass, m: usize) -> usize {
-        match class {
-            RowClass::Rows => m,
+        let rows = match class {
+            RowClass::Rows => x.dim(0)?,
             RowClass::Prompt => 0,
-        }
+        };
+        let [out] = Self::forward_split_each([self], x, rows)?;
+        Ok(out)
     }
 
     /// `x @ w.T` for every matrix of `ws` (all of `x`'s width), `x: [m, in]`,
     /// with the first `rows` rows (decode rows) through the row kernels and
     /// the rest (prompt positions) through the prompt kernels, in f32: each
-    /// row takes the kernels it would alone (see [`RowClass`]). The input
-    /// is quantized once for all of them (q, k and v read one input; gate
-    /// and up another), on every thread of the pool.
+    /// row takes the kernels it would alone (see [`RowSplit`]). This
+    /// crate's kernels quantize each part of the input once for all the
+    /// matrices (q, k and v read one input; gate and up another), over the
+    /// pool's threads; candle's (CPUs without AVX-512 VNNI) once per matrix.
     ///
     /// Errors when a matrix's width is not `x`'s.
     pub fn forward_split_each<const N: usize>(
@@ -182,81 +181,75 @@ impl QuantMatrix {
                 bail!("input has {k} features, the matrix {}", w.cols);
             }
         }
-        let rows = rows.min(m);
         super::with_f32(x, |xs| {
-            let acts = Activations::new(xs, k);
+            // Made on first use: a part no matrix reads is never quantized.
+            let at = rows.min(m) * k;
+            let (all, head, tail) = (
+                Activations::new(xs, k),
+                Activations::new(&xs[..at], k),
+                Activations::new(&xs[at..], k),
+            );
             let mut outs = Vec::with_capacity(N);
             for w in ws {
-                // Rows of a matrix without prompt kernels all take the row
-                // kernels in one pass (the same kernels either way).
-                let out = if rows == m || rows > 0 && !w.has_prompt_kernel() {
-                    w.product(&acts, 0..m, false)?
-                } else if rows == 0 {
-                    w.product(&acts, 0..m, true)?
-                } else {
-                    let mut head = w.product(&acts, 0..rows, false)?;
-                    head.extend_from_slice(&w.product(&acts, rows..m, true)?);
-                    head
+                let out = match RowSplit::new(rows, m, w.has_prompt_kernel()) {
+                    RowSplit::All(class) => w.product(&all, class == RowClass::Prompt)?,
+                    RowSplit::At(_) => {
+                        let mut out = w.product(&head, false)?;
+                        out.extend_from_slice(&w.product(&tail, true)?);
+                        out
+                    }
                 };
                 outs.push(Tensor::from_vec(out, (m, w.rows), &Device::Cpu)?);
             }
-            Ok(outs
-                .try_into()
-                .unwrap_or_else(|_| unreachable!("one output per matrix")))
+            Ok(super::into_array(outs))
         })
     }
 
-    /// `[tokens.len(), rows]` for activation rows `tokens` of `acts`,
-    /// through the prompt kernels when `panels` (see `forward_split_each`).
-    fn product(
-        &self,
-        acts: &Activations,
-        tokens: std::ops::Range<usize>,
-        panels: bool,
-    ) -> Result<Vec<f32>> {
+    /// `[m, rows]` for the `m` activation rows of `acts`, through the
+    /// prompt kernels when `panels` (see `forward_split_each`).
+    fn product(&self, acts: &Activations, panels: bool) -> Result<Vec<f32>> {
         let k = self.cols;
+        if acts.rows() == 0 {
+            // A panel's pass over no tokens would index an empty band.
+            return Ok(Vec::new());
+        }
         Ok(match self.dtype {
             GgmlDType::Q4_0 if panels && q4_0_panel::Panel::available() => {
-                self.matmul_panels::<q4_0_panel::Panel>(acts, tokens)?
+                self.matmul_panels::<q4_0_panel::Panel>(acts)?
             }
             GgmlDType::Q4_0 if super::q4k::have_vnni() && k.is_multiple_of(q8_0::PAIR) => {
-                self.matmul_own::<Q4_0>(acts, tokens)?
+                self.matmul_own::<Q4_0>(acts)?
             }
-            GgmlDType::Q4_0 => self.matmul::<BlockQ4_0>(acts, tokens)?,
+            GgmlDType::Q4_0 => self.matmul::<BlockQ4_0>(acts)?,
             GgmlDType::Q4K if panels && q4k_panel::Panel::available() => {
-                self.matmul_panels::<q4k_panel::Panel>(acts, tokens)?
+                self.matmul_panels::<q4k_panel::Panel>(acts)?
             }
             GgmlDType::Q5K if panels && q5k_panel::Panel::available() => {
-                self.matmul_panels::<q5k_panel::Panel>(acts, tokens)?
+                self.matmul_panels::<q5k_panel::Panel>(acts)?
             }
             GgmlDType::Q6K if panels && q6k_panel::Panel::available() => {
-                self.matmul_panels::<q6k_panel::Panel>(acts, tokens)?
+                self.matmul_panels::<q6k_panel::Panel>(acts)?
             }
             GgmlDType::Q8_0 if panels && q8_0_panel::Panel::available() => {
-                self.matmul_panels::<q8_0_panel::Panel>(acts, tokens)?
+                self.matmul_panels::<q8_0_panel::Panel>(acts)?
             }
-            GgmlDType::Q4K if super::q4k::have_vnni() => self.matmul_own::<Q4K>(acts, tokens)?,
-            GgmlDType::Q5K if super::q4k::have_vnni() => self.matmul_own::<Q5K>(acts, tokens)?,
-            GgmlDType::Q6K if super::q4k::have_vnni() => self.matmul_own::<Q6K>(acts, tokens)?,
+            GgmlDType::Q4K if super::q4k::have_vnni() => self.matmul_own::<Q4K>(acts)?,
+            GgmlDType::Q5K if super::q4k::have_vnni() => self.matmul_own::<Q5K>(acts)?,
+            GgmlDType::Q6K if super::q4k::have_vnni() => self.matmul_own::<Q6K>(acts)?,
             GgmlDType::Q8_0 if super::q4k::have_vnni() && k.is_multiple_of(q8_0::PAIR) => {
-                self.matmul_own::<Q8_0>(acts, tokens)?
+                self.matmul_own::<Q8_0>(acts)?
             }
-            GgmlDType::Q4K => self.matmul::<BlockQ4K>(acts, tokens)?,
-            GgmlDType::Q5K => self.matmul::<BlockQ5K>(acts, tokens)?,
-            GgmlDType::Q6K => self.matmul::<BlockQ6K>(acts, tokens)?,
-            GgmlDType::Q8_0 => self.matmul::<BlockQ8_0>(acts, tokens)?,
+            GgmlDType::Q4K => self.matmul::<BlockQ4K>(acts)?,
+            GgmlDType::Q5K => self.matmul::<BlockQ5K>(acts)?,
+            GgmlDType::Q6K => self.matmul::<BlockQ6K>(acts)?,
+            GgmlDType::Q8_0 => self.matmul::<BlockQ8_0>(acts)?,
             other => bail!("no CPU kernel for {other:?}"),
         })
     }
 
     /// candle's row kernels (CPUs without AVX-512 VNNI).
-    fn matmul<T: GgmlType>(
-        &self,
-        acts: &Activations,
-        tokens: std::ops::Range<usize>,
-    ) -> Result<Vec<f32>> {
-        let (n, k) = (self.rows, self.cols);
-        let (m, xs) = (tokens.len(), &acts.xs[tokens.start * k..tokens.end * k]);
+    fn matmul<T: GgmlType>(&self, acts: &Activations) -> Result<Vec<f32>> {
+        let (n, k, m, xs) = (self.rows, self.cols, acts.rows(), acts.xs);
         let blocks = as_blocks::<T>(&self.data)?;
         let kb = k / T::BLCK_SIZE;
         if blocks.len() != n * kb {
@@ -266,7 +259,8 @@ impl QuantMatrix {
                 n * kb
             );
         }
-        // The activations, quantized once to the type the dot product pairs with.
+        // The activations, quantized for this product alone (candle's kernels pair
+        // with their own units, which `Activations` does not keep).
         let kq = k / T::VecDotType::BLCK_SIZE;
         let mut xq = vec![T::VecDotType::zeros(); m * kq];
         for (row, dst) in xs.chunks_exact(k).zip(xq.chunks_exact_mut(kq)) {
@@ -293,16 +287,12 @@ impl QuantMatrix {
     }
 
     /// A format with a kernel in this crate (`q4k`, `q8_0`).
-    fn matmul_own<K: Kernel>(
-        &self,
-        acts: &Activations,
-        tokens: std::ops::Range<usize>,
-    ) -> Result<Vec<f32>> {
-        let (n, k, m) = (self.rows, self.cols, tokens.len());
+    fn matmul_own<K: Kernel>(&self, acts: &Activations) -> Result<Vec<f32>> {
+        let (n, k, m) = (self.rows, self.cols, acts.rows());
         let row_bytes = k / K::BLOCK_VALUES * K::BLOCK_BYTES;
         let data = self.row_data(row_bytes)?;
         let per_row = k / K::X::VALUES;
-        let xq = &acts.get::<K::X>()[tokens.start * per_row..tokens.end * per_row];
+        let xq = acts.get::<K::X>();
         let row = |r: usize| &data[r * row_bytes..(r + 1) * row_bytes];
         if m == 1 {
             let out = rows_in_pairs(
@@ -341,16 +331,12 @@ impl QuantMatrix {
     /// sixteen rows at a time into a per-thread panel (reused, so no
     /// allocation per band), and every token passes over it; rows past the
     /// last whole panel take the kernel's row dot product.
-    fn matmul_panels<P: PanelKernel>(
-        &self,
-        acts: &Activations,
-        tokens: std::ops::Range<usize>,
-    ) -> Result<Vec<f32>> {
-        let (n, k, m) = (self.rows, self.cols, tokens.len());
+    fn matmul_panels<P: PanelKernel>(&self, acts: &Activations) -> Result<Vec<f32>> {
+        let (n, k, m) = (self.rows, self.cols, acts.rows());
         let row_bytes = k / P::BLOCK_VALUES * P::BLOCK_BYTES;
         let data = self.row_data(row_bytes)?;
-        let per_row = k / P::BLOCK_VALUES;
-        let xq = &acts.get::<P::X>()[tokens.start * per_row..tokens.end * per_row];
+        let per_row = k / P::X::VALUES;
+        let xq = acts.get::<P::X>();
         let xs: Vec<&[P::X]> = xq.chunks_exact(per_row).collect();
         Ok(bands(n, m, |rows, band, width| {
             let mut r = rows.start;
@@ -378,6 +364,8 @@ pub(super) trait PanelKernel: Sized {
     type X: Quantized;
     const BLOCK_VALUES: usize;
     const BLOCK_BYTES: usize;
+    /// Runs `f` on this thread's panel (a static cannot be generic, so each
+    /// kernel keeps its own).
     fn with_panel(f: impl FnOnce(&mut Self));
     fn pack(&mut self, rows: &[u8], row_bytes: usize);
     fn multiply(&self, xs: &[&[Self::X]], out: &mut [f32], stride: usize);
@@ -526,30 +514,38 @@ pub(super) fn check_panel<P: PanelKernel>(
 
 /// The input of one or more products, `[m, k]` in f32, and its quantized
 /// forms, each made on first use and kept: the matrices that read one
-/// input (q, k and v; gate and up) quantize it once between them, and a
-/// split into decode and prompt rows slices it instead of quantizing again.
+/// input (q, k and v; gate and up) quantize it once between them.
 pub(super) struct Activations<'a> {
     xs: &'a [f32],
+    k: usize,
     q8k: std::cell::OnceCell<Vec<Q8K>>,
     q8_pair: std::cell::OnceCell<Vec<q8_0::Q8Pair>>,
     q8_sum: std::cell::OnceCell<Vec<Q8Sum>>,
 }
 
 impl<'a> Activations<'a> {
-    /// `xs` holds whole rows of `k` values, `k` a multiple of every
-    /// quantized unit's values used on it (the matrices' checks).
+    /// `xs` holds whole rows of `k` values.
     fn new(xs: &'a [f32], k: usize) -> Self {
         debug_assert!(k > 0 && xs.len().is_multiple_of(k));
         Self {
             xs,
+            k,
             q8k: Default::default(),
             q8_pair: Default::default(),
             q8_sum: Default::default(),
         }
     }
 
-    /// Every row quantized to `X`, row after row (`k / X::VALUES` units each).
+    fn rows(&self) -> usize {
+        self.xs.len() / self.k
+    }
+
+    /// Every row quantized to `X`, row after row (`k / X::VALUES` units
+    /// each). `k` is a multiple of `X::VALUES` wherever a kernel pairs with
+    /// `X` (`QuantMatrix::new` and `product` check the widths), so no unit
+    /// straddles two rows.
     fn get<X: Quantized>(&self) -> &[X] {
+        debug_assert!(self.k.is_multiple_of(X::VALUES));
         X::cell(self).get_or_init(|| quantize_tokens(self.xs))
     }
 }
@@ -933,47 +929,59 @@ mod tests {
         });
     }
 
-    /// A row's result is bitwise the same whatever else shares the pass,
-    /// through the row kernels and through the panels, for any number of
-    /// rows. (What lets a batch of many sequences answer each as alone, and
-    /// a prompt give the same keys however it is cut into chunks.)
+    /// No rows in, no rows out, through every kernel (a step whose rows
+    /// are all decode rows has an empty prompt part): a panel once indexed
+    /// past its empty band.
     #[test]
+    fn an_empty_input_gives_an_empty_product_in_every_format() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (37, 512), &dev).unwrap();
+        let x = Tensor::zeros((0, 512), DType::F32, &dev).unwrap();
+        for dtype in FORMATS {
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let matrix = QuantMatrix::from_qtensor(&q).unwrap().unwrap();
+            for class in [RowClass::Rows, RowClass::Prompt] {
+                let out = matrix.forward_as(&x, class).unwrap();
+                assert_eq!(out.dims(), [0, 37], "{dtype:?} {class:?}");
+            }
+        }
+    }
+
     /// Matrices that share an input quantize it once (and in tasks over
     /// the pool when it is long): each product is bitwise its own alone,
     /// for any split into decode and prompt rows and any mix of formats.
+    #[test]
     fn products_sharing_an_input_are_each_bitwise_their_own() {
         let dev = Device::Cpu;
-        // 37 rows of 512: 18,944 values, quantized in several tasks.
-        let x = Tensor::randn(0f32, 1.0, (37, 512), &dev).unwrap();
-        let matrix = |rows, dtype| {
-            let w = Tensor::randn(0f32, 1.0, (rows, 512), &dev).unwrap();
+        let matrix = |rows, cols, dtype| {
+            let w = Tensor::randn(0f32, 1.0, (rows, cols), &dev).unwrap();
             let q = QTensor::quantize(&w, dtype).unwrap();
             QuantMatrix::from_qtensor(&q).unwrap().unwrap()
         };
-        let alone = |w: &QuantMatrix, split: usize| {
-            let mut out = Vec::new();
-            if split > 0 {
-                out.extend(bits(
-                    w.forward_as(&x.narrow(0, 0, split).unwrap(), RowClass::Rows)
-                        .unwrap(),
-                ));
-            }
-            if split < 37 {
-                out.extend(bits(
-                    w.forward_as(&x.narrow(0, split, 37 - split).unwrap(), RowClass::Prompt)
-                        .unwrap(),
-                ));
-            }
-            out
-        };
-        for dtypes in [
-            [GgmlDType::Q4K, GgmlDType::Q4K, GgmlDType::Q6K],
-            [GgmlDType::Q8_0, GgmlDType::Q5K, GgmlDType::Q4_0],
+        // 37 rows of 512 (18,944 values: quantized in several tasks), and
+        // of 288, a width of whole Q8_0 blocks but not of pairs (the row
+        // kernels' unit), which candle's kernels take.
+        for (cols, dtypes) in [
+            (512, [GgmlDType::Q4K, GgmlDType::Q4K, GgmlDType::Q6K]),
+            (512, [GgmlDType::Q8_0, GgmlDType::Q5K, GgmlDType::Q4_0]),
+            (288, [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q8_0]),
         ] {
+            let x = Tensor::randn(0f32, 1.0, (37, cols), &dev).unwrap();
+            let alone = |w: &QuantMatrix, split: usize| {
+                let part = |from, len, class| {
+                    bits(
+                        w.forward_as(&x.narrow(0, from, len).unwrap(), class)
+                            .unwrap(),
+                    )
+                };
+                let mut out = part(0, split, RowClass::Rows);
+                out.extend(part(split, 37 - split, RowClass::Prompt));
+                out
+            };
             let ws = [
-                matrix(131, dtypes[0]),
-                matrix(67, dtypes[1]),
-                matrix(16, dtypes[2]),
+                matrix(131, cols, dtypes[0]),
+                matrix(67, cols, dtypes[1]),
+                matrix(16, cols, dtypes[2]),
             ];
             for split in [0, 1, 5, 37] {
                 let together =
@@ -982,17 +990,18 @@ mod tests {
                     assert_eq!(
                         bits(out),
                         alone(w, split),
-                        "{:?} among {dtypes:?}, {split} decode rows",
+                        "{:?} among {dtypes:?} of {cols}, {split} decode rows",
                         w.dtype
                     );
                 }
             }
         }
         // One matrix of another width: an error, not a product.
-        let w = Tensor::randn(0f32, 1.0, (16, 256), &dev).unwrap();
-        let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
-        let narrow = QuantMatrix::from_qtensor(&q).unwrap().unwrap();
-        let wide = matrix(16, GgmlDType::Q8_0);
+        let x = Tensor::randn(0f32, 1.0, (3, 512), &dev).unwrap();
+        let (wide, narrow) = (
+            matrix(16, 512, GgmlDType::Q8_0),
+            matrix(16, 256, GgmlDType::Q8_0),
+        );
         let err = QuantMatrix::forward_split_each([&wide, &narrow], &x, 0).unwrap_err();
         assert!(
             err.to_string()
@@ -1001,6 +1010,10 @@ mod tests {
         );
     }
 
+    /// A row's result is bitwise the same whatever else shares the pass,
+    /// through the row kernels and through the panels, for any number of
+    /// rows. (What lets a batch of many sequences answer each as alone, and
+    /// a prompt give the same keys however it is cut into chunks.)
     #[test]
     fn each_row_is_bitwise_independent_of_the_batch_for_every_format() {
         let dev = Device::Cpu;
@@ -1052,11 +1065,6 @@ mod tests {
         }
     }
 
-    /// `has_prompt_kernel` holds exactly when prompt rows take other
-    /// kernels than the row kernels (results that differ in the last bits):
-    /// `Linear::forward_split` keeps a batch's decode rows out of the
-    /// panels by it, so a format whose arm is wrong would let a sequence's
-    /// answer depend on what else shares the step.
     /// A NaN activation makes its row's outputs NaN through every kernel of
     /// this crate, and leaves the other rows finite: the activation
     /// quantizers once made it a block of zeros with a finite scale, so a
@@ -1085,6 +1093,11 @@ mod tests {
         }
     }
 
+    /// `has_prompt_kernel` holds exactly when prompt rows take other
+    /// kernels than the row kernels (results that differ in the last bits):
+    /// `Linear::forward_split` keeps a batch's decode rows out of the
+    /// panels by it, so a format whose arm is wrong would let a sequence's
+    /// answer depend on what else shares the step.
     #[test]
     fn has_prompt_kernel_says_when_prompt_rows_take_other_kernels() {
         let dev = Device::Cpu;

@@ -7,9 +7,9 @@
 //! lacks is a dense variant that reads the Hugging Face `[out, in]` layout
 //! without a transpose copy and in any dtype, which `Dense` adds.
 
-use crate::kernels::RowClass;
 use crate::kernels::bf16::Bf16Matrix;
 use crate::kernels::qmatmul::QuantMatrix;
+use crate::kernels::{RowClass, RowSplit};
 use anyhow::Result;
 use bytes::Bytes;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -19,9 +19,7 @@ use std::sync::Arc;
 /// Every result of `outs`, or the first error.
 fn all_ok<T, const N: usize>(outs: [Result<T>; N]) -> Result<[T; N]> {
     let outs: Vec<T> = outs.into_iter().collect::<Result<_>>()?;
-    Ok(outs
-        .try_into()
-        .unwrap_or_else(|_| unreachable!("N results from N matrices")))
+    Ok(crate::kernels::into_array(outs))
 }
 
 /// A weight matrix `[out, in]` in the Hugging Face layout.
@@ -55,8 +53,10 @@ impl Linear {
     }
 
     /// [`forward_split`](Self::forward_split) for every matrix of `ws` on
-    /// the same input: this crate's quantized kernels quantize `x` once for
-    /// all of them (the decoder's q, k and v; its gate and up).
+    /// the same input. When all of them are this crate's quantized
+    /// matrices, each part of `x` is quantized once for all of them (the
+    /// decoder's q, k and v; its gate and up; see
+    /// [`QuantMatrix::forward_split_each`]); otherwise each goes alone.
     pub fn forward_split_each<const N: usize>(
         ws: [&Self; N],
         x: &Tensor,
@@ -78,22 +78,20 @@ impl Linear {
 
     /// One matrix's `forward_split` outside this crate's quantized kernels.
     fn forward_split_one(&self, x: &Tensor, rows: usize) -> Result<Tensor> {
-        let m = x.dim(0)?;
         let prompt_kernel = match self {
             Self::CpuBf16(w) => w.has_prompt_kernel(),
             Self::CpuQuantized(q) => q.has_prompt_kernel(),
             // candle's kernels: one pass, as before (not batch-invariant).
             Self::Dense(_) | Self::Quantized(_) => false,
         };
-        if rows == 0 || !prompt_kernel {
-            return self.forward_as(x, RowClass::Prompt);
+        match RowSplit::new(rows, x.dim(0)?, prompt_kernel) {
+            RowSplit::All(class) => self.forward_as(x, class),
+            RowSplit::At(at) => {
+                let head = self.forward_as(&x.narrow(0, 0, at)?, RowClass::Rows)?;
+                let tail = self.forward_as(&x.narrow(0, at, x.dim(0)? - at)?, RowClass::Prompt)?;
+                Ok(Tensor::cat(&[head, tail], 0)?)
+            }
         }
-        if rows >= m {
-            return self.forward_as(x, RowClass::Rows);
-        }
-        let head = self.forward_as(&x.narrow(0, 0, rows)?, RowClass::Rows)?;
-        let tail = self.forward_as(&x.narrow(0, rows, m - rows)?, RowClass::Prompt)?;
-        Ok(Tensor::cat(&[head, tail], 0)?)
     }
 
     /// `x @ w.T` through the kernels of `class` (this crate's kernels only;

@@ -1001,9 +1001,10 @@ pub fn write(path: &Path, header: &GgufHeader, tensors: Vec<(String, QTensor)>) 
 /// Checks that every block of `data` (ggml blocks of `dtype`) has finite
 /// f16 scales, as llama.cpp's `ggml_validate_row_data` does. A NaN or
 /// infinite scale is a corrupt file, and it would not show as one: the
-/// products' outputs turn NaN, and the next product's activation
-/// quantization (amax over NaN values) makes them zeros, so the model
-/// answers garbage as if nothing were wrong. Reading the scales touches
+/// products' outputs turn NaN, and the answer ends in "no finite logits"
+/// after the whole prompt's work, rather than at load with the tensor's
+/// name (once, the activation quantizers turned NaN into zeros, and the
+/// model answered garbage as if nothing were wrong). Reading the scales touches
 /// every page of the matrix once, which the first token would do anyway.
 /// Formats whose layout is not listed here are not checked.
 pub fn check_block_scales(dtype: GgmlDType, data: &[u8]) -> Result<()> {
