@@ -128,7 +128,6 @@ impl Bf16Matrix {
     /// `[m, rows]` for the `m × cols` activations `xs` (see `forward_as`).
     fn product(&self, xs: &[f32], m: usize, class: RowClass) -> Vec<f32> {
         let k = self.cols;
-
         let w = self.values();
         let row = |r: usize| &w[r * k..(r + 1) * k];
         if class == RowClass::Prompt && self.has_prompt_kernel() {
