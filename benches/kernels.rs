@@ -13,7 +13,9 @@
 //! activation rows (a decode step of M sequences, or a prompt chunk) over
 //! in-cache weights, through the row kernels (decode) and the prompt
 //! kernels (prefill), in rows × GB of weights per second: how fast a
-//! kernel turns weights into outputs once memory is not the limit.
+//! kernel turns weights into outputs once memory is not the limit. Add
+//! `--cols K` for matrices K values wide (default 4096; a 7B's FFN down
+//! projection is 14336), as many rows as keep 16.8 M values per matrix.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
@@ -21,10 +23,15 @@ use starling::kernels::RowClass;
 use starling::model::linear::Linear;
 use std::time::Instant;
 
-/// Matrices of `rows × 4096` values in `format`, `count` of them (distinct,
+/// Matrices of `rows × cols` values in `format`, `count` of them (distinct,
 /// so a pass over all of them streams `count ×` the bytes of one).
-fn matrices(format: GgmlDType, rows: usize, count: usize) -> anyhow::Result<Vec<Linear>> {
-    let w = Tensor::randn(0f32, 1.0, (rows, 4096), &Device::Cpu)?;
+fn matrices(
+    format: GgmlDType,
+    rows: usize,
+    cols: usize,
+    count: usize,
+) -> anyhow::Result<Vec<Linear>> {
+    let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu)?;
     (0..count)
         .map(|i| {
             let w = (&w + i as f64 * 1e-3)?;
@@ -58,21 +65,22 @@ fn rate_as(ms: &[Linear], x: &Tensor, passes: usize, class: RowClass) -> f64 {
 
 /// `--rows M`: rows × GB/s of in-cache weights through the row kernels
 /// and the prompt kernels, on 2 threads.
-fn batch_rates(m: usize, only: &[String]) -> anyhow::Result<()> {
-    let x = Tensor::randn(0f32, 1.0, (m, 4096), &Device::Cpu)?;
-    println!("{m} activation rows, 2 threads, in-cache weights (rows x GB/s):");
+fn batch_rates(m: usize, cols: usize, only: &[String]) -> anyhow::Result<()> {
+    let x = Tensor::randn(0f32, 1.0, (m, cols), &Device::Cpu)?;
+    let n = (4096 * 4096 / cols).max(1);
+    println!("{m} activation rows of {cols}, {n} weight rows, 2 threads (rows x GB/s):");
     for format in FORMATS {
         if !only.is_empty() && !only.contains(&format!("{format:?}").to_uppercase()) {
             continue;
         }
         // 4096 x 4096: a 7B's attention matrix, in the L3 cache (9.4 MB
         // at Q4_K), large enough that a product's fixed costs are small.
-        let cached = matrices(format, 4096, 1)?;
+        let cached = matrices(format, n, cols, 1)?;
         let passes = (100 / m).max(5);
         let rows = m as f64 * rate_as(&cached, &x, passes, RowClass::Rows);
         let prompt = m as f64 * rate_as(&cached, &x, passes, RowClass::Prompt);
         let per = cached[0].bytes();
-        let streamed = matrices(format, 4096, (600 << 20) / (per * 8) + 1)?;
+        let streamed = matrices(format, n, cols, (600 << 20) / (per * 8) + 1)?;
         let s_rows = m as f64 * rate_as(&streamed, &x, 3, RowClass::Rows);
         let s_prompt = m as f64 * rate_as(&streamed, &x, 3, RowClass::Prompt);
         println!(
@@ -102,6 +110,16 @@ fn main() -> anyhow::Result<()> {
                 .ok_or_else(|| anyhow::anyhow!("--rows needs a count of at least 1"))
         })
         .transpose()?;
+    let cols = args
+        .iter()
+        .position(|a| a == "--cols")
+        .map(|i| -> anyhow::Result<usize> {
+            let k = args.get(i + 1).map(|v| v.parse()).transpose()?;
+            k.filter(|&k| k > 0 && k % 256 == 0)
+                .ok_or_else(|| anyhow::anyhow!("--cols needs a multiple of 256"))
+        })
+        .transpose()?
+        .unwrap_or(4096);
     let only: Vec<String> = args
         .iter()
         .filter(|a| !a.starts_with('-') && a.parse::<usize>().is_err())
@@ -109,7 +127,7 @@ fn main() -> anyhow::Result<()> {
         .collect();
     if let Some(m) = rows {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build()?;
-        return pool.install(|| batch_rates(m, &only));
+        return pool.install(|| batch_rates(m, cols, &only));
     }
     let x = Tensor::randn(0f32, 1.0, (1, 4096), &Device::Cpu)?;
     for threads in [1, 2] {
@@ -124,9 +142,9 @@ fn main() -> anyhow::Result<()> {
                     continue;
                 }
                 // ~2 MB in cache; ~600-800 MB streamed.
-                let cached = matrices(format, 512, 1)?;
+                let cached = matrices(format, 512, 4096, 1)?;
                 let per = cached[0].bytes();
-                let streamed = matrices(format, 4096, (600 << 20) / (per * 8) + 1)?;
+                let streamed = matrices(format, 4096, 4096, (600 << 20) / (per * 8) + 1)?;
                 let (c, s) = (rate(&cached, &x, 200), rate(&streamed, &x, 3));
                 println!(
                     "  {format:?}: in cache {c:.1} GB/s ({:.2}x the read), streamed {s:.1} GB/s ({:.0}% of the read)",
