@@ -62,14 +62,12 @@ impl Linear {
         x: &Tensor,
         rows: usize,
     ) -> Result<[Tensor; N]> {
-        let quantized: Vec<&QuantMatrix> = ws
-            .iter()
-            .filter_map(|w| match w {
-                Self::CpuQuantized(q) => Some(q),
-                _ => None,
-            })
-            .collect();
-        if let Ok(qs) = <[&QuantMatrix; N]>::try_from(quantized) {
+        let quantized = ws.map(|w| match w {
+            Self::CpuQuantized(q) => Some(q),
+            _ => None,
+        });
+        if quantized.iter().all(Option::is_some) {
+            let qs = quantized.map(|q| q.expect("checked: every matrix is quantized"));
             let outs = QuantMatrix::forward_split_each(qs, x, rows)?;
             return all_ok(outs.map(|out| Ok(out.to_dtype(x.dtype())?)));
         }
