@@ -201,10 +201,16 @@ fn abs_max_is_the_largest_magnitude_or_nan_wherever_a_nan_is() {
 /// EPYC: the previous distance of two blocks (288 bytes for Q4_K) left a
 /// batch of 8 decode rows waiting on the weight loads (a third of the
 /// kernel's samples on the load instructions), at 14.2–14.9 tok/s; 2 KiB
-/// gave 15.9–16.5, 4 KiB the same; one row's speed did not move beyond the
-/// noise. A longer loop per block (more tokens) hides less of the latency
-/// behind the hardware prefetcher, so the distance in bytes has to grow.
-pub(crate) const PREFETCH_BYTES: usize = 2048;
+/// gave 15.9–16.5. A longer loop per block (more tokens) hides less of the
+/// latency behind the hardware prefetcher, so the distance in bytes has to
+/// grow. The machine's memory is shared and its speed drifts; when it is
+/// fast (a read probe of 60+ GB/s) one row's generation needs more: 4 KiB
+/// against 2 KiB, interleaved, Q4_K_M 12.26–12.39 → 13.45–13.77 tok/s (five
+/// rounds in two sittings) and Q8_0 7.62–7.78 → 8.61–8.63 (two rounds of
+/// three); when it is slow, within ±3% (Q4_K_M 9.92–10.05 → 10.02–10.16,
+/// Q8_0 6.12–6.16 → 5.80–6.04); 6 and 8 KiB were 1–3% slower than 4 there.
+/// Eight decode rows: 34.4–35.2 → 35.5–35.9 tok/s.
+pub(crate) const PREFETCH_BYTES: usize = 4096;
 
 /// Deterministic values in [-1, 1) for the kernels' tests (an LCG: the same
 /// inputs on every run, so a tolerance that holds once holds always).
