@@ -79,4 +79,54 @@ mod tests {
         }
         .check();
     }
+
+    /// The VNNI kernel keeps each high nibble 16 times its value and
+    /// divides its lanes' scale by 16: the products must be bitwise those
+    /// of unpacked nibbles, which is Q8_0's kernel on the same values
+    /// written as a Q8_0 row (`q - 8` as bytes, the same `d`).
+    #[test]
+    fn the_vnni_kernel_is_bitwise_q8_0s_on_the_unpacked_values() {
+        use super::super::q8_0;
+        if !super::super::q4k::have_vnni() {
+            eprintln!("no AVX-512 VNNI on this CPU: nothing to compare");
+            return;
+        }
+        let cols = 512;
+        let blocks = cols / 32;
+        // Two rows of every nibble pattern, scales from tiny to large.
+        let rows: Vec<Vec<u8>> = (0..2u32)
+            .map(|r| {
+                let mut row = Vec::with_capacity(blocks * BLOCK_BYTES);
+                for b in 0..blocks as u32 {
+                    let d =
+                        half::f16::from_f32((b as f32 - 5.5) * 0.37 * 10f32.powi(b as i32 % 5 - 2));
+                    row.extend_from_slice(&d.to_le_bytes());
+                    row.extend((0..16u32).map(|j| ((j * 37 + b * 11 + r * 101) % 256) as u8));
+                }
+                row
+            })
+            .collect();
+        let as_q8_0 = |row: &[u8]| -> Vec<u8> {
+            row.chunks_exact(BLOCK_BYTES)
+                .flat_map(|block| {
+                    let mut out = block[..2].to_vec();
+                    out.extend(block[2..].iter().map(|&q| ((q & 0xF) as i8 - 8) as u8));
+                    out.extend(block[2..].iter().map(|&q| ((q >> 4) as i8 - 8) as u8));
+                    out
+                })
+                .collect()
+        };
+        let wide: Vec<Vec<u8>> = rows.iter().map(|r| as_q8_0(r)).collect();
+        let xs: Vec<Vec<Q8Pair>> = (0..4)
+            .map(|s| q8_0::quantized(&super::super::test_values(cols, s)))
+            .collect();
+        for x in &xs {
+            let got = dot2([&rows[0], &rows[1]], x);
+            let want = q8_0::dot2([&wide[0], &wide[1]], x);
+            assert_eq!(got.map(f32::to_bits), want.map(f32::to_bits));
+        }
+        let got = dot_n::<4>(&rows[1], std::array::from_fn(|t| &xs[t][..]));
+        let want = q8_0::dot_n::<4>(&wide[1], std::array::from_fn(|t| &xs[t][..]));
+        assert_eq!(got.map(f32::to_bits), want.map(f32::to_bits));
+    }
 }
