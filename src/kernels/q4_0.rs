@@ -1,5 +1,6 @@
 //! The Q4_0 × Q8 dot product with AVX-512 VNNI: Q8_0's kernel
-//! (`q8_0::dot_vnni`) on weights unpacked from nibbles. A Q4_0 block is
+//! (`q8_0::dot_vnni`) on the nibbles (each high one kept in place, 16
+//! times its value, against a scale divided by 16). A Q4_0 block is
 //! `d: f16, qs: [u8; 16]` (18 bytes) for 32 values: value `j` is `qs[j]`'s
 //! low nibble, value `j + 16` its high nibble, each minus 8. Two blocks
 //! fill a 64-byte register; the activations are `q8_0`'s pairs of 32-value

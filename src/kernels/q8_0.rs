@@ -147,26 +147,13 @@ pub(super) unsafe fn dot_vnni<const R: usize, const N: usize, const Q4: bool>(
         // Per 16-byte copy of a Q4_0 block's `qs` (see below): which
         // nibbles it keeps, what is subtracted (8, or 8 × 16 for the high
         // nibbles kept in place), and the scale's factor for its lanes.
-        let q4_nibbles = _mm512_set_epi64(
-            0xF0F0F0F0F0F0F0F0u64 as i64,
-            0xF0F0F0F0F0F0F0F0u64 as i64,
-            0x0F0F0F0F0F0F0F0F,
-            0x0F0F0F0F0F0F0F0F,
-            0xF0F0F0F0F0F0F0F0u64 as i64,
-            0xF0F0F0F0F0F0F0F0u64 as i64,
-            0x0F0F0F0F0F0F0F0F,
-            0x0F0F0F0F0F0F0F0F,
-        );
-        let q4_offsets = _mm512_set_epi64(
-            0x8080808080808080u64 as i64,
-            0x8080808080808080u64 as i64,
-            0x0808080808080808,
-            0x0808080808080808,
-            0x8080808080808080u64 as i64,
-            0x8080808080808080u64 as i64,
-            0x0808080808080808,
-            0x0808080808080808,
-        );
+        let halves = |lo: u64, hi: u64| {
+            _mm512_set_epi64(
+                hi as _, hi as _, lo as _, lo as _, hi as _, hi as _, lo as _, lo as _,
+            )
+        };
+        let q4_nibbles = halves(0x0F0F_0F0F_0F0F_0F0F, 0xF0F0_F0F0_F0F0_F0F0);
+        let q4_offsets = halves(0x0808_0808_0808_0808, 0x8080_8080_8080_8080);
         let spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
         let q4_sixteenths = _mm512_setr_ps(
             1.0, 1.0, 1.0, 1.0, 0.0625, 0.0625, 0.0625, 0.0625, 1.0, 1.0, 1.0, 1.0, 0.0625, 0.0625,
