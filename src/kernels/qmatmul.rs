@@ -721,9 +721,8 @@ pub(super) trait RowDot: Sync {
 
 /// The `[m, n]` product for several rows (m > 1): eight activation rows per
 /// pass over each weight row (four where the kernel's `TILE` says so), then
-/// four, then the 1 to 3 left in one pass,
-/// each band of weight rows (in L2) swept once per tile of activation rows
-/// (in L1). Every kernel sums an output in the same order, so the tiling
+/// four, then the 1 to 3 left in one pass, each band of weight rows (in L2)
+/// swept once per tile of activation rows (in L1). Every kernel sums an output in the same order, so the tiling
 /// does not change a row's result.
 pub(super) fn in_tiles<D: RowDot>(n: usize, xs: &[&D::X], kernel: &D) -> Vec<f32> {
     fn tile<D: RowDot, const N: usize>(
