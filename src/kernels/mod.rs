@@ -212,6 +212,42 @@ fn abs_max_is_the_largest_magnitude_or_nan_wherever_a_nan_is() {
 /// Eight decode rows: 34.4–35.2 → 35.5–35.9 tok/s.
 pub(crate) const PREFETCH_BYTES: usize = 4096;
 
+/// Asks for the cache lines at `PREFETCH_BYTES + offsets[i]` past `at` (a
+/// row kernel's block): the blocks a row kernel reads next.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn prefetch_ahead(at: *const u8, offsets: &[usize]) {
+    use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+    for &offset in offsets {
+        // SAFETY: a prefetch never faults, wherever it points.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH_BYTES + offset).cast()) };
+    }
+}
+
+/// A row kernel's sixteen f32 accumulator lanes for one row and token: what
+/// its last step sums (`reduce_lanes`), and what it carries from one span
+/// of a row's blocks to the next (`qmatmul::in_tiles`).
+pub(crate) type Lanes = [f32; 16];
+
+/// The sum of a row kernel's accumulator lanes (`_mm512_reduce_add_ps`):
+/// every row kernel's last step, whether it took the row whole or the
+/// caller took it in spans, so both give the same bits.
+pub(crate) fn reduce_lanes(lanes: &Lanes) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if q4k::have_vnni() {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn reduce(lanes: &Lanes) -> f32 {
+            use std::arch::x86_64::*;
+            // SAFETY: 16 f32s read from an array of 16.
+            unsafe { _mm512_reduce_add_ps(_mm512_loadu_ps(lanes.as_ptr())) }
+        }
+        // SAFETY: AVX-512F comes with the VNNI kernels' features.
+        return unsafe { reduce(lanes) };
+    }
+    // Without AVX-512 no kernel fills lanes (rows are taken whole).
+    lanes.iter().sum()
+}
+
 /// Deterministic values in [-1, 1) for the kernels' tests (an LCG: the same
 /// inputs on every run, so a tolerance that holds once holds always).
 #[cfg(test)]

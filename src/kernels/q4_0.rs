@@ -60,6 +60,22 @@ pub fn dot_n<const N: usize>(row: &[u8], xs: [&[Q8Pair]; N]) -> [f32; N] {
     xs.map(|x| dot_scalar(row, x))
 }
 
+/// `dot_n` continuing each token's accumulator lanes (`q4k::dot_n_lanes`).
+pub fn dot_n_lanes<const N: usize>(
+    row: &[u8],
+    xs: [&[Q8Pair]; N],
+    lanes: &mut [super::Lanes; N],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if super::q4k::have_vnni() {
+        // SAFETY: the CPU features were detected above.
+        let lanes = std::array::from_mut(lanes);
+        unsafe { super::q8_0::dot_vnni_lanes::<1, N, true, false>([row], xs, lanes) };
+        return true;
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::KernelUnderTest;

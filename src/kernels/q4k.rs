@@ -207,18 +207,58 @@ const fn scale_index(j: i8) -> [i8; 64] {
 const SCALES_0_3: [i8; 64] = scale_index(0);
 const SCALES_4_7: [i8; 64] = scale_index(4);
 
+/// Dot products of one row with `N` tokens' activations, continuing each
+/// token's accumulator lanes (`super::Lanes`): a row taken in spans of
+/// blocks, each span's lanes carried into the next, ends with the bits of
+/// the row taken whole (`super::reduce_lanes` finishes it). False, and
+/// nothing done, without the VNNI kernel.
+pub fn dot_n_lanes<const N: usize>(
+    row: &[u8],
+    xs: [&[Q8K]; N],
+    lanes: &mut [super::Lanes; N],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if have_vnni() {
+        // SAFETY: the CPU features were detected above.
+        unsafe { dot_vnni_lanes::<1, N, false, false>([row], xs, std::array::from_mut(lanes)) };
+        return true;
+    }
+    false
+}
+
 /// The VNNI kernel for Q4_K, and with `Q5` for Q5_K: the same block with a
 /// fifth bit per value (`qh: [u8; 32]` after the scales, the 4-bit `qs`
 /// moved 32 bytes on; see `q5k`). `R` rows (of equal length) times `N`
 /// tokens' activations: `out[r][t]`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-// `blk`, `r` and `t` index the weight rows and the activation rows alike.
-#[allow(clippy::needless_range_loop)]
 pub(super) unsafe fn dot_vnni<const R: usize, const N: usize, const Q5: bool>(
     rows: [&[u8]; R],
     xs: [&[Q8K]; N],
 ) -> [[f32; N]; R] {
+    let mut lanes = [[[0f32; 16]; N]; R];
+    // SAFETY: as the caller's.
+    unsafe { dot_vnni_lanes::<R, N, Q5, true>(rows, xs, &mut lanes) };
+    lanes.map(|row| row.map(|acc| super::reduce_lanes(&acc)))
+}
+
+/// `dot_vnni`, continuing each row's and token's accumulator lanes; with
+/// `PREFETCH`, asking for the weights `PREFETCH_BYTES` on (a row taken
+/// whole; a row taken in spans has its next span prefetched by the caller).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+// `blk`, `r` and `t` index the weight rows and the activation rows alike.
+#[allow(clippy::needless_range_loop)]
+pub(super) unsafe fn dot_vnni_lanes<
+    const R: usize,
+    const N: usize,
+    const Q5: bool,
+    const PREFETCH: bool,
+>(
+    rows: [&[u8]; R],
+    xs: [&[Q8K]; N],
+    lanes: &mut [[super::Lanes; N]; R],
+) {
     // SAFETY: every pointer read stays inside a row (`blocks` whole blocks,
     // every row as long as the first) or inside a `Q8K` (checked long
     // enough); the caller guarantees the CPU features.
@@ -259,7 +299,7 @@ pub(super) unsafe fn dot_vnni<const R: usize, const N: usize, const Q5: bool>(
         );
         // Per row and token: lanes 0-7 sum d·xd·(the block's scaled
         // products), lanes 8-15 −dmin·xd·(its mins times the sums).
-        let mut facc = [[_mm512_setzero_ps(); N]; R];
+        let mut facc = lanes.map(|row| row.map(|acc| _mm512_loadu_ps(acc.as_ptr())));
         // [d ×8, dmin ×8] from [d, dmin, ..], then dmin's sign flipped.
         let spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
         let negate_high = _mm512_setr_epi32(
@@ -285,11 +325,13 @@ pub(super) unsafe fn dot_vnni<const R: usize, const N: usize, const Q5: bool>(
                 let b = rows[r].as_ptr().add(blk * block_bytes);
                 // `PREFETCH_BYTES` ahead: the hardware prefetcher alone
                 // leaves the threads waiting on memory between blocks.
-                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(super::PREFETCH_BYTES).cast());
-                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(super::PREFETCH_BYTES + 64).cast());
-                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(super::PREFETCH_BYTES + 128).cast());
-                if Q5 {
-                    _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(super::PREFETCH_BYTES + 175).cast());
+                if PREFETCH {
+                    let lines: &[usize] = if Q5 {
+                        &[0, 64, 128, 175]
+                    } else {
+                        &[0, 64, 128]
+                    };
+                    super::prefetch_ahead(b, lines);
                 }
                 // [d, dmin, 0, 0], converted together, spread to [d ×8, −dmin ×8].
                 let dd = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(b.cast::<i32>())));
@@ -375,13 +417,11 @@ pub(super) unsafe fn dot_vnni<const R: usize, const N: usize, const Q5: bool>(
                 }
             }
         }
-        let mut out = [[0f32; N]; R];
         for r in 0..R {
             for t in 0..N {
-                out[r][t] = _mm512_reduce_add_ps(facc[r][t]);
+                _mm512_storeu_ps(lanes[r][t].as_mut_ptr(), facc[r][t]);
             }
         }
-        out
     }
 }
 

@@ -74,10 +74,40 @@ pub fn dot_n<const N: usize>(row: &[u8], xs: [&[Q8K]; N]) -> [f32; N] {
     xs.map(|x| dot_scalar(row, x))
 }
 
+/// `dot_n` continuing each token's accumulator lanes (`q4k::dot_n_lanes`).
+pub fn dot_n_lanes<const N: usize>(
+    row: &[u8],
+    xs: [&[Q8K]; N],
+    lanes: &mut [super::Lanes; N],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if super::q4k::have_vnni() {
+        // SAFETY: the CPU features were detected above.
+        unsafe { dot_vnni_lanes::<N, false>(row, xs, lanes) };
+        return true;
+    }
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn dot_vnni<const N: usize>(row: &[u8], xs: [&[Q8K]; N]) -> [f32; N] {
+    let mut lanes = [[0f32; 16]; N];
+    // SAFETY: as the caller's.
+    unsafe { dot_vnni_lanes::<N, true>(row, xs, &mut lanes) };
+    lanes.map(|acc| super::reduce_lanes(&acc))
+}
+
+/// `dot_vnni`, continuing each token's accumulator lanes; with `PREFETCH`,
+/// asking for the weights `PREFETCH_BYTES` on (see `q4k::dot_vnni_lanes`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 #[allow(clippy::needless_range_loop)]
-unsafe fn dot_vnni<const N: usize>(row: &[u8], xs: [&[Q8K]; N]) -> [f32; N] {
+unsafe fn dot_vnni_lanes<const N: usize, const PREFETCH: bool>(
+    row: &[u8],
+    xs: [&[Q8K]; N],
+    lanes: &mut [super::Lanes; N],
+) {
     // SAFETY: every read stays inside `row` (whole blocks) or inside a
     // `Q8K` (checked long enough); the caller guarantees the CPU features.
     unsafe {
@@ -126,13 +156,12 @@ unsafe fn dot_vnni<const N: usize>(row: &[u8], xs: [&[Q8K]; N]) -> [f32; N] {
                 ),
             ],
         ];
-        let mut facc = [_mm512_setzero_ps(); N];
+        let mut facc = lanes.map(|acc| _mm512_loadu_ps(acc.as_ptr()));
         for blk in 0..blocks {
             let b = row.as_ptr().add(blk * BLOCK_BYTES);
-            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(super::PREFETCH_BYTES).cast());
-            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(super::PREFETCH_BYTES + 64).cast());
-            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(super::PREFETCH_BYTES + 128).cast());
-            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(super::PREFETCH_BYTES + 192).cast());
+            if PREFETCH {
+                super::prefetch_ahead(b, &[0, 64, 128, 192]);
+            }
             // In registers (F16C): `q4k::f16` is a call into `half` that
             // cannot inline into this function, 6% of a Q4_K_M token.
             let d = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(std::ptr::read_unaligned(
@@ -184,11 +213,9 @@ unsafe fn dot_vnni<const N: usize>(row: &[u8], xs: [&[Q8K]; N]) -> [f32; N] {
                 facc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), dx, facc[t]);
             }
         }
-        let mut out = [0f32; N];
         for t in 0..N {
-            out[t] = _mm512_reduce_add_ps(facc[t]);
+            _mm512_storeu_ps(lanes[t].as_mut_ptr(), facc[t]);
         }
-        out
     }
 }
 

@@ -117,14 +117,52 @@ pub fn dot_n<const N: usize>(row: &[u8], xs: [&[Q8Pair]; N]) -> [f32; N] {
     xs.map(|x| dot_scalar(row, x))
 }
 
+/// `dot_n` continuing each token's accumulator lanes (`q4k::dot_n_lanes`).
+pub fn dot_n_lanes<const N: usize>(
+    row: &[u8],
+    xs: [&[Q8Pair]; N],
+    lanes: &mut [super::Lanes; N],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if super::q4k::have_vnni() {
+        // SAFETY: the CPU features were detected above.
+        unsafe { dot_vnni_lanes::<1, N, false, false>([row], xs, std::array::from_mut(lanes)) };
+        return true;
+    }
+    false
+}
+
+/// `R` rows of Q8_0 blocks (with `Q4`, of Q4_0 blocks) times `N` tokens'
+/// activations: `out[r][t]`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-// `p`, `r` and `t` index the weight pairs, the rows and the activation rows alike.
-#[allow(clippy::needless_range_loop)]
 pub(super) unsafe fn dot_vnni<const R: usize, const N: usize, const Q4: bool>(
     rows: [&[u8]; R],
     xs: [&[Q8Pair]; N],
 ) -> [[f32; N]; R] {
+    let mut lanes = [[[0f32; 16]; N]; R];
+    // SAFETY: as the caller's.
+    unsafe { dot_vnni_lanes::<R, N, Q4, true>(rows, xs, &mut lanes) };
+    lanes.map(|row| row.map(|acc| super::reduce_lanes(&acc)))
+}
+
+/// `dot_vnni`, continuing each row's and token's accumulator lanes; with
+/// `PREFETCH`, asking for the weights `PREFETCH_BYTES` on (see
+/// `q4k::dot_vnni_lanes`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+// `p`, `r` and `t` index the weight pairs, the rows and the activation rows alike.
+#[allow(clippy::needless_range_loop)]
+pub(super) unsafe fn dot_vnni_lanes<
+    const R: usize,
+    const N: usize,
+    const Q4: bool,
+    const PREFETCH: bool,
+>(
+    rows: [&[u8]; R],
+    xs: [&[Q8Pair]; N],
+    lanes: &mut [[super::Lanes; N]; R],
+) {
     // SAFETY: reads stay inside each row (whole pairs of blocks, every row
     // as long as the first) and inside the activation rows (checked long
     // enough); the caller guarantees the CPU features.
@@ -159,13 +197,12 @@ pub(super) unsafe fn dot_vnni<const R: usize, const N: usize, const Q4: bool>(
             1.0, 1.0, 1.0, 1.0, 0.0625, 0.0625, 0.0625, 0.0625, 1.0, 1.0, 1.0, 1.0, 0.0625, 0.0625,
             0.0625, 0.0625,
         );
-        let mut facc = [[_mm512_setzero_ps(); N]; R];
+        let mut facc = lanes.map(|row| row.map(|acc| _mm512_loadu_ps(acc.as_ptr())));
         for p in 0..pairs {
             for r in 0..R {
                 let b = rows[r].as_ptr().add(p * 2 * block_bytes);
-                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(super::PREFETCH_BYTES).cast());
-                if !Q4 {
-                    _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(super::PREFETCH_BYTES + 64).cast());
+                if PREFETCH {
+                    super::prefetch_ahead(b, if Q4 { &[0] } else { &[0, 64] });
                 }
                 // The pair's 64 signed weights.
                 let w = if Q4 {
@@ -210,7 +247,11 @@ pub(super) unsafe fn dot_vnni<const R: usize, const N: usize, const Q4: bool>(
                 }
             }
         }
-        facc.map(|row| row.map(|acc| _mm512_reduce_add_ps(acc)))
+        for r in 0..R {
+            for t in 0..N {
+                _mm512_storeu_ps(lanes[r][t].as_mut_ptr(), facc[r][t]);
+            }
+        }
     }
 }
 
