@@ -836,8 +836,8 @@ pub(super) fn in_tiles<D: RowDot>(n: usize, xs: &[&D::X], kernel: &D) -> Vec<f32
     /// the whole-row binary: Q4_K_M 33.85–34.79 → 34.77–34.97 tok/s (four
     /// rounds), Q8_0 20.04–20.42 → 20.75–21.28 (three); the 14336-wide
     /// Q4_K product alone (kernels bench, streamed) 109–111 → 126–130
-    /// rows·GB/s. Spans that left the kernels' prefetch on, with none of
-    /// their own, were 13% slower than whole rows.
+    /// rows·GB/s. A first cut (spans for 4096-wide rows too, the kernels'
+    /// prefetch left on, none here) was 12–15% slower than whole rows.
     #[allow(clippy::too_many_arguments)]
     fn tile_in_spans<D: RowDot, const N: usize>(
         kernel: &D,
