@@ -95,7 +95,12 @@ unsafe fn dot_vnni<const N: usize>(row: &[u8], xs: [&[Q8K]; N]) -> [f32; N] {
     let mut lanes = [[0f32; 16]; N];
     // SAFETY: as the caller's.
     unsafe { dot_vnni_lanes::<N, true>(row, xs, &mut lanes) };
-    lanes.map(|acc| super::reduce_lanes(&acc))
+    let mut out = [0f32; N];
+    for t in 0..N {
+        // SAFETY: as the caller's.
+        out[t] = unsafe { super::reduce_lanes_avx512(&lanes[t]) };
+    }
+    out
 }
 
 /// `dot_vnni`, continuing each token's accumulator lanes; with `PREFETCH`,
@@ -103,6 +108,7 @@ unsafe fn dot_vnni<const N: usize>(row: &[u8], xs: [&[Q8K]; N]) -> [f32; N] {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 #[allow(clippy::needless_range_loop)]
+#[inline]
 unsafe fn dot_vnni_lanes<const N: usize, const PREFETCH: bool>(
     row: &[u8],
     xs: [&[Q8K]; N],

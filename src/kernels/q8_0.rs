@@ -143,7 +143,14 @@ pub(super) unsafe fn dot_vnni<const R: usize, const N: usize, const Q4: bool>(
     let mut lanes = [[[0f32; 16]; N]; R];
     // SAFETY: as the caller's.
     unsafe { dot_vnni_lanes::<R, N, Q4, true>(rows, xs, &mut lanes) };
-    lanes.map(|row| row.map(|acc| super::reduce_lanes(&acc)))
+    let mut out = [[0f32; N]; R];
+    for r in 0..R {
+        for t in 0..N {
+            // SAFETY: as the caller's.
+            out[r][t] = unsafe { super::reduce_lanes_avx512(&lanes[r][t]) };
+        }
+    }
+    out
 }
 
 /// `dot_vnni`, continuing each row's and token's accumulator lanes; with
@@ -153,6 +160,7 @@ pub(super) unsafe fn dot_vnni<const R: usize, const N: usize, const Q4: bool>(
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 // `p`, `r` and `t` index the weight pairs, the rows and the activation rows alike.
 #[allow(clippy::needless_range_loop)]
+#[inline]
 pub(super) unsafe fn dot_vnni_lanes<
     const R: usize,
     const N: usize,
