@@ -18,7 +18,8 @@ pub fn dot_scalar(row: &[u8], x: &[Q8Pair]) -> f32 {
     for (b, block) in row.chunks_exact(BLOCK_BYTES).enumerate() {
         let pair = &x[b / 2];
         let half = b % 2;
-        let xs = &pair.qs()[32 * half..32 * (half + 1)];
+        let qs = pair.qs();
+        let xs = &qs[32 * half..32 * (half + 1)];
         let mut isum = 0i32;
         for (j, &q) in block[2..].iter().enumerate() {
             isum += ((q & 0xF) as i32 - 8) * xs[j] as i32;

@@ -968,7 +968,9 @@ kernel!(Q4_0, q4_0, q8_pair, dot2);
 // and token) fill 64 KiB per 4096-wide row, past L1, and each row re-read
 // them from L2. B=8 on a 7B Q8_0, two interleaved rounds: 15.89 / 16.14
 // tok/s with 8, 17.02 / 17.27 with 4. Q4_K_M (32.35 / 32.08 against 24.46
-// / 31.23) and Q4_0 (22.32 / 21.31 against 20.81 / 20.45) keep 8.
+// / 31.23) and Q4_0 (22.32 / 21.31 against 20.81 / 20.45) keep 8. With the
+// pairs at 128 bytes and wide rows in spans, eight still lose: 19.59–19.93
+// against 21.81–21.93 (three rounds).
 kernel!(Q8_0, q8_0, q8_pair, dot2; tile 4);
 
 /// Bytes as ggml blocks; `QuantMatrix::new` aligned them, and the check
