@@ -327,7 +327,6 @@ impl<K: Kernel> Rows<'_, K> {
 
 impl<K: Kernel> RowDot for Rows<'_, K> {
     type X = [K::X];
-    const TILE: usize = K::TILE;
     fn dot_n<const N: usize>(&self, r: usize, xs: [&[K::X]; N]) -> [f32; N] {
         K::dot_n(&self.data[r * self.row_bytes..(r + 1) * self.row_bytes], xs)
     }
@@ -757,9 +756,6 @@ const BAND_KEEP: usize = 1 << 20;
 /// activations, each weight block unpacked once for all of them.
 pub(super) trait RowDot: Sync {
     type X: ?Sized + Sync;
-    /// The most activation rows per pass over a weight row: 8, or 4 where
-    /// eight rows' activations spill out of L1.
-    const TILE: usize = 8;
     fn dot_n<const N: usize>(&self, r: usize, xs: [&Self::X; N]) -> [f32; N];
 
     /// `(units, span)` when `N` tokens' activations for a whole row (of
@@ -790,8 +786,8 @@ pub(super) trait RowDot: Sync {
 /// third of L1 is left to the weights and the carried lanes.
 const SPAN_BYTES: usize = 32 << 10;
 
-/// Activation bytes of a tile's row past which it is taken in spans.
-const SPANS_FROM: usize = 64 << 10;
+/// Activation bytes of a tile's row past which it is taken in spans: L1.
+const SPANS_FROM: usize = 48 << 10;
 
 /// Weight rows whose lanes a span pass carries (`tile_in_spans`): 8 KiB of
 /// lanes for eight tokens.
@@ -801,10 +797,10 @@ const SPAN_ROWS: usize = 16;
 const SPAN_AHEAD: usize = 2;
 
 /// The `[m, n]` product for several rows (m > 1): eight activation rows per
-/// pass over each weight row (four where the kernel's `TILE` says so), then
-/// four, then the 1 to 3 left in one pass, each band of weight rows (in L2)
-/// swept once per tile of activation rows (in L1). Every kernel sums an output in the same order, so the tiling
-/// does not change a row's result.
+/// pass over each weight row, then four, then the 1 to 3 left in one pass,
+/// each band of weight rows (in L2) swept once per tile of activation rows
+/// (in L1; rows too wide for that in spans). Every kernel sums an output in
+/// the same order, so the tiling does not change a row's result.
 pub(super) fn in_tiles<D: RowDot>(n: usize, xs: &[&D::X], kernel: &D) -> Vec<f32> {
     fn tile<D: RowDot, const N: usize>(
         kernel: &D,
@@ -878,7 +874,7 @@ pub(super) fn in_tiles<D: RowDot>(n: usize, xs: &[&D::X], kernel: &D) -> Vec<f32
     let m = xs.len();
     bands(n, m, |rows, band, width| {
         let mut i = 0;
-        while D::TILE >= 8 && i + 8 <= m {
+        while i + 8 <= m {
             tile::<D, 8>(kernel, xs, i, rows.clone(), band, width);
             i += 8;
         }
@@ -901,8 +897,6 @@ trait Kernel {
     type X: Quantized;
     const BLOCK_BYTES: usize;
     const BLOCK_VALUES: usize;
-    /// The most activation rows per pass over a weight row (8 or 4).
-    const TILE: usize = 8;
     fn dot(row: &[u8], x: &[Self::X]) -> f32;
     fn dot_n<const N: usize>(row: &[u8], xs: [&[Self::X]; N]) -> [f32; N];
     /// `dot_n` continuing each token's accumulator lanes; false, and nothing
@@ -927,17 +921,16 @@ macro_rules! kernel {
     ($name:ident, $module:ident, q8k $(, $dot2:ident)?) => {
         kernel!($name, $module, q4k::Q8K, q4k::QK $(, $dot2)?);
     };
-    ($name:ident, $module:ident, q8_pair $(, $dot2:ident)? $(; tile $tile:expr)?) => {
-        kernel!($name, $module, q8_0::Q8Pair, 32 $(, $dot2)? $(; tile $tile)?);
+    ($name:ident, $module:ident, q8_pair $(, $dot2:ident)?) => {
+        kernel!($name, $module, q8_0::Q8Pair, 32 $(, $dot2)?);
     };
-    ($name:ident, $module:ident, $x:ty, $block_values:expr $(, $dot2:ident)? $(; tile $tile:expr)?) => {
+    ($name:ident, $module:ident, $x:ty, $block_values:expr $(, $dot2:ident)?) => {
         struct $name;
 
         impl Kernel for $name {
             type X = $x;
             const BLOCK_BYTES: usize = $module::BLOCK_BYTES;
             const BLOCK_VALUES: usize = $block_values;
-            $(const TILE: usize = $tile;)?
             fn dot(row: &[u8], x: &[Self::X]) -> f32 {
                 $module::dot(row, x)
             }
@@ -964,14 +957,12 @@ kernel!(Q4K, q4k, q8k, dot2);
 kernel!(Q5K, q5k, q8k, dot2);
 kernel!(Q6K, q6k, q8k);
 kernel!(Q4_0, q4_0, q8_pair, dot2);
-// Four tokens a pass: eight tokens' Q8_0 pairs (128 bytes read per pair
-// and token) fill 64 KiB per 4096-wide row, past L1, and each row re-read
-// them from L2. B=8 on a 7B Q8_0, two interleaved rounds: 15.89 / 16.14
-// tok/s with 8, 17.02 / 17.27 with 4. Q4_K_M (32.35 / 32.08 against 24.46
-// / 31.23) and Q4_0 (22.32 / 21.31 against 20.81 / 20.45) keep 8. With the
-// pairs at 128 bytes and wide rows in spans, eight still lose: 19.59–19.93
-// against 21.81–21.93 (three rounds).
-kernel!(Q8_0, q8_0, q8_pair, dot2; tile 4);
+// Eight tokens a pass, as every format: Q8_0 took four while eight tokens'
+// pairs (then 192 bytes) spilled out of L1 for a 4096-wide row (B=8 on a
+// 7B Q8_0: 15.89 / 16.14 tok/s with 8, 17.02 / 17.27 with 4); with the
+// pairs at 128 bytes and such rows in spans (`SPANS_FROM`), eight win:
+// 21.42–21.56 → 22.81–23.01 (two rounds).
+kernel!(Q8_0, q8_0, q8_pair, dot2);
 
 /// Bytes as ggml blocks; `QuantMatrix::new` aligned them, and the check
 /// stays so a misuse is an error rather than undefined behaviour.
@@ -1203,8 +1194,9 @@ mod tests {
                 }
             }
         }
-        // These rows are taken in spans where the kernels can (and rows of
-        // 4096, whose eight tokens' Q8_K activations take 40 KiB, whole).
+        // These rows are taken in spans where the kernels can; rows of 4096
+        // whole where eight tokens' activations fit L1 (Q8_K: 40 KiB), in
+        // spans where they do not (Q8_0 pairs: 64 KiB).
         fn spans<K: Kernel, const N: usize>(cols: usize) -> Option<(usize, usize)> {
             let row_bytes = cols / K::BLOCK_VALUES * K::BLOCK_BYTES;
             let rows = Rows::<K> {
@@ -1221,6 +1213,7 @@ mod tests {
             assert!(spans::<Q8_0, 4>(cols).is_some());
             assert!(spans::<Q4_0, 8>(cols).is_some());
             assert_eq!(spans::<Q4K, 8>(4096), None);
+            assert_eq!(spans::<Q8_0, 8>(4096), Some((64, 32)));
             assert_eq!(spans::<Q4K, 1>(cols), None);
         }
     }
