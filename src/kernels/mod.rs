@@ -239,7 +239,39 @@ pub(crate) fn reduce_lanes(lanes: &Lanes) -> f32 {
         return unsafe { reduce_lanes_avx512(lanes) };
     }
     // Without AVX-512 no kernel fills lanes (rows are taken whole).
-    lanes.iter().sum()
+    reduce_lanes_scalar(lanes)
+}
+
+/// `reduce_lanes` in plain Rust, in the intrinsic's order: halves,
+/// quarters, pairs, the two.
+fn reduce_lanes_scalar(lanes: &Lanes) -> f32 {
+    let fold = |l: &[f32]| -> Vec<f32> {
+        let (a, b) = l.split_at(l.len() / 2);
+        a.iter().zip(b).map(|(a, b)| a + b).collect()
+    };
+    let four = fold(&fold(lanes));
+    let two = [four[0] + four[2], four[1] + four[3]];
+    two[0] + two[1]
+}
+
+#[test]
+fn the_plain_lane_sum_has_the_intrinsics_bits() {
+    if !q4k::have_vnni() {
+        eprintln!("no AVX-512 on this CPU: nothing to compare");
+        return;
+    }
+    for seed in 0..64 {
+        // Magnitudes over six decades, so the order of the sums shows.
+        let values = test_values(32, seed);
+        let lanes: Lanes =
+            std::array::from_fn(|i| values[i] * 10f32.powi((values[16 + i] * 3.0) as i32));
+        assert_eq!(
+            reduce_lanes(&lanes).to_bits(),
+            reduce_lanes_scalar(&lanes).to_bits(),
+            "seed {seed}"
+        );
+    }
+    // (A left-to-right sum fails this: checked.)
 }
 
 /// `reduce_lanes` inside the kernels, where it inlines (a call per output,

@@ -74,6 +74,8 @@ pub fn dot_n_lanes<const N: usize>(
         unsafe { super::q8_0::dot_vnni_lanes::<1, N, true, false>([row], xs, lanes) };
         return true;
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (row, xs, lanes);
     false
 }
 

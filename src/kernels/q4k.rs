@@ -223,6 +223,8 @@ pub fn dot_n_lanes<const N: usize>(
         unsafe { dot_vnni_lanes::<1, N, false, false>([row], xs, std::array::from_mut(lanes)) };
         return true;
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (row, xs, lanes);
     false
 }
 

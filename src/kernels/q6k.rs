@@ -86,6 +86,8 @@ pub fn dot_n_lanes<const N: usize>(
         unsafe { dot_vnni_lanes::<N, false>(row, xs, lanes) };
         return true;
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (row, xs, lanes);
     false
 }
 

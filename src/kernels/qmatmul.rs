@@ -335,7 +335,8 @@ impl<K: Kernel> RowDot for Rows<'_, K> {
         let units = self.row_bytes / Self::UNIT_BYTES;
         let unit = N * std::mem::size_of::<K::X>();
         let span = (SPAN_BYTES / unit).max(1);
-        (units * unit > SPANS_FROM && K::has_lanes()).then_some((units, span))
+        // Every kernel's `dot_n_lanes` is its VNNI kernel.
+        (units * unit > SPANS_FROM && q4k::have_vnni()).then_some((units, span))
     }
 
     fn prefetch(&self, r: usize, span: std::ops::Range<usize>) {
@@ -346,11 +347,15 @@ impl<K: Kernel> RowDot for Rows<'_, K> {
         else {
             return;
         };
+        // Every cache line the bytes touch, the first from its start.
         #[cfg(target_arch = "x86_64")]
-        for line in bytes.chunks(64) {
+        {
             use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-            // SAFETY: a prefetch of memory inside `data`.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
+            let first = bytes.as_ptr().wrapping_sub(bytes.as_ptr() as usize % 64);
+            for line in (0..bytes.len() + bytes.as_ptr() as usize % 64).step_by(64) {
+                // SAFETY: a prefetch never faults, wherever it points.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(first.wrapping_add(line).cast()) };
+            }
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = bytes;
@@ -786,7 +791,8 @@ pub(super) trait RowDot: Sync {
 /// third of L1 is left to the weights and the carried lanes.
 const SPAN_BYTES: usize = 32 << 10;
 
-/// Activation bytes of a tile's row past which it is taken in spans: L1.
+/// Activation bytes of a tile's row past which it is taken in spans: this
+/// EPYC's L1 (on a CPU with 32 KiB of L1 a little more spills than here).
 const SPANS_FROM: usize = 48 << 10;
 
 /// Weight rows whose lanes a span pass carries (`tile_in_spans`): 8 KiB of
@@ -832,8 +838,10 @@ pub(super) fn in_tiles<D: RowDot>(n: usize, xs: &[&D::X], kernel: &D) -> Vec<f32
     /// the whole-row binary: Q4_K_M 33.85–34.79 → 34.77–34.97 tok/s (four
     /// rounds), Q8_0 20.04–20.42 → 20.75–21.28 (three); the 14336-wide
     /// Q4_K product alone (kernels bench, streamed) 109–111 → 126–130
-    /// rows·GB/s. A first cut (spans for 4096-wide rows too, the kernels'
-    /// prefetch left on, none here) was 12–15% slower than whole rows.
+    /// rows·GB/s (Q8_0 then took four tokens a pass, and only its 14336-wide
+    /// rows went in spans). A first cut (32 KiB spans for 4096-wide Q4_K
+    /// rows too, the kernels' prefetch left on, none here) was 12–15% slower
+    /// than whole rows.
     #[allow(clippy::too_many_arguments)]
     fn tile_in_spans<D: RowDot, const N: usize>(
         kernel: &D,
@@ -849,17 +857,25 @@ pub(super) fn in_tiles<D: RowDot>(n: usize, xs: &[&D::X], kernel: &D) -> Vec<f32
         for first in rows.clone().step_by(SPAN_ROWS) {
             let group = first..(first + SPAN_ROWS).min(rows.end);
             lanes.iter_mut().for_each(|l| *l = [[0f32; 16]; N]);
-            for start in (0..units).step_by(span) {
+            let steps = units.div_ceil(span) * group.len();
+            for (s, start) in (0..units).step_by(span).enumerate() {
                 let this = start..(start + span).min(units);
                 for (r, lanes) in group.clone().zip(&mut lanes) {
                     // The kernels' own prefetch is off here (it runs ahead
                     // within a row, into spans taken much later): the
-                    // (row, span) `SPAN_AHEAD` steps on is asked for instead.
-                    let k = r - group.start + SPAN_AHEAD;
-                    let next = start + k / group.len() * span;
-                    if next < units {
-                        let row = group.start + k % group.len();
-                        kernel.prefetch(row, next..(next + span).min(units));
+                    // (row, span) `SPAN_AHEAD` steps on is asked for instead,
+                    // past the group's last into the next group's first.
+                    let ahead = s * group.len() + r - group.start + SPAN_AHEAD;
+                    let (row, at) = if ahead < steps {
+                        (
+                            group.start + ahead % group.len(),
+                            ahead / group.len() * span,
+                        )
+                    } else {
+                        (group.end + ahead - steps, 0)
+                    };
+                    if row < rows.end {
+                        kernel.prefetch(row, at..(at + span).min(units));
                     }
                     kernel.dot_n_lanes(r, tile, this.clone(), lanes);
                 }
@@ -900,13 +916,9 @@ trait Kernel {
     fn dot(row: &[u8], x: &[Self::X]) -> f32;
     fn dot_n<const N: usize>(row: &[u8], xs: [&[Self::X]; N]) -> [f32; N];
     /// `dot_n` continuing each token's accumulator lanes; false, and nothing
-    /// done, where the CPU lacks the kernel (`has_lanes`).
+    /// done, where the CPU lacks the kernel (VNNI).
     fn dot_n_lanes<const N: usize>(row: &[u8], xs: [&[Self::X]; N], lanes: &mut [Lanes; N])
     -> bool;
-    /// Whether `dot_n_lanes` runs on this CPU.
-    fn has_lanes() -> bool {
-        super::q4k::have_vnni()
-    }
     /// Two rows times one token's activations (generation); a kernel with
     /// a two-row loop overrides this.
     fn dot2(rows: [&[u8]; 2], x: &[Self::X]) -> [f32; 2] {
@@ -1173,21 +1185,27 @@ mod tests {
     fn rows_taken_in_spans_are_bitwise_the_rows_taken_whole() {
         let dev = Device::Cpu;
         let cols = 14336;
-        // 37 rows: two groups of `SPAN_ROWS` and a part.
-        let w = super::super::test_values(37 * cols, 5);
-        let w = Tensor::from_vec(w, (37, cols), &dev).unwrap();
-        let x = Tensor::from_vec(super::super::test_values(9 * cols, 6), (9, cols), &dev).unwrap();
+        if !q4k::have_vnni() {
+            eprintln!("no AVX-512 VNNI on this CPU: rows are taken whole");
+        }
+        // 33 rows: two groups of `SPAN_ROWS` and one row (fewer than the
+        // prefetch runs ahead).
+        let w = super::super::test_values(33 * cols, 5);
+        let w = Tensor::from_vec(w, (33, cols), &dev).unwrap();
+        let x = super::super::test_values(15 * cols, 6);
+        let x = Tensor::from_vec(x, (15, cols), &dev).unwrap();
         for dtype in FORMATS {
             let q = QTensor::quantize(&w, dtype).unwrap();
             let matrix = QuantMatrix::from_qtensor(&q).unwrap().unwrap();
-            // Nine tokens: a tile of eight, then one; four: a tile of four.
-            for m in [9, 4] {
+            // Tiles of eight, four and three (15), eight and two (10),
+            // eight and one (9): all but one in spans.
+            for m in [15, 10, 9] {
                 let together = bits(
                     matrix
                         .forward_as(&x.narrow(0, 0, m).unwrap(), RowClass::Rows)
                         .unwrap(),
                 );
-                for (i, row) in together.chunks(37).enumerate() {
+                for (i, row) in together.chunks(33).enumerate() {
                     let x = x.narrow(0, i, 1).unwrap();
                     let alone = bits(matrix.forward_as(&x, RowClass::Rows).unwrap());
                     assert_eq!(row, alone, "{dtype:?}: token {i} of {m}");
@@ -1209,6 +1227,8 @@ mod tests {
         if q4k::have_vnni() {
             assert_eq!(spans::<Q4K, 8>(cols), Some((56, 12)));
             assert_eq!(spans::<Q4K, 4>(cols), Some((56, 25)));
+            assert_eq!(spans::<Q4K, 3>(cols), Some((56, 34)));
+            assert!(spans::<Q8_0, 2>(cols).is_some());
             assert!(spans::<Q6K, 8>(cols).is_some() && spans::<Q5K, 8>(cols).is_some());
             assert!(spans::<Q8_0, 4>(cols).is_some());
             assert!(spans::<Q4_0, 8>(cols).is_some());
