@@ -347,15 +347,11 @@ impl<K: Kernel> RowDot for Rows<'_, K> {
         else {
             return;
         };
-        // Every cache line the bytes touch, the first from its start.
         #[cfg(target_arch = "x86_64")]
-        {
+        for line in bytes.chunks(64) {
             use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-            let first = bytes.as_ptr().wrapping_sub(bytes.as_ptr() as usize % 64);
-            for line in (0..bytes.len() + bytes.as_ptr() as usize % 64).step_by(64) {
-                // SAFETY: a prefetch never faults, wherever it points.
-                unsafe { _mm_prefetch::<_MM_HINT_T0>(first.wrapping_add(line).cast()) };
-            }
+            // SAFETY: a prefetch of memory inside `data`.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = bytes;
@@ -857,25 +853,21 @@ pub(super) fn in_tiles<D: RowDot>(n: usize, xs: &[&D::X], kernel: &D) -> Vec<f32
         for first in rows.clone().step_by(SPAN_ROWS) {
             let group = first..(first + SPAN_ROWS).min(rows.end);
             lanes.iter_mut().for_each(|l| *l = [[0f32; 16]; N]);
-            let steps = units.div_ceil(span) * group.len();
-            for (s, start) in (0..units).step_by(span).enumerate() {
+            for start in (0..units).step_by(span) {
                 let this = start..(start + span).min(units);
                 for (r, lanes) in group.clone().zip(&mut lanes) {
                     // The kernels' own prefetch is off here (it runs ahead
                     // within a row, into spans taken much later): the
-                    // (row, span) `SPAN_AHEAD` steps on is asked for instead,
-                    // past the group's last into the next group's first.
-                    let ahead = s * group.len() + r - group.start + SPAN_AHEAD;
-                    let (row, at) = if ahead < steps {
-                        (
-                            group.start + ahead % group.len(),
-                            ahead / group.len() * span,
-                        )
-                    } else {
-                        (group.end + ahead - steps, 0)
-                    };
-                    if row < rows.end {
-                        kernel.prefetch(row, at..(at + span).min(units));
+                    // (row, span) `SPAN_AHEAD` steps on is asked for instead.
+                    // (Running on into the next group's first steps, and
+                    // from each span's first cache line rather than its
+                    // first byte, measured slower: eight Q8_0 decode rows
+                    // at 17.0–17.6 tok/s against 21.9–22.5, two rounds.)
+                    let k = r - group.start + SPAN_AHEAD;
+                    let next = start + k / group.len() * span;
+                    if next < units {
+                        let row = group.start + k % group.len();
+                        kernel.prefetch(row, next..(next + span).min(units));
                     }
                     kernel.dot_n_lanes(r, tile, this.clone(), lanes);
                 }
