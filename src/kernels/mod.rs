@@ -274,6 +274,29 @@ fn the_plain_lane_sum_has_the_intrinsics_bits() {
     // (A left-to-right sum fails this: checked.)
 }
 
+/// `reduce_lanes_avx512` of every row's and token's lanes: the row
+/// kernels' last step.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) unsafe fn reduce_each<const R: usize, const N: usize>(
+    lanes: &[[Lanes; N]; R],
+) -> [[f32; N]; R] {
+    // Loops, not `map`: a closure does not take this function's features,
+    // and the sum would not inline into it.
+    let mut out = [[0f32; N]; R];
+    for (out, lanes) in out.iter_mut().zip(lanes) {
+        for (out, lanes) in out.iter_mut().zip(lanes) {
+            // SAFETY: the caller vouches for the CPU.
+            *out = unsafe { reduce_lanes_avx512(lanes) };
+        }
+    }
+    out
+}
+
 /// `reduce_lanes` inside the kernels, where it inlines (a call per output,
 /// with `reduce_lanes`' feature check, was 1.8% of a step of eight
 /// sequences).

@@ -97,11 +97,8 @@ unsafe fn dot_vnni<const N: usize>(row: &[u8], xs: [&[Q8K]; N]) -> [f32; N] {
     let mut lanes = [[0f32; 16]; N];
     // SAFETY: as the caller's.
     unsafe { dot_vnni_lanes::<N, true>(row, xs, &mut lanes) };
-    let mut out = [0f32; N];
-    for t in 0..N {
-        // SAFETY: as the caller's.
-        out[t] = unsafe { super::reduce_lanes_avx512(&lanes[t]) };
-    }
+    // SAFETY: as the caller's.
+    let [out] = unsafe { super::reduce_each(&[lanes]) };
     out
 }
 

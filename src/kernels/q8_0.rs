@@ -146,14 +146,8 @@ pub(super) unsafe fn dot_vnni<const R: usize, const N: usize, const Q4: bool>(
     let mut lanes = [[[0f32; 16]; N]; R];
     // SAFETY: as the caller's.
     unsafe { dot_vnni_lanes::<R, N, Q4, true>(rows, xs, &mut lanes) };
-    let mut out = [[0f32; N]; R];
-    for r in 0..R {
-        for t in 0..N {
-            // SAFETY: as the caller's.
-            out[r][t] = unsafe { super::reduce_lanes_avx512(&lanes[r][t]) };
-        }
-    }
-    out
+    // SAFETY: as the caller's.
+    unsafe { super::reduce_each(&lanes) }
 }
 
 /// `dot_vnni`, continuing each row's and token's accumulator lanes; with
