@@ -543,6 +543,24 @@ fn bad_requests_get_openai_shaped_errors_never_a_500() {
     assert_eq!(s, 200, "OpenAI's penalties are honoured: {b}");
     let (s, _) = bad(&|b| b["tools"] = json!([]));
     assert_eq!(s, 200, "an empty tools list is the default");
+    // An empty or false value of another type than the field's default is
+    // refused, as the OpenAPI document says (schemathesis sent these).
+    for (field, value) in [
+        ("modalities", json!(false)),
+        ("modalities", json!([])),
+        ("tools", json!(false)),
+        ("tools", json!({})),
+        ("tool_choice", json!(false)),
+        ("functions", json!({})),
+        ("function_call", json!([])),
+        ("response_format", json!(false)),
+        ("echo", json!([])),
+        ("audio", json!(false)),
+        ("prediction", json!([])),
+    ] {
+        let (s, b) = bad(&|b| b[field] = value.clone());
+        check(s, &b, 400, field);
+    }
     let (s, b) = server.post_raw(
         "/v1/completions",
         &json!({"prompt": [1, 99999999]}).to_string(),

@@ -454,45 +454,34 @@ impl Sampling {
     }
 
     /// A field OpenAI defines and starling does not implement is a 400
-    /// naming it, unless it holds its default (so `tools: []` passes).
+    /// naming it, unless it holds its default (so `tools: []` passes): the
+    /// values `FREE_FORM_SCHEMAS` admits, each of its own type. (Any empty
+    /// or false value once passed for every field, so `modalities: false`,
+    /// which the schema refuses, was answered.)
     fn refuse_unimplemented(&self) -> Result<(), ApiError> {
-        let set = |v: &Option<Value>| match v {
-            None | Some(Value::Null) => false,
-            Some(Value::Array(a)) => !a.is_empty(),
-            Some(Value::Object(o)) => !o.is_empty(),
-            Some(Value::Bool(b)) => *b,
-            Some(_) => true,
+        let default = |v: &Option<Value>, ok: &dyn Fn(&Value) -> bool| {
+            v.as_ref().is_none_or(|v| v.is_null() || ok(v))
         };
-        let text_format = |v: &Option<Value>| {
-            v.as_ref()
-                .and_then(|f| f.get("type"))
-                .is_some_and(|t| t == "text")
-        };
+        let empty_list = |v: &Value| v.as_array().is_some_and(Vec::is_empty);
+        let none = |v: &Value| v == "none";
+        let never = |_: &Value| false;
+        let text_format = |v: &Value| v.is_object() && v.get("type").is_some_and(|t| t == "text");
         let fields: [(&str, bool); 9] = [
-            ("tools", set(&self.tools)),
-            (
-                "tool_choice",
-                set(&self.tool_choice) && self.tool_choice != Some(Value::from("none")),
-            ),
-            ("functions", set(&self.functions)),
-            (
-                "function_call",
-                set(&self.function_call) && self.function_call != Some(Value::from("none")),
-            ),
+            ("tools", !default(&self.tools, &empty_list)),
+            ("tool_choice", !default(&self.tool_choice, &none)),
+            ("functions", !default(&self.functions, &empty_list)),
+            ("function_call", !default(&self.function_call, &none)),
             (
                 "response_format",
-                set(&self.response_format) && !text_format(&self.response_format),
+                !default(&self.response_format, &text_format),
             ),
-            ("audio", self.audio.as_ref().is_some_and(|v| !v.is_null())),
+            ("audio", !default(&self.audio, &never)),
             (
                 "modalities",
-                set(&self.modalities) && self.modalities != Some(serde_json::json!(["text"])),
+                !default(&self.modalities, &|v| v == &serde_json::json!(["text"])),
             ),
-            (
-                "prediction",
-                self.prediction.as_ref().is_some_and(|v| !v.is_null()),
-            ),
-            ("echo", set(&self.echo)),
+            ("prediction", !default(&self.prediction, &never)),
+            ("echo", !default(&self.echo, &|v| v == &Value::Bool(false))),
         ];
         if let Some((name, _)) = fields.iter().find(|(_, on)| *on) {
             return Err(ApiError::invalid_param(
