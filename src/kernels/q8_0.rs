@@ -1,11 +1,15 @@
-//! The Q8_0 × Q8 dot product with AVX-512 VNNI (see `q4k` for why this
-//! crate has its own kernels), and with `Q4` Q4_0's (`q4_0`). A Q8_0 block
+//! The Q8_0-pair row kernel with AVX-512 VNNI (see `q4k` for why this
+//! crate has its own kernels): Q4_0's generation kernel (`Q4`, `q4_0`),
+//! and, on Q8_0 blocks, the tests' reference for it. Q8_0 products
+//! themselves take `q8_0_panel` (decode rows too, so they sum as prompt
+//! rows do). A Q8_0 block
 //! is `d: f16, qs: [i8; 32]` (34 bytes); the kernel takes two blocks per
 //! 64-byte register. `vpdpbusd` wants unsigned × signed bytes, so it
 //! multiplies the activations offset by 128 (stored so once per token) by
 //! the signed weights, starting from −128·Σw (once per block for all
 //! tokens): one instruction per token.
 
+#[cfg(test)]
 use super::q4k::f16;
 
 /// Bytes of one Q8_0 block (32 weights).
@@ -71,7 +75,8 @@ pub(super) fn quantized(x: &[f32]) -> Vec<Q8Pair> {
     q
 }
 
-/// Plain-Rust reference and fallback.
+#[cfg(test)]
+/// Plain-Rust reference (the tests'; Q8_0 products take `q8_0_panel`).
 pub fn dot_scalar(row: &[u8], x: &[Q8Pair]) -> f32 {
     let mut sum = 0f32;
     for (b, block) in row.chunks_exact(BLOCK_BYTES).enumerate() {
@@ -87,6 +92,7 @@ pub fn dot_scalar(row: &[u8], x: &[Q8Pair]) -> f32 {
     sum
 }
 
+#[cfg(test)]
 pub fn dot(row: &[u8], x: &[Q8Pair]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if super::q4k::have_vnni() {
@@ -96,6 +102,7 @@ pub fn dot(row: &[u8], x: &[Q8Pair]) -> f32 {
     dot_scalar(row, x)
 }
 
+#[cfg(test)]
 /// Dot products of two rows with one token's activations (generation):
 /// two streams read side by side, as `q4k::dot2` does.
 pub fn dot2(rows: [&[u8]; 2], x: &[Q8Pair]) -> [f32; 2] {
@@ -108,6 +115,7 @@ pub fn dot2(rows: [&[u8]; 2], x: &[Q8Pair]) -> [f32; 2] {
     rows.map(|row| dot_scalar(row, x))
 }
 
+#[cfg(test)]
 /// Dot products of one row with `N` tokens' activations.
 pub fn dot_n<const N: usize>(row: &[u8], xs: [&[Q8Pair]; N]) -> [f32; N] {
     #[cfg(target_arch = "x86_64")]
@@ -116,23 +124,6 @@ pub fn dot_n<const N: usize>(row: &[u8], xs: [&[Q8Pair]; N]) -> [f32; N] {
         return unsafe { dot_vnni::<1, N, false>([row], xs) }[0];
     }
     xs.map(|x| dot_scalar(row, x))
-}
-
-/// `dot_n` continuing each token's accumulator lanes (`q4k::dot_n_lanes`).
-pub fn dot_n_lanes<const N: usize>(
-    row: &[u8],
-    xs: [&[Q8Pair]; N],
-    lanes: &mut [super::Lanes; N],
-) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    if super::q4k::have_vnni() {
-        // SAFETY: the CPU features were detected above.
-        unsafe { dot_vnni_lanes::<1, N, false, false>([row], xs, std::array::from_mut(lanes)) };
-        return true;
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (row, xs, lanes);
-    false
 }
 
 /// `R` rows of Q8_0 blocks (with `Q4`, of Q4_0 blocks) times `N` tokens'

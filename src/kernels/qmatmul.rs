@@ -146,7 +146,9 @@ impl QuantMatrix {
             GgmlDType::Q4K => q4k_panel::Panel::available(),
             GgmlDType::Q5K => q5k_panel::Panel::available(),
             GgmlDType::Q6K => q6k_panel::Panel::available(),
-            GgmlDType::Q8_0 => q8_0_panel::Panel::available(),
+            // Its decode rows take the panels' sums too (`q8_0_panel::dot_rows`
+            // and `multiply_rows`): one pass over the weights for both.
+            GgmlDType::Q8_0 => false,
             _ => false,
         }
     }
@@ -231,14 +233,17 @@ impl QuantMatrix {
                 self.matmul_panels::<q6k_panel::Panel>(acts)?
             }
             GgmlDType::Q8_0 if panels && q8_0_panel::Panel::available() => {
-                self.matmul_panels::<q8_0_panel::Panel>(acts)?
+                if acts.rows() == 1 {
+                    self.q8_0_one_token(acts)?
+                } else if acts.rows() < Q8_0_PACK_FROM {
+                    self.by_panels::<q8_0_panel::Panel>(acts, q8_0_panel::multiply_rows)?
+                } else {
+                    self.matmul_panels::<q8_0_panel::Panel>(acts)?
+                }
             }
             GgmlDType::Q4K if super::q4k::have_vnni() => self.matmul_own::<Q4K>(acts)?,
             GgmlDType::Q5K if super::q4k::have_vnni() => self.matmul_own::<Q5K>(acts)?,
             GgmlDType::Q6K if super::q4k::have_vnni() => self.matmul_own::<Q6K>(acts)?,
-            GgmlDType::Q8_0 if super::q4k::have_vnni() && k.is_multiple_of(q8_0::PAIR) => {
-                self.matmul_own::<Q8_0>(acts)?
-            }
             GgmlDType::Q4K => self.matmul::<BlockQ4K>(acts)?,
             GgmlDType::Q5K => self.matmul::<BlockQ5K>(acts)?,
             GgmlDType::Q6K => self.matmul::<BlockQ6K>(acts)?,
@@ -377,6 +382,38 @@ impl QuantMatrix {
     /// allocation per band), and every token passes over it; rows past the
     /// last whole panel take the kernel's row dot product.
     fn matmul_panels<P: PanelKernel>(&self, acts: &Activations) -> Result<Vec<f32>> {
+        self.by_panels::<P>(acts, |rows, row_bytes, xs, out, stride| {
+            P::with_panel(|panel| {
+                panel.pack(rows, row_bytes);
+                panel.multiply(xs, out, stride);
+            })
+        })
+    }
+
+    /// One token through Q8_0 rows, two streams a thread
+    /// (`q8_0_panel::dot_rows`): the panels' bits at the row kernels' pace.
+    fn q8_0_one_token(&self, acts: &Activations) -> Result<Vec<f32>> {
+        let row_bytes = self.cols / q8_0_panel::QK * q8_0::BLOCK_BYTES;
+        let data = self.row_data(row_bytes)?;
+        let x = acts.get::<Q8Sum>();
+        let scales = q8_0_panel::Scales::new(x);
+        let row = |r: usize| &data[r * row_bytes..(r + 1) * row_bytes];
+        Ok(rows_in_pairs(
+            self.rows,
+            |r| q8_0_panel::dot_rows([row(r)], x, &scales)[0],
+            |a, b| q8_0_panel::dot_rows([row(a), row(b)], x, &scales),
+        ))
+    }
+
+    /// The product sixteen rows at a time through `group(rows, row_bytes,
+    /// tokens, out, stride)` (what a panel's `pack` then `multiply` do), in
+    /// a band of rows per task; rows past the last whole sixteen take the
+    /// panel kernel's row dot product.
+    fn by_panels<P: PanelKernel>(
+        &self,
+        acts: &Activations,
+        group: impl Fn(&[u8], usize, &[&[P::X]], &mut [f32], usize) + Sync,
+    ) -> Result<Vec<f32>> {
         let (n, k, m) = (self.rows, self.cols, acts.rows());
         let row_bytes = k / P::BLOCK_VALUES * P::BLOCK_BYTES;
         let data = self.row_data(row_bytes)?;
@@ -385,13 +422,16 @@ impl QuantMatrix {
         let xs: Vec<&[P::X]> = xq.chunks_exact(per_row).collect();
         Ok(bands(n, m, |rows, band, width| {
             let mut r = rows.start;
-            P::with_panel(|panel| {
-                while r + q4k_panel::ROWS <= rows.end {
-                    panel.pack(&data[r * row_bytes..], row_bytes);
-                    panel.multiply(&xs, &mut band[r - rows.start..], width);
-                    r += q4k_panel::ROWS;
-                }
-            });
+            while r + q4k_panel::ROWS <= rows.end {
+                group(
+                    &data[r * row_bytes..],
+                    row_bytes,
+                    &xs,
+                    &mut band[r - rows.start..],
+                    width,
+                );
+                r += q4k_panel::ROWS;
+            }
             for row in r..rows.end {
                 let w = &data[row * row_bytes..(row + 1) * row_bytes];
                 for (t, x) in xs.iter().enumerate() {
@@ -401,6 +441,14 @@ impl QuantMatrix {
         }))
     }
 }
+
+/// Tokens from which a Q8_0 product packs panels rather than transposing
+/// each block's sixteen rows in registers once per eight tokens
+/// (`q8_0_panel::multiply_rows`); both give the same bits. In rows × GB of
+/// weights per second on in-cache weights (kernels bench, `--rows M`),
+/// packed against in registers: 4 rows 119 / 333, 8: 197 / 464, 16: 158 /
+/// 481, 32: 207 / 483, 64: 427 / 451, 128: 479 / 478.
+const Q8_0_PACK_FROM: usize = 128;
 
 /// What `matmul_panels` needs of a panel kernel (`q4_0_panel`, `q4k_panel`,
 /// `q5k_panel`, `q6k_panel`, `q8_0_panel`).
@@ -961,12 +1009,6 @@ kernel!(Q4K, q4k, q8k, dot2);
 kernel!(Q5K, q5k, q8k, dot2);
 kernel!(Q6K, q6k, q8k);
 kernel!(Q4_0, q4_0, q8_pair, dot2);
-// Eight tokens a pass, as every format: Q8_0 took four while eight tokens'
-// pairs (then 192 bytes) spilled out of L1 for a 4096-wide row (B=8 on a
-// 7B Q8_0: 15.89 / 16.14 tok/s with 8, 17.02 / 17.27 with 4); with the
-// pairs at 128 bytes and such rows in spans (`SPANS_FROM`), eight win:
-// 21.42–21.56 → 22.81–23.01 (two rounds).
-kernel!(Q8_0, q8_0, q8_pair, dot2);
 
 /// Bytes as ggml blocks; `QuantMatrix::new` aligned them, and the check
 /// stays so a misuse is an error rather than undefined behaviour.
@@ -1206,7 +1248,7 @@ mod tests {
         }
         // These rows are taken in spans where the kernels can; rows of 4096
         // whole where eight tokens' activations fit L1 (Q8_K: 40 KiB), in
-        // spans where they do not (Q8_0 pairs: 64 KiB).
+        // spans where they do not (Q4_0's Q8_0 pairs: 64 KiB).
         fn spans<K: Kernel, const N: usize>(cols: usize) -> Option<(usize, usize)> {
             let row_bytes = cols / K::BLOCK_VALUES * K::BLOCK_BYTES;
             let rows = Rows::<K> {
@@ -1220,12 +1262,12 @@ mod tests {
             assert_eq!(spans::<Q4K, 8>(cols), Some((56, 12)));
             assert_eq!(spans::<Q4K, 4>(cols), Some((56, 25)));
             assert_eq!(spans::<Q4K, 3>(cols), Some((56, 34)));
-            assert!(spans::<Q8_0, 2>(cols).is_some());
+            assert!(spans::<Q4_0, 2>(cols).is_some());
             assert!(spans::<Q6K, 8>(cols).is_some() && spans::<Q5K, 8>(cols).is_some());
-            assert!(spans::<Q8_0, 4>(cols).is_some());
+            assert!(spans::<Q4_0, 4>(cols).is_some());
             assert!(spans::<Q4_0, 8>(cols).is_some());
             assert_eq!(spans::<Q4K, 8>(4096), None);
-            assert_eq!(spans::<Q8_0, 8>(4096), Some((64, 32)));
+            assert_eq!(spans::<Q4_0, 8>(4096), Some((64, 32)));
             assert_eq!(spans::<Q4K, 1>(cols), None);
         }
     }
