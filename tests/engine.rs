@@ -417,14 +417,18 @@ fn n_answers_share_one_prefill() {
 
 /// A Q4_K model (the golden layout at dimensions its blocks divide).
 fn quantized_model() -> Model {
+    quantized_model_as(candle_core::quantized::GgmlDType::Q4K)
+}
+
+/// `quantized_model` with its matrices in `dtype`.
+fn quantized_model_as(dtype: candle_core::quantized::GgmlDType) -> Model {
     let config = common::config_json(|c| {
         c["hidden_size"] = 256.into();
         c["intermediate_size"] = 512.into();
         c["head_dim"] = 64.into();
     });
     let cfg = Config::from_json(&config.to_string()).unwrap();
-    let weights = starling::weights::Weights::synthetic(&cfg)
-        .quantize_to(Some(candle_core::quantized::GgmlDType::Q4K));
+    let weights = starling::weights::Weights::synthetic(&cfg).quantize_to(Some(dtype));
     Model::load(&cfg, &weights, DType::F32, &Device::Cpu).unwrap()
 }
 
@@ -434,18 +438,29 @@ fn quantized_model() -> Model {
 /// run alone takes the whole prompt at once).
 #[test]
 fn a_quantized_sequences_logits_are_bitwise_independent_of_the_batch() {
-    let model = quantized_model();
+    use candle_core::quantized::GgmlDType;
+    // Q4_K: decode rows through the row kernels, prompts through the
+    // panels; Q8_0: both through the panels' sums.
+    for dtype in [GgmlDType::Q4K, GgmlDType::Q8_0] {
+        sequences_alone_and_batched_agree(&quantized_model_as(dtype), &format!("{dtype:?}"));
+    }
+}
+
+fn sequences_alone_and_batched_agree(model: &Model, format: &str) {
     let prompts = prompts();
     for chunk in [16, 5, 1] {
-        let together = batched(&model, &prompts, 6, chunk);
+        let together = batched(model, &prompts, 6, chunk);
         for (k, prompt) in prompts.iter().enumerate() {
-            let alone = batched(&model, std::slice::from_ref(prompt), 6, 1000).remove(0);
-            assert_eq!(together[k].0, alone.0, "sequence {k} (chunks of {chunk})");
+            let alone = batched(model, std::slice::from_ref(prompt), 6, 1000).remove(0);
+            assert_eq!(
+                together[k].0, alone.0,
+                "{format}: sequence {k} (chunks of {chunk})"
+            );
             for (step, (a, b)) in alone.1.iter().zip(&together[k].1).enumerate() {
                 let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
                 assert!(
                     same,
-                    "sequence {k} step {step} (chunks of {chunk}): logits differ by {}",
+                    "{format}: sequence {k} step {step} (chunks of {chunk}): logits differ by {}",
                     max_diff(a, b)
                 );
             }
