@@ -104,10 +104,13 @@ const DOT_BLOCKS: usize = 16;
 /// block's float work for all sixteen at once, then the sixteen `fma`s of
 /// the row's chain (the order the bits depend on) one by one.
 ///
+/// `R` is 1 or 2 (checked when compiled).
+///
 /// # Panics
 /// If the rows differ in length or hold part of a block, or `x` or
 /// `scales` are shorter than a row.
 pub fn dot_rows<const R: usize>(rows: [&[u8]; R], x: &[Q8Sum], scales: &Scales) -> [f32; R] {
+    const { assert!(R == 1 || R == 2, "one row or two (the chains' lanes)") };
     let blocks = rows[0].len() / BLOCK_BYTES;
     for row in &rows {
         assert_eq!(

@@ -396,12 +396,12 @@ impl QuantMatrix {
         let row_bytes = self.cols / q8_0_panel::QK * q8_0::BLOCK_BYTES;
         let data = self.row_data(row_bytes)?;
         let x = acts.get::<Q8Sum>();
-        let scales = q8_0_panel::Scales::new(x);
+        let scales = acts.q8_scales.get_or_init(|| q8_0_panel::Scales::new(x));
         let row = |r: usize| &data[r * row_bytes..(r + 1) * row_bytes];
         Ok(rows_in_pairs(
             self.rows,
-            |r| q8_0_panel::dot_rows([row(r)], x, &scales)[0],
-            |a, b| q8_0_panel::dot_rows([row(a), row(b)], x, &scales),
+            |r| q8_0_panel::dot_rows([row(r)], x, scales)[0],
+            |a, b| q8_0_panel::dot_rows([row(a), row(b)], x, scales),
         ))
     }
 
@@ -614,6 +614,9 @@ pub(super) struct Activations<'a> {
     q8k: std::cell::OnceCell<Vec<Q8K>>,
     q8_pair: std::cell::OnceCell<Vec<q8_0::Q8Pair>>,
     q8_sum: std::cell::OnceCell<Vec<Q8Sum>>,
+    /// One token's `Q8Sum` scales apart (`q8_0_panel::dot_rows`), made
+    /// once for the products that share the input.
+    q8_scales: std::cell::OnceCell<q8_0_panel::Scales>,
 }
 
 impl<'a> Activations<'a> {
@@ -626,6 +629,7 @@ impl<'a> Activations<'a> {
             q8k: Default::default(),
             q8_pair: Default::default(),
             q8_sum: Default::default(),
+            q8_scales: Default::default(),
         }
     }
 
