@@ -503,30 +503,27 @@ unsafe fn rows_avx512<const N: usize>(
             });
             // An 8 × 8 dword transpose in each 256-bit half: after it, line g
             // holds dword g of rows 0-15 in lanes 0-15, `pack`'s line g.
-            let lo32 = |a, b| _mm512_unpacklo_epi32(a, b);
-            let hi32 = |a, b| _mm512_unpackhi_epi32(a, b);
-            let t = [
-                lo32(z[0], z[1]),
-                hi32(z[0], z[1]),
-                lo32(z[2], z[3]),
-                hi32(z[2], z[3]),
-                lo32(z[4], z[5]),
-                hi32(z[4], z[5]),
-                lo32(z[6], z[7]),
-                hi32(z[6], z[7]),
-            ];
+            // t[i]: rows 2m and 2m + 1 (m = i / 2) interleaved, low dwords
+            // of each 128-bit lane for even i, high for odd.
+            let t: [__m512i; 8] = std::array::from_fn(|i| {
+                let (a, b) = (z[i & !1], z[i | 1]);
+                if i % 2 == 0 {
+                    _mm512_unpacklo_epi32(a, b)
+                } else {
+                    _mm512_unpackhi_epi32(a, b)
+                }
+            });
             // u[g] (g < 4): rows 0-3 and 8-11; u[g + 4]: rows 4-7 and 12-15;
             // dwords g and g + 4 in alternate 128-bit lanes.
-            let u = [
-                _mm512_unpacklo_epi64(t[0], t[2]),
-                _mm512_unpackhi_epi64(t[0], t[2]),
-                _mm512_unpacklo_epi64(t[1], t[3]),
-                _mm512_unpackhi_epi64(t[1], t[3]),
-                _mm512_unpacklo_epi64(t[4], t[6]),
-                _mm512_unpackhi_epi64(t[4], t[6]),
-                _mm512_unpacklo_epi64(t[5], t[7]),
-                _mm512_unpackhi_epi64(t[5], t[7]),
-            ];
+            let u: [__m512i; 8] = std::array::from_fn(|i| {
+                let first = (i & 4) + i % 4 / 2;
+                let (a, b) = (t[first], t[first + 2]);
+                if i % 2 == 0 {
+                    _mm512_unpacklo_epi64(a, b)
+                } else {
+                    _mm512_unpackhi_epi64(a, b)
+                }
+            });
             let line: [__m512i; 8] = std::array::from_fn(|g| {
                 let idx = if g < 4 { low } else { high };
                 let w = _mm512_permutex2var_epi64(u[g % 4], idx, u[g % 4 + 4]);
