@@ -1,11 +1,14 @@
-//! Prompt processing over Q8_0 weights, sixteen rows per panel: the Q8_0
-//! counterpart of `q4k_panel` (see there for why panels).
+//! Q8_0 products, sixteen rows per panel: the Q8_0 counterpart of
+//! `q4k_panel` (see there for why panels) for prompts, and for decode rows
+//! the same sums without a packed panel (`multiply_rows` for a few tokens,
+//! `dot_rows` for one), so every Q8_0 row has the same bits whatever the
+//! batch.
 //!
-//! `vpdpbusd` multiplies unsigned by signed bytes. The row kernel (`q8_0`)
-//! takes |w| and moves w's sign onto x, once per token; here the sign bit
-//! of each weight is flipped once, at packing, so the panel holds
-//! `w + 128` and each block's result is corrected by `128 · Σx`, which the
-//! activations carry.
+//! `vpdpbusd` multiplies unsigned by signed bytes. The Q8_0-pair row kernel
+//! (`q8_0`) offsets the activations by 128; here the sign bit of each
+//! weight is flipped (at packing, or as the rows are loaded), so the
+//! kernels multiply `w + 128` and correct each block's result by
+//! `128 · Σx`, which the activations carry.
 //!
 //! Q4_0 blocks (`q4_0_panel`) unpack into the same panel, each value `q − 8`
 //! stored as `q − 8 + 128`, and share `multiply`.
@@ -107,8 +110,8 @@ const DOT_BLOCKS: usize = 16;
 /// `R` is 1 or 2 (checked when compiled).
 ///
 /// # Panics
-/// If the rows differ in length or hold part of a block, or `x` or
-/// `scales` are shorter than a row.
+/// If the rows differ in length or hold part of a block, `x` is shorter
+/// than a row, or `scales` were not made from `x`'s blocks.
 pub fn dot_rows<const R: usize>(rows: [&[u8]; R], x: &[Q8Sum], scales: &Scales) -> [f32; R] {
     const { assert!(R == 1 || R == 2, "one row or two (the chains' lanes)") };
     let blocks = rows[0].len() / BLOCK_BYTES;
@@ -119,7 +122,8 @@ pub fn dot_rows<const R: usize>(rows: [&[u8]; R], x: &[Q8Sum], scales: &Scales) 
             "rows of different lengths or part blocks"
         );
     }
-    assert!(x.len() >= blocks && scales.d.len() >= blocks && scales.offset.len() >= blocks);
+    assert!(x.len() >= blocks, "activations shorter than the rows");
+    assert_eq!(scales.d.len(), x.len(), "scales of other activations");
     let whole = blocks / DOT_BLOCKS * DOT_BLOCKS;
     let head = |row: &[u8]| dot_scalar(&row[..whole * BLOCK_BYTES], x);
     #[cfg(target_arch = "x86_64")]
@@ -421,7 +425,7 @@ const ROW_TOKENS: usize = 8;
 /// Why: decode rows then take the prompts' sums, so a Q8_0 row's result
 /// no longer depends on whether it was a prompt position or a generated
 /// token, and a few tokens pay neither the panel's write and re-read nor
-/// the row kernel's per-token float work. The row kernel (`q8_0::dot_n`)
+/// the row kernel's per-token float work. The former row kernel (`q8_0`)
 /// converts, scales and accumulates every four products of every token
 /// (sixteen lanes of one row); here one lane is one row, so each token's
 /// float work is once per block of 32 values for sixteen rows.
@@ -439,8 +443,12 @@ pub fn multiply_rows(
     stride: usize,
 ) {
     assert!(Panel::available(), "the Q8_0 panel needs AVX-512 VNNI");
-    assert!(row_bytes.is_multiple_of(BLOCK_BYTES) && row_bytes * ROWS < i32::MAX as usize);
-    assert!(rows.len() >= ROWS * row_bytes, "fewer than {ROWS} rows");
+    assert!(row_bytes.is_multiple_of(BLOCK_BYTES));
+    let group = row_bytes.checked_mul(ROWS);
+    assert!(
+        group.is_some_and(|bytes| rows.len() >= bytes),
+        "fewer than {ROWS} rows"
+    );
     let blocks = row_bytes / BLOCK_BYTES;
     for x in xs {
         assert!(x.len() >= blocks, "activations shorter than the rows");

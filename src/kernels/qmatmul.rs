@@ -648,7 +648,7 @@ impl<'a> Activations<'a> {
 }
 
 /// An activation unit the kernels pair with: Q8_K (the k-quants), Q8_0
-/// pairs (the 32-value formats' row kernels), `Q8Sum` (their panels).
+/// pairs (Q4_0's row kernels), `Q8Sum` (Q8_0's kernels and Q4_0's panels).
 pub(super) trait Quantized: Clone + Send + Sync + Sized {
     /// f32 values per unit.
     const VALUES: usize;
@@ -972,7 +972,7 @@ trait Kernel {
 
 /// A format's `Kernel`: the module with its `BLOCK_BYTES`, `dot` and
 /// `dot_n`, and the activations it pairs with: Q8_K (shared by the
-/// k-quants) or Q8_0 pairs (for the 32-value formats), and its block's values.
+/// k-quants) or Q8_0 pairs (Q4_0's), and its block's values.
 macro_rules! kernel {
     ($name:ident, $module:ident, q8k $(, $dot2:ident)?) => {
         kernel!($name, $module, q4k::Q8K, q4k::QK $(, $dot2)?);
@@ -1164,8 +1164,9 @@ mod tests {
             QuantMatrix::from_qtensor(&q).unwrap().unwrap()
         };
         // 37 rows of 512 (18,944 values: quantized in several tasks), and
-        // of 288, a width of whole Q8_0 blocks but not of pairs (the row
-        // kernels' unit), which candle's kernels take.
+        // of 288, a width of whole 32-value blocks but not of pairs (Q4_0's
+        // row kernel's unit), which candle's kernels take for Q4_0 and
+        // `q8_0_panel::dot_rows` for Q8_0 (nine blocks: all its scalar tail).
         for (cols, dtypes) in [
             (512, [GgmlDType::Q4K, GgmlDType::Q4K, GgmlDType::Q6K]),
             (512, [GgmlDType::Q8_0, GgmlDType::Q5K, GgmlDType::Q4_0]),
