@@ -809,3 +809,58 @@ fn mapped_weights_move_into_memory_unless_kept_mapped() {
     );
     assert_eq!(greedy(&file, &["--keep-mapped"]), greedy(&file, &[]));
 }
+
+/// A model file truncated while its weights are read from the map (here
+/// kept mapped, as they are for the first seconds of any run) ends the run
+/// with one line naming the file and exit status 1, not "Bus error (core
+/// dumped)"; the line answered before it stands.
+#[test]
+fn a_model_file_truncated_while_mapped_ends_in_one_line() {
+    use std::io::{BufRead, BufReader, Write};
+    let file = twin("gguf-truncated", GgmlDType::BF16, None);
+    let model = file.display().to_string();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_starling"))
+        .args(["run", "--model", &model, "--each-line", "--keep-mapped"])
+        .args(GREEDY)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    std::thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let timeout = std::time::Duration::from_secs(60);
+    writeln!(stdin, "Hello").unwrap();
+    stdin.flush().unwrap();
+    let first = rx.recv_timeout(timeout).unwrap();
+    assert_eq!(
+        format!("{first}\n"),
+        greedy(&file, &[]),
+        "before the truncation"
+    );
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    writeln!(stdin, "How are you today?").unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr,
+        format!(
+            "error: {model}: the model file was truncated or rewritten on disk while starling \
+             was reading it from memory (bus error on its mapped pages); leave a model's files \
+             unchanged while it runs\n"
+        )
+    );
+}

@@ -405,7 +405,7 @@ impl Gguf {
         // file while the model runs.
         let map = unsafe { memmap2::Mmap::map(&file) }
             .with_context(|| format!("mapping {} into memory", path.display()))?;
-        let (map, followed) = super::resident::share(map);
+        let (map, followed) = super::resident::share(map, path);
         let mut gguf = Self {
             path: path.to_path_buf(),
             content,

@@ -14,6 +14,7 @@
 //! owns a `Vec` (a copy of every mapped tensor); this thin layer over the
 //! `safetensors` crate, the GGUF reader and the pickle reader does neither.
 
+pub mod bus_error;
 pub mod gguf;
 pub mod gguf_header;
 pub mod pickle;
@@ -83,7 +84,7 @@ fn open_safetensors(files: &[PathBuf]) -> Result<(HashMap<String, SafeTensor>, F
         // the file while the model runs.
         let map = unsafe { memmap2::Mmap::map(&file) }
             .with_context(|| format!("mapping {} into memory", path.display()))?;
-        let (map, weak) = resident::share(map);
+        let (map, weak) = resident::share(map, path);
         let parsed = safetensors::SafeTensors::deserialize(&map).map_err(|e| invalid(&e))?;
         for (name, view) in parsed.tensors() {
             let entry = SafeTensor {

@@ -48,16 +48,23 @@ const HEADROOM: u64 = 1 << 30;
 /// alive, so a map the model took nothing from (it copied what it needed at
 /// load) is unmapped as usual and the move ends at once. (`Bytes::is_unique`
 /// cannot tell: it is always false for `Bytes::from_owner`.)
-pub fn share(map: Mmap) -> (Bytes, Weak<Mmap>) {
-    struct Owner(Arc<Mmap>);
+///
+/// While the bytes live, a bus error reading them (the file `path`
+/// truncated under the map) ends the process with an error naming the file
+/// (`bus_error`), not a crash.
+pub fn share(map: Mmap, path: &std::path::Path) -> (Bytes, Weak<Mmap>) {
+    // The watch ends before the map does (fields drop in order), so a
+    // range the kernel may reuse is never watched.
+    struct Owner(#[allow(dead_code)] super::bus_error::Watch, Arc<Mmap>);
     impl AsRef<[u8]> for Owner {
         fn as_ref(&self) -> &[u8] {
-            &self.0
+            &self.1
         }
     }
+    let watch = super::bus_error::watch(&map, path);
     let map = Arc::new(map);
     let weak = Arc::downgrade(&map);
-    (Bytes::from_owner(Owner(map)), weak)
+    (Bytes::from_owner(Owner(watch, map)), weak)
 }
 
 /// What a finished move did.
@@ -373,7 +380,7 @@ mod tests {
         file.flush().unwrap();
         // SAFETY: the test owns the file and never changes it.
         let map = unsafe { memmap2::Mmap::map(file.as_file()) }.unwrap();
-        let (map, weak) = share(map);
+        let (map, weak) = share(map, file.path());
         (file, map, weak, want)
     }
 

@@ -1,0 +1,186 @@
+//! A model file truncated or rewritten while its pages are mapped: a clear
+//! one-line error and exit status 1, not a crash.
+//!
+//! Loading is zero-copy (the kernels read the file's memory map), so if
+//! someone truncates the file, or a tool rewrites it in place, while a model
+//! runs, the next read of a page that no longer exists in the file raises
+//! `SIGBUS` (`BUS_ADRERR`), which by default kills the process with "Bus
+//! error (core dumped)" and no hint of why. llama.cpp, candle and the
+//! safetensors crate all map files and die the same way. Here a handler
+//! recognises a fault inside a registered map, names the file, and exits
+//! with status 1; a fault anywhere else goes to the handler that was there
+//! before (Rust's runtime, or the default action), exactly as if this module
+//! did not exist. The background move (`resident`) shortens the window: once
+//! a chunk sits in anonymous memory, the file no longer matters to it.
+//!
+//! Why not a crate: `signal-hook-registry` (in the tree through tokio)
+//! runs a handler with the fault's `siginfo_t`, but chains to the action
+//! that was there before only when that was a function: with the default
+//! action before it, a fault it does not claim returns and re-runs its
+//! instruction forever. A synchronous fault needs the previous action put
+//! back, which `on_bus_error` does.
+
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+
+/// Maps watched at once (each model file mapped is one; a sharded
+/// checkpoint maps one per shard). A map past this many is not watched: a
+/// fault in it takes the default path.
+const SLOTS: usize = 128;
+
+/// Slot `i` watches `[START[i], END[i])` for the file named by the
+/// `PATH_LEN[i]` bytes at `PATH[i]`; `START[i] == 0` is a free slot.
+static START: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
+static END: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
+static PATH: [AtomicPtr<u8>; SLOTS] = [const { AtomicPtr::new(std::ptr::null_mut()) }; SLOTS];
+static PATH_LEN: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
+
+/// The first half of the message; the file's path and the second half follow.
+const BEFORE: &[u8] = b"error: ";
+const AFTER: &[u8] = b": the model file was truncated or rewritten on disk while starling was \
+reading it from memory (bus error on its mapped pages); leave a model's files unchanged while \
+it runs\n";
+
+/// Watches `map` (a read-only mapping of `path`) until dropped.
+pub struct Watch {
+    slot: Option<usize>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot {
+            END[slot].store(0, Ordering::SeqCst);
+            START[slot].store(0, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Watches the mapped bytes `map` of the file `path`: a bus error reading
+/// them ends the process with a one-line error naming `path` and exit
+/// status 1. Installs the handler on first use. Does nothing off Linux, or
+/// when every slot is taken.
+pub fn watch(map: &[u8], path: &std::path::Path) -> Watch {
+    #[cfg(target_os = "linux")]
+    {
+        install();
+        let start = map.as_ptr() as usize;
+        if map.is_empty() || start == 0 {
+            return Watch { slot: None };
+        }
+        // Leaked on purpose: the handler may read it at any moment, even
+        // while the watch is being dropped; one path per file loaded.
+        let name: &'static [u8] = Box::leak(
+            path.as_os_str()
+                .as_encoded_bytes()
+                .to_vec()
+                .into_boxed_slice(),
+        );
+        for slot in 0..SLOTS {
+            if START[slot]
+                .compare_exchange(0, usize::MAX, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                // Claimed (START = MAX matches no address until it is set).
+                PATH[slot].store(name.as_ptr().cast_mut(), Ordering::SeqCst);
+                PATH_LEN[slot].store(name.len(), Ordering::SeqCst);
+                END[slot].store(start + map.len(), Ordering::SeqCst);
+                START[slot].store(start, Ordering::SeqCst);
+                return Watch { slot: Some(slot) };
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (map, path);
+    Watch { slot: None }
+}
+
+/// The slot whose range holds `addr`.
+fn slot_of(addr: usize) -> Option<usize> {
+    (0..SLOTS).find(|&i| {
+        let start = START[i].load(Ordering::SeqCst);
+        start != 0 && start <= addr && addr < END[i].load(Ordering::SeqCst)
+    })
+}
+
+#[cfg(target_os = "linux")]
+mod handler {
+    use std::sync::OnceLock;
+
+    /// The action `SIGBUS` had before ours: faults outside the watched maps
+    /// go back to it.
+    static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
+
+    pub(super) fn install() {
+        PREVIOUS.get_or_init(|| {
+            // SAFETY: plain `sigaction` calls on zeroed structs; the handler
+            // is async-signal-safe (atomics, `write`, `_exit`, `sigaction`,
+            // `raise`).
+            unsafe {
+                let mut previous: libc::sigaction = std::mem::zeroed();
+                let mut ours: libc::sigaction = std::mem::zeroed();
+                ours.sa_sigaction = on_bus_error as *const () as usize;
+                ours.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+                libc::sigemptyset(&mut ours.sa_mask);
+                libc::sigaction(libc::SIGBUS, &ours, &mut previous);
+                previous
+            }
+        });
+    }
+
+    extern "C" fn on_bus_error(
+        signal: libc::c_int,
+        info: *mut libc::siginfo_t,
+        _context: *mut libc::c_void,
+    ) {
+        // SAFETY: the kernel hands a valid `siginfo_t`; only
+        // async-signal-safe calls follow.
+        unsafe {
+            let faulted = (*info).si_code > 0;
+            if faulted && let Some(slot) = super::slot_of((*info).si_addr() as usize) {
+                let path = super::PATH[slot].load(std::sync::atomic::Ordering::SeqCst);
+                let len = super::PATH_LEN[slot].load(std::sync::atomic::Ordering::SeqCst);
+                for (ptr, len) in [
+                    (super::BEFORE.as_ptr(), super::BEFORE.len()),
+                    (path.cast_const(), len),
+                    (super::AFTER.as_ptr(), super::AFTER.len()),
+                ] {
+                    libc::write(2, ptr.cast(), len);
+                }
+                libc::_exit(1);
+            }
+            // Not a watched map: the previous action takes it. A fault
+            // re-runs its instruction and faults again into that action; a
+            // `SIGBUS` sent by someone is raised again.
+            if let Some(previous) = PREVIOUS.get() {
+                libc::sigaction(signal, previous, std::ptr::null_mut());
+            } else {
+                libc::signal(signal, libc::SIG_DFL);
+            }
+            if !faulted {
+                libc::raise(signal);
+            }
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+use handler::install;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_watch_covers_its_range_until_dropped() {
+        let bytes = vec![7u8; 4096];
+        let watch = watch(&bytes, std::path::Path::new("/models/x.gguf"));
+        let start = bytes.as_ptr() as usize;
+        if cfg!(target_os = "linux") {
+            let slot = slot_of(start + 100).expect("watched");
+            assert_eq!(slot_of(start + 4095), Some(slot));
+            assert_eq!(slot_of(start + 4096), None, "one past the end");
+            assert_eq!(slot_of(start - 1), None);
+        }
+        drop(watch);
+        assert_eq!(slot_of(start + 100), None, "dropped");
+    }
+}
