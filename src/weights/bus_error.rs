@@ -27,18 +27,22 @@ use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 /// fault in it takes the default path.
 const SLOTS: usize = 128;
 
-/// Slot `i` watches `[START[i], END[i])` for the file named by the
-/// `PATH_LEN[i]` bytes at `PATH[i]`; `START[i] == 0` is a free slot.
+/// Slot `i` watches `[START[i], END[i])`, and a fault there prints the
+/// `LINE_LEN[i]` bytes at `LINE[i]`; `START[i] == 0` is a free slot.
 static START: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
 static END: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
-static PATH: [AtomicPtr<u8>; SLOTS] = [const { AtomicPtr::new(std::ptr::null_mut()) }; SLOTS];
-static PATH_LEN: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
+static LINE: [AtomicPtr<u8>; SLOTS] = [const { AtomicPtr::new(std::ptr::null_mut()) }; SLOTS];
+static LINE_LEN: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
 
-/// The first half of the message; the file's path and the second half follow.
-const BEFORE: &[u8] = b"error: ";
-const AFTER: &[u8] = b": the model file was truncated or rewritten on disk while starling was \
-reading it from memory (bus error on its mapped pages); leave a model's files unchanged while \
-it runs\n";
+/// The error a fault in a map of `path` ends the process with.
+fn message(path: &std::path::Path) -> String {
+    format!(
+        "error: {}: the model file was truncated or rewritten on disk while starling was \
+         reading it from memory (bus error on its mapped pages); leave a model's files \
+         unchanged while it runs\n",
+        path.display()
+    )
+}
 
 /// Watches `map` (a read-only mapping of `path`) until dropped.
 pub struct Watch {
@@ -66,22 +70,19 @@ pub fn watch(map: &[u8], path: &std::path::Path) -> Watch {
         if map.is_empty() || start == 0 {
             return Watch { slot: None };
         }
-        // Leaked on purpose: the handler may read it at any moment, even
-        // while the watch is being dropped; one path per file loaded.
-        let name: &'static [u8] = Box::leak(
-            path.as_os_str()
-                .as_encoded_bytes()
-                .to_vec()
-                .into_boxed_slice(),
-        );
+        // Made whole now (the handler may not allocate, and one `write` of
+        // it keeps the line in one piece) and leaked on purpose: the
+        // handler may read it at any moment, even while the watch is being
+        // dropped; one line per file loaded.
+        let line: &'static [u8] = Box::leak(message(path).into_bytes().into_boxed_slice());
         for slot in 0..SLOTS {
             if START[slot]
                 .compare_exchange(0, usize::MAX, Ordering::SeqCst, Ordering::SeqCst)
                 .is_ok()
             {
                 // Claimed (START = MAX matches no address until it is set).
-                PATH[slot].store(name.as_ptr().cast_mut(), Ordering::SeqCst);
-                PATH_LEN[slot].store(name.len(), Ordering::SeqCst);
+                LINE[slot].store(line.as_ptr().cast_mut(), Ordering::SeqCst);
+                LINE_LEN[slot].store(line.len(), Ordering::SeqCst);
                 END[slot].store(start + map.len(), Ordering::SeqCst);
                 START[slot].store(start, Ordering::SeqCst);
                 return Watch { slot: Some(slot) };
@@ -104,6 +105,10 @@ fn slot_of(addr: usize) -> Option<usize> {
 #[cfg(target_os = "linux")]
 mod handler {
     use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// Set by the first thread that claims a fault.
+    static ENDING: AtomicBool = AtomicBool::new(false);
 
     /// The action `SIGBUS` had before ours: faults outside the watched maps
     /// go back to it.
@@ -136,15 +141,17 @@ mod handler {
         unsafe {
             let faulted = (*info).si_code > 0;
             if faulted && let Some(slot) = super::slot_of((*info).si_addr() as usize) {
-                let path = super::PATH[slot].load(std::sync::atomic::Ordering::SeqCst);
-                let len = super::PATH_LEN[slot].load(std::sync::atomic::Ordering::SeqCst);
-                for (ptr, len) in [
-                    (super::BEFORE.as_ptr(), super::BEFORE.len()),
-                    (path.cast_const(), len),
-                    (super::AFTER.as_ptr(), super::AFTER.len()),
-                ] {
-                    libc::write(2, ptr.cast(), len);
+                // Every thread reading the weights faults at about the same
+                // moment: the first one says it and ends the process; the
+                // others wait for that (two writes interleaved the line).
+                if ENDING.swap(true, Ordering::SeqCst) {
+                    loop {
+                        libc::pause();
+                    }
                 }
+                let line = super::LINE[slot].load(Ordering::SeqCst);
+                let len = super::LINE_LEN[slot].load(Ordering::SeqCst);
+                libc::write(2, line.cast_const().cast(), len);
                 libc::_exit(1);
             }
             // Not a watched map: the previous action takes it. A fault
@@ -182,5 +189,13 @@ mod tests {
         }
         drop(watch);
         assert_eq!(slot_of(start + 100), None, "dropped");
+    }
+
+    #[test]
+    fn the_line_names_the_file_and_ends_in_one_newline() {
+        let line = message(std::path::Path::new("models/x y.gguf"));
+        assert!(line.starts_with("error: models/x y.gguf: the model file was truncated"));
+        assert_eq!(line.matches('\n').count(), 1);
+        assert!(line.ends_with("while it runs\n"), "{line}");
     }
 }
