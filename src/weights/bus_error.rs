@@ -191,6 +191,62 @@ mod tests {
         assert_eq!(slot_of(start + 100), None, "dropped");
     }
 
+    /// Threads reading a truncated map at the same moment all fault: the
+    /// process still ends with the line written once, whole (three writes
+    /// from every thread once interleaved it). The faults run in a child
+    /// process: this test binary again, running only this test.
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn threads_faulting_together_write_the_line_once() {
+        const CHILD: &str = "STARLING_BUS_ERROR_CHILD";
+        const THREADS: usize = 4;
+        if std::env::var_os(CHILD).is_some() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("model.gguf");
+            std::fs::write(&path, vec![1u8; THREADS << 16]).unwrap();
+            let file = std::fs::File::open(&path).unwrap();
+            // SAFETY: the map is read only by the threads below, which
+            // fault on purpose: the handler ends the process.
+            let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();
+            let _watch = watch(&map, &path);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_len(0)
+                .unwrap();
+            let barrier = std::sync::Barrier::new(THREADS);
+            let (barrier, map) = (&barrier, &map);
+            std::thread::scope(|s| {
+                for t in 0..THREADS {
+                    s.spawn(move || {
+                        barrier.wait();
+                        // SAFETY: in bounds of the map (it faults: the file is gone).
+                        unsafe { std::ptr::read_volatile(&map[t << 16]) }
+                    });
+                }
+            });
+            unreachable!("every read faults");
+        }
+        let name = "weights::bus_error::tests::threads_faulting_together_write_the_line_once";
+        for _ in 0..3 {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", name, "--nocapture", "--test-threads", "1"])
+                .env(CHILD, "1")
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{stderr}");
+            assert!(
+                stderr.starts_with("error: /")
+                    && stderr.contains("/model.gguf: the model file was truncated")
+                    && stderr.matches("error: ").count() == 1
+                    && stderr.matches('\n').count() == 1,
+                "{stderr}"
+            );
+        }
+    }
+
     #[test]
     fn the_line_names_the_file_and_ends_in_one_newline() {
         let line = message(std::path::Path::new("models/x y.gguf"));
