@@ -402,7 +402,8 @@ impl Gguf {
         .config()?;
         // SAFETY: mapped read-only; like every mmap-based loader (llama.cpp,
         // candle, safetensors) this assumes nobody truncates or rewrites the
-        // file while the model runs.
+        // file while the model runs. A truncation at least ends the run in
+        // one line (`share` watches the map: `bus_error`), not a crash.
         let map = unsafe { memmap2::Mmap::map(&file) }
             .with_context(|| format!("mapping {} into memory", path.display()))?;
         let (map, followed) = super::resident::share(map, path);

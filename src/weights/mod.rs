@@ -81,7 +81,8 @@ fn open_safetensors(files: &[PathBuf]) -> Result<(HashMap<String, SafeTensor>, F
             std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
         // SAFETY: mapped read-only; like every mmap-based loader (candle,
         // safetensors, llama.cpp) this assumes nobody truncates or rewrites
-        // the file while the model runs.
+        // the file while the model runs. A truncation at least ends the run
+        // in one line (`share` watches the map: `bus_error`), not a crash.
         let map = unsafe { memmap2::Mmap::map(&file) }
             .with_context(|| format!("mapping {} into memory", path.display()))?;
         let (map, weak) = resident::share(map, path);
