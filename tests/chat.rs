@@ -13,15 +13,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 fn starling(args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_starling"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(stdin).unwrap();
-    child.wait_with_output().unwrap()
+    common::starling(args, Some(stdin))
 }
 
 fn stdout(out: &Output) -> String {

@@ -175,24 +175,11 @@ fn each_line_with_a_shared_preamble_on_quantized_weights_answers_as_separate_run
 /// after it are answered; the run then fails, counting it.
 #[test]
 fn each_line_answers_lines_as_they_arrive() {
-    use std::io::{BufRead, BufReader, Write};
+    use std::io::Write;
     let model = model_arg();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_starling"))
-        .args(["run", "--model", &model, "--each-line"])
-        .args(GREEDY)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let args = [&["run", "--model", &model, "--each-line"][..], &GREEDY[..]].concat();
+    let (mut child, rx) = common::starling_talking(&args);
     let mut stdin = child.stdin.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    std::thread::spawn(move || {
-        for line in stdout.lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
     let timeout = std::time::Duration::from_secs(60);
     writeln!(stdin, "Hello").unwrap();
     stdin.flush().unwrap();

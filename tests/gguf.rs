@@ -816,25 +816,12 @@ fn mapped_weights_move_into_memory_unless_kept_mapped() {
 /// dumped)"; the line answered before it stands.
 #[test]
 fn a_model_file_truncated_while_mapped_ends_in_one_line() {
-    use std::io::{BufRead, BufReader, Write};
+    use std::io::Write;
     let file = twin("gguf-truncated", GgmlDType::BF16, None);
     let model = file.display().to_string();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_starling"))
-        .args(["run", "--model", &model, "--each-line", "--keep-mapped"])
-        .args(GREEDY)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let run = ["run", "--model", &model, "--each-line", "--keep-mapped"];
+    let (mut child, rx) = common::starling_talking(&[&run[..], &GREEDY[..]].concat());
     let mut stdin = child.stdin.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    std::thread::spawn(move || {
-        for line in stdout.lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
     let timeout = std::time::Duration::from_secs(60);
     writeln!(stdin, "Hello").unwrap();
     stdin.flush().unwrap();

@@ -326,6 +326,28 @@ pub fn starling(args: &[&str], stdin: Option<&[u8]>) -> Output {
     out
 }
 
+/// The real binary with `args` running with its stdin open for the test to
+/// write (`Child::stdin`), its stdout as lines arriving on the receiver (as
+/// the run prints them), and its stderr kept for `wait_with_output`.
+pub fn starling_talking(args: &[&str]) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_starling"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting starling");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    std::thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
+}
+
 /// Stdout of a run that must succeed.
 pub fn ok(out: &Output) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr);
