@@ -331,6 +331,34 @@ pub(super) fn prefetch_rows(rows: &[u8], row_bytes: usize, at: usize, bytes: usi
     }
 }
 
+/// Prefetches into L2 the bytes `from..to` of the next group of sixteen
+/// rows (the one `group_bytes` past the start of `rows`), if `rows` holds
+/// it. A kernel that reads its group as sixteen row streams calls this
+/// once per block with consecutive slices (each rounded up to whole lines,
+/// so every line is asked for once), and so reads the next group as one
+/// stream while it works on this one.
+///
+/// Why: a thread gets less from memory over sixteen streams than over one.
+/// A read loop over 70 KB groups of sixteen 4352-byte rows (Q8_0 rows of
+/// 4096 values) on this project's EPYC, 2 threads, three rounds: 41–51
+/// GB/s row by row, 60–76 reading the same bytes in order, 53–65 row by
+/// row with this prefetch beside it.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) fn prefetch_next_group(rows: &[u8], group_bytes: usize, from: usize, to: usize) {
+    use std::arch::x86_64::*;
+    if rows.len() < 2 * group_bytes {
+        return;
+    }
+    let next = rows.as_ptr().wrapping_add(group_bytes);
+    // Each line once: slices' ends round up to whole lines.
+    let up = |at: usize| at.min(group_bytes).next_multiple_of(64);
+    for line in (up(from)..up(to)).step_by(64) {
+        // SAFETY: a prefetch never faults, wherever it points.
+        unsafe { _mm_prefetch::<_MM_HINT_T2>(next.wrapping_add(line).cast()) };
+    }
+}
+
 /// The byte offsets of the sixteen rows, `row_bytes` apart, as gather indices.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]

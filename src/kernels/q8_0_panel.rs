@@ -457,16 +457,19 @@ pub fn multiply_rows(
     let mut t = 0;
     while t < xs.len() {
         let (tokens, out) = (&xs[t..], &mut out[t * stride..]);
+        let first = t == 0;
         // SAFETY: checked above: the features, sixteen whole rows, every
         // token's blocks, and `out` up to the last token's sixteen lanes.
         t += unsafe {
             match tokens.len() {
                 ROW_TOKENS.. => {
-                    rows_avx512::<ROW_TOKENS>(rows, row_bytes, blocks, tokens, out, stride)
+                    rows_avx512::<ROW_TOKENS>(rows, row_bytes, blocks, tokens, out, stride, first)
                 }
-                4..ROW_TOKENS => rows_avx512::<4>(rows, row_bytes, blocks, tokens, out, stride),
-                2..4 => rows_avx512::<2>(rows, row_bytes, blocks, tokens, out, stride),
-                _ => rows_avx512::<1>(rows, row_bytes, blocks, tokens, out, stride),
+                4..ROW_TOKENS => {
+                    rows_avx512::<4>(rows, row_bytes, blocks, tokens, out, stride, first)
+                }
+                2..4 => rows_avx512::<2>(rows, row_bytes, blocks, tokens, out, stride, first),
+                _ => rows_avx512::<1>(rows, row_bytes, blocks, tokens, out, stride, first),
             }
         };
     }
@@ -483,6 +486,7 @@ unsafe fn rows_avx512<const N: usize>(
     xs: &[&[Q8Sum]],
     out: &mut [f32],
     stride: usize,
+    first_pass: bool,
 ) -> usize {
     // SAFETY: the caller checked the features, that `rows` holds ROWS rows
     // of `blocks` blocks, that `xs` holds N tokens of `blocks` blocks, and
@@ -497,10 +501,24 @@ unsafe fn rows_avx512<const N: usize>(
         let base = rows.as_ptr();
         let tokens: [*const Q8Sum; N] = std::array::from_fn(|t| xs[t].as_ptr());
         let mut facc = [_mm512_setzero_ps(); N];
+        // The next group into L2 during the first pass over this one (the
+        // later passes, for more than eight tokens, find it there already):
+        // eight Q8_0 decode rows on the 7B went from 35.6–38.0 to 37.0–41.6
+        // tok/s (four interleaved rounds, faster in each).
+        let group_bytes = ROWS * row_bytes;
+        let slice = ROWS * BLOCK_BYTES;
         for b in 0..blocks {
             let at = b * BLOCK_BYTES;
             if at % 64 < BLOCK_BYTES {
                 super::q4k_panel::prefetch_rows(rows, row_bytes, at, 1);
+            }
+            if first_pass {
+                super::q4k_panel::prefetch_next_group(
+                    rows,
+                    group_bytes,
+                    b * slice,
+                    (b + 1) * slice,
+                );
             }
             let row = base.add(at);
             // Rows k and k + 8, dwords 0-7 of each block's 32 weights.
@@ -586,6 +604,7 @@ unsafe fn rows_avx512<const N: usize>(
     _: &[&[Q8Sum]],
     _: &mut [f32],
     _: usize,
+    _: bool,
 ) -> usize {
     unreachable!("available() is false off x86-64")
 }
