@@ -73,14 +73,16 @@ pub fn decode(
             let base = (g * view.capacity + view.start) * head_dim;
             let rows = base..base + n * head_dim;
             // Scores: each key row once for the group's queries.
-            for p in 0..n {
-                let at = p * head_dim;
-                for r in 0..rep {
-                    let qr = &q[r * head_dim..(r + 1) * head_dim];
-                    scores[r * n + p] = match view.k {
-                        KvBuf::F32(k) => dot_f32(qr, &k[rows.clone()][at..at + head_dim]),
-                        KvBuf::F16(k) => dot_f16(qr, &k[rows.clone()][at..at + head_dim]),
-                    } * scale;
+            if !grouped::scores(q, view.k, rows.clone(), head_dim, rep, scale, scores) {
+                for p in 0..n {
+                    let at = p * head_dim;
+                    for r in 0..rep {
+                        let qr = &q[r * head_dim..(r + 1) * head_dim];
+                        scores[r * n + p] = match view.k {
+                            KvBuf::F32(k) => dot_f32(qr, &k[rows.clone()][at..at + head_dim]),
+                            KvBuf::F16(k) => dot_f16(qr, &k[rows.clone()][at..at + head_dim]),
+                        } * scale;
+                    }
                 }
             }
             for r in 0..rep {
@@ -97,14 +99,16 @@ pub fn decode(
                 }
             }
             // Values: each row once, added to every query of the group.
-            for p in 0..n {
-                let at = p * head_dim;
-                for r in 0..rep {
-                    let o = &mut out[r * head_dim..(r + 1) * head_dim];
-                    let w = scores[r * n + p];
-                    match view.v {
-                        KvBuf::F32(v) => axpy_f32(o, w, &v[rows.clone()][at..at + head_dim]),
-                        KvBuf::F16(v) => axpy_f16(o, w, &v[rows.clone()][at..at + head_dim]),
+            if !grouped::values(scores, view.v, rows.clone(), head_dim, rep, out) {
+                for p in 0..n {
+                    let at = p * head_dim;
+                    for r in 0..rep {
+                        let o = &mut out[r * head_dim..(r + 1) * head_dim];
+                        let w = scores[r * n + p];
+                        match view.v {
+                            KvBuf::F32(v) => axpy_f32(o, w, &v[rows.clone()][at..at + head_dim]),
+                            KvBuf::F16(v) => axpy_f16(o, w, &v[rows.clone()][at..at + head_dim]),
+                        }
                     }
                 }
             }
@@ -164,10 +168,211 @@ fn axpy_f16(out: &mut [f32], w: f32, v: &[f16]) {
     }
 }
 
+/// The scores and the weighted values of a group of query heads with the
+/// AVX-512 kernels: each key or value chunk of 16 dimensions is loaded
+/// (and widened from f16) once for all the group's queries, and the
+/// values' sums stay in registers across positions, instead of one
+/// `dot_f16` and one `axpy_f16` per query and position (each widening the
+/// row again; each `axpy` loading and storing the output). Every output
+/// is the same chain of fused multiply-adds as `dot_*` and `axpy_*` give,
+/// in the same order, so the bits are theirs (`tests`).
+mod grouped {
+    use super::KvBuf;
+
+    /// Largest group these kernels take (Mistral and Llama 3 have 4
+    /// queries per kv head, Qwen 2.5 7B 7); larger ones take the loops.
+    const MAX_GROUP: usize = 8;
+
+    /// `scores[r·n + p] = (q_r · k_p) · scale` for the `rep` queries of
+    /// `q` and the keys in `rows` of `k` (`n` rows of `head_dim`). False,
+    /// and nothing written, without AVX-512 or for a shape it does not take.
+    pub(super) fn scores(
+        q: &[f32],
+        k: KvBuf<'_>,
+        rows: std::ops::Range<usize>,
+        head_dim: usize,
+        rep: usize,
+        scale: f32,
+        scores: &mut [f32],
+    ) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if takes(head_dim, rep) {
+            let n = rows.len() / head_dim;
+            assert!(q.len() >= rep * head_dim && scores.len() >= rep * n);
+            macro_rules! run {
+                ($($r:literal)*) => {
+                    match (rep, k) {
+                        $(
+                            ($r, KvBuf::F32(k)) => {
+                                let k = &k[rows];
+                                // SAFETY: AVX-512 was detected; `k` holds n rows, `q` rep.
+                                unsafe { super::x86::scores::<$r, false>(q, k.as_ptr().cast(), n, head_dim, scale, scores) }
+                            }
+                            ($r, KvBuf::F16(k)) => {
+                                let k = &k[rows];
+                                // SAFETY: as above.
+                                unsafe { super::x86::scores::<$r, true>(q, k.as_ptr().cast(), n, head_dim, scale, scores) }
+                            }
+                        )*
+                        _ => unreachable!("`takes` admits groups of 1 to 8"),
+                    }
+                };
+            }
+            run!(1 2 3 4 5 6 7 8);
+            return true;
+        }
+        let _ = (q, k, rows, head_dim, rep, scale, scores);
+        false
+    }
+
+    /// `out[r] = Σ_p weights[r·n + p] · v_p` (`out` is `rep × head_dim`,
+    /// zero on entry) for the values in `rows` of `v`. False, and nothing
+    /// written, where `scores` would be.
+    pub(super) fn values(
+        weights: &[f32],
+        v: KvBuf<'_>,
+        rows: std::ops::Range<usize>,
+        head_dim: usize,
+        rep: usize,
+        out: &mut [f32],
+    ) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if takes(head_dim, rep) {
+            let n = rows.len() / head_dim;
+            assert!(weights.len() >= rep * n && out.len() >= rep * head_dim);
+            // Chunks of 16 dimensions summed at once: a power of two that
+            // keeps the group's sums in registers (16 of 32) and divides
+            // the head.
+            let mut chunks = (16 / rep).min(8).next_power_of_two();
+            while chunks > 16 / rep || !head_dim.is_multiple_of(16 * chunks) {
+                chunks /= 2;
+            }
+            macro_rules! run {
+                ($($r:literal $c:literal),*) => {
+                    match (rep, chunks, v) {
+                        $(
+                            ($r, $c, KvBuf::F32(v)) => {
+                                let v = &v[rows];
+                                // SAFETY: AVX-512 was detected; `v` holds n rows,
+                                // `out` rep, and 16·C divides head_dim.
+                                unsafe { super::x86::values::<$r, $c, false>(weights, v.as_ptr().cast(), n, head_dim, out) }
+                            }
+                            ($r, $c, KvBuf::F16(v)) => {
+                                let v = &v[rows];
+                                // SAFETY: as above.
+                                unsafe { super::x86::values::<$r, $c, true>(weights, v.as_ptr().cast(), n, head_dim, out) }
+                            }
+                        )*
+                        _ => unreachable!("chunks: a power of two, at most 16 / rep and 8"),
+                    }
+                };
+            }
+            run!(
+                1 8, 1 4, 1 2, 1 1, 2 8, 2 4, 2 2, 2 1, 3 4, 3 2, 3 1, 4 4, 4 2, 4 1,
+                5 2, 5 1, 6 2, 6 1, 7 2, 7 1, 8 2, 8 1
+            );
+            return true;
+        }
+        let _ = (weights, v, rows, head_dim, rep, out);
+        false
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn takes(head_dim: usize, rep: usize) -> bool {
+        super::simd() && head_dim.is_multiple_of(16) && (1..=MAX_GROUP).contains(&rep)
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use half::f16;
     use std::arch::x86_64::*;
+
+    /// Sixteen values at `at` as f32: loaded, or widened from f16.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn load16<const F16: bool>(at: *const u8) -> __m512 {
+        // SAFETY: the caller's: 16 values of the type at `at`.
+        unsafe {
+            if F16 {
+                _mm512_cvtph_ps(_mm256_loadu_si256(at.cast()))
+            } else {
+                _mm512_loadu_ps(at.cast())
+            }
+        }
+    }
+
+    /// `grouped::scores` for `R` queries; `k` points at `n` rows of
+    /// `head_dim` values (f16 with `F16`, else f32).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn scores<const R: usize, const F16: bool>(
+        q: &[f32],
+        k: *const u8,
+        n: usize,
+        head_dim: usize,
+        scale: f32,
+        scores: &mut [f32],
+    ) {
+        let size = if F16 { 2 } else { 4 };
+        assert!(q.len() >= R * head_dim && scores.len() >= R * n);
+        for p in 0..n {
+            // SAFETY: row p of n, chunks of 16 inside a row of head_dim
+            // (a multiple of 16); query r of R.
+            unsafe {
+                let row = k.add(p * head_dim * size);
+                let mut acc = [_mm512_setzero_ps(); R];
+                for c in (0..head_dim).step_by(16) {
+                    let key = load16::<F16>(row.add(c * size));
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let x = _mm512_loadu_ps(q.as_ptr().add(r * head_dim + c));
+                        *acc = _mm512_fmadd_ps(x, key, *acc);
+                    }
+                }
+                for (r, acc) in acc.iter().enumerate() {
+                    scores[r * n + p] = _mm512_reduce_add_ps(*acc) * scale;
+                }
+            }
+        }
+    }
+
+    /// `grouped::values` for `R` queries, `C` chunks of 16 dimensions at a
+    /// time; `v` points at `n` rows of `head_dim` values.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn values<const R: usize, const C: usize, const F16: bool>(
+        weights: &[f32],
+        v: *const u8,
+        n: usize,
+        head_dim: usize,
+        out: &mut [f32],
+    ) {
+        let size = if F16 { 2 } else { 4 };
+        assert!(weights.len() >= R * n && out.len() >= R * head_dim);
+        assert!(head_dim.is_multiple_of(16 * C));
+        for c0 in (0..head_dim).step_by(16 * C) {
+            let mut acc = [[_mm512_setzero_ps(); C]; R];
+            for p in 0..n {
+                // SAFETY: row p of n; chunks c0 + 16j < head_dim.
+                unsafe {
+                    let row = v.add((p * head_dim + c0) * size);
+                    for j in 0..C {
+                        let value = load16::<F16>(row.add(16 * j * size));
+                        for (r, acc) in acc.iter_mut().enumerate() {
+                            let w = _mm512_set1_ps(*weights.get_unchecked(r * n + p));
+                            acc[j] = _mm512_fmadd_ps(w, value, acc[j]);
+                        }
+                    }
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                for (j, acc) in acc.iter().enumerate() {
+                    // SAFETY: r < R, c0 + 16j + 16 <= head_dim.
+                    unsafe {
+                        _mm512_storeu_ps(out.as_mut_ptr().add(r * head_dim + c0 + 16 * j), *acc)
+                    };
+                }
+            }
+        }
+    }
 
     #[target_feature(enable = "avx512f")]
     pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
@@ -324,6 +529,65 @@ mod tests {
                 check("f16", view(KvBuf::F16(&k16), KvBuf::F16(&v16)), want);
             }
         }
+    }
+
+    #[test]
+    fn the_grouped_kernels_give_the_bits_of_one_query_at_a_time() {
+        if !simd() {
+            return;
+        }
+        let n = 37;
+        for hd in [16, 64, 80, 96, 128] {
+            for rep in 1..=8 {
+                let q = values(rep * hd, 7);
+                let k = values(n * hd, 8);
+                let w = values(rep * n, 9);
+                let k16: Vec<f16> = k.iter().map(|&x| f16::from_f32(x)).collect();
+                for kv in [KvBuf::F32(&k), KvBuf::F16(&k16)] {
+                    let kind = format!("{} hd {hd} rep {rep}", matches!(kv, KvBuf::F16(_)));
+                    let mut got = vec![0f32; rep * n];
+                    assert!(grouped::scores(&q, kv, 0..n * hd, hd, rep, 0.3, &mut got));
+                    for r in 0..rep {
+                        for p in 0..n {
+                            let (qr, row) = (&q[r * hd..(r + 1) * hd], p * hd..(p + 1) * hd);
+                            let want = match kv {
+                                KvBuf::F32(k) => dot_f32(qr, &k[row]),
+                                KvBuf::F16(k) => dot_f16(qr, &k[row]),
+                            } * 0.3;
+                            assert_eq!(got[r * n + p].to_bits(), want.to_bits(), "score {kind}");
+                        }
+                    }
+                    let mut got = vec![0f32; rep * hd];
+                    assert!(grouped::values(&w, kv, 0..n * hd, hd, rep, &mut got));
+                    let mut want = vec![0f32; rep * hd];
+                    for p in 0..n {
+                        for r in 0..rep {
+                            let (o, row) = (&mut want[r * hd..(r + 1) * hd], p * hd..(p + 1) * hd);
+                            match kv {
+                                KvBuf::F32(v) => axpy_f32(o, w[r * n + p], &v[row]),
+                                KvBuf::F16(v) => axpy_f16(o, w[r * n + p], &v[row]),
+                            }
+                        }
+                    }
+                    for (g, w) in got.iter().zip(&want) {
+                        assert_eq!(g.to_bits(), w.to_bits(), "value {kind}");
+                    }
+                }
+            }
+        }
+        // Shapes the kernels leave to the loops.
+        let mut out = vec![0f32; 9 * 24];
+        let k = values(24 * 3, 1);
+        assert!(!grouped::scores(
+            &k,
+            KvBuf::F32(&k),
+            0..72,
+            24,
+            3,
+            1.0,
+            &mut out
+        ));
+        assert!(!grouped::values(&k, KvBuf::F32(&k), 0..64, 16, 9, &mut out));
     }
 
     #[test]
