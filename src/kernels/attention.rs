@@ -86,17 +86,7 @@ pub fn decode(
                 }
             }
             for r in 0..rep {
-                let s = &mut scores[r * n..(r + 1) * n];
-                let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for x in s.iter_mut() {
-                    *x = (*x - max).exp();
-                    sum += *x;
-                }
-                let inv = 1.0 / sum;
-                for x in s.iter_mut() {
-                    *x *= inv;
-                }
+                softmax(&mut scores[r * n..(r + 1) * n]);
             }
             // Values: each row once, added to every query of the group.
             if !grouped::values(scores, view.v, rows.clone(), head_dim, rep, out) {
@@ -114,6 +104,32 @@ pub fn decode(
             }
         })
     });
+}
+
+/// `s` turned into `softmax(s)` in place; a NaN anywhere makes every
+/// weight NaN (as the scalar loop does), so a broken row still ends in "no
+/// finite logits" rather than in a plausible answer.
+///
+/// With AVX-512 the exponentials are sixteen at a time (`x86::exp16`):
+/// libm's `expf` one value at a time, with its slow path for the very
+/// negative arguments most scores have after the maximum is taken off, was
+/// 2% of a step at eight sequences, more than the scores and the values.
+fn softmax(s: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: avx512f was detected.
+        return unsafe { x86::softmax(s) };
+    }
+    let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for x in s.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    for x in s.iter_mut() {
+        *x *= inv;
+    }
 }
 
 fn simd() -> bool {
@@ -287,6 +303,68 @@ mod grouped {
 mod x86 {
     use half::f16;
     use std::arch::x86_64::*;
+
+    /// `e^x` for sixteen values: `x = n·ln 2 + r` with `|r| <= ln 2 / 2`,
+    /// `e^r` by its Taylor series to `r^6` (relative error under 2e-7, about
+    /// one ulp), and `2^n` applied by `vscalefps`, which also underflows
+    /// cleanly to zero (arguments are held at -104 and above, where `e^x`
+    /// is already below the smallest subnormal). NaN stays NaN.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub unsafe fn exp16(x: __m512) -> __m512 {
+        // `max(floor, x)` returns `x` when `x` is NaN.
+        let x = _mm512_max_ps(_mm512_set1_ps(-104.0), x);
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        // ln 2 in two parts, so that n · ln2_hi is exact.
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
+        let mut p = _mm512_set1_ps(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        _mm512_scalef_ps(p, n)
+    }
+
+    /// `super::softmax` sixteen scores at a time.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn softmax(s: &mut [f32]) {
+        let len = s.len();
+        let tail = len % 16;
+        let last: __mmask16 = (1u32 << tail).wrapping_sub(1) as __mmask16;
+        let ptr = s.as_mut_ptr();
+        // SAFETY: full chunks below `len - tail`; the tail through `last`.
+        unsafe {
+            // The maximum ignores NaN (`max(v, m)` keeps `m` then), as
+            // `f32::max` does; the exponentials bring the NaN back.
+            let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+            for i in (0..len - tail).step_by(16) {
+                m = _mm512_max_ps(_mm512_loadu_ps(ptr.add(i)), m);
+            }
+            let t = _mm512_mask_loadu_ps(m, last, ptr.add(len - tail));
+            m = _mm512_max_ps(t, m);
+            let max = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+            let mut sum = _mm512_setzero_ps();
+            for i in (0..len - tail).step_by(16) {
+                let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(ptr.add(i)), max));
+                _mm512_storeu_ps(ptr.add(i), e);
+                sum = _mm512_add_ps(sum, e);
+            }
+            let e = exp16(_mm512_sub_ps(
+                _mm512_maskz_loadu_ps(last, ptr.add(len - tail)),
+                max,
+            ));
+            _mm512_mask_storeu_ps(ptr.add(len - tail), last, e);
+            sum = _mm512_mask_add_ps(sum, last, sum, e);
+            let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
+            for i in (0..len - tail).step_by(16) {
+                _mm512_storeu_ps(ptr.add(i), _mm512_mul_ps(_mm512_loadu_ps(ptr.add(i)), inv));
+            }
+            let t = _mm512_maskz_loadu_ps(last, ptr.add(len - tail));
+            _mm512_mask_storeu_ps(ptr.add(len - tail), last, _mm512_mul_ps(t, inv));
+        }
+    }
 
     /// Sixteen values at `at` as f32: loaded, or widened from f16.
     #[target_feature(enable = "avx512f")]
@@ -588,6 +666,63 @@ mod tests {
             &mut out
         ));
         assert!(!grouped::values(&k, KvBuf::F32(&k), 0..64, 16, 9, &mut out));
+    }
+
+    #[test]
+    fn softmax_matches_the_formula_and_keeps_nan() {
+        for len in [1, 5, 16, 17, 40, 300] {
+            let s: Vec<f32> = values(len, len as u32)
+                .iter()
+                .map(|v| v * 60.0 - 20.0)
+                .collect();
+            let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let e: Vec<f64> = s.iter().map(|&x| (x as f64 - max).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            let mut got = s.clone();
+            softmax(&mut got);
+            for (g, e) in got.iter().zip(&e) {
+                let want = e / sum;
+                // `s - max` rounds in f32 (half an ulp of 80 is 4e-6),
+                // which the exponential carries as a relative error.
+                assert!(
+                    (*g as f64 - want).abs() <= 1e-5 * want + 1e-30,
+                    "{len}: {g} vs {want}"
+                );
+            }
+            let mut nan = s.clone();
+            nan[len / 2] = f32::NAN;
+            softmax(&mut nan);
+            assert!(nan.iter().all(|x| x.is_nan()), "{len}: a NaN score");
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn exp16_is_within_an_ulp_or_two_and_underflows_to_zero() {
+        if !simd() {
+            return;
+        }
+        let exp = |x: f32| -> f32 {
+            use std::arch::x86_64::*;
+            let mut out = [0f32; 16];
+            // SAFETY: avx512f was detected.
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr(), x86::exp16(_mm512_set1_ps(x))) };
+            out[0]
+        };
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = (x as f64).exp();
+            let got = exp(x) as f64;
+            assert!(
+                (got - want).abs() <= 2.5e-7 * want,
+                "e^{x}: {got} vs {want}"
+            );
+            x += 0.0137;
+        }
+        assert_eq!(exp(0.0), 1.0);
+        assert_eq!(exp(-200.0), 0.0);
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert!(exp(f32::NAN).is_nan());
     }
 
     #[test]
