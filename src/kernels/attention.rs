@@ -197,6 +197,7 @@ mod grouped {
 
     /// Largest group these kernels take (Mistral and Llama 3 have 4
     /// queries per kv head, Qwen 2.5 7B 7); larger ones take the loops.
+    #[cfg(target_arch = "x86_64")]
     const MAX_GROUP: usize = 8;
 
     /// `scores[r·n + p] = (q_r · k_p) · scale` for the `rep` queries of
