@@ -623,7 +623,12 @@ mod tests {
                 let w = values(rep * n, 9);
                 let k16: Vec<f16> = k.iter().map(|&x| f16::from_f32(x)).collect();
                 for kv in [KvBuf::F32(&k), KvBuf::F16(&k16)] {
-                    let kind = format!("{} hd {hd} rep {rep}", matches!(kv, KvBuf::F16(_)));
+                    let dtype = if matches!(kv, KvBuf::F16(_)) {
+                        "f16"
+                    } else {
+                        "f32"
+                    };
+                    let kind = format!("{dtype}, head_dim {hd}, {rep} queries");
                     let mut got = vec![0f32; rep * n];
                     assert!(grouped::scores(&q, kv, 0..n * hd, hd, rep, 0.3, &mut got));
                     for r in 0..rep {
