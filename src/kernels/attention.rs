@@ -433,11 +433,16 @@ mod x86 {
                 // SAFETY: row p of n; chunks c0 + 16j < head_dim.
                 unsafe {
                     let row = v.add((p * head_dim + c0) * size);
+                    // Each query's weight for this position, once for all C chunks
+                    // (a loop: a closure would not take this function's features).
+                    let mut w = [_mm512_setzero_ps(); R];
+                    for (r, w) in w.iter_mut().enumerate() {
+                        *w = _mm512_set1_ps(*weights.get_unchecked(r * n + p));
+                    }
                     for j in 0..C {
                         let value = load16::<F16>(row.add(16 * j * size));
-                        for (r, acc) in acc.iter_mut().enumerate() {
-                            let w = _mm512_set1_ps(*weights.get_unchecked(r * n + p));
-                            acc[j] = _mm512_fmadd_ps(w, value, acc[j]);
+                        for (acc, w) in acc.iter_mut().zip(&w) {
+                            acc[j] = _mm512_fmadd_ps(*w, value, acc[j]);
                         }
                     }
                 }
