@@ -448,18 +448,13 @@ pub fn read_bandwidth_gbps() -> f64 {
     rates[2]
 }
 
-/// The CPU's model name and the vector features the kernels choose by
-/// (speeds differ between machines: every race names its CPU).
+/// The CPU's model name, family and model numbers, caches and the vector
+/// features the kernels choose by (speeds differ between machines: every
+/// race names its CPU). A virtual machine may name only the vendor ("AMD
+/// EPYC" for a Zen 4 and a Zen 5 alike), so the family and model numbers
+/// and the caches are what tell the cores apart.
 fn cpu_description() -> String {
-    let name = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     #[cfg(target_arch = "x86_64")]
     let features: Vec<&str> = [
         ("avx512f", std::is_x86_feature_detected!("avx512f")),
@@ -471,7 +466,55 @@ fn cpu_description() -> String {
     .collect();
     #[cfg(not(target_arch = "x86_64"))]
     let features: Vec<&str> = Vec::new();
-    format!("{name} · {}", features.join(" "))
+    describe_cpu(&info, &cache_sizes(), &features)
+}
+
+/// `cpu_description` from the text of `/proc/cpuinfo`, the caches
+/// (`cache_sizes`) and the detected features.
+fn describe_cpu(cpuinfo: &str, caches: &[String], features: &[&str]) -> String {
+    // The first processor's fields: `key<tabs>: value`.
+    let field = |key: &str| {
+        cpuinfo
+            .lines()
+            .take_while(|l| !l.trim().is_empty())
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.trim() == key)
+            .map(|(_, v)| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    };
+    let mut parts = vec![field("model name").unwrap_or_else(|| std::env::consts::ARCH.to_string())];
+    if let (Some(family), Some(model)) = (field("cpu family"), field("model")) {
+        parts[0] = format!("{} (family {family} model {model})", parts[0]);
+    }
+    if !caches.is_empty() {
+        parts.push(caches.join(" "));
+    }
+    if !features.is_empty() {
+        parts.push(features.join(" "));
+    }
+    parts.join(" · ")
+}
+
+/// The first core's caches as Linux lists them
+/// (`/sys/devices/system/cpu/cpu0/cache/index*/`): `L1d 32K`, `L2 1024K`, ...
+fn cache_sizes() -> Vec<String> {
+    let dir = std::path::Path::new("/sys/devices/system/cpu/cpu0/cache");
+    (0..8)
+        .filter_map(|i| {
+            let read = |f: &str| {
+                std::fs::read_to_string(dir.join(format!("index{i}/{f}")))
+                    .ok()
+                    .map(|v| v.trim().to_string())
+            };
+            let level = read("level")?;
+            let kind = match read("type")?.as_str() {
+                "Data" => "d",
+                "Unified" => "",
+                _ => return None,
+            };
+            Some(format!("L{level}{kind} {}", read("size")?))
+        })
+        .collect()
 }
 
 /// The process's peak resident memory (Linux: VmHWM), if the OS says.
@@ -480,4 +523,26 @@ fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe_cpu;
+
+    #[test]
+    fn the_cpu_line_names_family_model_and_caches() {
+        let info = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n\nprocessor\t: 1\nmodel name\t: other\n";
+        let caches = ["L1d 32K".to_string(), "L2 1024K".to_string()];
+        assert_eq!(
+            describe_cpu(info, &caches, &["avx512f"]),
+            "AMD EPYC (family 25 model 17) · L1d 32K L2 1024K · avx512f"
+        );
+        // Nothing readable: the architecture, and no empty fields.
+        assert_eq!(describe_cpu("", &[], &[]), std::env::consts::ARCH);
+        // A model name without family numbers is kept as it is.
+        assert_eq!(
+            describe_cpu("model name : Xeon\n", &[], &["avx512f"]),
+            "Xeon · avx512f"
+        );
+    }
 }
