@@ -206,6 +206,46 @@ fn abs_max_is_the_largest_magnitude_or_nan_wherever_a_nan_is() {
     }
 }
 
+/// Whether this CPU executes 512-bit instructions as two 256-bit halves
+/// (AMD's Zen 4: family 25 with AVX-512; Zen 5 and Intel's AVX-512 cores
+/// run them whole), which doubles the cost of an instruction-bound kernel
+/// and so changes which kernel is fastest (`QuantMatrix::q8_0_one_token`).
+/// Read once, from CPUID.
+pub(crate) fn avx512_on_halves() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HALVES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HALVES.get_or_init(|| {
+            use std::arch::x86_64::__cpuid;
+            let (vendor, signature) = (__cpuid(0), __cpuid(1).eax);
+            let amd =
+                (vendor.ebx, vendor.edx, vendor.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163);
+            amd && cpu_family(signature) == 25 && std::is_x86_feature_detected!("avx512f")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The display family of a CPUID leaf-1 signature: the base family, plus the
+/// extended family when the base is 15 (Intel's and AMD's rule).
+fn cpu_family(signature: u32) -> u32 {
+    let base = (signature >> 8) & 0xF;
+    if base == 0xF {
+        base + ((signature >> 20) & 0xFF)
+    } else {
+        base
+    }
+}
+
+#[test]
+fn cpu_families_read_as_cpuinfo_prints_them() {
+    // Zen 4 (EPYC 9004), Zen 5 (EPYC 9005), a Sapphire Rapids Xeon.
+    assert_eq!(cpu_family(0x00A1_0F11), 25);
+    assert_eq!(cpu_family(0x00B0_0F21), 26);
+    assert_eq!(cpu_family(0x0008_06F8), 6);
+}
+
 /// How far ahead of the block being multiplied the row kernels prefetch,
 /// in bytes. Measured on a 7B model (Q4_K_M, Q8_0) on this project's 2-core
 /// EPYC: the previous distance of two blocks (288 bytes for Q4_K) left a

@@ -233,7 +233,7 @@ impl QuantMatrix {
                 self.matmul_panels::<q6k_panel::Panel>(acts)?
             }
             GgmlDType::Q8_0 if panels && q8_0_panel::Panel::available() => {
-                if acts.rows() == 1 {
+                if acts.rows() == 1 && !super::avx512_on_halves() {
                     self.q8_0_one_token(acts)?
                 } else if acts.rows() < Q8_0_PACK_FROM {
                     self.by_panels::<q8_0_panel::Panel>(acts, q8_0_panel::multiply_rows)?
@@ -392,6 +392,14 @@ impl QuantMatrix {
 
     /// One token through Q8_0 rows, two streams a thread
     /// (`q8_0_panel::dot_rows`): the panels' bits at the row kernels' pace.
+    ///
+    /// Where AVX-512 runs on 256-bit halves (`super::avx512_on_halves`: Zen
+    /// 4) one token takes `multiply_rows` instead, which gives the same
+    /// bits (its test): `dot_rows` is bound by its instructions, and there
+    /// they cost twice. Measured on a Zen 4 EPYC, 7B Q8_0, one stream, tg32
+    /// interleaved: `dot_rows` 3.48 / 3.61 / 3.32 tok/s, `multiply_rows`
+    /// 4.14 / 4.57 / 4.88 (llama.cpp 3.78 in the same sitting's race). On
+    /// the Zen 5 EPYC where `dot_rows` was chosen it ran at 8.7–9.0.
     fn q8_0_one_token(&self, acts: &Activations) -> Result<Vec<f32>> {
         let row_bytes = self.cols / q8_0_panel::QK * q8_0::BLOCK_BYTES;
         let data = self.row_data(row_bytes)?;
