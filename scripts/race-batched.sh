@@ -23,7 +23,7 @@ st=${ST:-$root/target/release/starling}
 maxb=$(echo "$npl" | tr ',' '\n' | sort -n | tail -1)
 ctx=$(( maxb * (p + n) + 64 ))
 
-echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
+echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2) (family $(grep -m1 '^cpu family' /proc/cpuinfo | cut -d: -f2 | tr -d ' '), model $(grep -m1 '^model\s' /proc/cpuinfo | cut -d: -f2 | tr -d ' '), L1d $(cat /sys/devices/system/cpu/cpu0/cache/index0/size 2>/dev/null))"
 echo "flags: $(grep -m1 flags /proc/cpuinfo | grep -o -w -E 'avx512f|avx512_vnni|avx512_bf16' | tr '\n' ' ')"
 for round in $(seq "${ROUNDS:-1}"); do
   for t in ${FORMATS:-q4_k_m q8_0}; do

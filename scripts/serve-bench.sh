@@ -39,7 +39,7 @@ cleanup() {
 trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
-echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
+echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2) (family $(grep -m1 '^cpu family' /proc/cpuinfo | cut -d: -f2 | tr -d ' '), model $(grep -m1 '^model\s' /proc/cpuinfo | cut -d: -f2 | tr -d ' '), L1d $(cat /sys/devices/system/cpu/cpu0/cache/index0/size 2>/dev/null))"
 echo "file: $gguf ($(du -h "$gguf" | cut -f1))"
 cat "$gguf" > /dev/null
 
