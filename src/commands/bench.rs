@@ -71,12 +71,18 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     // moved into memory (the move is timed on its own line).
     let resident = weights.finish(&device, args.device.keep_mapped);
     // A model that copied its weights at load leaves nothing to move.
-    let resident = resident.map(|mover| mover.wait()).filter(|r| r.moved > 0);
+    let resident = resident
+        .map(|mover| mover.wait())
+        .filter(|r| r.moved + r.repacked > 0);
     if let Some(r) = resident.as_ref().filter(|_| !args.json) {
         // A failure is the move's own note on stderr.
+        let repacked = match r.repacked {
+            0 => String::new(),
+            b => format!(" ({} of it repacked)", shown_bytes(b)),
+        };
         println!(
-            "weights moved into memory after loading: {} of {} in {:.2} s",
-            shown_bytes(r.moved),
+            "weights moved into memory after loading: {} of {} in {:.2} s{repacked}",
+            shown_bytes(r.moved + r.repacked),
             shown_bytes(r.total),
             r.seconds,
         );

@@ -18,6 +18,7 @@ pub(crate) mod q6k_panel;
 pub(crate) mod q8_0;
 pub(crate) mod q8_0_panel;
 pub(crate) mod qmatmul;
+pub(crate) mod repack;
 
 use bytes::Bytes;
 

@@ -76,6 +76,20 @@ impl Panel {
         self.pack_format::<true>(rows, row_bytes)
     }
 
+    /// `pack` of group `g` of a [`Repacked`] matrix: the same panel, from
+    /// aligned loads rather than gathers.
+    ///
+    /// # Panics
+    /// If `g` is not one of its groups.
+    pub fn pack_repacked(&mut self, repacked: &Repacked, g: usize) {
+        assert!(g < repacked.groups, "group {g} of {}", repacked.groups);
+        self.blocks = repacked.blocks;
+        self.lines.resize(self.blocks * LINES, Line([0; 64]));
+        // SAFETY: `Repacked::new` checked the features; the group holds
+        // `blocks · 36` aligned lines, and `self.lines` `blocks · LINES`.
+        unsafe { unpack_avx512::<false, true>(repacked.group(g), 0, self.blocks, &mut self.lines) }
+    }
+
     fn pack_format<const Q5: bool>(&mut self, rows: &[u8], row_bytes: usize) {
         assert!(Self::available(), "the Q4_K/Q5_K panel needs AVX-512 VNNI");
         let block_bytes = block_bytes::<Q5>();
@@ -185,6 +199,265 @@ const fn block_bytes<const Q5: bool>() -> usize {
     }
 }
 
+/// Dwords of a Q4_K (Q5_K) block: lines per block of a [`Repacked`] group.
+const fn dwords<const Q5: bool>() -> usize {
+    block_bytes::<Q5>() / 4
+}
+
+/// A Q4_K matrix's whole groups of sixteen rows with their blocks
+/// interleaved by dwords, llama.cpp's CPU repacking idea in the panels'
+/// terms: for group `g`, block `b` and dword `w` of a block (36 of them),
+/// line `(g · blocks + b) · 36 + w` holds, in lane `r`, dword `w` of block
+/// `b` of row `16g + r`. The same bytes as the rows (nothing widened), but
+/// what `pack` gathers from sixteen rows far apart is one aligned load
+/// here: `pack_repacked` costs a fraction of `pack`, which is what lets a
+/// few tokens (a decode step) take the panels' sums.
+pub struct Repacked {
+    lines: Vec<Line>,
+    blocks: usize,
+    groups: usize,
+}
+
+impl Repacked {
+    /// The whole groups of sixteen rows of the Q4_K matrix `data` (`rows`
+    /// rows of `row_bytes`); rows past the last whole group are left out.
+    /// `None` without AVX-512 (the panels' CPUs) or without a whole group.
+    ///
+    /// # Panics
+    /// If `data` is shorter than `rows` rows or `row_bytes` is not whole
+    /// blocks.
+    /// Over the thread pool when `parallel`, on the calling thread if not.
+    pub fn new(data: &[u8], rows: usize, row_bytes: usize, parallel: bool) -> Option<Self> {
+        assert!(row_bytes.is_multiple_of(BLOCK_BYTES) && data.len() >= rows * row_bytes);
+        let groups = rows / ROWS;
+        if !Panel::available() || groups == 0 || row_bytes * ROWS >= i32::MAX as usize {
+            return None;
+        }
+        let blocks = row_bytes / BLOCK_BYTES;
+        let per_group = blocks * dwords::<false>();
+        let mut lines: Vec<Line> = Vec::with_capacity(groups * per_group);
+        // Huge pages where the kernel gives them (`madvise` mode): a
+        // decode step streams every line, and with 4 KiB pages one 7B
+        // Q4_K_M stream ran slower than the row kernels over the file.
+        #[cfg(target_os = "linux")]
+        {
+            // SAFETY: advice on the untouched allocation just made.
+            unsafe {
+                libc::madvise(
+                    lines.as_mut_ptr().cast(),
+                    groups * per_group * 64,
+                    libc::MADV_HUGEPAGE,
+                )
+            };
+        }
+        // Every line is written once, by the groups' interleave (no zero
+        // fill first: on a 7B that was a serial 3.4 GB memset, most of a
+        // 5-9 s first decode step), so the pages are first touched by the
+        // threads that fill them.
+        let group = |g: usize, out: &mut [std::mem::MaybeUninit<Line>]| {
+            let rows = &data[g * ROWS * row_bytes..(g + 1) * ROWS * row_bytes];
+            // SAFETY: `available` checked the features; `rows` holds the
+            // group's sixteen rows and `out` its `per_group` lines.
+            unsafe { interleave_avx512(rows, row_bytes, blocks, out) };
+        };
+        let spare = &mut lines.spare_capacity_mut()[..groups * per_group];
+        if parallel {
+            super::pool::for_each_chunk_mut(spare, per_group, group);
+        } else {
+            for (g, out) in spare.chunks_exact_mut(per_group).enumerate() {
+                group(g, out);
+            }
+        }
+        // SAFETY: the capacity was reserved above and every line of it has
+        // been written (each group's `blocks · 36`, all groups).
+        unsafe { lines.set_len(groups * per_group) };
+        Some(Self {
+            lines,
+            blocks,
+            groups,
+        })
+    }
+
+    /// Whole groups of sixteen rows held.
+    pub fn groups(&self) -> usize {
+        self.groups
+    }
+
+    /// Group `g`'s lines, as bytes (`pack_repacked`'s input).
+    pub fn group(&self, g: usize) -> &[u8] {
+        let per_group = self.blocks * dwords::<false>();
+        let lines = &self.lines[g * per_group..(g + 1) * per_group];
+        // SAFETY: `Line` is 64 plain bytes; the slice covers exactly them.
+        unsafe { std::slice::from_raw_parts(lines.as_ptr().cast(), lines.len() * 64) }
+    }
+}
+
+impl Repacked {
+    /// `out[t·stride + r] = row 16g + r · token t` for every token of `xs`
+    /// (each `blocks` Q8_K blocks): `pack_repacked` then `Panel::multiply`
+    /// in one pass, each weight line unpacked in registers rather than
+    /// stored to a panel and read back, so a single token pays no more
+    /// than the row kernel. Bitwise the panel's result: the integer sums
+    /// are exact in any order, and every float operation is the panel's,
+    /// in its order.
+    ///
+    /// # Panics
+    /// If `g` is not one of the groups, a token holds fewer blocks than a
+    /// row, or `out` does not reach the last token's sixteen lanes.
+    pub fn multiply(&self, g: usize, xs: &[&[Q8K]], out: &mut [f32], stride: usize) {
+        assert!(g < self.groups, "group {g} of {}", self.groups);
+        by_groups(
+            xs,
+            self.blocks,
+            out,
+            stride,
+            // SAFETY: `by_groups` checked the features (as `new` did), the
+            // activations' lengths and the output's size.
+            |four, out| unsafe { self.multiply_avx512::<TOKENS>(g, four, out, stride) },
+            |one, out| unsafe { self.multiply_avx512::<1>(g, one, out, stride) },
+        );
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
+    // `t` indexes the accumulators and the tokens alike.
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn multiply_avx512<const N: usize>(
+        &self,
+        g: usize,
+        xs: &[&[Q8K]],
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        // SAFETY: the caller checked the features, that `g` is a group,
+        // that each `xs[t]` holds `self.blocks` blocks and that `out`
+        // reaches token `N - 1`'s lanes.
+        unsafe {
+            use std::arch::x86_64::*;
+            const DW: usize = dwords::<false>();
+            let lines = self.lines.as_ptr().add(g * self.blocks * DW);
+            let nib = _mm512_set1_epi32(0x0F0F_0F0F);
+            let low6 = _mm512_set1_epi32(0x3F3F_3F3F);
+            let low2 = _mm512_set1_epi32(0x0303_0303);
+            let byte = _mm512_set1_epi32(0xFF);
+            let mut facc = [_mm512_setzero_ps(); N];
+            for b in 0..self.blocks {
+                // No software prefetch: a group is one in-order stream,
+                // which the hardware prefetcher follows. Asking for the
+                // lines two or four blocks ahead made one 7B Q4_K_M stream
+                // slower (tg32 7.32 / 7.90 tok/s without, 4.81 / 4.78 two
+                // blocks ahead, 4.40 / 5.02 four, on a Zen 4 EPYC).
+                let p = lines.add(b * DW);
+                // What `unpack_avx512` computes for the panel's scale
+                // lines, in the same operations.
+                let dd = _mm512_load_si512(p.cast());
+                let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dd));
+                let dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dd)));
+                let s0 = _mm512_load_si512(p.add(1).cast());
+                let s1 = _mm512_load_si512(p.add(2).cast());
+                let s2 = _mm512_load_si512(p.add(3).cast());
+                let u0 = _mm512_and_si512(s0, low6);
+                let u1 = _mm512_or_si512(
+                    _mm512_and_si512(s2, nib),
+                    _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(s0), low2)),
+                );
+                let u2 = _mm512_and_si512(s1, low6);
+                let u3 = _mm512_or_si512(
+                    _mm512_and_si512(_mm512_srli_epi32::<4>(s2), nib),
+                    _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(s1), low2)),
+                );
+                let mut bacc = [_mm512_setzero_ps(); N];
+                let mut macc = [_mm512_setzero_si512(); N];
+                for s in (0..8).step_by(2) {
+                    let mut iacc = [[_mm512_setzero_si512(); N]; 2];
+                    let at = [CHUNK_ORDER[s] * 32, CHUNK_ORDER[s + 1] * 32];
+                    for q in 0..8 {
+                        // Dword 8(s/2) + q of the nibbles: values 4q..4q+4
+                        // of sub-block s (low nibbles) and s + 1 (high).
+                        let v = _mm512_load_si512(p.add(4 + 4 * s + q).cast());
+                        let w = [
+                            _mm512_and_si512(v, nib),
+                            _mm512_and_si512(_mm512_srli_epi32::<4>(v), nib),
+                        ];
+                        for h in 0..2 {
+                            for t in 0..N {
+                                let x = xs[t][b].qs.as_ptr().add(at[h] + 4 * q);
+                                let x4 =
+                                    _mm512_set1_epi32(std::ptr::read_unaligned(x.cast::<i32>()));
+                                iacc[h][t] = _mm512_dpbusd_epi32(iacc[h][t], w[h], x4);
+                            }
+                        }
+                    }
+                    for h in 0..2 {
+                        let (sc, m) = if s + h < 4 { (u0, u2) } else { (u1, u3) };
+                        let shift = _mm512_set1_epi32(8 * ((s + h) as i32 % 4));
+                        let sc = _mm512_and_si512(_mm512_srlv_epi32(sc, shift), byte);
+                        let m = _mm512_and_si512(_mm512_srlv_epi32(m, shift), byte);
+                        let scale = _mm512_mul_ps(_mm512_cvtepi32_ps(sc), d);
+                        let mins = _mm512_or_si512(m, _mm512_slli_epi32::<16>(m));
+                        for t in 0..N {
+                            let sum = _mm512_cvtepi32_ps(iacc[h][t]);
+                            bacc[t] = _mm512_fmadd_ps(sum, scale, bacc[t]);
+                            let sums = xs[t][b].bsums.as_ptr().add(2 * (s + h)).cast::<i32>();
+                            let sums = _mm512_set1_epi32(std::ptr::read_unaligned(sums));
+                            macc[t] = _mm512_dpwssd_epi32(macc[t], mins, sums);
+                        }
+                    }
+                }
+                for t in 0..N {
+                    let block = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(macc[t]), dmin, bacc[t]);
+                    facc[t] = _mm512_fmadd_ps(block, _mm512_set1_ps(xs[t][b].d), facc[t]);
+                }
+            }
+            for t in 0..N {
+                _mm512_storeu_ps(out.as_mut_ptr().add(t * stride), facc[t]);
+            }
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn multiply_avx512<const N: usize>(
+        &self,
+        _: usize,
+        _: &[&[Q8K]],
+        _: &mut [f32],
+        _: usize,
+    ) {
+        unreachable!("Repacked::new gives None off x86-64")
+    }
+}
+
+/// One group's dword interleave (`Repacked`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn interleave_avx512(
+    rows: &[u8],
+    row_bytes: usize,
+    blocks: usize,
+    out: &mut [std::mem::MaybeUninit<Line>],
+) {
+    // SAFETY: the caller checked the features, that `rows` holds ROWS rows
+    // of `row_bytes` and that `out` holds `blocks · 36` lines; each is
+    // written whole.
+    unsafe {
+        use std::arch::x86_64::*;
+        let index = row_offsets(row_bytes);
+        for b in 0..blocks {
+            let at = b * BLOCK_BYTES;
+            prefetch_rows(rows, row_bytes, at, BLOCK_BYTES);
+            for w in 0..dwords::<false>() {
+                let v = _mm512_i32gather_epi32::<1>(index, rows.as_ptr().add(at + 4 * w).cast());
+                _mm512_store_si512(out.as_mut_ptr().add(b * dwords::<false>() + w).cast(), v);
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn interleave_avx512(_: &[u8], _: usize, _: usize, _: &mut [std::mem::MaybeUninit<Line>]) {
+    unreachable!("available() is false off x86-64")
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
 unsafe fn pack_avx512<const Q5: bool>(
@@ -193,13 +466,38 @@ unsafe fn pack_avx512<const Q5: bool>(
     blocks: usize,
     lines: &mut [Line],
 ) {
+    // SAFETY: as the caller's.
+    unsafe { unpack_avx512::<Q5, false>(rows, row_bytes, blocks, lines) }
+}
+
+/// Unpacks sixteen rows into `lines`: from the rows as stored (`rows`,
+/// each `row_bytes` long), or with `REPACKED` from one group of a
+/// [`Repacked`] matrix (`rows` its `blocks · DWORDS` lines, `row_bytes`
+/// unused). Both read the same dwords, so they write the same panel.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
+unsafe fn unpack_avx512<const Q5: bool, const REPACKED: bool>(
+    rows: &[u8],
+    row_bytes: usize,
+    blocks: usize,
+    lines: &mut [Line],
+) {
     // SAFETY: the caller checked the features, that `rows` holds ROWS rows
-    // of `row_bytes`, and that `lines` holds `blocks · LINES` lines.
+    // of `row_bytes` (or, `REPACKED`, `blocks · dwords::<Q5>()` aligned
+    // lines), and that `lines` holds `blocks · LINES` lines.
     unsafe {
         use std::arch::x86_64::*;
         let index = row_offsets(row_bytes);
-        // One dword of each of the sixteen rows, at byte `at` of each row.
-        let gather = |at: usize| _mm512_i32gather_epi32::<1>(index, rows.as_ptr().add(at).cast());
+        // Dword `at / 4` of a block of each of the sixteen rows, where the
+        // block starts at byte `at - at % block_bytes` of each row.
+        let gather = |at: usize| {
+            if REPACKED {
+                let (b, w) = (at / block_bytes::<Q5>(), at % block_bytes::<Q5>() / 4);
+                _mm512_load_si512(rows.as_ptr().add((b * dwords::<Q5>() + w) * 64).cast())
+            } else {
+                _mm512_i32gather_epi32::<1>(index, rows.as_ptr().add(at).cast())
+            }
+        };
         let nib = _mm512_set1_epi32(0x0F0F_0F0F);
         let low6 = _mm512_set1_epi32(0x3F3F_3F3F);
         let low2 = _mm512_set1_epi32(0x0303_0303);
@@ -209,7 +507,9 @@ unsafe fn pack_avx512<const Q5: bool>(
         let qs_at = if Q5 { 48 } else { 16 };
         for b in 0..blocks {
             let at = b * block_bytes::<Q5>();
-            prefetch_rows(rows, row_bytes, at, block_bytes::<Q5>());
+            if !REPACKED {
+                prefetch_rows(rows, row_bytes, at, block_bytes::<Q5>());
+            }
             let p = out.add(b * LINES);
             // Q5_K: dword g of `qh` holds the fifth bits of values
             // l = 4g..4g+4 of every sub-block (bit s for sub-block s).
@@ -375,6 +675,16 @@ unsafe fn pack_avx512<const Q5: bool>(_: &[u8], _: usize, _: usize, _: &mut [Lin
     unreachable!("available() is false off x86-64")
 }
 
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn unpack_avx512<const Q5: bool, const REPACKED: bool>(
+    _: &[u8],
+    _: usize,
+    _: usize,
+    _: &mut [Line],
+) {
+    unreachable!("available() is false off x86-64")
+}
+
 /// A Q4_K (or Q5_K) block of extreme bytes for `check_panel`: values all
 /// 15 (31), all 0, or mixed; scales and mins all 63, or different from
 /// sub-block to sub-block in odd blocks (so a scale sent to the wrong
@@ -396,6 +706,83 @@ mod tests {
     use super::super::q4k::dot_scalar;
     use super::super::qmatmul::check_panel;
     use super::*;
+
+    /// `n` rows of `blocks` Q4_K blocks of random bytes with finite
+    /// scales (d = 1/64, dmin = 1/128 give sums far from overflow).
+    fn random_rows(n: usize, blocks: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed;
+        let mut data: Vec<u8> = (0..n * blocks * BLOCK_BYTES)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (state >> 33) as u8
+            })
+            .collect();
+        for block in data.chunks_exact_mut(BLOCK_BYTES) {
+            block[0..2].copy_from_slice(&half::f16::from_f32(1.0 / 64.0).to_le_bytes());
+            block[2..4].copy_from_slice(&half::f16::from_f32(1.0 / 128.0).to_le_bytes());
+        }
+        data
+    }
+
+    #[test]
+    fn a_repacked_group_packs_the_panel_of_its_rows() {
+        if !Panel::available() {
+            eprintln!("no AVX-512 VNNI on this CPU: nothing to compare");
+            return;
+        }
+        // Two whole groups and three rows left over.
+        let (rows, blocks) = (2 * ROWS + 3, 5);
+        let row_bytes = blocks * BLOCK_BYTES;
+        let data = random_rows(rows, blocks, 7);
+        let repacked = Repacked::new(&data, rows, row_bytes, false).unwrap();
+        assert_eq!(repacked.groups(), 2);
+        assert_eq!(
+            repacked.group(1).len(),
+            ROWS * row_bytes,
+            "as many bytes as the rows"
+        );
+        let (mut from_rows, mut from_lines) = (Panel::new(), Panel::new());
+        for g in 0..2 {
+            from_rows.pack(&data[g * ROWS * row_bytes..], row_bytes);
+            from_lines.pack_repacked(&repacked, g);
+            let bytes = |p: &Panel| p.lines.iter().flat_map(|l| l.0).collect::<Vec<u8>>();
+            assert!(bytes(&from_rows) == bytes(&from_lines), "group {g}");
+        }
+        assert!(
+            Repacked::new(&data[..(ROWS - 1) * row_bytes], ROWS - 1, row_bytes, true).is_none()
+        );
+    }
+
+    #[test]
+    fn a_repacked_group_multiplies_bitwise_as_its_panel() {
+        if !Panel::available() {
+            eprintln!("no AVX-512 VNNI on this CPU: nothing to compare");
+            return;
+        }
+        let (rows, blocks) = (2 * ROWS, 6);
+        let row_bytes = blocks * BLOCK_BYTES;
+        let data = random_rows(rows, blocks, 11);
+        let repacked = Repacked::new(&data, rows, row_bytes, false).unwrap();
+        let xs: Vec<Vec<Q8K>> = (0..9)
+            .map(|t| super::super::q4k::quantized_q8k(&super::super::test_values(blocks * 256, t)))
+            .collect();
+        let xs: Vec<&[Q8K]> = xs.iter().map(|x| x.as_slice()).collect();
+        let mut panel = Panel::new();
+        for g in 0..2 {
+            panel.pack(&data[g * ROWS * row_bytes..], row_bytes);
+            // One to nine tokens: groups of four and single ones.
+            for n in 1..=xs.len() {
+                let mut want = vec![0f32; n * ROWS];
+                let mut got = vec![f32::NAN; n * ROWS];
+                panel.multiply(&xs[..n], &mut want, ROWS);
+                repacked.multiply(g, &xs[..n], &mut got, ROWS);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "group {g}, {n} tokens");
+            }
+        }
+    }
 
     #[test]
     fn a_panel_computes_what_the_scalar_kernel_does() {

@@ -111,6 +111,10 @@ pub struct Weights {
     maps: Vec<std::sync::Weak<memmap2::Mmap>>,
     /// `--quantize`: the ggml type dense matrices are quantized to on load.
     quantize: Option<GgmlDType>,
+    /// The matrices handed out that may get a repacked copy
+    /// (`kernels::repack`), followed without being kept alive: what
+    /// `finish` plans.
+    repacks: std::sync::Mutex<Vec<std::sync::Weak<crate::kernels::repack::Repack>>>,
 }
 
 fn is_pickle(path: &Path) -> bool {
@@ -176,6 +180,7 @@ impl Weights {
             files: files.to_vec(),
             maps,
             quantize: None,
+            repacks: Default::default(),
         })
     }
 
@@ -185,10 +190,11 @@ impl Weights {
     /// are gone by then).
     pub fn finish(self, device: &Device, keep_mapped: bool) -> Option<resident::Mover> {
         let maps = self.maps.clone();
+        let repacks = std::mem::take(&mut *self.repacks.lock().unwrap_or_else(|e| e.into_inner()));
         drop(self);
         match keep_mapped {
             true => None,
-            false => resident::move_into_memory(maps, device),
+            false => resident::move_into_memory(maps, repacks, device),
         }
     }
 
@@ -231,6 +237,26 @@ impl Weights {
     /// `rope_layout`. Stored blocks and bf16 on the CPU stay in the memory
     /// map (zero-copy).
     pub fn linear(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+        output: bool,
+    ) -> Result<Linear> {
+        let linear = self.load_linear(name, shape, dtype, device, output)?;
+        if let Linear::CpuQuantized(m) = &linear
+            && let Some(repack) = m.repack()
+        {
+            let mut repacks = self.repacks.lock().unwrap_or_else(|e| e.into_inner());
+            repacks.push(std::sync::Arc::downgrade(repack));
+        }
+        Ok(linear)
+    }
+
+    /// `linear`, without following its repacked copy (an embedding table,
+    /// which is read by rows, never multiplied).
+    fn load_linear(
         &self,
         name: &str,
         shape: &[usize],
@@ -295,7 +321,7 @@ impl Weights {
         dtype: DType,
         device: &Device,
     ) -> Result<Embedding> {
-        Ok(match self.linear(name, shape, dtype, device, false)? {
+        Ok(match self.load_linear(name, shape, dtype, device, false)? {
             Linear::Dense(t) => Embedding::Dense(t),
             Linear::CpuBf16(m) => Embedding::CpuBf16(m),
             Linear::CpuQuantized(q) => Embedding::CpuQuantized(q),
@@ -323,6 +349,7 @@ impl Weights {
             files: Vec::new(),
             maps: Vec::new(),
             quantize: None,
+            repacks: Default::default(),
         }
     }
 

@@ -24,7 +24,12 @@
 //! of the file (within a cgroup's limit too) and is skipped when there is
 //! not; `--keep-mapped` skips it always. A map the model took nothing from
 //! (it copied what it needed at load) is not moved.
+//!
+//! Q4_K matrices are not moved but replaced: their repacked copies
+//! (`kernels::repack`, planned when the move starts) are made first, unless
+//! a decode step made them already, and their file pages let go.
 
+use crate::kernels::repack::Repack;
 use bytes::Bytes;
 use memmap2::Mmap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -72,6 +77,9 @@ pub fn share(map: Mmap, path: &std::path::Path) -> (Bytes, Weak<Mmap>) {
 pub struct Report {
     /// Bytes now in anonymous memory.
     pub moved: u64,
+    /// Bytes of Q4_K matrices now read from their repacked copies
+    /// (`kernels::repack`) instead, their file pages let go.
+    pub repacked: u64,
     /// Bytes of the maps it was given.
     pub total: u64,
     /// Seconds from the start of the move to its end.
@@ -105,13 +113,20 @@ impl Mover {
     /// Starts moving `maps` (from `share`) on a background thread. `None`
     /// when there is nothing to move, the platform has no `mremap`, or the
     /// thread cannot start.
-    pub fn start(maps: Vec<Weak<Mmap>>) -> Option<Self> {
+    ///
+    /// The matrices of `repacks` whose bytes lie in the maps get their
+    /// repacked copies first (`kernels::repack`; planned here, so call this
+    /// before the model's first product), and their file pages are let go
+    /// rather than moved.
+    pub fn start(maps: Vec<Weak<Mmap>>, repacks: Vec<Weak<Repack>>) -> Option<Self> {
         if !cfg!(target_os = "linux") || maps.iter().all(|m| m.strong_count() == 0) {
             return None;
         }
+        let repacks = in_maps(&maps, repacks);
         let done = Arc::new((Mutex::new(None), Condvar::new()));
         let urgent = Arc::new(AtomicBool::new(false));
         let (signal, hurry) = (done.clone(), urgent.clone());
+        let jobs: Vec<Weak<Repack>> = repacks.iter().map(Arc::downgrade).collect();
         std::thread::Builder::new()
             .name("weights-move".into())
             .spawn(move || {
@@ -123,7 +138,9 @@ impl Mover {
                 while start.elapsed() < START_AFTER && !hurry.load(Ordering::Relaxed) {
                     std::thread::sleep(std::time::Duration::from_millis(10));
                 }
-                let report = move_maps(maps, CHUNK, &hurry);
+                let (repacked, holes) = make_repacks(jobs, &hurry);
+                let mut report = move_maps(maps, CHUNK, &hurry, &holes);
+                report.repacked = repacked;
                 if let Some(why) = &report.stopped {
                     // The run goes on from the file's pages; say why once.
                     eprintln!(
@@ -136,6 +153,9 @@ impl Mover {
                 cond.notify_all();
             })
             .ok()?;
+        for repack in repacks {
+            repack.plan(true);
+        }
         Some(Self { done, urgent })
     }
 
@@ -154,11 +174,66 @@ impl Mover {
     }
 }
 
+/// The repacks (still alive) whose replaced bytes lie inside one of `maps`:
+/// their pages can be let go, since they come back from the file if read.
+fn in_maps(maps: &[Weak<Mmap>], repacks: Vec<Weak<Repack>>) -> Vec<Arc<Repack>> {
+    let live: Vec<Arc<Mmap>> = maps.iter().filter_map(Weak::upgrade).collect();
+    repacks
+        .iter()
+        .filter_map(Weak::upgrade)
+        .filter(|r| {
+            let bytes = r.replaced().as_ptr_range();
+            live.iter().any(|m| {
+                let map = m.as_ptr_range();
+                map.start <= bytes.start && bytes.end <= map.end
+            })
+        })
+        .collect()
+}
+
+/// Makes each repacked copy in turn, unless a decode step made it first,
+/// and so lets go of the file pages it replaces (`Repack::make`); says the
+/// bytes repacked and the page ranges let go, which the move then skips.
+/// Switches to normal priority once `urgent` is set.
+fn make_repacks(
+    jobs: Vec<Weak<Repack>>,
+    urgent: &AtomicBool,
+) -> (u64, Vec<std::ops::Range<usize>>) {
+    let (mut repacked, mut holes) = (0u64, Vec::new());
+    let mut hurried = false;
+    for job in jobs {
+        if !hurried && urgent.load(Ordering::Relaxed) {
+            set_idle_priority(false);
+            hurried = true;
+        }
+        // Held for one matrix only: the move never keeps the model alive.
+        let Some(repack) = job.upgrade() else {
+            continue;
+        };
+        let made = repack.make(false);
+        if made == 0 {
+            continue;
+        }
+        repacked += made as u64;
+        MOVED.fetch_add(made as u64, Ordering::Relaxed);
+        let pages = repack.replaced_pages();
+        if !pages.is_empty() {
+            holes.push(pages);
+        }
+    }
+    holes.sort_by_key(|h| h.start);
+    (repacked, holes)
+}
+
 /// Starts moving `maps` into the process's own memory in the background,
 /// when the model runs on the CPU and the machine has the memory (`fits`).
 /// Call it once the `Weights` are dropped, so a map the model took nothing
 /// from is already gone.
-pub fn move_into_memory(maps: Vec<Weak<Mmap>>, device: &candle_core::Device) -> Option<Mover> {
+pub fn move_into_memory(
+    maps: Vec<Weak<Mmap>>,
+    repacks: Vec<Weak<Repack>>,
+    device: &candle_core::Device,
+) -> Option<Mover> {
     let bytes: u64 = maps
         .iter()
         .filter_map(Weak::upgrade)
@@ -167,7 +242,7 @@ pub fn move_into_memory(maps: Vec<Weak<Mmap>>, device: &candle_core::Device) -> 
     if !device.is_cpu() || bytes == 0 || !fits(bytes, crate::loader::memory_available()) {
         return None;
     }
-    Mover::start(maps)
+    Mover::start(maps, repacks)
 }
 
 /// Whether a move of `bytes` leaves `HEADROOM` free (`available`:
@@ -204,7 +279,12 @@ fn set_idle_priority(idle: bool) {
 /// failure; skips a map that is gone (nothing holds a slice of it any
 /// more: a shard the model copied everything from). Switches the calling
 /// thread to normal priority once `urgent` is set.
-pub(crate) fn move_maps(maps: Vec<Weak<Mmap>>, chunk: usize, urgent: &AtomicBool) -> Report {
+pub(crate) fn move_maps(
+    maps: Vec<Weak<Mmap>>,
+    chunk: usize,
+    urgent: &AtomicBool,
+    holes: &[std::ops::Range<usize>],
+) -> Report {
     let start = Instant::now();
     let total = maps
         .iter()
@@ -231,26 +311,53 @@ pub(crate) fn move_maps(maps: Vec<Weak<Mmap>>, chunk: usize, urgent: &AtomicBool
             }
             let addr = map.as_ptr() as usize + at;
             let len = (chunk - addr % chunk).min(map.len() - at);
-            // SAFETY: `map` starts on a page boundary (it is a whole-file
-            // map) and every step but the last ends on a multiple of `chunk`
-            // (a multiple of the page size), so `addr` is page-aligned;
-            // `at + len` is inside the map, which stays alive for the call.
-            if let Err(e) = unsafe { move_range(map.as_ptr().add(at), len) } {
-                stopped = Some(e);
-                break 'maps;
+            for piece in outside(addr..addr + len, holes) {
+                // SAFETY: `map` starts on a page boundary (it is a whole-file
+                // map), every step but the last ends on a multiple of
+                // `chunk` (a multiple of the page size) and the holes are
+                // whole pages, so each piece starts on a page; it lies
+                // inside the map, which stays alive for the call.
+                if let Err(e) = unsafe { move_range(piece.start as *const u8, piece.len()) } {
+                    stopped = Some(e);
+                    break 'maps;
+                }
+                moved += piece.len() as u64;
+                MOVED.fetch_add(piece.len() as u64, Ordering::Relaxed);
             }
-            moved += len as u64;
-            MOVED.fetch_add(len as u64, Ordering::Relaxed);
             at += len;
         }
     }
     Report {
         moved,
+        repacked: 0,
         total,
         seconds: start.elapsed().as_secs_f64(),
         stopped,
         unshared,
     }
+}
+
+/// The parts of `range` outside every one of `holes` (sorted by start,
+/// not overlapping), in order.
+fn outside(
+    range: std::ops::Range<usize>,
+    holes: &[std::ops::Range<usize>],
+) -> Vec<std::ops::Range<usize>> {
+    let mut pieces = Vec::new();
+    let mut at = range.start;
+    for hole in holes {
+        if hole.end <= at || hole.start >= range.end {
+            continue;
+        }
+        if hole.start > at {
+            pieces.push(at..hole.start);
+        }
+        at = at.max(hole.end);
+    }
+    if at < range.end {
+        pieces.push(at..range.end);
+    }
+    pieces
 }
 
 fn page_size() -> usize {
@@ -408,7 +515,7 @@ mod tests {
         let keep = map.slice(page..2 * page + 10);
         let addr = map.as_ptr() as usize;
         assert!(file_backed(addr, file.path()));
-        let report = move_maps(vec![weak], 2 * page, &AtomicBool::new(false));
+        let report = move_maps(vec![weak], 2 * page, &AtomicBool::new(false), &[]);
         assert_eq!((report.stopped, report.unshared), (None, false));
         assert_eq!((report.moved, report.total), (len as u64, len as u64));
         assert_eq!(map.as_ptr() as usize, addr);
@@ -441,7 +548,7 @@ mod tests {
                 passes
             })
         };
-        let report = move_maps(vec![weak], page, &AtomicBool::new(false));
+        let report = move_maps(vec![weak], page, &AtomicBool::new(false), &[]);
         stop.store(true, Ordering::Relaxed);
         assert!(reader.join().unwrap() > 0);
         assert_eq!(report.moved, len as u64);
@@ -453,14 +560,24 @@ mod tests {
         // Nothing holds a slice: the map is gone and nothing moves.
         let (_file, map, weak, _) = mapped(3 * page_size());
         drop(map);
-        assert!(Mover::start(vec![weak.clone()]).is_none());
-        let report = move_maps(vec![weak.clone()], page_size(), &AtomicBool::new(false));
+        assert!(Mover::start(vec![weak.clone()], Vec::new()).is_none());
+        let report = move_maps(
+            vec![weak.clone()],
+            page_size(),
+            &AtomicBool::new(false),
+            &[],
+        );
         assert_eq!((report.moved, report.unshared), (0, true));
         assert_eq!(report.stopped, None);
         // A gone map (a shard the model copied everything from) is skipped;
         // the next one still moves.
         let (file, other, other_weak, want) = mapped(3 * page_size());
-        let report = move_maps(vec![weak, other_weak], page_size(), &AtomicBool::new(false));
+        let report = move_maps(
+            vec![weak, other_weak],
+            page_size(),
+            &AtomicBool::new(false),
+            &[],
+        );
         assert_eq!((report.moved, report.unshared), (want.len() as u64, true));
         assert_eq!(&other[..], &want[..]);
         assert!(!file_backed(other.as_ptr() as usize, file.path()));
@@ -468,12 +585,98 @@ mod tests {
         let (_file, map, weak, want) = mapped(5 * CHUNK / 4);
         let slice = map.slice(100..200);
         drop(map);
-        let mover = Mover::start(vec![weak.clone()]).unwrap();
+        let mover = Mover::start(vec![weak.clone()], Vec::new()).unwrap();
         let report = mover.wait();
         assert_eq!((report.moved, report.stopped), (want.len() as u64, None));
         assert_eq!(&slice[..], &want[100..200]);
         drop(slice);
         assert_eq!(weak.strong_count(), 0, "the mover kept the map alive");
+    }
+
+    #[test]
+    fn the_parts_outside_the_holes_are_what_is_left_in_order() {
+        let holes = [10..20, 30..40, 50..60];
+        assert_eq!(
+            outside(0..100, &holes),
+            vec![0..10, 20..30, 40..50, 60..100]
+        );
+        assert_eq!(outside(15..35, &holes), vec![20..30]);
+        assert_eq!(
+            outside(12..18, &holes),
+            Vec::<std::ops::Range<usize>>::new()
+        );
+        assert_eq!(outside(60..70, &holes), vec![60..70]);
+        assert_eq!(outside(0..10, &holes), vec![0..10]);
+        assert_eq!(outside(5..25, &[]), vec![5..25]);
+    }
+
+    /// A Q4_K matrix sliced from a mapped file: the move plans its copy,
+    /// makes it first (the model's products give the same bits before and
+    /// after), lets its whole pages go instead of moving them (they stay
+    /// the file's, faulted back in if read) and moves the rest.
+    #[test]
+    fn a_repacked_matrix_is_copied_first_and_its_pages_let_go_not_moved() {
+        use crate::kernels::qmatmul::QuantMatrix;
+        use candle_core::quantized::{GgmlDType, QTensor};
+        use candle_core::{Device, Tensor};
+        let page = page_size();
+        let (rows, cols) = (64, 4096);
+        let values = crate::kernels::test_values(rows * cols, 3);
+        let w = Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q4K).unwrap();
+        let blocks = q.data().unwrap().into_owned();
+        // The matrix a page and a bit into the file, more file after it.
+        let at = page + 96;
+        let mut bytes = vec![7u8; at];
+        bytes.extend_from_slice(&blocks);
+        bytes.extend(std::iter::repeat_n(9u8, 3 * page));
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(&bytes).unwrap();
+        file.flush().unwrap();
+        // SAFETY: the test owns the file and never changes it.
+        let map = unsafe { memmap2::Mmap::map(file.as_file()) }.unwrap();
+        let (map, weak) = share(map, file.path());
+        let data = map.slice(at..at + blocks.len());
+        let matrix = QuantMatrix::new(GgmlDType::Q4K, data, rows, cols)
+            .unwrap()
+            .unwrap();
+        let Some(repack) = matrix.repack() else {
+            eprintln!("no AVX-512 VNNI on this CPU: no repacked copies");
+            return;
+        };
+        let mover = Mover::start(vec![weak], vec![Arc::downgrade(repack)]).unwrap();
+        assert!(repack.is_planned());
+        let x = Tensor::from_vec(
+            crate::kernels::test_values(3 * cols, 4),
+            (3, cols),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let product = || {
+            let out = matrix
+                .forward_as(&x, crate::kernels::RowClass::Rows)
+                .unwrap();
+            out.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        let before = product();
+        let report = mover.wait();
+        assert_eq!(report.stopped, None);
+        assert_eq!(report.repacked, blocks.len() as u64);
+        let hole = (map.as_ptr() as usize + at).next_multiple_of(page)
+            ..(map.as_ptr() as usize + at + blocks.len()) / page * page;
+        assert_eq!(report.moved, (bytes.len() - hole.len()) as u64);
+        assert_eq!(product(), before);
+        assert!(
+            file_backed(hole.start, file.path()),
+            "a let-go page was moved"
+        );
+        assert!(file_backed(hole.end - 1, file.path()));
+        assert!(
+            !file_backed(map.as_ptr() as usize, file.path()),
+            "the head stayed"
+        );
+        assert!(!file_backed(hole.end, file.path()), "the tail stayed");
+        assert_eq!(&map[..], &bytes[..], "the bytes changed");
     }
 
     #[test]

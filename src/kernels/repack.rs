@@ -1,0 +1,135 @@
+//! A Q4_K matrix's repacked copy ([`q4k_panel::Repacked`]), made in the
+//! background after start-up while the model runs from the file's pages.
+//!
+//! Why in the background: a 7B Q4_K_M file holds 3.5 GB of Q4_K blocks, and
+//! interleaving them takes seconds (reading every page, writing as many
+//! fresh ones); loading stays zero-copy and under a second, as the move of
+//! the weights into memory does (`weights::resident`, which runs these
+//! first). Why a copy at all: the repacked groups give every row the
+//! panels' sums at any token count, from aligned loads, which measured on a
+//! Zen 4 EPYC (in-cache, ns per row-block and token) 2.9 for one token
+//! against 5.2 through the row kernel, and 1.67 against 3.2 for eight; the
+//! row kernels' per-row scale work is what bound a decode step.
+//!
+//! A matrix whose copy is *planned* takes the panels' sums for every row
+//! from then on, before the copy exists too (a prompt through
+//! `Panel::pack`, as prompts always did), so a row's result never changes
+//! when the copy arrives: the same request gives the same answer whenever
+//! it runs. The first decode step makes the copies it finds missing, over
+//! the thread pool, rather than decoding without them (through
+//! `Panel::pack`, 3.5 times the row kernels' time per token, which cost a
+//! one-shot 64-token answer 6-7 s on a 7B). One that is never planned
+//! (`--keep-mapped`, too little memory, no AVX-512) keeps the row kernels
+//! for decode rows, as before.
+
+use super::q4k_panel::{self, Repacked};
+use bytes::Bytes;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+/// One matrix's repacked copy: planned or not, made or not.
+pub struct Repack {
+    source: Bytes,
+    rows: usize,
+    row_bytes: usize,
+    planned: AtomicBool,
+    /// Whether `source` is a file's read-only map, whose pages can be let
+    /// go once the copy exists (set by `plan`).
+    file_backed: AtomicBool,
+    /// The copy; `None` inside when it could not be made.
+    copy: OnceLock<Option<Repacked>>,
+}
+
+impl Repack {
+    /// A slot for the Q4_K matrix `source` (`rows` rows of `row_bytes`),
+    /// or `None` where no copy could ever be made: a CPU without the
+    /// panels' instructions, or fewer than sixteen rows.
+    pub fn new(source: &Bytes, rows: usize, row_bytes: usize) -> Option<Arc<Self>> {
+        (q4k_panel::Panel::available() && rows >= q4k_panel::ROWS).then(|| {
+            Arc::new(Self {
+                source: source.clone(),
+                rows,
+                row_bytes,
+                planned: AtomicBool::new(false),
+                file_backed: AtomicBool::new(false),
+                copy: OnceLock::new(),
+            })
+        })
+    }
+
+    /// Commits every product from now on to the panels' sums, as the copy
+    /// will give them. `file_backed`: the source lies in a file's read-only
+    /// map (its pages are let go once the copy exists; they come back from
+    /// the file if anything reads them). Call before the first product.
+    pub fn plan(&self, file_backed: bool) {
+        self.file_backed.store(file_backed, Ordering::Relaxed);
+        self.planned.store(true, Ordering::Release);
+    }
+
+    /// Whether products take the panels' sums (see the module's doc).
+    pub fn is_planned(&self) -> bool {
+        self.planned.load(Ordering::Acquire)
+    }
+
+    /// The copy, once made.
+    pub fn copy(&self) -> Option<&Repacked> {
+        self.copy.get().and_then(Option::as_ref)
+    }
+
+    /// The source bytes the copy replaces: its whole groups of sixteen rows
+    /// (rows past them are still read from the source).
+    pub fn replaced(&self) -> &[u8] {
+        &self.source[..self.rows / q4k_panel::ROWS * q4k_panel::ROWS * self.row_bytes]
+    }
+
+    /// The whole pages of `replaced`, by address: what a file-backed
+    /// source lets go once the copy exists.
+    pub fn replaced_pages(&self) -> std::ops::Range<usize> {
+        let page = page_size();
+        let bytes = self.replaced().as_ptr_range();
+        let start = (bytes.start as usize).next_multiple_of(page);
+        start..(bytes.end as usize / page * page).max(start)
+    }
+
+    /// Makes the copy, once (a caller that finds another making it waits
+    /// for it), over the thread pool when `parallel` (a decode step that
+    /// needs it now) or on the calling thread (the background move, which
+    /// must not take the model's cores); then lets go of a file-backed
+    /// source's pages. Says how many bytes the copy holds.
+    pub fn make(&self, parallel: bool) -> usize {
+        let copy = self.copy.get_or_init(|| {
+            let copy = Repacked::new(&self.source, self.rows, self.row_bytes, parallel)?;
+            let pages = self.replaced_pages();
+            #[cfg(target_os = "linux")]
+            if self.file_backed.load(Ordering::Relaxed) && !pages.is_empty() {
+                // SAFETY: whole pages inside a live read-only file map (what
+                // `plan` was told; `self.source` holds a slice of it):
+                // dropping them loses nothing, a reader faults them in from
+                // the file again.
+                unsafe {
+                    libc::madvise(
+                        pages.start as *mut libc::c_void,
+                        pages.len(),
+                        libc::MADV_DONTNEED,
+                    )
+                };
+            }
+            #[cfg(not(target_os = "linux"))]
+            let _ = pages;
+            Some(copy)
+        });
+        copy.as_ref().map_or(0, |_| self.replaced().len())
+    }
+}
+
+fn page_size() -> usize {
+    #[cfg(target_os = "linux")]
+    // SAFETY: plain query.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    #[cfg(not(target_os = "linux"))]
+    let size = 4096;
+    usize::try_from(size)
+        .ok()
+        .filter(|s| *s > 0)
+        .unwrap_or(4096)
+}
