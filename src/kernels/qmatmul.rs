@@ -424,7 +424,7 @@ impl QuantMatrix {
         let xq = acts.get::<Q8K>();
         let xs: Vec<&[Q8K]> = xq.chunks_exact(k / q4k::QK).collect();
         if decode {
-            repack.make(true);
+            repack.make(true, false);
         }
         let copy = repack.copy();
         Ok(bands(n, m, |rows, band, width| {
@@ -1440,7 +1440,7 @@ mod tests {
         let plain = QuantMatrix::from_qtensor(&q).unwrap().unwrap();
         let planned = QuantMatrix::from_qtensor(&q).unwrap().unwrap();
         let repack = planned.repack().unwrap().clone();
-        repack.plan(false);
+        repack.plan(false, None);
         assert!(!planned.has_prompt_kernel() && plain.has_prompt_kernel());
         let counts = [
             1,
@@ -1464,7 +1464,7 @@ mod tests {
         assert!(repack.copy().is_none(), "a prompt made the copy");
         assert_eq!(&product(&planned, 1, RowClass::Rows), &before[0], "decode");
         assert!(repack.copy().is_some(), "decode did not make the copy");
-        assert_eq!(repack.make(false), 144 * 16 * 2 * 9);
+        assert_eq!(repack.make(false, true), 144 * 16 * 2 * 9);
         for (&m, want) in counts.iter().zip(&before) {
             for class in [RowClass::Rows, RowClass::Prompt] {
                 assert_eq!(

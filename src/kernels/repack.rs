@@ -24,7 +24,7 @@
 
 use super::q4k_panel::{self, Repacked};
 use bytes::Bytes;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 /// One matrix's repacked copy: planned or not, made or not.
@@ -38,6 +38,12 @@ pub struct Repack {
     file_backed: AtomicBool,
     /// The copy; `None` inside when it could not be made.
     copy: OnceLock<Option<Repacked>>,
+    /// Set by the first caller of `make`, which makes the copy.
+    making: AtomicBool,
+    /// Where the copy's bytes are counted as the process's own memory
+    /// (`weights::resident`'s tally, which the template renderer's memory
+    /// watch discounts), from before they are allocated.
+    tally: OnceLock<&'static AtomicU64>,
 }
 
 impl Repack {
@@ -53,6 +59,8 @@ impl Repack {
                 planned: AtomicBool::new(false),
                 file_backed: AtomicBool::new(false),
                 copy: OnceLock::new(),
+                making: AtomicBool::new(false),
+                tally: OnceLock::new(),
             })
         })
     }
@@ -60,9 +68,13 @@ impl Repack {
     /// Commits every product from now on to the panels' sums, as the copy
     /// will give them. `file_backed`: the source lies in a file's read-only
     /// map (its pages are let go once the copy exists; they come back from
-    /// the file if anything reads them). Call before the first product.
-    pub fn plan(&self, file_backed: bool) {
-        self.file_backed.store(file_backed, Ordering::Relaxed);
+    /// the file if anything reads them). `tally` counts the copy's bytes
+    /// from before they are allocated. Call before the first product.
+    pub fn plan(&self, file_backed: bool, tally: Option<&'static AtomicU64>) {
+        if let Some(tally) = tally {
+            let _ = self.tally.set(tally);
+        }
+        self.file_backed.store(file_backed, Ordering::Release);
         self.planned.store(true, Ordering::Release);
     }
 
@@ -91,34 +103,59 @@ impl Repack {
         start..(bytes.end as usize / page * page).max(start)
     }
 
-    /// Makes the copy, once (a caller that finds another making it waits
-    /// for it), over the thread pool when `parallel` (a decode step that
-    /// needs it now) or on the calling thread (the background move, which
-    /// must not take the model's cores); then lets go of a file-backed
-    /// source's pages. Says how many bytes the copy holds.
-    pub fn make(&self, parallel: bool) -> usize {
-        let copy = self.copy.get_or_init(|| {
-            let copy = Repacked::new(&self.source, self.rows, self.row_bytes, parallel)?;
-            let pages = self.replaced_pages();
-            #[cfg(target_os = "linux")]
-            if self.file_backed.load(Ordering::Relaxed) && !pages.is_empty() {
-                // SAFETY: whole pages inside a live read-only file map (what
-                // `plan` was told; `self.source` holds a slice of it):
-                // dropping them loses nothing, a reader faults them in from
-                // the file again.
-                unsafe {
-                    libc::madvise(
-                        pages.start as *mut libc::c_void,
-                        pages.len(),
-                        libc::MADV_DONTNEED,
-                    )
-                };
+    /// Makes the copy, once, over the thread pool when `parallel` (a decode
+    /// step that needs it now) or on the calling thread (the background
+    /// move, which must not take the model's cores); then lets go of a
+    /// file-backed source's pages. A caller that finds another making it
+    /// waits for it with `wait` (the move), and goes on without it
+    /// otherwise (a decode step, which must not wait on an idle-priority
+    /// thread; it takes `Panel::pack`, the same bits). Says how many bytes
+    /// the copy holds (0 while it does not exist, or when memory for it ran
+    /// out: products then go on from the source, with the same bits).
+    pub fn make(&self, parallel: bool, wait: bool) -> usize {
+        let first = !self.making.swap(true, Ordering::AcqRel);
+        if first || wait {
+            self.copy.get_or_init(|| self.make_now(parallel));
+        }
+        self.copy().map_or(0, |_| self.replaced().len())
+    }
+
+    fn make_now(&self, parallel: bool) -> Option<Repacked> {
+        let bytes = self.replaced().len() as u64;
+        let tally = self.tally.get();
+        if let Some(tally) = tally {
+            tally.fetch_add(bytes, Ordering::Relaxed);
+        }
+        let Some(copy) = Repacked::new(&self.source, self.rows, self.row_bytes, parallel) else {
+            if let Some(tally) = tally {
+                tally.fetch_sub(bytes, Ordering::Relaxed);
             }
-            #[cfg(not(target_os = "linux"))]
-            let _ = pages;
-            Some(copy)
-        });
-        copy.as_ref().map_or(0, |_| self.replaced().len())
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                eprintln!(
+                    "note: no memory for a repacked copy of the Q4_K weights: they stay on the slower path"
+                )
+            });
+            return None;
+        };
+        let pages = self.replaced_pages();
+        #[cfg(target_os = "linux")]
+        if self.file_backed.load(Ordering::Acquire) && !pages.is_empty() {
+            // SAFETY: whole pages inside a live read-only file map (what
+            // `plan` was told; `self.source` holds a slice of it): dropping
+            // them loses nothing, a reader faults them in from the file
+            // again.
+            unsafe {
+                libc::madvise(
+                    pages.start as *mut libc::c_void,
+                    pages.len(),
+                    libc::MADV_DONTNEED,
+                )
+            };
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = pages;
+        Some(copy)
     }
 }
 

@@ -127,6 +127,13 @@ impl Mover {
         let urgent = Arc::new(AtomicBool::new(false));
         let (signal, hurry) = (done.clone(), urgent.clone());
         let jobs: Vec<Weak<Repack>> = repacks.iter().map(Arc::downgrade).collect();
+        // Planned before the thread runs (which reads the plans), and before
+        // the model's first product. Should the thread not start, the first
+        // decode step still makes the copies.
+        for repack in &repacks {
+            repack.plan(true, Some(&MOVED));
+        }
+        drop(repacks);
         std::thread::Builder::new()
             .name("weights-move".into())
             .spawn(move || {
@@ -138,9 +145,21 @@ impl Mover {
                 while start.elapsed() < START_AFTER && !hurry.load(Ordering::Relaxed) {
                     std::thread::sleep(std::time::Duration::from_millis(10));
                 }
-                let (repacked, holes) = make_repacks(jobs, &hurry);
-                let mut report = move_maps(maps, CHUNK, &hurry, &holes);
-                report.repacked = repacked;
+                // A panic here must still end `wait` (with the reason).
+                let report = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let (repacked, holes) = make_repacks(jobs, &hurry);
+                    let mut report = move_maps(maps, CHUNK, &hurry, &holes);
+                    report.repacked = repacked;
+                    report
+                }))
+                .unwrap_or_else(|_| Report {
+                    moved: 0,
+                    repacked: 0,
+                    total: 0,
+                    seconds: 0.0,
+                    stopped: Some("the move failed (a panic, reported above)".into()),
+                    unshared: false,
+                });
                 if let Some(why) = &report.stopped {
                     // The run goes on from the file's pages; say why once.
                     eprintln!(
@@ -153,9 +172,6 @@ impl Mover {
                 cond.notify_all();
             })
             .ok()?;
-        for repack in repacks {
-            repack.plan(true);
-        }
         Some(Self { done, urgent })
     }
 
@@ -210,12 +226,12 @@ fn make_repacks(
         let Some(repack) = job.upgrade() else {
             continue;
         };
-        let made = repack.make(false);
+        // Counted in `MOVED` by `make` (`plan` gave it the tally).
+        let made = repack.make(false, true);
         if made == 0 {
             continue;
         }
         repacked += made as u64;
-        MOVED.fetch_add(made as u64, Ordering::Relaxed);
         let pages = repack.replaced_pages();
         if !pages.is_empty() {
             holes.push(pages);
@@ -652,20 +668,29 @@ mod tests {
             &Device::Cpu,
         )
         .unwrap();
-        let product = || {
-            let out = matrix
-                .forward_as(&x, crate::kernels::RowClass::Rows)
-                .unwrap();
+        let product = |class| {
+            let out = matrix.forward_as(&x, class).unwrap();
             out.flatten_all().unwrap().to_vec1::<f32>().unwrap()
         };
-        let before = product();
+        use crate::kernels::RowClass::{Prompt, Rows};
+        // A prompt reads the rows as stored and makes no copy.
+        let before = product(Prompt);
+        assert!(repack.copy().is_none());
+        let tally = bytes_moved();
         let report = mover.wait();
         assert_eq!(report.stopped, None);
         assert_eq!(report.repacked, blocks.len() as u64);
+        assert!(bytes_moved() >= tally + report.moved + report.repacked);
         let hole = (map.as_ptr() as usize + at).next_multiple_of(page)
             ..(map.as_ptr() as usize + at + blocks.len()) / page * page;
         assert_eq!(report.moved, (bytes.len() - hole.len()) as u64);
-        assert_eq!(product(), before);
+        // Let go: not in this process any more (until something reads it).
+        if let Some(resident) = present(hole.start) {
+            assert!(!resident, "a let-go page is still resident");
+            assert_eq!(present(hole.end - page), Some(false));
+        }
+        assert_eq!(product(Rows), before);
+        assert_eq!(product(Prompt), before);
         assert!(
             file_backed(hole.start, file.path()),
             "a let-go page was moved"
@@ -677,6 +702,18 @@ mod tests {
         );
         assert!(!file_backed(hole.end, file.path()), "the tail stayed");
         assert_eq!(&map[..], &bytes[..], "the bytes changed");
+    }
+
+    /// Whether the page at `addr` is in this process's memory (the present
+    /// bit of `/proc/self/pagemap`), if that file can be read.
+    fn present(addr: usize) -> Option<bool> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut file = std::fs::File::open("/proc/self/pagemap").ok()?;
+        file.seek(SeekFrom::Start((addr / page_size()) as u64 * 8))
+            .ok()?;
+        let mut entry = [0u8; 8];
+        file.read_exact(&mut entry).ok()?;
+        Some(u64::from_le_bytes(entry) >> 63 == 1)
     }
 
     #[test]
