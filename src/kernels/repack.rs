@@ -159,7 +159,8 @@ impl Repack {
     }
 }
 
-fn page_size() -> usize {
+/// The system's page size (4 KiB where it cannot be asked).
+pub(crate) fn page_size() -> usize {
     #[cfg(target_os = "linux")]
     // SAFETY: plain query.
     let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };

@@ -29,7 +29,7 @@
 //! (`kernels::repack`, planned when the move starts) are made first, unless
 //! a decode step made them already, and their file pages let go.
 
-use crate::kernels::repack::Repack;
+use crate::kernels::repack::{Repack, page_size};
 use bytes::Bytes;
 use memmap2::Mmap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -374,18 +374,6 @@ fn outside(
         pieces.push(at..range.end);
     }
     pieces
-}
-
-fn page_size() -> usize {
-    #[cfg(target_os = "linux")]
-    // SAFETY: plain query.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    #[cfg(not(target_os = "linux"))]
-    let size = 4096;
-    usize::try_from(size)
-        .ok()
-        .filter(|s| *s > 0)
-        .unwrap_or(4096)
 }
 
 /// The huge-page size the copies are aligned to (x86-64's and arm64's 2 MiB).
