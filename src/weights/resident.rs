@@ -673,10 +673,17 @@ mod tests {
             ..(map.as_ptr() as usize + at + blocks.len()) / page * page;
         assert_eq!(report.moved, (bytes.len() - hole.len()) as u64);
         // Let go: not in this process any more (until something reads it).
-        if let Some(resident) = present(hole.start) {
-            assert!(!resident, "a let-go page is still resident");
-            assert_eq!(present(hole.end - page), Some(false));
-        }
+        // A page in the middle: the kernel's fault-around maps up to 16
+        // page-cache pages beside any file page faulted in, so pages near
+        // the hole's edges come back when the move reads its neighbours
+        // (a few per matrix, the page cache's, never a second copy).
+        let middle = (hole.start + hole.len() / 2) / page * page;
+        assert!(hole.len() >= 32 * page, "the hole must outlast two windows");
+        assert_ne!(
+            present(middle),
+            Some(true),
+            "a let-go page is still resident"
+        );
         assert_eq!(product(Rows), before);
         assert_eq!(product(Prompt), before);
         assert!(
