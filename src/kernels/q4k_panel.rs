@@ -25,6 +25,18 @@ pub const ROWS: usize = 16;
 /// the register file: four tokens × four vectors).
 pub(super) const TOKENS: usize = 4;
 
+/// Tokens a repacked group's single pass serves (`Repacked::multiply`),
+/// `TOKENS` at a time per block: a block's scales are unpacked once for
+/// all of them. (Against two passes of four, the 7B Q4_K_M's B=8 decode
+/// measured alike: gen 18.3 / 19.8 / 21.6 tok/s two passes, 17.2 / 20.2 /
+/// 20.7 one, before the prefetch below.)
+const WIDE: usize = 8;
+
+/// Blocks ahead of the one being multiplied that `Repacked::multiply`
+/// prefetches for two or more tokens (4 × 2304 bytes of a group): 2 and
+/// 6 measured about as well, 8 worse.
+const PREFETCH_BLOCKS: usize = 4;
+
 /// One 64-byte vector, aligned for `vmovdqa64`.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
@@ -314,16 +326,24 @@ impl Repacked {
     /// row, or `out` does not reach the last token's sixteen lanes.
     pub fn multiply(&self, g: usize, xs: &[&[Q8K]], out: &mut [f32], stride: usize) {
         assert!(g < self.groups, "group {g} of {}", self.groups);
-        by_groups(
-            xs,
-            self.blocks,
-            out,
-            stride,
-            // SAFETY: `by_groups` checked the features (as `new` did), the
+        check(xs, self.blocks, out, stride);
+        for (c, xs) in xs.chunks(WIDE).enumerate() {
+            let out = &mut out[c * WIDE * stride..];
+            // SAFETY: `check` checked the features (as `new` did), the
             // activations' lengths and the output's size.
-            |four, out| unsafe { self.multiply_avx512::<TOKENS>(g, four, out, stride) },
-            |one, out| unsafe { self.multiply_avx512::<1>(g, one, out, stride) },
-        );
+            unsafe {
+                match xs.len() {
+                    1 => self.multiply_avx512::<1>(g, xs, out, stride),
+                    2 => self.multiply_avx512::<2>(g, xs, out, stride),
+                    3 => self.multiply_avx512::<3>(g, xs, out, stride),
+                    4 => self.multiply_avx512::<4>(g, xs, out, stride),
+                    5 => self.multiply_avx512::<5>(g, xs, out, stride),
+                    6 => self.multiply_avx512::<6>(g, xs, out, stride),
+                    7 => self.multiply_avx512::<7>(g, xs, out, stride),
+                    _ => self.multiply_avx512::<WIDE>(g, xs, out, stride),
+                }
+            }
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -350,12 +370,22 @@ impl Repacked {
             let byte = _mm512_set1_epi32(0xFF);
             let mut facc = [_mm512_setzero_ps(); N];
             for b in 0..self.blocks {
-                // No software prefetch: a group is one in-order stream,
-                // which the hardware prefetcher follows. Asking for the
-                // lines two or four blocks ahead made one 7B Q4_K_M stream
-                // slower (tg32 7.32 / 7.90 tok/s without, 4.81 / 4.78 two
-                // blocks ahead, 4.40 / 5.02 four, on a Zen 4 EPYC).
+                // Two or more tokens ask for the lines four blocks ahead
+                // into L2: without it the hardware prefetcher left the
+                // streamed rate well under the in-cache one with memory to
+                // spare (kernels bench, `--rows 8`, Q4_K, rows x GB/s,
+                // Zen 4 EPYC, 2 threads: 85-98 streamed against 140-164 in
+                // cache; 132-137 with it). One token is memory-bound and
+                // the hardware's stream does better alone (tg32 7.32 / 7.90
+                // tok/s without, 4.81 / 4.78 asking two blocks ahead).
                 let p = lines.add(b * DW);
+                if N >= 2 {
+                    let ahead = p.wrapping_add(PREFETCH_BLOCKS * DW);
+                    for l in 0..DW {
+                        // SAFETY: a prefetch never faults, wherever it points.
+                        _mm_prefetch::<_MM_HINT_T2>(ahead.wrapping_add(l).cast());
+                    }
+                }
                 // What `unpack_avx512` computes for the panel's scale
                 // lines, in the same operations.
                 let dd = _mm512_load_si512(p.cast());
@@ -374,47 +404,56 @@ impl Repacked {
                     _mm512_and_si512(_mm512_srli_epi32::<4>(s2), nib),
                     _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(s1), low2)),
                 );
-                let mut bacc = [_mm512_setzero_ps(); N];
-                let mut macc = [_mm512_setzero_si512(); N];
-                for s in (0..8).step_by(2) {
-                    let mut iacc = [[_mm512_setzero_si512(); N]; 2];
-                    let at = [CHUNK_ORDER[s] * 32, CHUNK_ORDER[s + 1] * 32];
-                    for q in 0..8 {
-                        // Dword 8(s/2) + q of the nibbles: values 4q..4q+4
-                        // of sub-block s (low nibbles) and s + 1 (high).
-                        let v = _mm512_load_si512(p.add(4 + 4 * s + q).cast());
-                        let w = [
-                            _mm512_and_si512(v, nib),
-                            _mm512_and_si512(_mm512_srli_epi32::<4>(v), nib),
-                        ];
+                // `TOKENS` tokens at a time (their accumulators fill the
+                // registers), the block's lines read again from L1 for
+                // each: one pass over the group serves all N tokens.
+                for c in (0..N).step_by(TOKENS) {
+                    let count = (N - c).min(TOKENS);
+                    let mut bacc = [_mm512_setzero_ps(); TOKENS];
+                    let mut macc = [_mm512_setzero_si512(); TOKENS];
+                    for s in (0..8).step_by(2) {
+                        let mut iacc = [[_mm512_setzero_si512(); TOKENS]; 2];
+                        let at = [CHUNK_ORDER[s] * 32, CHUNK_ORDER[s + 1] * 32];
+                        for q in 0..8 {
+                            // Dword 8(s/2) + q of the nibbles: values 4q..4q+4
+                            // of sub-block s (low nibbles) and s + 1 (high).
+                            let v = _mm512_load_si512(p.add(4 + 4 * s + q).cast());
+                            let w = [
+                                _mm512_and_si512(v, nib),
+                                _mm512_and_si512(_mm512_srli_epi32::<4>(v), nib),
+                            ];
+                            for h in 0..2 {
+                                for t in 0..count {
+                                    let x = xs[c + t][b].qs.as_ptr().add(at[h] + 4 * q);
+                                    let x4 = _mm512_set1_epi32(std::ptr::read_unaligned(
+                                        x.cast::<i32>(),
+                                    ));
+                                    iacc[h][t] = _mm512_dpbusd_epi32(iacc[h][t], w[h], x4);
+                                }
+                            }
+                        }
                         for h in 0..2 {
-                            for t in 0..N {
-                                let x = xs[t][b].qs.as_ptr().add(at[h] + 4 * q);
-                                let x4 =
-                                    _mm512_set1_epi32(std::ptr::read_unaligned(x.cast::<i32>()));
-                                iacc[h][t] = _mm512_dpbusd_epi32(iacc[h][t], w[h], x4);
+                            let (sc, m) = if s + h < 4 { (u0, u2) } else { (u1, u3) };
+                            let shift = _mm512_set1_epi32(8 * ((s + h) as i32 % 4));
+                            let sc = _mm512_and_si512(_mm512_srlv_epi32(sc, shift), byte);
+                            let m = _mm512_and_si512(_mm512_srlv_epi32(m, shift), byte);
+                            let scale = _mm512_mul_ps(_mm512_cvtepi32_ps(sc), d);
+                            let mins = _mm512_or_si512(m, _mm512_slli_epi32::<16>(m));
+                            for t in 0..count {
+                                let sum = _mm512_cvtepi32_ps(iacc[h][t]);
+                                bacc[t] = _mm512_fmadd_ps(sum, scale, bacc[t]);
+                                let sums =
+                                    xs[c + t][b].bsums.as_ptr().add(2 * (s + h)).cast::<i32>();
+                                let sums = _mm512_set1_epi32(std::ptr::read_unaligned(sums));
+                                macc[t] = _mm512_dpwssd_epi32(macc[t], mins, sums);
                             }
                         }
                     }
-                    for h in 0..2 {
-                        let (sc, m) = if s + h < 4 { (u0, u2) } else { (u1, u3) };
-                        let shift = _mm512_set1_epi32(8 * ((s + h) as i32 % 4));
-                        let sc = _mm512_and_si512(_mm512_srlv_epi32(sc, shift), byte);
-                        let m = _mm512_and_si512(_mm512_srlv_epi32(m, shift), byte);
-                        let scale = _mm512_mul_ps(_mm512_cvtepi32_ps(sc), d);
-                        let mins = _mm512_or_si512(m, _mm512_slli_epi32::<16>(m));
-                        for t in 0..N {
-                            let sum = _mm512_cvtepi32_ps(iacc[h][t]);
-                            bacc[t] = _mm512_fmadd_ps(sum, scale, bacc[t]);
-                            let sums = xs[t][b].bsums.as_ptr().add(2 * (s + h)).cast::<i32>();
-                            let sums = _mm512_set1_epi32(std::ptr::read_unaligned(sums));
-                            macc[t] = _mm512_dpwssd_epi32(macc[t], mins, sums);
-                        }
+                    for t in 0..count {
+                        let block = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(macc[t]), dmin, bacc[t]);
+                        facc[c + t] =
+                            _mm512_fmadd_ps(block, _mm512_set1_ps(xs[c + t][b].d), facc[c + t]);
                     }
-                }
-                for t in 0..N {
-                    let block = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(macc[t]), dmin, bacc[t]);
-                    facc[t] = _mm512_fmadd_ps(block, _mm512_set1_ps(xs[t][b].d), facc[t]);
                 }
             }
             for t in 0..N {
@@ -596,11 +635,7 @@ pub(super) fn by_groups<X>(
     group: impl Fn(&[&[X]], &mut [f32]),
     one: impl Fn(&[&[X]], &mut [f32]),
 ) {
-    assert!(super::q4k::have_vnni(), "the panels need AVX-512 VNNI");
-    for x in xs {
-        assert!(x.len() >= blocks, "activations shorter than the rows");
-    }
-    assert!(xs.is_empty() || out.len() >= (xs.len() - 1) * stride + ROWS);
+    check(xs, blocks, out, stride);
     let mut groups = xs.chunks_exact(TOKENS);
     let mut t = 0;
     for tokens in &mut groups {
@@ -611,6 +646,20 @@ pub(super) fn by_groups<X>(
         one(std::slice::from_ref(x), &mut out[t * stride..]);
         t += 1;
     }
+}
+
+/// What the panels' SIMD loops rely on (their safety argument): the CPU
+/// has the instructions, every token holds `blocks` blocks, and `out`
+/// reaches the last token's `ROWS` lanes.
+///
+/// # Panics
+/// If one of those does not hold.
+fn check<X>(xs: &[&[X]], blocks: usize, out: &[f32], stride: usize) {
+    assert!(super::q4k::have_vnni(), "the panels need AVX-512 VNNI");
+    for x in xs {
+        assert!(x.len() >= blocks, "activations shorter than the rows");
+    }
+    assert!(xs.is_empty() || out.len() >= (xs.len() - 1) * stride + ROWS);
 }
 
 /// Bytes ahead of the block being packed that `prefetch_rows` asks for:
@@ -777,14 +826,14 @@ mod tests {
         let row_bytes = blocks * BLOCK_BYTES;
         let data = random_rows(rows, blocks, 11);
         let repacked = Repacked::new(&data, rows, row_bytes, false).unwrap();
-        let xs: Vec<Vec<Q8K>> = (0..9)
+        let xs: Vec<Vec<Q8K>> = (0..21)
             .map(|t| super::super::q4k::quantized_q8k(&super::super::test_values(blocks * 256, t)))
             .collect();
         let xs: Vec<&[Q8K]> = xs.iter().map(|x| x.as_slice()).collect();
         let mut panel = Panel::new();
         for g in 0..2 {
             panel.pack(&data[g * ROWS * row_bytes..], row_bytes);
-            // One to nine tokens: groups of four and single ones.
+            // One to 21 tokens: passes of eight, of four and single ones.
             for n in 1..=xs.len() {
                 let mut want = vec![0f32; n * ROWS];
                 let mut got = vec![f32::NAN; n * ROWS];
