@@ -30,12 +30,12 @@ pub(super) const TOKENS: usize = 4;
 /// all of them. (Against two passes of four, the 7B Q4_K_M's B=8 decode
 /// measured alike: gen 18.3 / 19.8 / 21.6 tok/s two passes, 17.2 / 20.2 /
 /// 20.7 one, before the prefetch below.)
-const WIDE: usize = 8;
+pub(super) const WIDE: usize = 8;
 
 /// Blocks ahead of the one being multiplied that `Repacked::multiply`
 /// prefetches for two or more tokens (4 × 2304 bytes of a group): 2 and
 /// 6 measured about as well, 8 worse.
-const PREFETCH_BLOCKS: usize = 4;
+pub(super) const PREFETCH_BLOCKS: usize = 4;
 
 /// One 64-byte vector, aligned for `vmovdqa64`.
 #[derive(Clone, Copy)]
@@ -246,51 +246,16 @@ impl Repacked {
             return None;
         }
         let blocks = row_bytes / BLOCK_BYTES;
-        let per_group = blocks * dwords::<false>();
-        let mut lines: Vec<Line> = Vec::new();
-        // Out of memory is `None` (products go on without the copy), not
-        // an abort.
-        lines.try_reserve_exact(groups * per_group).ok()?;
-        // Huge pages where the kernel gives them (`madvise` mode), for the
-        // 2 MiB-aligned part of the allocation (it starts just past a page
-        // boundary): fewer TLB misses as a decode step streams it.
-        #[cfg(target_os = "linux")]
-        {
-            const HUGE: usize = 2 << 20;
-            let at = lines.as_mut_ptr() as usize;
-            let (start, end) = (
-                at.next_multiple_of(HUGE),
-                (at + groups * per_group * 64) / HUGE * HUGE,
-            );
-            if start < end {
-                // SAFETY: advice on whole huge pages inside the untouched
-                // allocation just made.
-                unsafe {
-                    libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE)
-                };
-            }
-        }
-        // Every line is written once, by the groups' interleave (no zero
-        // fill first: on a 7B that was a serial 3.4 GB memset, most of a
-        // 5-9 s first decode step), so the pages are first touched by the
-        // threads that fill them.
-        let group = |g: usize, out: &mut [std::mem::MaybeUninit<Line>]| {
-            let rows = &data[g * ROWS * row_bytes..(g + 1) * ROWS * row_bytes];
-            // SAFETY: `available` checked the features; `rows` holds the
-            // group's sixteen rows and `out` its `per_group` lines.
-            unsafe { interleave_avx512(rows, row_bytes, blocks, out) };
-        };
-        let spare = &mut lines.spare_capacity_mut()[..groups * per_group];
-        if parallel {
-            super::pool::for_each_chunk_mut(spare, per_group, group);
-        } else {
-            for (g, out) in spare.chunks_exact_mut(per_group).enumerate() {
-                group(g, out);
-            }
-        }
-        // SAFETY: the capacity was reserved above and every line of it has
-        // been written (each group's `blocks · 36`, all groups).
-        unsafe { lines.set_len(groups * per_group) };
+        let lines = super::repack::interleaved(
+            data,
+            groups,
+            row_bytes,
+            blocks * dwords::<false>(),
+            parallel,
+            // SAFETY: `available` checked the features; `interleaved` gives
+            // the group's sixteen rows and its `blocks · 36` lines.
+            |rows, out| unsafe { interleave_avx512(rows, row_bytes, blocks, out) },
+        )?;
         Some(Self {
             lines,
             blocks,
@@ -654,7 +619,7 @@ pub(super) fn by_groups<X>(
 ///
 /// # Panics
 /// If one of those does not hold.
-fn check<X>(xs: &[&[X]], blocks: usize, out: &[f32], stride: usize) {
+pub(super) fn check<X>(xs: &[&[X]], blocks: usize, out: &[f32], stride: usize) {
     assert!(super::q4k::have_vnni(), "the panels need AVX-512 VNNI");
     for x in xs {
         assert!(x.len() >= blocks, "activations shorter than the rows");

@@ -77,9 +77,8 @@ impl QuantMatrix {
             );
         }
         let data = super::aligned(data, 2);
-        let repack = (dtype == GgmlDType::Q4K)
-            .then(|| Repack::new(&data, rows, cols / q4k::QK * q4k::BLOCK_BYTES))
-            .flatten();
+        let row_bytes = cols / dtype.block_size() * dtype.type_size();
+        let repack = Repack::new(dtype, &data, rows, row_bytes);
         Ok(Some(Self {
             data,
             dtype,
@@ -153,7 +152,7 @@ impl QuantMatrix {
             GgmlDType::Q4_0 => q4_0_panel::Panel::available(),
             GgmlDType::Q4K => q4k_panel::Panel::available() && !self.is_repack_planned(),
             GgmlDType::Q5K => q5k_panel::Panel::available(),
-            GgmlDType::Q6K => q6k_panel::Panel::available(),
+            GgmlDType::Q6K => q6k_panel::Panel::available() && !self.is_repack_planned(),
             // Its decode rows take the panels' sums too (`q8_0_panel::dot_rows`
             // and `multiply_rows`): one pass over the weights for both.
             GgmlDType::Q8_0 => false,
@@ -404,22 +403,23 @@ impl QuantMatrix {
         })
     }
 
-    /// Every row through the panels' sums, for a Q4_K matrix whose
-    /// repacked copy is planned (`repack`): from the copy once it is made
-    /// (a few tokens through `Repacked::multiply`, many through
-    /// `pack_repacked` and the panel), from the rows as stored before
-    /// that; all three give the same bits. A step with `decode` rows makes
-    /// the copy first if it is missing. Rows past the last whole group
-    /// take the row kernel.
+    /// Every row through the panels' sums, for a Q4_K or Q6_K matrix
+    /// whose repacked copy is planned (`repack`): from the copy once it is
+    /// made (a few tokens through its `multiply`, many through the panel's
+    /// `pack_repacked` and `multiply`), from the rows as stored before that
+    /// (`pack`); all three give the same bits. A step with `decode` rows
+    /// makes the copy first if it is missing. Rows past the last whole
+    /// group take the row kernel.
     fn matmul_repacked(
         &self,
         acts: &Activations,
         repack: &Repack,
         decode: bool,
     ) -> Result<Vec<f32>> {
-        use q4k_panel::{Panel, ROWS};
+        use super::repack::RepackedCopy;
+        use q4k_panel::ROWS;
         let (n, k, m) = (self.rows, self.cols, acts.rows());
-        let row_bytes = k / q4k::QK * q4k::BLOCK_BYTES;
+        let row_bytes = k / self.dtype.block_size() * self.dtype.type_size();
         let data = self.row_data(row_bytes)?;
         let xq = acts.get::<Q8K>();
         let xs: Vec<&[Q8K]> = xq.chunks_exact(k / q4k::QK).collect();
@@ -427,17 +427,29 @@ impl QuantMatrix {
             repack.make(true, false);
         }
         let copy = repack.copy();
+        let q4k = self.dtype == GgmlDType::Q4K;
+        let dot = if q4k { q4k::dot } else { q6k::dot };
         Ok(bands(n, m, |rows, band, width| {
             let mut r = rows.start;
             while r + ROWS <= rows.end {
                 let (g, out) = (r / ROWS, &mut band[r - rows.start..]);
+                let few = m < REPACKED_PACK_FROM;
                 match copy {
-                    Some(copy) if m < REPACKED_PACK_FROM => copy.multiply(g, &xs, out, width),
-                    Some(copy) => Panel::with_panel(|panel| {
+                    Some(RepackedCopy::Q4K(copy)) if few => copy.multiply(g, &xs, out, width),
+                    Some(RepackedCopy::Q6K(copy)) if few => copy.multiply(g, &xs, out, width),
+                    Some(RepackedCopy::Q4K(copy)) => q4k_panel::Panel::with_panel(|panel| {
                         panel.pack_repacked(copy, g);
                         panel.multiply(&xs, out, width);
                     }),
-                    None => Panel::with_panel(|panel| {
+                    Some(RepackedCopy::Q6K(copy)) => q6k_panel::Panel::with_panel(|panel| {
+                        panel.pack_repacked(copy, g);
+                        panel.multiply(&xs, out, width);
+                    }),
+                    None if q4k => q4k_panel::Panel::with_panel(|panel| {
+                        panel.pack(&data[r * row_bytes..], row_bytes);
+                        panel.multiply(&xs, out, width);
+                    }),
+                    None => q6k_panel::Panel::with_panel(|panel| {
                         panel.pack(&data[r * row_bytes..], row_bytes);
                         panel.multiply(&xs, out, width);
                     }),
@@ -447,14 +459,14 @@ impl QuantMatrix {
             for row in r..rows.end {
                 let w = &data[row * row_bytes..(row + 1) * row_bytes];
                 for (t, x) in xs.iter().enumerate() {
-                    band[t * width + row - rows.start] = q4k::dot(w, x);
+                    band[t * width + row - rows.start] = dot(w, x);
                 }
             }
         }))
     }
 
-    /// The repacked copy this matrix may get (Q4_K on a CPU with the
-    /// panels' instructions): what the move of the weights plans and makes.
+    /// The repacked copy this matrix may get (Q4_K or Q6_K on a CPU with
+    /// the panels' instructions): what the move of the weights plans and makes.
     pub fn repack(&self) -> Option<&std::sync::Arc<Repack>> {
         self.repack.as_ref()
     }
@@ -1431,12 +1443,18 @@ mod tests {
             eprintln!("no AVX-512 VNNI on this CPU: no repacked copies");
             return;
         }
+        for format in [GgmlDType::Q4K, GgmlDType::Q6K] {
+            planned_repack_keeps_its_bits(format);
+        }
+    }
+
+    fn planned_repack_keeps_its_bits(format: GgmlDType) {
         let dev = Device::Cpu;
         // 149 rows: two tasks of 64 (four groups each), a partial task of
         // 21 (one group and five rows past it); 512 columns: two blocks.
         let (n, k) = (149, 512);
         let w = Tensor::from_vec(super::super::test_values(n * k, 5), (n, k), &dev).unwrap();
-        let q = QTensor::quantize(&w, GgmlDType::Q4K).unwrap();
+        let q = QTensor::quantize(&w, format).unwrap();
         let plain = QuantMatrix::from_qtensor(&q).unwrap().unwrap();
         let planned = QuantMatrix::from_qtensor(&q).unwrap().unwrap();
         let repack = planned.repack().unwrap().clone();
@@ -1464,13 +1482,13 @@ mod tests {
         assert!(repack.copy().is_none(), "a prompt made the copy");
         assert_eq!(&product(&planned, 1, RowClass::Rows), &before[0], "decode");
         assert!(repack.copy().is_some(), "decode did not make the copy");
-        assert_eq!(repack.make(false, true), 144 * 16 * 2 * 9);
+        assert_eq!(repack.make(false, true), format.type_size() * 16 * 2 * 9);
         for (&m, want) in counts.iter().zip(&before) {
             for class in [RowClass::Rows, RowClass::Prompt] {
                 assert_eq!(
                     &product(&planned, m, class),
                     want,
-                    "{m} rows, {class:?}, copied"
+                    "{format:?}: {m} rows, {class:?}, copied"
                 );
             }
             // Each row as it would be alone, and near the row kernels'.

@@ -1,5 +1,6 @@
-//! A Q4_K matrix's repacked copy ([`q4k_panel::Repacked`]), made in the
-//! background after start-up while the model runs from the file's pages.
+//! A Q4_K or Q6_K matrix's repacked copy ([`q4k_panel::Repacked`],
+//! [`q6k_panel::Repacked`]), made in the background after start-up while
+//! the model runs from the file's pages.
 //!
 //! Why in the background: a 7B Q4_K_M file holds 3.5 GB of Q4_K blocks, and
 //! interleaving them takes seconds (reading every page, writing as many
@@ -22,13 +23,22 @@
 //! (`--keep-mapped`, too little memory, no AVX-512) keeps the row kernels
 //! for decode rows, as before.
 
-use super::q4k_panel::{self, Repacked};
+use super::q4k_panel::{self, Line, ROWS};
+use super::q6k_panel;
 use bytes::Bytes;
+use candle_core::quantized::GgmlDType;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
+/// A repacked copy, in its format.
+pub enum RepackedCopy {
+    Q4K(q4k_panel::Repacked),
+    Q6K(q6k_panel::Repacked),
+}
+
 /// One matrix's repacked copy: planned or not, made or not.
 pub struct Repack {
+    format: GgmlDType,
     source: Bytes,
     rows: usize,
     row_bytes: usize,
@@ -37,7 +47,7 @@ pub struct Repack {
     /// go once the copy exists (set by `plan`).
     file_backed: AtomicBool,
     /// The copy; `None` inside when it could not be made.
-    copy: OnceLock<Option<Repacked>>,
+    copy: OnceLock<Option<RepackedCopy>>,
     /// Set by the first caller of `make`, which makes the copy.
     making: AtomicBool,
     /// Where the copy's bytes are counted as the process's own memory
@@ -47,12 +57,20 @@ pub struct Repack {
 }
 
 impl Repack {
-    /// A slot for the Q4_K matrix `source` (`rows` rows of `row_bytes`),
-    /// or `None` where no copy could ever be made: a CPU without the
-    /// panels' instructions, or fewer than sixteen rows.
-    pub fn new(source: &Bytes, rows: usize, row_bytes: usize) -> Option<Arc<Self>> {
-        (q4k_panel::Panel::available() && rows >= q4k_panel::ROWS).then(|| {
+    /// A slot for the matrix `source` (`rows` rows of `row_bytes`) of
+    /// `format`, or `None` where no copy could ever be made: a format
+    /// without one (Q4_K and Q6_K have one), a CPU without the panels'
+    /// instructions, or fewer than sixteen rows.
+    pub fn new(
+        format: GgmlDType,
+        source: &Bytes,
+        rows: usize,
+        row_bytes: usize,
+    ) -> Option<Arc<Self>> {
+        let has_copy = matches!(format, GgmlDType::Q4K | GgmlDType::Q6K);
+        (has_copy && q4k_panel::Panel::available() && rows >= ROWS).then(|| {
             Arc::new(Self {
+                format,
                 source: source.clone(),
                 rows,
                 row_bytes,
@@ -84,14 +102,14 @@ impl Repack {
     }
 
     /// The copy, once made.
-    pub fn copy(&self) -> Option<&Repacked> {
+    pub fn copy(&self) -> Option<&RepackedCopy> {
         self.copy.get().and_then(Option::as_ref)
     }
 
     /// The source bytes the copy replaces: its whole groups of sixteen rows
     /// (rows past them are still read from the source).
     pub fn replaced(&self) -> &[u8] {
-        &self.source[..self.rows / q4k_panel::ROWS * q4k_panel::ROWS * self.row_bytes]
+        &self.source[..self.rows / ROWS * ROWS * self.row_bytes]
     }
 
     /// The whole pages of `replaced`, by address: what a file-backed
@@ -120,20 +138,27 @@ impl Repack {
         self.copy().map_or(0, |_| self.replaced().len())
     }
 
-    fn make_now(&self, parallel: bool) -> Option<Repacked> {
+    fn make_now(&self, parallel: bool) -> Option<RepackedCopy> {
         let bytes = self.replaced().len() as u64;
         let tally = self.tally.get();
         if let Some(tally) = tally {
             tally.fetch_add(bytes, Ordering::Relaxed);
         }
-        let Some(copy) = Repacked::new(&self.source, self.rows, self.row_bytes, parallel) else {
+        let (source, rows, row_bytes) = (&self.source[..], self.rows, self.row_bytes);
+        let copy = match self.format {
+            GgmlDType::Q4K => {
+                q4k_panel::Repacked::new(source, rows, row_bytes, parallel).map(RepackedCopy::Q4K)
+            }
+            _ => q6k_panel::Repacked::new(source, rows, row_bytes, parallel).map(RepackedCopy::Q6K),
+        };
+        let Some(copy) = copy else {
             if let Some(tally) = tally {
                 tally.fetch_sub(bytes, Ordering::Relaxed);
             }
             static SAID: std::sync::Once = std::sync::Once::new();
             SAID.call_once(|| {
                 eprintln!(
-                    "note: no memory for a repacked copy of the Q4_K weights: they stay on the slower path"
+                    "note: no memory for a repacked copy of the weights: they stay on the slower path"
                 )
             });
             return None;
@@ -157,6 +182,65 @@ impl Repack {
         let _ = pages;
         Some(copy)
     }
+}
+
+/// The lines of a repacked copy of `groups` groups of sixteen rows of
+/// `data` (rows of `row_bytes`), `per_group` lines each, filled group by
+/// group by `group(rows, lines)` (the group's sixteen rows, its lines):
+/// over the thread pool when `parallel`, on the calling thread if not.
+/// `None` when memory for it runs out (products then go on without the
+/// copy), not an abort.
+///
+/// Every line is written once, by `group` (no zero fill first: on a 7B that
+/// was a serial 3.4 GB memset, most of a 5-9 s first decode step), so the
+/// pages are first touched by the threads that fill them.
+///
+/// # Panics
+/// If `data` is shorter than `groups` groups.
+pub(super) fn interleaved(
+    data: &[u8],
+    groups: usize,
+    row_bytes: usize,
+    per_group: usize,
+    parallel: bool,
+    group: impl Fn(&[u8], &mut [std::mem::MaybeUninit<Line>]) + Sync,
+) -> Option<Vec<Line>> {
+    let group_bytes = ROWS * row_bytes;
+    assert!(data.len() >= groups * group_bytes);
+    let mut lines: Vec<Line> = Vec::new();
+    lines.try_reserve_exact(groups * per_group).ok()?;
+    // Huge pages where the kernel gives them (`madvise` mode), for the
+    // 2 MiB-aligned part of the allocation (it starts just past a page
+    // boundary): fewer TLB misses as a decode step streams it.
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let at = lines.as_mut_ptr() as usize;
+        let (start, end) = (
+            at.next_multiple_of(HUGE),
+            (at + groups * per_group * 64) / HUGE * HUGE,
+        );
+        if start < end {
+            // SAFETY: advice on whole huge pages inside the untouched
+            // allocation just made.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+        }
+    }
+    let fill = |g: usize, out: &mut [std::mem::MaybeUninit<Line>]| {
+        group(&data[g * group_bytes..(g + 1) * group_bytes], out)
+    };
+    let spare = &mut lines.spare_capacity_mut()[..groups * per_group];
+    if parallel {
+        super::pool::for_each_chunk_mut(spare, per_group, fill);
+    } else {
+        for (g, out) in spare.chunks_exact_mut(per_group).enumerate() {
+            fill(g, out);
+        }
+    }
+    // SAFETY: the capacity was reserved above and `group` wrote every line
+    // of it (each group's `per_group`, all groups).
+    unsafe { lines.set_len(groups * per_group) };
+    Some(lines)
 }
 
 /// The system's page size (4 KiB where it cannot be asked).

@@ -25,7 +25,7 @@
 //! not; `--keep-mapped` skips it always. A map the model took nothing from
 //! (it copied what it needed at load) is not moved.
 //!
-//! Q4_K matrices are not moved but replaced: their repacked copies
+//! Q4_K and Q6_K matrices are not moved but replaced: their repacked copies
 //! (`kernels::repack`, planned when the move starts) are made first, unless
 //! a decode step made them already, and their file pages let go.
 
@@ -77,7 +77,7 @@ pub fn share(map: Mmap, path: &std::path::Path) -> (Bytes, Weak<Mmap>) {
 pub struct Report {
     /// Bytes now in anonymous memory.
     pub moved: u64,
-    /// Bytes of Q4_K matrices now read from their repacked copies
+    /// Bytes of Q4_K and Q6_K matrices now read from their repacked copies
     /// (`kernels::repack`) instead, their file pages let go.
     pub repacked: u64,
     /// Bytes of the maps it was given.
