@@ -287,8 +287,8 @@ pub struct DeviceArgs {
     /// Read the weights from the file's memory map for the whole run. By default,
     /// once the model has started, an idle-priority thread moves them into the
     /// process's own memory, which generation streams faster (about 10% on a 7B
-    /// Q4_K_M here), and replaces Q4_K matrices with repacked copies of the same
-    /// size (made by the first generated token if not done by then), which every
+    /// Q4_K_M here), and replaces Q4_K and Q6_K matrices with repacked copies of
+    /// their size (made by the first generated token if not done by then), which every
     /// token then reads through the prompt kernels' sums. That needs free memory
     /// the size of the file plus 1 GB and is skipped without it.
     #[arg(long)]

@@ -22,7 +22,7 @@ const SCALES_AT: usize = 64;
 
 /// Lines per block of a [`Repacked`] group: the 52 dwords of a block's
 /// bytes 0..208, then the dword at byte 206 (`d` in its high half).
-const REPACKED_LINES: usize = 53;
+pub(super) const REPACKED_LINES: usize = 53;
 
 /// Sixteen rows of Q6_K blocks unpacked for `vpdpbusd`: for block `b`,
 /// sub-block `s` (16 values) and group `g`, line `b·LINES + 4s + g` holds,

@@ -1,6 +1,6 @@
 //! Quantized matrix products on the CPU, over the ggml block layout as
-//! stored, and for Q4_K over a repacked copy of the same size that replaces
-//! the file's pages once the model runs (`repack`).
+//! stored, and for Q4_K and Q6_K over a repacked copy of the same size (Q6_K
+//! 1% more) that replaces the file's pages once the model runs (`repack`).
 //!
 //! Why not candle's `QMatMul` here: on x86 it repacks Q4_K/Q8_0 weights
 //! into tiles with f32 scales the first time a matrix is used and keeps
@@ -39,7 +39,7 @@ pub struct QuantMatrix {
     dtype: GgmlDType,
     rows: usize,
     cols: usize,
-    /// A Q4_K matrix's repacked copy, once planned (`repack`).
+    /// A Q4_K or Q6_K matrix's repacked copy, once planned (`repack`).
     repack: Option<std::sync::Arc<Repack>>,
 }
 
@@ -427,7 +427,11 @@ impl QuantMatrix {
             repack.make(true, false);
         }
         let copy = repack.copy();
-        let q4k = self.dtype == GgmlDType::Q4K;
+        let q4k = match self.dtype {
+            GgmlDType::Q4K => true,
+            GgmlDType::Q6K => false,
+            other => unreachable!("no repacked copy for {other:?}"),
+        };
         let dot = if q4k { q4k::dot } else { q6k::dot };
         Ok(bands(n, m, |rows, band, width| {
             let mut r = rows.start;
@@ -543,10 +547,12 @@ impl QuantMatrix {
 /// 481, 32: 207 / 483, 64: 427 / 451, 128: 479 / 478.
 const Q8_0_PACK_FROM: usize = 128;
 
-/// Tokens from which a repacked Q4_K product unpacks each group into a
-/// panel (`pack_repacked`, about 4.3 ns per row-block on a Zen 4) rather
-/// than in registers for every four tokens (`Repacked::multiply`, 1.67 ns
-/// per row-block and token against the panel's 1.47): the same bits.
+/// Tokens from which a repacked Q4_K or Q6_K product unpacks each group
+/// into a panel (`pack_repacked`, about 4.3 ns per row-block on a Zen 4)
+/// rather than in registers for every four tokens (`Repacked::multiply`,
+/// 1.67 ns per row-block and token against the panel's 1.47): the same
+/// bits. Measured on Q4_K; Q6_K's 9-31 tokens unpack a block once per
+/// eight, not measured against the panel.
 const REPACKED_PACK_FROM: usize = 32;
 
 /// What `matmul_panels` needs of a panel kernel (`q4_0_panel`, `q4k_panel`,
@@ -1431,7 +1437,7 @@ mod tests {
         }
     }
 
-    /// A Q4_K matrix whose repacked copy is planned gives every row the
+    /// A Q4_K or Q6_K matrix whose repacked copy is planned gives every row the
     /// panels' sums, whatever its class and the batch: the same bits before
     /// the copy exists (through `Panel::pack`) and after (through
     /// `Repacked::multiply` for a few tokens, `pack_repacked` for many), so
@@ -1466,8 +1472,11 @@ mod tests {
             3,
             4,
             5,
+            6,
+            7,
             8,
             9,
+            12,
             REPACKED_PACK_FROM - 1,
             REPACKED_PACK_FROM + 3,
         ];

@@ -24,7 +24,7 @@
 //! for decode rows, as before.
 
 use super::q4k_panel::{self, Line, ROWS};
-use super::q6k_panel;
+use super::{q6k, q6k_panel};
 use bytes::Bytes;
 use candle_core::quantized::GgmlDType;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -127,9 +127,10 @@ impl Repack {
     /// file-backed source's pages. A caller that finds another making it
     /// waits for it with `wait` (the move), and goes on without it
     /// otherwise (a decode step, which must not wait on an idle-priority
-    /// thread; it takes `Panel::pack`, the same bits). Says how many bytes
-    /// the copy holds (0 while it does not exist, or when memory for it ran
-    /// out: products then go on from the source, with the same bits).
+    /// thread; it takes `Panel::pack`, the same bits). Says how many source
+    /// bytes the copy replaces (`replaced`; the Q6_K copy is 1% larger), 0
+    /// while it does not exist or when memory for it ran out (products then
+    /// go on from the source, with the same bits).
     pub fn make(&self, parallel: bool, wait: bool) -> usize {
         let first = !self.making.swap(true, Ordering::AcqRel);
         if first || wait {
@@ -138,19 +139,31 @@ impl Repack {
         self.copy().map_or(0, |_| self.replaced().len())
     }
 
+    /// Bytes the copy takes: the replaced bytes for Q4_K; for Q6_K 53
+    /// lines of 64 bytes per 16-row block where the rows hold 3360.
+    fn copy_bytes(&self) -> usize {
+        let replaced = self.replaced().len();
+        match self.format {
+            GgmlDType::Q6K => replaced / q6k::BLOCK_BYTES / ROWS * q6k_panel::REPACKED_LINES * 64,
+            _ => replaced,
+        }
+    }
+
     fn make_now(&self, parallel: bool) -> Option<RepackedCopy> {
-        let bytes = self.replaced().len() as u64;
+        let bytes = self.copy_bytes() as u64;
         let tally = self.tally.get();
         if let Some(tally) = tally {
             tally.fetch_add(bytes, Ordering::Relaxed);
         }
         let (source, rows, row_bytes) = (&self.source[..], self.rows, self.row_bytes);
-        let copy = match self.format {
-            GgmlDType::Q4K => {
-                q4k_panel::Repacked::new(source, rows, row_bytes, parallel).map(RepackedCopy::Q4K)
-            }
-            _ => q6k_panel::Repacked::new(source, rows, row_bytes, parallel).map(RepackedCopy::Q6K),
-        };
+        let copy =
+            match self.format {
+                GgmlDType::Q4K => q4k_panel::Repacked::new(source, rows, row_bytes, parallel)
+                    .map(RepackedCopy::Q4K),
+                GgmlDType::Q6K => q6k_panel::Repacked::new(source, rows, row_bytes, parallel)
+                    .map(RepackedCopy::Q6K),
+                other => unreachable!("`new` gives no slot for {other:?}"),
+            };
         let Some(copy) = copy else {
             if let Some(tally) = tally {
                 tally.fetch_sub(bytes, Ordering::Relaxed);
